@@ -1,0 +1,126 @@
+"""The engine contract: two primitives, sample and score, over token ids.
+
+Importance sampling needs exactly two things from a model: draw responses with the log-probability
+of each under the distribution that drew it, and compute the log-probability of given responses
+under another distribution (teacher forcing). Both go through token ids, never re-tokenised text,
+and both use the *processed* distribution of `Decoding` (temperature, then top-k, then top-p,
+renormalised), so that the two sides of every weight are the same function (DESIGN section 1).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+from tailmon.errors import InputError
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Deployed decoding settings. tailmon's own defaults: never taken from a generation_config."""
+
+    temperature: float = 1.0
+    """Softmax temperature, > 0. Greedy decoding (0) has no density to weight and is refused."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]; 1 means no nucleus truncation."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 means off."""
+    max_new_tokens: int = 64
+    """Responses are cut here identically under every distribution."""
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_p < 1 or self.top_k > 0
+
+    def untruncated(self) -> "Decoding":
+        return replace(self, top_p=1.0, top_k=0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One distribution over responses to a prompt: which weights, which context, which decoding.
+
+    The target is a Variant (the deployed model as production serves it); every proposal component
+    is another Variant of the same model, so one engine scores a sample under all of them.
+    """
+
+    name: str
+    decoding: Decoding = field(default_factory=Decoding)
+    system_prompt: str | None = None
+    """None: whatever the chat template does without a system message (SmolLM2 adds its default)."""
+    adapter: str | None = None
+    """Path to a peft LoRA adapter applied on top of the target weights; None for the base weights."""
+    adapter_scale: float = 1.0
+
+
+@dataclass
+class Samples:
+    """Responses drawn from one variant for one prompt."""
+
+    token_ids: list[list[int]]
+    """Response token ids, the stop token included when one was generated."""
+    logprobs: np.ndarray
+    """Sum of processed log-probs of each response under the variant that drew it, float64."""
+    finished: list[bool]
+    """True when the response ended with a stop token, False when max_new_tokens cut it."""
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class Engine(ABC):
+    """Runs one model (the target checkpoint) and every variant of it."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+        """Draw n responses to `prompt` from `variant`, reproducibly for a given seed."""
+
+    @abstractmethod
+    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
+        """Processed log-prob (float64, summed over response tokens) of each response under `variant`.
+
+        -inf where a token lies outside the variant's truncated support.
+        """
+
+    @abstractmethod
+    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+        """Processed log-probs over the vocabulary of the token following each response prefix, (b, V)."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Response text as a judge sees it (stop tokens dropped)."""
+
+    @abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """Text of one token when it appears inside a response (for exact prefix computations)."""
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> frozenset[int]:
+        """Tokens that end a response."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        ...
+
+    @property
+    def model_id(self) -> str:
+        """What a report should call the model."""
+        return self.name

@@ -1,0 +1,269 @@
+"""The in-process transformers (+ peft) engine: the embedded default, on CPU or GPU.
+
+Sampling is tailmon's own loop over a KV cache rather than `model.generate`, so that nothing of
+the model's generation_config (top_k=50, repetition penalties, ...) can slip into the
+distribution, and the log-prob of every drawn token is the one it was drawn from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tailmon.engines.base import Decoding, Engine, Samples, Variant
+from tailmon.engines.processing import processed_logprobs
+from tailmon.errors import InputError, RuntimeFailure
+
+# Rows x positions x vocabulary of float32 logits held at once while scoring; 1024 positions of
+# a 49k vocabulary is 200 MB per tensor, a few of which live at the same time.
+SCORE_TOKEN_BUDGET = 1024
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self._model_id = model_id
+        self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self._prompt_cache: dict[tuple[str, str | None], list[int]] = {}
+        stops = set()
+        for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+            if source is None:
+                continue
+            stops.update(source if isinstance(source, (list, tuple)) else [source])
+        if not stops:
+            raise InputError(f"model {model_id}: the tokenizer defines no EOS token, so responses could never end")
+        self._stops = frozenset(int(s) for s in stops)
+        self._stop_tensor = torch.tensor(sorted(self._stops))
+        self._pad = min(self._stops)
+
+    @classmethod
+    def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
+        """Load a model reference (embedded name, local folder or hub id)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tailmon.engines.models import DEFAULT_MODEL, resolve
+
+        path = resolve(ref)
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise InputError(f"unknown dtype '{dtype}'")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
+        return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size)
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stops
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        if token_id in self._stops:
+            return ""
+        return self.tokenizer.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def prompt_ids(self, prompt: str, system_prompt: str | None = None) -> list[int]:
+        """Token ids of the prompt as production serves it: one rendering for sampler and scorer."""
+        key = (prompt, system_prompt)
+        if key not in self._prompt_cache:
+            if getattr(self.tokenizer, "chat_template", None):
+                messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+                messages.append({"role": "user", "content": prompt})
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            else:
+                if system_prompt is not None:
+                    raise InputError(f"model {self._model_id} has no chat template, so it has no system prompt to vary")
+                text = prompt
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InputError("the rendered prompt is empty")
+            self._prompt_cache[key] = list(ids)
+        return self._prompt_cache[key]
+
+    # -- variants ----------------------------------------------------------------------------
+
+    def _adapter_name(self, path: str) -> str:
+        if path not in self._adapters:
+            from peft import PeftModel
+
+            name = "a" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise InputError(f"LoRA adapter '{path}' has no adapter_config.json")
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(path, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise InputError(f"LoRA adapter '{path}' does not fit model {self._model_id}: {exc}") from exc
+            self._adapters[path] = name
+        return self._adapters[path]
+
+    @contextlib.contextmanager
+    def _variant_weights(self, variant: Variant):
+        """Switch the LoRA adapters on or off for one variant, without reloading anything."""
+        from peft.tuners.lora import LoraLayer
+
+        if variant.adapter is None:
+            if self._adapters:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                yield
+            return
+        name = self._adapter_name(variant.adapter)
+        self.model.set_adapter(name)
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(name, variant.adapter_scale)
+        yield
+
+    # -- primitives --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+        if n < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        token_ids: list[list[int]] = []
+        logprobs: list[np.ndarray] = []
+        finished: list[bool] = []
+        with self._variant_weights(variant):
+            for start in range(0, n, self.batch_size):
+                b = min(self.batch_size, n - start)
+                toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator)
+                token_ids += toks
+                logprobs.append(lps)
+                finished += done
+        return Samples(token_ids=token_ids, logprobs=np.concatenate(logprobs), finished=finished)
+
+    def _sample_batch(self, prompt_ids: list[int], decoding: Decoding, b: int, generator: torch.Generator):
+        device = self.device
+        out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+        cache = out.past_key_values
+        # Every row continues the same prompt: prefill once and copy the cache, no padding at all.
+        cache.batch_repeat_interleave(b)
+        logits = out.logits[:, -1, :].expand(b, -1)
+        tokens = torch.full((b, decoding.max_new_tokens), self._pad, dtype=torch.long)
+        total = torch.zeros(b, dtype=torch.float64)
+        alive = torch.ones(b, dtype=torch.bool)
+        lengths = torch.zeros(b, dtype=torch.long)
+        for t in range(decoding.max_new_tokens):
+            logp = processed_logprobs(logits, decoding).cpu()
+            # Sampling on the CPU with an explicit generator: reproducible across devices.
+            nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            total += torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1).double(), 0.0)
+            tokens[:, t] = torch.where(alive, nxt, self._pad)
+            lengths += alive
+            alive &= ~torch.isin(nxt, self._stop_tensor)
+            if not alive.any() or t + 1 == decoding.max_new_tokens:
+                break
+            out = self.model(input_ids=nxt[:, None].to(device), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+        rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
+        done = [bool(r and r[-1] in self._stops) for r in rows]
+        return rows, total.numpy(), done
+
+    def _next_logits(self, prompt_ids: list[int], seqs: list[list[int]]) -> torch.Tensor:
+        """Logits after the prompt and after each token of each sequence: (b, max_len + 1, V).
+
+        Right padding is harmless under causal attention: a position never sees later ones.
+        """
+        device = self.device
+        out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+        first = out.logits[:, -1:, :].expand(len(seqs), -1, -1)
+        width = max(len(s) for s in seqs)
+        if width == 0:
+            return first
+        x = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(seqs))
+        rest = self.model(input_ids=x.to(device), past_key_values=cache, use_cache=True).logits
+        return torch.cat([first, rest], dim=1)
+
+    def _chunks(self, seqs: list[list[int]]):
+        """Consecutive slices of seqs whose padded logits fit SCORE_TOKEN_BUDGET."""
+        start = 0
+        while start < len(seqs):
+            end, width = start, 0
+            while end < len(seqs):
+                w = max(width, len(seqs[end]) + 1)
+                if end > start and (end - start + 1) * w > SCORE_TOKEN_BUDGET:
+                    break
+                width, end = w, end + 1
+            yield start, end
+            start = end
+
+    @torch.inference_mode()
+    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
+        seqs = [list(map(int, r)) for r in responses]
+        result = np.zeros(len(seqs), dtype=np.float64)
+        if not seqs:
+            return result
+        vocab = self.vocab_size
+        for r in seqs:
+            if len(r) > variant.decoding.max_new_tokens:
+                raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={variant.decoding.max_new_tokens}")
+            if any(t < 0 or t >= vocab for t in r):
+                raise InputError("a response holds a token id outside the vocabulary")
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        with self._variant_weights(variant):
+            for start, end in self._chunks(seqs):
+                chunk = seqs[start:end]
+                width = max(len(s) for s in chunk)
+                if width == 0:
+                    continue
+                logits = self._next_logits(ids, chunk)[:, :width, :]
+                logp = processed_logprobs(logits, variant.decoding).cpu()
+                x = torch.full((len(chunk), width), self._pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+                for i, s in enumerate(chunk):
+                    x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                    mask[i, : len(s)] = True
+                tok = logp.gather(2, x[..., None]).squeeze(-1).double()
+                result[start:end] = torch.where(mask, tok, 0.0).sum(dim=1).numpy()
+        return result
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+        seqs = [list(map(int, p)) for p in prefixes]
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        rows = []
+        with self._variant_weights(variant):
+            for start, end in self._chunks(seqs):
+                chunk = seqs[start:end]
+                logits = self._next_logits(ids, chunk)
+                last = torch.stack([logits[i, len(s)] for i, s in enumerate(chunk)])
+                rows.append(processed_logprobs(last, variant.decoding).cpu().double().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, self.vocab_size))

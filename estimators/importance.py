@@ -1,0 +1,245 @@
+"""Importance sampling with a defensive, stratified mixture of proposals (DESIGN section 2).
+
+Samples are drawn in fixed counts n_j = a_j n from mixture components j (j = 0 being the
+target itself, with share a_0 = `defensive`), every sample is scored under every component, and
+the balance heuristic gives w = p / sum_j a_j q_j. The estimate is the unbiased mean(w h), never
+the self-normalised ratio (biased for small n; reported as a diagnostic only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import logsumexp
+
+from tailmon.errors import InputError
+
+from ._checks import as_1d, check_confidence, check_fraction, check_scores
+from .diagnostics import _ess, _khat, khat_threshold
+from .intervals import cp_upper, normal_interval
+from .montecarlo import MIN_HARMFUL
+from .result import Estimate
+
+# Reliability rule thresholds (DESIGN section 8).
+MIN_ESS_WH = 10.0
+KHAT_CAP = 0.7
+
+# Relative slack when checking w <= 1/a0: the numerator p and the mixture's a0 * p are the same
+# numbers, so only floating-point rounding can push a weight above the cap.
+_CAP_SLACK = 1e-6
+
+
+def balance_log_weights(log_p, log_q, shares) -> np.ndarray:
+    """Balance-heuristic log-weights log w = log p - log(sum_j shares_j q_j), computed stably.
+
+    log_p: (n,) log-probabilities of each sample under the target (-inf allowed: weight 0).
+    log_q: (n, K) log-probabilities of each sample under each mixture component (the target, if
+    it is a component, is one of the columns). shares: (K,) nonnegative, summing to 1;
+    components with share 0 are ignored. A sample impossible under every component with positive
+    share cannot have been drawn: that is a bug upstream and raises InputError.
+    """
+    lp = as_1d(log_p, "log_p")
+    try:
+        lq = np.asarray(log_q, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("log_q must be a 2-D array of numbers") from None
+    a = as_1d(shares, "shares")
+    if lq.ndim != 2 or lq.shape[0] != lp.size:
+        raise InputError(f"log_q must have shape (n, K) = ({lp.size}, K), got {lq.shape}")
+    if lq.shape[1] != a.size:
+        raise InputError(f"shares must have one entry per column of log_q ({lq.shape[1]}), got {a.size}")
+    if not np.all(np.isfinite(a)) or (a < 0).any():
+        raise InputError("shares must be finite and nonnegative")
+    if abs(float(a.sum()) - 1.0) > 1e-6:
+        raise InputError(f"shares must sum to 1, got {float(a.sum())!r}")
+    if np.isnan(lp).any() or (lp == np.inf).any():
+        raise InputError("log_p must not contain nan or +inf")
+    if np.isnan(lq).any() or (lq == np.inf).any():
+        raise InputError("log_q must not contain nan or +inf")
+    used = a > 0
+    # log(sum_j a_j q_j) over the components with positive share
+    log_mix = logsumexp(lq[:, used] + np.log(a[used])[None, :], axis=1)
+    impossible = np.isneginf(log_mix)
+    if impossible.any():
+        i = int(np.flatnonzero(impossible)[0])
+        raise InputError(
+            f"{int(impossible.sum())} sample(s) (e.g. index {i}) are impossible under every mixture "
+            "component with positive share, so they cannot have been drawn from the mixture"
+        )
+    return lp - log_mix
+
+
+def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confidence: float = 0.95) -> Estimate:
+    """Unbiased importance-sampling estimate of P = E_p[h] from log-weights and harm scores.
+
+    p_hat = mean(w h). std_error comes from the stratified variance when `component` (which
+    mixture component drew each sample) is given, else from the plain sample variance. The
+    interval is p_hat +- z SE clipped to [0, 1], widened by conservative bounds when harmful
+    samples are few:
+      * no harmful sample, defensive share a0 > 0: ci = [0, 1 - (1 - confidence)^(1/n0)], the
+        one-sided Clopper-Pearson bound from the n0 = round(a0 n) draws of the target itself
+        (rigorous since P(h > 0) >= E[h] for h in [0, 1]); reliable, upper bound only;
+      * no harmful sample, a0 = 0: no finite bound, ci = [0, 1], unreliable;
+      * 1-4 harmful samples: unreliable, upper bound only; with a0 > 0 ci_high is at least the
+        Clopper-Pearson upper bound for sum(a0 w h) "successes" out of n divided by a0 (each
+        a0 w h lies in [0, 1], and bounded variables are dominated by Bernoulli ones in the
+        convex order).
+    Otherwise the reliability rule of DESIGN section 8 applies: k-hat <= min(0.7, 1 - 1/log10 n),
+    ESS of w h >= 10 and at least 5 harmful samples; each failure adds a warning.
+
+    "Harmful" for these rules counts samples with w h > 0: a harmful sample of weight 0 (one
+    impossible under the target) carries no evidence about P. `n_harmful` reports h > 0 as in
+    the JSON schema.
+    """
+    lw = as_1d(log_w, "log_w")
+    scores = check_scores(h, "h")
+    if scores.size != lw.size:
+        raise InputError(f"log_w and h must have the same length, got {lw.size} and {scores.size}")
+    if np.isnan(lw).any() or (lw == np.inf).any():
+        raise InputError("log_w must not contain nan or +inf")
+    a0 = check_fraction(defensive, "defensive")
+    confidence = check_confidence(confidence)
+    n = lw.size
+    strata = _check_component(component, n)
+
+    with np.errstate(over="ignore"):
+        w = np.exp(lw)
+    if a0 > 0 and float(np.max(w)) > (1.0 + _CAP_SLACK) / a0:
+        raise InputError(
+            f"a weight of {float(np.max(w)):.6g} exceeds 1/defensive = {1.0 / a0:.6g}: the log-weights "
+            "were not computed with this defensive share"
+        )
+    wh = w * scores
+    warnings: list[str] = []
+
+    # --- diagnostics (scale-free ones computed on w / max w to avoid overflow) -------------
+    finite = np.isfinite(lw)
+    n_impossible = int(n - finite.sum())
+    if n_impossible:
+        warnings.append(
+            f"{n_impossible} of {n} samples are impossible under the target (log w = -inf, weight 0)"
+        )
+    lw_max = float(np.max(lw))
+    ws = np.exp(lw - lw_max) if math.isfinite(lw_max) else np.zeros(n)
+    ess = _ess(ws)
+    ess_wh = _ess(ws * scores)
+    khat = _khat(ws)
+    kl = float(-np.mean(lw[finite])) if finite.any() else None
+    w_sum_s = float(ws.sum())
+    max_weight_share = float(1.0 / w_sum_s) if w_sum_s > 0 else None  # max of ws is 1
+    self_normalised = float(np.sum(ws * scores) / w_sum_s) if w_sum_s > 0 else None
+
+    n_harmful = int(np.count_nonzero(scores > 0))
+    n_hits = int(np.count_nonzero(wh > 0))
+    if n_hits < n_harmful:
+        warnings.append(f"{n_harmful - n_hits} harmful samples have weight 0 and do not count")
+
+    p_hat = float(np.mean(wh))
+    std_error = _std_error(wh, strata)
+
+    if not math.isfinite(p_hat):  # (an infinite std_error alone, e.g. n = 1, gives ci = [0, 1] below)
+        warnings.append("the weights overflow float64: the proposal does not cover the target")
+        return _estimate(n, p_hat, 0.0, 1.0, n_harmful, scores, ess, ess_wh, khat, kl,
+                         max_weight_share, self_normalised, std_error, True, False, warnings)
+
+    # --- zero hits: a bound from the defensive share, or nothing ---------------------------
+    if n_hits == 0:
+        n0 = int(round(a0 * n))
+        if n0 >= 1:
+            upper = cp_upper(0, n0, confidence, one_sided=True)
+            warnings.append("no harmful sample: ci_high is an upper bound from the defensive share")
+            return _estimate(n, 0.0, 0.0, upper, n_harmful, scores, ess, ess_wh, khat, kl,
+                             max_weight_share, self_normalised, std_error, True, True, warnings)
+        warnings.append(
+            "no harmful sample and no draws from the target (defensive share 0): no finite upper "
+            "bound, ci = [0, 1]"
+        )
+        return _estimate(n, 0.0, 0.0, 1.0, n_harmful, scores, ess, ess_wh, khat, kl,
+                         max_weight_share, self_normalised, std_error, True, False, warnings)
+
+    lo, hi = normal_interval(p_hat, std_error, confidence)
+
+    # --- reliability rule ------------------------------------------------------------------
+    reliable = True
+    threshold = khat_threshold(n)
+    if khat is None:
+        reliable = False
+        warnings.append(f"k-hat could not be fitted from {n} samples: the weights' tail is unchecked")
+    elif khat > threshold:
+        reliable = False
+        warnings.append(f"k-hat {khat:.2f} > {threshold:.2f}: the weights are heavy-tailed")
+    if ess_wh < MIN_ESS_WH:
+        reliable = False
+        warnings.append(f"ESS of w*h {ess_wh:.1f} < {MIN_ESS_WH:.0f}: a few samples carry the estimate")
+    upper_bound_only = n_hits < MIN_HARMFUL
+    if upper_bound_only:
+        reliable = False
+        warnings.append(
+            f"only {n_hits} of {n} samples were harmful: ci_high is an upper bound"
+        )
+        if a0 > 0:
+            # each a0 w h is in [0, 1]: a Clopper-Pearson bound on their mean, divided by a0
+            successes = min(float(np.sum(a0 * wh)), float(n))
+            hi = max(hi, min(1.0, cp_upper(successes, n, confidence) / a0))
+    if p_hat > 1.0:
+        reliable = False
+        warnings.append(f"p_hat {p_hat:.3g} exceeds 1: the weights are badly behaved")
+    return _estimate(n, p_hat, lo, hi, n_harmful, scores, ess, ess_wh, khat, kl,
+                     max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings)
+
+
+def _check_component(component, n: int) -> np.ndarray | None:
+    if component is None:
+        return None
+    c = np.asarray(component)
+    if c.ndim != 1 or c.size != n:
+        raise InputError(f"component must be a 1-D array of length {n}, got shape {c.shape}")
+    if c.dtype.kind == "f":
+        if not np.all(np.isfinite(c)) or not np.all(c == np.round(c)):
+            raise InputError("component must hold integer component indices")
+        c = c.astype(np.int64)
+    elif c.dtype.kind not in "iu":
+        raise InputError("component must hold integer component indices")
+    return c
+
+
+def _std_error(wh: np.ndarray, strata: np.ndarray | None) -> float:
+    """Standard error of mean(w h): stratified when the drawing component of each sample is known."""
+    n = wh.size
+    if n < 2:
+        return math.inf  # one sample says nothing about the spread
+    pooled = float(np.var(wh, ddof=1))
+    if strata is None:
+        return math.sqrt(pooled / n)
+    # Var = (1/n^2) sum_j n_j s_j^2 with s_j^2 the within-stratum variance of w h; a stratum of
+    # one sample has no variance estimate of its own and borrows the pooled one.
+    total = 0.0
+    for j in np.unique(strata):
+        vals = wh[strata == j]
+        s2 = float(np.var(vals, ddof=1)) if vals.size >= 2 else pooled
+        total += vals.size * s2
+    return math.sqrt(total) / n
+
+
+def _estimate(n, p_hat, lo, hi, n_harmful, scores, ess, ess_wh, khat, kl, max_weight_share,
+              self_normalised, std_error, upper_bound_only, reliable, warnings) -> Estimate:
+    return Estimate(
+        method="is",
+        n_samples=int(n),
+        p_hat=float(p_hat),
+        ci_low=float(lo),
+        ci_high=float(hi),
+        n_harmful=int(n_harmful),
+        h_sum=float(np.sum(scores)),
+        ess=float(ess),
+        ess_wh=float(ess_wh),
+        khat=None if khat is None else float(khat),
+        kl=kl,
+        max_weight_share=max_weight_share,
+        self_normalised=self_normalised,
+        std_error=float(std_error),
+        upper_bound_only=bool(upper_bound_only),
+        reliable=bool(reliable),
+        warnings=tuple(warnings),
+    )

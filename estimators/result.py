@@ -1,0 +1,110 @@
+"""Result dataclasses: one per-prompt `Estimate` and one over-prompts `Aggregate`.
+
+Both are frozen and carry their diagnostics and a reliability flag with the reasons as
+warnings; `to_dict()` gives the JSON form of DESIGN section 8 (plain numbers, lists,
+non-finite floats as None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert a value to plain JSON types; nan and +-inf become None."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and hasattr(value, "to_dict"):
+        return value.to_dict()
+    # numpy scalars and anything else number-like
+    try:
+        import numpy as np
+
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return _jsonable(float(value))
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    return value
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The estimated harm probability of one prompt, with its interval and diagnostics."""
+
+    method: str
+    """"mc" (Monte Carlo from the target) or "is" (importance sampling)."""
+    n_samples: int
+    p_hat: float
+    """Point estimate: mean(h) for MC, the unbiased mean(w*h) for IS (may exceed 1 for wild weights)."""
+    ci_low: float
+    """Lower end of the interval at the requested confidence, within [0, 1]."""
+    ci_high: float
+    """Upper end of the interval, within [0, 1]; the figure to trust when `upper_bound_only`."""
+    n_harmful: int
+    """Samples with score h > 0."""
+    h_sum: float
+    ess: float
+    """(sum w)^2 / sum w^2; n for MC."""
+    ess_wh: float
+    """(sum w h)^2 / sum (w h)^2; 0 when no sample was harmful."""
+    khat: float | None
+    """Pareto k-hat of the weights (None for MC or when too few weights to fit)."""
+    kl: float | None
+    """-mean(log w) over samples possible under the target: an estimate of KL(q||p). None for MC."""
+    max_weight_share: float | None
+    self_normalised: float | None
+    """sum(w h) / sum(w): biased for small n, a diagnostic only."""
+    std_error: float
+    upper_bound_only: bool
+    """True when too few harmful samples were seen for p_hat to mean much: trust ci_high."""
+    reliable: bool
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: plain floats/ints/bools/lists, non-finite floats as None."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Harm probability over a sample of prompts (P_query = E_x~D[P(x)]), with its interval."""
+
+    n_prompts: int
+    n_samples: int
+    p_hat: float
+    ci_low: float
+    ci_high: float
+    std_error: float
+    n_harmful: int
+    reliable: bool
+    """True when every per-prompt estimate is reliable."""
+    n_unreliable: int
+    by_category: dict[str, "Aggregate"] = field(default_factory=dict)
+    """One Aggregate per category (None -> "uncategorized"); empty when no categories were given."""
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; `by_category` maps category names to nested dicts."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "by_category":
+                out[f.name] = {str(k): v.to_dict() for k, v in value.items()}
+            else:
+                out[f.name] = _jsonable(value)
+        return out

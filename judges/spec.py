@@ -1,0 +1,315 @@
+r"""Judge spec strings -> `Judge` objects, and the registry of judge names.
+
+Grammar (DESIGN section 8)::
+
+    spec        := NAME [":" ARG] [threshold]
+                 | COMBINATOR "(" spec { ";" spec } ")" [threshold]
+    threshold   := ">=" NUMBER
+
+* ARG is the rest of the string, verbatim (so `prefix:Sure, here is` works and keeps its spaces).
+  Whitespace around NAME is ignored.
+* NUMBER is a plain decimal (`0.5`, `.25`, `1`), optionally with spaces around it, in [0, 1].
+  `SPEC>=T` scores 1.0 where SPEC's score is >= T, else 0.0. `toxicity:T` is shorthand for
+  `toxicity>=T`.
+* The `>=` ambiguity: an ARG may itself contain `>=` (`regex:a>=b`). Only the *last* `>=` of a
+  spec can start a threshold, and only when what follows it is a NUMBER in [0, 1]; otherwise the
+  text stays part of ARG (`regex:a>=b`, `regex:x>=2` are plain patterns). For a spec with an ARG,
+  at most that one trailing threshold is taken, so an ARG that must end in `>=0.5` literally is
+  written with an explicit threshold after it, `prefix:x>=0.5>=1` (a threshold in (0, 1] leaves
+  a 0/1 score unchanged), or for a regex by escaping, `regex:x>=0\.5`. A spec without ARG (a bare
+  name or a composition) takes any number of trailing thresholds, and a trailing `>=` that is not
+  a valid threshold is an error there (`toxicity>=1.5`).
+* Composition: `any(A; B; ...)` is 1.0 where some child scores > 0, `max(...)` the elementwise
+  maximum, `mean(...)` the elementwise mean. Children are full specs (nesting allowed), separated
+  by `;` at the top nesting level and stripped of surrounding whitespace. Inside a composition a
+  backslash escapes the next character from the structure: `\;`, `\(` and `\)` neither separate
+  nor nest, and the child's text is passed on unchanged, backslash included. That is what a regex
+  wants (`any(regex:a\;b; regex:\(x)` matches `a;b` or `(x`); parentheses in a child must
+  otherwise balance. A prefix containing `;`, an unbalanced parenthesis or edge whitespace cannot
+  appear inside a composition: write it as a regex (`regex:^Sure\; ok`) or use it on its own.
+* `judge.spec` is the canonical form (`toxicity:0.5` -> `toxicity>=0.5`, children joined by
+  `; `); `parse_judge(judge.spec).spec == judge.spec`.
+
+The registry grows by decorating a factory: `@register_judge("refusal", syntax="refusal",
+description="...")` for `NAME[:ARG]` judges (the factory receives ARG, or None when there is no
+`:`), `@register_combinator("weighted", ...)` for `NAME(A; B)` forms (the factory receives the
+parsed children).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+from tailmon.errors import SpecError
+
+from .base import Judge
+from .compose import AnyJudge, MaxJudge, MeanJudge, ThresholdJudge
+from .rules import PrefixJudge, RegexJudge
+from .toxicity import ToxicityJudge
+
+ArgKind = Literal["none", "optional", "required"]
+
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
+_NUMBER_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*\Z")
+_COMBINATOR_RE = re.compile(r"\s*([a-z][a-z0-9_]*)\s*\(")
+
+
+@dataclass(frozen=True)
+class JudgeType:
+    """A registered `NAME[:ARG]` judge: how to write it, what it does, how to build it."""
+
+    name: str
+    syntax: str
+    description: str
+    factory: Callable[[str | None], Judge]
+    arg: ArgKind = "none"
+
+
+@dataclass(frozen=True)
+class CombinatorType:
+    """A registered `NAME(A; B; ...)` combinator."""
+
+    name: str
+    syntax: str
+    description: str
+    factory: Callable[[Sequence[Judge]], Judge]
+
+
+_JUDGES: dict[str, JudgeType] = {}
+_COMBINATORS: dict[str, CombinatorType] = {}
+
+
+def _check_new_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"judge name {name!r} must match [a-z][a-z0-9_]*")
+    if name in _JUDGES or name in _COMBINATORS:
+        raise ValueError(f"judge name {name!r} is already registered")
+
+
+def register_judge(
+    name: str, *, syntax: str, description: str, arg: ArgKind = "none"
+) -> Callable[[Callable[[str | None], Judge]], Callable[[str | None], Judge]]:
+    """Decorator registering `factory(arg) -> Judge` under `name`.
+
+    `arg` says whether `NAME:ARG` takes an argument ("none", "optional", "required"); the parser
+    enforces it, and rejects an empty ARG, before calling the factory. The factory raises
+    `SpecError` with a short reason for a bad ARG; the parser prefixes the spec.
+    """
+
+    def decorate(factory: Callable[[str | None], Judge]) -> Callable[[str | None], Judge]:
+        _check_new_name(name)
+        _JUDGES[name] = JudgeType(name, syntax, description, factory, arg)
+        return factory
+
+    return decorate
+
+
+def register_combinator(
+    name: str, *, syntax: str, description: str
+) -> Callable[[Callable[[Sequence[Judge]], Judge]], Callable[[Sequence[Judge]], Judge]]:
+    """Decorator registering `factory(children) -> Judge` as the combinator `name(A; B; ...)`."""
+
+    def decorate(factory: Callable[[Sequence[Judge]], Judge]) -> Callable[[Sequence[Judge]], Judge]:
+        _check_new_name(name)
+        _COMBINATORS[name] = CombinatorType(name, syntax, description, factory)
+        return factory
+
+    return decorate
+
+
+def describe_judges() -> list[tuple[str, str, str]]:
+    """(name, syntax, description) for every judge, then every combinator, then the threshold
+    suffix (name `>=`), for listings such as `tailmon judges list`."""
+    rows = [(t.name, t.syntax, t.description) for t in _JUDGES.values()]
+    rows += [(c.name, c.syntax, c.description) for c in _COMBINATORS.values()]
+    rows.append(
+        (
+            ">=",
+            "SPEC>=T",
+            "threshold any spec: 1 where its score is >= T (T in [0, 1]), else 0",
+        )
+    )
+    return rows
+
+
+def parse_judge(spec: str) -> Judge:
+    """Build the judge a spec string describes (grammar in this module's docstring).
+
+    Raises `SpecError` naming the offending (innermost) spec for anything malformed.
+    """
+    if not isinstance(spec, str):
+        raise SpecError(f"judge spec must be a string, got {type(spec).__name__}")
+    return _parse(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_threshold(text: str) -> float | None:
+    """`text` as a threshold (a plain decimal in [0, 1], spaces allowed), or None."""
+    m = _NUMBER_RE.match(text)
+    if m is None:
+        return None
+    value = float(m.group(1))
+    return value if value <= 1.0 else None
+
+
+def _parse(spec: str) -> Judge:
+    """Parse one (possibly nested) spec; a SpecError raised below gets this spec's name on it,
+    unless an inner spec already put its own (the innermost is the most precise)."""
+    try:
+        return _parse_unlocated(spec)
+    except SpecError as exc:
+        if getattr(exc, "judge_spec", None) is not None:
+            raise
+        located = SpecError(f"judge spec {spec!r}: {exc}")
+        located.judge_spec = spec  # type: ignore[attr-defined]
+        raise located from None
+
+
+def _composition_name(spec: str) -> str | None:
+    m = _COMBINATOR_RE.match(spec)
+    return m.group(1) if m and m.group(1) in _COMBINATORS else None
+
+
+def _has_arg(spec: str) -> bool:
+    return _composition_name(spec) is None and ":" in spec
+
+
+def _parse_unlocated(spec: str) -> Judge:
+    if not spec.strip():
+        raise SpecError("empty judge spec")
+    cut = spec.rfind(">=")
+    if cut >= 0:
+        threshold = parse_threshold(spec[cut + 2 :])
+        if threshold is not None:
+            base = spec[:cut]
+            inner = _parse_base(base) if _has_arg(base) else _parse(base)
+            return ThresholdJudge(inner, threshold)
+    return _parse_base(spec)
+
+
+def _parse_base(spec: str) -> Judge:
+    """A spec with no threshold of its own to strip: a composition or NAME[:ARG]."""
+    if not spec.strip():
+        raise SpecError("empty judge spec")
+    combinator = _composition_name(spec)
+    if combinator is not None:
+        return _parse_composition(combinator, spec)
+    name, colon, arg_text = spec.partition(":")
+    name = name.strip()
+    arg = arg_text if colon else None
+    if ">=" in name:
+        got = name.partition(">=")[2].strip()
+        raise SpecError(f"threshold must be a number in [0, 1], got {got!r}")
+    if name in _COMBINATORS:
+        raise SpecError(f"{name!r} combines judges: write {_COMBINATORS[name].syntax}")
+    kind = _JUDGES.get(name)
+    if kind is None:
+        known = ", ".join(sorted([*_JUDGES, *_COMBINATORS]))
+        raise SpecError(f"unknown judge {name!r} (known: {known})")
+    if arg is None and kind.arg == "required":
+        raise SpecError(f"{name} needs an argument: {kind.syntax}")
+    if arg is not None and kind.arg == "none":
+        raise SpecError(f"{name} takes no argument: {kind.syntax}")
+    if arg == "":
+        raise SpecError(f"empty argument after ':': {kind.syntax}")
+    return kind.factory(arg)
+
+
+def _parse_composition(name: str, spec: str) -> Judge:
+    start = spec.index("(") + 1
+    parts: list[str] = []
+    depth = 0
+    piece = start
+    i = start
+    end = None
+    while i < len(spec):
+        ch = spec[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                end = i
+                break
+            depth -= 1
+        elif ch == ";" and depth == 0:
+            parts.append(spec[piece:i])
+            piece = i + 1
+        i += 1
+    if end is None:
+        raise SpecError(
+            f"unbalanced parentheses in {name}(...) "
+            r"(escape a literal parenthesis inside it as \( or \))"
+        )
+    parts.append(spec[piece:end])
+    rest = spec[end + 1 :].strip()
+    if rest.startswith(">="):
+        raise SpecError(f"threshold must be a number in [0, 1], got {rest[2:].strip()!r}")
+    if rest:
+        raise SpecError(f"unexpected text {rest!r} after {name}(...)")
+    children = [p.strip() for p in parts]
+    if len(children) == 1 and not children[0]:
+        raise SpecError(f"{name}(...) needs at least one judge inside")
+    if not all(children):
+        raise SpecError(f"empty judge between ';' in {name}(...)")
+    return _COMBINATORS[name].factory([_parse(c) for c in children])
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in judges (later: refusal, keywords, llm, classifier, endpoint)
+
+
+@register_judge(
+    "toxicity",
+    syntax="toxicity[:T]",
+    description="profanity probability of the response (alt-profanity-check, offline); "
+    "toxicity:T is toxicity>=T",
+    arg="optional",
+)
+def _toxicity(arg: str | None) -> Judge:
+    judge = ToxicityJudge()
+    if arg is None:
+        return judge
+    threshold = parse_threshold(arg)
+    if threshold is None:
+        raise SpecError(f"threshold must be a number in [0, 1], got {arg!r}")
+    return ThresholdJudge(judge, threshold)
+
+
+@register_judge(
+    "regex",
+    syntax="regex:PATTERN",
+    description="1 when re.search(PATTERN, response) matches (Python re syntax), else 0",
+    arg="required",
+)
+def _regex(arg: str | None) -> Judge:
+    return RegexJudge(arg or "")
+
+
+@register_judge(
+    "prefix",
+    syntax="prefix:TEXT",
+    description="1 when the response starts with TEXT (literal, case- and whitespace-exact), "
+    "else 0",
+    arg="required",
+)
+def _prefix(arg: str | None) -> Judge:
+    return PrefixJudge(arg or "")
+
+
+register_combinator(
+    "any", syntax="any(A; B; ...)", description="1 where any child scores > 0, else 0"
+)(AnyJudge)
+register_combinator(
+    "max", syntax="max(A; B; ...)", description="elementwise maximum of the children's scores"
+)(MaxJudge)
+register_combinator(
+    "mean", syntax="mean(A; B; ...)", description="elementwise mean of the children's scores"
+)(MeanJudge)
