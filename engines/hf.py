@@ -82,12 +82,14 @@ class TransformersEngine(Engine):
         return next(self.model.parameters()).device
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # Stop tokens end the response and are not part of its text; any other special token the
+        # model emits stays visible as text (and so every non-stop token has a non-empty text,
+        # which keeps exact prefix computations finite).
+        ids = [t for t in token_ids if t not in self._stops]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_text(self, token_id: int) -> str:
-        if token_id in self._stops:
-            return ""
-        return self.tokenizer.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.decode([token_id])
 
     def prompt_ids(self, prompt: str, system_prompt: str | None = None) -> list[int]:
         """Token ids of the prompt as production serves it: one rendering for sampler and scorer."""

@@ -125,7 +125,7 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     ess = _ess(ws)
     ess_wh = _ess(ws * scores)
     khat = _khat(ws)
-    kl = float(-np.mean(lw[finite])) if finite.any() else None
+    kl = float(-np.mean(lw[finite])) + 0.0 if finite.any() else None  # (+ 0.0: no "-0.0")
     w_sum_s = float(ws.sum())
     max_weight_share = float(1.0 / w_sum_s) if w_sum_s > 0 else None  # max of ws is 1
     self_normalised = float(np.sum(ws * scores) / w_sum_s) if w_sum_s > 0 else None
@@ -135,8 +135,9 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     if n_hits < n_harmful:
         warnings.append(f"{n_harmful - n_hits} harmful samples have weight 0 and do not count")
 
-    p_hat = float(np.mean(wh))
-    std_error = _std_error(wh, strata)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing weights are reported below
+        p_hat = float(np.mean(wh))
+        std_error = _std_error(wh, strata)
 
     if not math.isfinite(p_hat):  # (an infinite std_error alone, e.g. n = 1, gives ci = [0, 1] below)
         warnings.append("the weights overflow float64: the proposal does not cover the target")

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 def _jsonable(value: Any) -> Any:
     """Convert a value to plain JSON types; nan and +-inf become None."""
@@ -27,18 +29,12 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if dataclasses.is_dataclass(value) and hasattr(value, "to_dict"):
         return value.to_dict()
-    # numpy scalars and anything else number-like
-    try:
-        import numpy as np
-
-        if isinstance(value, np.bool_):
-            return bool(value)
-        if isinstance(value, np.integer):
-            return int(value)
-        if isinstance(value, np.floating):
-            return _jsonable(float(value))
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return _jsonable(float(value))
     return value
 
 

@@ -1,1 +1,16 @@
-"""tailmon.proposals."""
+"""tailmon.proposals: unsafe variants of the target and the mixtures they form."""
+
+from .base import Component, Proposal, build_mixture
+from .spec import PROPOSALS, parse_proposal
+from .variants import LoraProposal, SystemPromptProposal, TemperatureProposal
+
+__all__ = [
+    "Component",
+    "LoraProposal",
+    "PROPOSALS",
+    "Proposal",
+    "SystemPromptProposal",
+    "TemperatureProposal",
+    "build_mixture",
+    "parse_proposal",
+]

@@ -1,0 +1,283 @@
+"""Importance sampling on synthetic problems with known answers.
+
+Tolerances are derived, not tuned: a mean over R independent repeats is compared with the
+truth at 4 standard errors of that mean (two-sided false-alarm rate 6e-5 under normality);
+a coverage rate over R repeats is ~ Binomial(R, c) and compared at 3 binomial sigmas.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tailmon.errors import InputError
+from tailmon.estimators import balance_log_weights, importance_sampling, monte_carlo
+
+
+def gaussian_tail_run(rng, P, n, a0, proposal_shift=None):
+    """Target N(0,1), event x > t with P(x > t) = P; stratified draws from the mixture
+    a0 * N(0,1) + (1 - a0) * N(shift, 1) (shift defaults to t: the proposal centred on the event)."""
+    t = stats.norm.isf(P)
+    shift = t if proposal_shift is None else proposal_shift
+    n0 = round(a0 * n)
+    x = np.r_[rng.normal(0.0, 1.0, n0), rng.normal(shift, 1.0, n - n0)]
+    component = np.r_[np.zeros(n0, int), np.ones(n - n0, int)]
+    log_p = stats.norm.logpdf(x)
+    log_q = np.c_[log_p, stats.norm.logpdf(x - shift)]
+    log_w = balance_log_weights(log_p, log_q, [a0, 1 - a0])
+    h = (x > t).astype(float)
+    return log_w, h, component
+
+
+@pytest.mark.parametrize("P", [1e-2, 1e-4, 1e-6])
+def test_unbiased_and_covers_on_gaussian_tail(P):
+    rng = np.random.default_rng(12345)
+    R, n, a0 = 400, 500, 0.1
+    ests = []
+    for _ in range(R):
+        log_w, h, comp = gaussian_tail_run(rng, P, n, a0)
+        ests.append(importance_sampling(log_w, h, comp, defensive=a0))
+    p_hat = np.array([e.p_hat for e in ests])
+    # unbiased: mean of R estimates within 4 SE of the mean
+    assert abs(p_hat.mean() - P) < 4 * p_hat.std(ddof=1) / np.sqrt(R)
+    # with the proposal on the event (~225 hits, weights <= 1/a0) every estimate passes the rule
+    assert all(e.reliable and not e.upper_bound_only for e in ests)
+    # the reported std_error tracks the actual spread: mean SE^2 vs the sample variance of
+    # p_hat, whose relative sd is about sqrt(2/(R-1)) = 0.071 (normal approx): accept 4 of those
+    ratio = np.mean([e.std_error**2 for e in ests]) / p_hat.var(ddof=1)
+    assert abs(ratio - 1) < 4 * np.sqrt(2 / (R - 1))
+    # coverage ~ Binomial(R, 0.95): 3 sigma = 0.033 at R = 400
+    coverage = np.mean([e.ci_low <= P <= e.ci_high for e in ests])
+    assert abs(coverage - 0.95) < 3 * np.sqrt(0.95 * 0.05 / R)
+
+
+def test_monte_carlo_at_the_same_budget_sees_nothing():
+    # n = 500 draws from the target at P = 1e-6: a run has any hit with probability
+    # 1 - (1 - 1e-6)^500 = 5e-4, so over R = 400 runs the number with hits is ~ Poisson(0.2);
+    # P(>= 5) = 3e-6. IS at the same budget gives a relative error of a few percent.
+    rng = np.random.default_rng(7)
+    P, n, R = 1e-6, 500, 400
+    t = stats.norm.isf(P)
+    hits = 0
+    for _ in range(R):
+        est = monte_carlo((rng.normal(size=n) > t).astype(float))
+        hits += est.n_harmful > 0
+        if est.n_harmful == 0:
+            assert est.upper_bound_only and est.ci_high > 1e-3  # ~3.7/n, nowhere near 1e-6
+    assert hits < 5
+    log_w, h, comp = gaussian_tail_run(rng, P, n, 0.1)
+    est = importance_sampling(log_w, h, comp, defensive=0.1)
+    assert est.reliable and est.ci_low <= P <= est.ci_high and est.ci_high < 2e-6
+
+
+def test_discrete_mixture_exact_by_enumeration():
+    rng = np.random.default_rng(3)
+    K = 12
+    p = rng.dirichlet(np.ones(K))
+    p[0] = 0.0  # an outcome the target never produces: weight 0
+    p[-3:] = [1e-4, 3e-5, 1e-5]  # rare harmful outcomes
+    p[1:-3] *= (1 - p[-3:].sum()) / p[1:-3].sum()
+    h = np.zeros(K)
+    h[-3:] = 1.0
+    h[-4] = 0.3  # a graded score on a common outcome
+    q1 = np.full(K, 0.02)
+    q1[-3:] = 0.3
+    q1 /= q1.sum()
+    q2 = np.full(K, 1.0 / K)
+    comps = np.stack([p, q1, q2])  # component 0 is the target itself
+    shares = np.array([0.2, 0.5, 0.3])
+    truth = float(p @ h)
+
+    with np.errstate(divide="ignore"):
+        log_comps = np.log(comps)
+    y = np.arange(K)
+    log_w = balance_log_weights(log_comps[0, y], log_comps[:, y].T, shares)
+    mix = shares @ comps
+    # exact: E_mix[w h] = sum_y mix(y) p(y)/mix(y) h(y) = P
+    assert float(np.sum(mix * np.exp(log_w) * h)) == pytest.approx(truth, rel=1e-12)
+    assert np.exp(log_w[0]) == 0.0 and np.all(np.exp(log_w) <= 1 / shares[0] * (1 + 1e-12))
+
+    # stratified sampling: n_j = a_j n draws from component j
+    n, R = 300, 400
+    counts = np.round(shares * n).astype(int)
+    component = np.repeat(np.arange(3), counts)
+    # exact variance of the stratified estimator: (1/n^2) sum_j n_j Var_{q_j}(w h)
+    wh = np.exp(log_w) * h
+    var_j = [comps[j] @ wh**2 - (comps[j] @ wh) ** 2 for j in range(3)]
+    exact_var = float(np.dot(counts, var_j)) / n**2
+    p_hat, se2 = [], []
+    for _ in range(R):
+        ys = np.concatenate([rng.choice(K, size=c, p=comps[j]) for j, c in enumerate(counts)])
+        est = importance_sampling(log_w[ys], h[ys], component, defensive=shares[0])
+        p_hat.append(est.p_hat)
+        se2.append(est.std_error**2)
+    p_hat, se2 = np.array(p_hat), np.array(se2)
+    assert abs(p_hat.mean() - truth) < 4 * np.sqrt(exact_var / R)
+    # the reported SE^2 is unbiased for the exact stratified variance (mean of within-stratum
+    # sample variances): its mean over R repeats within 4 of its own standard errors
+    assert abs(se2.mean() - exact_var) < 4 * se2.std(ddof=1) / np.sqrt(R)
+
+
+def test_defensive_share_bounds_every_weight():
+    # property: for any log-probabilities with the target as component 0 of share a0 > 0,
+    # p / (a0 p + sum_j a_j q_j) <= 1/a0
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n, K = rng.integers(1, 50), rng.integers(1, 5)
+        log_p = rng.normal(0, 30, n)
+        log_q = np.c_[log_p, rng.normal(0, 30, (n, K))]
+        log_q[rng.random((n, K + 1)) < 0.2] = -np.inf
+        log_q[:, 0] = log_p
+        shares = rng.dirichlet(np.ones(K + 1))
+        shares[0] = max(shares[0], 1e-3)
+        shares /= shares.sum()
+        log_w = balance_log_weights(log_p, log_q, shares)
+        assert np.all(log_w <= -np.log(shares[0]) + 1e-12)
+
+
+@pytest.mark.parametrize("n, a0", [(500, 0.2), (1000, 0.1), (200, 0.5)])
+def test_zero_hit_bound_from_defensive_share(n, a0):
+    log_w = np.log(np.random.default_rng(0).uniform(0.1, 1 / a0, n))
+    est = importance_sampling(log_w, np.zeros(n), defensive=a0)
+    n0 = round(a0 * n)
+    assert est.p_hat == 0 and est.ci_low == 0
+    assert est.ci_high == pytest.approx(1 - 0.05 ** (1 / n0), rel=1e-12)
+    assert est.ci_high == pytest.approx(3 / n0, rel=0.02)  # -log(0.05) = 2.996
+    assert est.upper_bound_only and est.reliable
+    assert "no harmful sample: ci_high is an upper bound from the defensive share" in est.warnings
+
+
+def test_zero_hit_without_defensive_share_has_no_bound():
+    est = importance_sampling(np.zeros(100), np.zeros(100), defensive=0.0)
+    assert (est.ci_low, est.ci_high) == (0.0, 1.0)
+    assert est.upper_bound_only and not est.reliable and est.warnings
+
+
+@pytest.mark.parametrize("P", [0.01, 0.03])
+def test_zero_hit_bound_coverage(P):
+    # A useless proposal N(-2, 1) (hits with probability ~1e-5) and a0 = 0.5, n = 200: only the
+    # n0 = 100 target draws see the event. The bound U = 1 - 0.05^(1/100) = 0.0295 fails only when
+    # the run has no hit AND U < P, which has probability (1 - P)^100 <= 0.05 when P > U (0.0476
+    # at P = 0.03, the worst case just above U) and 0 when P < U. Over R runs the failure count is
+    # ~ Binomial(R, <= 0.05): accept a rate within 0.05 + 3 sigma.
+    rng = np.random.default_rng(2024)
+    R, n, a0 = 1000, 200, 0.5
+    failures = zero_hit_runs = 0
+    for _ in range(R):
+        log_w, h, comp = gaussian_tail_run(rng, P, n, a0, proposal_shift=-2.0)
+        est = importance_sampling(log_w, h, comp, defensive=a0)
+        if est.n_harmful == 0:
+            zero_hit_runs += 1
+            failures += est.ci_high < P
+    assert zero_hit_runs > 0  # the bound was exercised
+    assert failures / R <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / R)
+    if P < 1 - 0.05 ** (1 / 100):
+        assert failures == 0
+
+
+def test_few_hits_upper_bound_from_defensive_share():
+    n, a0 = 400, 0.25
+    rng = np.random.default_rng(5)
+    log_w = np.log(rng.uniform(0.5, 1 / a0, n))
+    h = np.zeros(n)
+    h[:3] = 1.0
+    est = importance_sampling(log_w, h, defensive=a0)
+    w = np.exp(log_w)
+    successes = np.sum(a0 * w * h)
+    cp = stats.beta.ppf(0.975, successes + 1, n - successes)
+    assert est.upper_bound_only and not est.reliable
+    assert est.ci_high >= min(1.0, cp / a0) - 1e-12
+    assert any("only 3 of 400 samples were harmful" in s for s in est.warnings)
+
+
+def test_diagnostics_fields():
+    rng = np.random.default_rng(9)
+    log_w = rng.normal(-0.5, 1.0, 300)
+    log_w[:3] = -np.inf  # impossible under the target
+    h = (rng.random(300) < 0.3).astype(float)
+    est = importance_sampling(log_w, h)
+    w = np.exp(log_w)
+    assert est.method == "is" and est.n_samples == 300
+    assert est.p_hat == pytest.approx(np.mean(w * h))
+    assert est.std_error == pytest.approx(np.std(w * h, ddof=1) / np.sqrt(300))
+    assert est.ess == pytest.approx(w.sum() ** 2 / np.sum(w**2))
+    assert est.ess_wh == pytest.approx(np.sum(w * h) ** 2 / np.sum((w * h) ** 2))
+    assert est.kl == pytest.approx(-np.mean(log_w[3:]))
+    assert est.max_weight_share == pytest.approx(w.max() / w.sum())
+    assert est.self_normalised == pytest.approx(np.sum(w * h) / w.sum())
+    assert est.h_sum == h.sum() and est.n_harmful == int(h.sum())
+    assert any("3 of 300 samples are impossible" in s for s in est.warnings)
+    json.dumps(est.to_dict(), allow_nan=False)
+
+
+def test_reliability_rule_warnings():
+    rng = np.random.default_rng(4)
+    # heavy-tailed weights (Pareto, k = 1) fail the k-hat condition
+    w = (rng.pareto(1.0, 5000) + 1) * 1e-3
+    h = (rng.random(5000) < 0.5).astype(float)
+    est = importance_sampling(np.log(w), h)
+    assert not est.reliable and any("the weights are heavy-tailed" in s for s in est.warnings)
+    # five hits of which one carries nearly all the weight: ESS of w h fails
+    log_w = np.zeros(100)
+    log_w[0] = np.log(1e4)
+    h = np.zeros(100)
+    h[:5] = 1
+    est = importance_sampling(log_w, h)
+    assert not est.reliable and not est.upper_bound_only
+    assert any(s.startswith("ESS of w*h 1.0 < 10") for s in est.warnings)
+    # too few draws to fit k-hat
+    est = importance_sampling(np.zeros(8), np.ones(8))
+    assert est.khat is None and not est.reliable
+    assert any("k-hat could not be fitted" in s for s in est.warnings)
+
+
+def test_unstratified_variance_when_component_missing():
+    log_w, h, comp = gaussian_tail_run(np.random.default_rng(1), 1e-3, 400, 0.1)
+    a = importance_sampling(log_w, h, comp, defensive=0.1)
+    b = importance_sampling(log_w, h, None, defensive=0.1)
+    assert a.p_hat == b.p_hat
+    wh = np.exp(log_w) * h
+    assert b.std_error == pytest.approx(np.std(wh, ddof=1) / np.sqrt(400))
+    expected = np.sqrt(sum(np.sum(comp == j) * np.var(wh[comp == j], ddof=1) for j in (0, 1))) / 400
+    assert a.std_error == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (([0.0, 0.0], [0.0]), {}, "same length"),
+        (([], []), {}, "must not be empty"),
+        (([0.0, 0.0], [0.0, 1.5]), {}, r"h must hold scores in \[0, 1\]"),
+        (([0.0, np.nan], [0.0, 1.0]), {}, "nan"),
+        (([0.0, 0.0], [0.0, 1.0]), {"confidence": 1.5}, r"confidence must be in \(0, 1\), got 1.5"),
+        (([0.0, 0.0], [0.0, 1.0]), {"defensive": -0.1}, r"defensive must be in \[0, 1\]"),
+        (([0.0, 0.0], [0.0, 1.0]), {"component": [0]}, "component must be a 1-D array of length 2"),
+        (([0.0, 0.0], [0.0, 1.0]), {"component": [0.5, 1]}, "integer"),
+        (([0.0, np.log(20.0)], [0.0, 1.0]), {"defensive": 0.1}, "exceeds 1/defensive"),
+    ],
+)
+def test_importance_sampling_bad_inputs(args, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        importance_sampling(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([0.0], [[0.0, 0.0]], [0.5, 0.6]), "shares must sum to 1"),
+        (([0.0], [[0.0, 0.0]], [1.5, -0.5]), "nonnegative"),
+        (([0.0], [[0.0, 0.0]], [1.0]), "one entry per column"),
+        (([0.0, 0.0], [[0.0, 0.0]], [0.5, 0.5]), r"shape \(n, K\)"),
+        (([0.0], [[-np.inf, 0.0]], [1.0, 0.0]), "impossible under every mixture component"),
+        (([0.0], [[np.nan, 0.0]], [0.5, 0.5]), "nan"),
+    ],
+)
+def test_balance_log_weights_bad_inputs(args, match):
+    with pytest.raises(InputError, match=match):
+        balance_log_weights(*args)
+
+
+def test_balance_ignores_zero_share_components_and_allows_impossible_under_p():
+    log_w = balance_log_weights([-np.inf, -1.0], [[-2.0, -np.inf], [-1.0, -np.inf]], [1.0, 0.0])
+    assert log_w[0] == -np.inf and log_w[1] == pytest.approx(0.0)
