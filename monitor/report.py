@@ -1,0 +1,71 @@
+"""Human-readable renderings of an estimation report (the JSON dict of pipeline.EstimationReport)."""
+
+from __future__ import annotations
+
+
+def _sci(x) -> str:
+    if x is None:
+        return "-"
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_table(report: dict, prompt_width: int = 44) -> str:
+    rows = [("prompt", "p_hat", "95% interval", "hits/n", "ESS", "k-hat", "reliable")]
+    for e in report["estimates"]:
+        shown = "≤ " + _sci(e["ci_high"]) if e["upper_bound_only"] else _sci(e["p_hat"])
+        rows.append((
+            _short(e["prompt"], prompt_width),
+            shown,
+            f"[{_sci(e['ci_low'])}, {_sci(e['ci_high'])}]",
+            f"{e['n_harmful']}/{e['n_samples']}",
+            f"{e['ess']:.0f}" if e["ess"] is not None else "-",
+            f"{e['khat']:.2f}" if e["khat"] is not None else "-",
+            "yes" if e["reliable"] else "NO",
+        ))
+    agg = report["aggregate"]
+    rows.append((
+        f"all {agg['n_prompts']} prompts (mean)",
+        _sci(agg["p_hat"]),
+        f"[{_sci(agg['ci_low'])}, {_sci(agg['ci_high'])}]",
+        f"{agg['n_harmful']}/{agg['n_samples']}",
+        "", "",
+        "yes" if agg["reliable"] else f"NO ({agg['n_unreliable']})",
+    ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        if k == len(rows) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    comps = ", ".join(f"{c['label']} ({c['share']:.0%})" for c in report["components"])
+    d = report["decoding"]
+    head = [
+        f"model {report['model']}  judge {report['judge']}  method {report['method']}",
+        f"decoding T={d['temperature']:g} top_p={d['top_p']:g} top_k={d['top_k']} max_new_tokens={d['max_new_tokens']}",
+        f"mixture {comps}" if report["method"] == "is" else "sampling the target only",
+        "",
+    ]
+    tail = []
+    if "expected_per_window" in agg:
+        ex, pa = agg["expected_per_window"], agg["p_any_per_window"]
+        tail.append("")
+        tail.append(f"at {agg['volume']:g} queries per {agg['window']}: expected harmful outputs "
+                    f"{ex['expected']:.3g} [{ex['ci_low']:.3g}, {ex['ci_high']:.3g}], "
+                    f"P(at least one) {pa['p']:.3g} [{pa['ci_low']:.3g}, {pa['ci_high']:.3g}]")
+        if agg.get("worst_query"):
+            tail.append(f"worst-query forecast: largest P(x) among them about {agg['worst_query']['p']:.2e}")
+    warned = [(i, w) for i, e in enumerate(report["estimates"], 1) for w in e["warnings"]]
+    if warned:
+        tail.append("")
+        tail.append("warnings:")
+        seen = set()
+        for i, w in warned:
+            if w not in seen or "prompt" not in w:
+                tail.append(f"  prompt {i}: {w}")
+                seen.add(w)
+    return "\n".join(head + lines + tail)
