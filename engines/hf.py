@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +45,10 @@ class TransformersEngine(Engine):
         self._stops = frozenset(int(s) for s in stops)
         self._stop_tensor = torch.tensor(sorted(self._stops))
         self._pad = min(self._stops)
+        # transformers 5.2x renamed `past_key_values` to `cache`; support both spellings.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
 
     @classmethod
     def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
@@ -167,13 +172,22 @@ class TransformersEngine(Engine):
                 finished += done
         return Samples(token_ids=token_ids, logprobs=np.concatenate(logprobs), finished=finished)
 
+    def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False):
+        """One forward pass with a KV cache: (logits, cache)."""
+        kwargs = {"use_cache": True}
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        if last_only and self._keep_kw:
+            kwargs[self._keep_kw] = 1
+        out = self.model(input_ids=input_ids.to(self.device), **kwargs)
+        new_cache = getattr(out, "cache", None)
+        return out.logits, (getattr(out, "past_key_values", None) if new_cache is None else new_cache)
+
     def _sample_batch(self, prompt_ids: list[int], decoding: Decoding, b: int, generator: torch.Generator):
-        device = self.device
-        out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-        cache = out.past_key_values
+        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True)
         # Every row continues the same prompt: prefill once and copy the cache, no padding at all.
         cache.batch_repeat_interleave(b)
-        logits = out.logits[:, -1, :].expand(b, -1)
+        logits = logits[:, -1, :].expand(b, -1)
         tokens = torch.full((b, decoding.max_new_tokens), self._pad, dtype=torch.long)
         total = torch.zeros(b, dtype=torch.float64)
         alive = torch.ones(b, dtype=torch.bool)
@@ -188,9 +202,8 @@ class TransformersEngine(Engine):
             alive &= ~torch.isin(nxt, self._stop_tensor)
             if not alive.any() or t + 1 == decoding.max_new_tokens:
                 break
-            out = self.model(input_ids=nxt[:, None].to(device), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
+            logits, cache = self._forward(nxt[:, None], cache)
+            logits = logits[:, -1, :]
         rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
         done = [bool(r and r[-1] in self._stops) for r in rows]
         return rows, total.numpy(), done
@@ -200,18 +213,16 @@ class TransformersEngine(Engine):
 
         Right padding is harmless under causal attention: a position never sees later ones.
         """
-        device = self.device
-        out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-        first = out.logits[:, -1:, :].expand(len(seqs), -1, -1)
+        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True)
+        first = logits[:, -1:, :].expand(len(seqs), -1, -1)
         width = max(len(s) for s in seqs)
         if width == 0:
             return first
         x = torch.full((len(seqs), width), self._pad, dtype=torch.long)
         for i, s in enumerate(seqs):
             x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        cache = out.past_key_values
         cache.batch_repeat_interleave(len(seqs))
-        rest = self.model(input_ids=x.to(device), past_key_values=cache, use_cache=True).logits
+        rest, _ = self._forward(x, cache)
         return torch.cat([first, rest], dim=1)
 
     def _chunks(self, seqs: list[list[int]]):
