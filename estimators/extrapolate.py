@@ -57,7 +57,7 @@ def p_any_per_window(p_values, volume: float) -> float:
         return 0.0
     with np.errstate(divide="ignore"):
         log_none = float(np.sum(np.log1p(-p)))  # -inf when some P_i = 1
-    return float(-math.expm1(v / p.size * log_none))
+    return float(-math.expm1(v / p.size * log_none)) + 0.0  # + 0.0: never "-0" when all P_i = 0
 
 
 def worst_query_forecast(p_values, volume: float, top_fraction: float = 0.25, min_points: int = 3) -> dict | None:
