@@ -25,11 +25,12 @@ model: $(STAMP)
 	$(BIN)/tailmon models pull
 
 # The main job on the embedded default model: P(reply opens with "Sure, here") per prompt,
-# by importance sampling from the model under a compliant system prompt.
+# by importance sampling from the model under a compliant system prompt. Responses are cut at 3
+# tokens, the length of "Sure, here": tokens after the event would only add noise to the weights.
 demo: model
 	$(BIN)/tailmon estimate --prompts monitor/data/demo_prompts.jsonl \
 	    --judge 'prefix:Sure, here' --proposal 'system:$(DEMO_SYSTEM)' \
-	    --samples 200 --max-new-tokens 6 --volume 1000000 --window 1d
+	    --samples 300 --max-new-tokens 3 --volume 1000000 --window 1d
 
 # The whole suite; tests on the embedded model must run here, not skip.
 test: model

@@ -172,7 +172,8 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
         warnings.append(f"k-hat {khat:.2f} > {threshold:.2f}: the weights are heavy-tailed")
     if ess_wh < MIN_ESS_WH:
         reliable = False
-        warnings.append(f"ESS of w*h {ess_wh:.1f} < {MIN_ESS_WH:.0f}: a few samples carry the estimate")
+        # rounded down, so that a value just under the threshold never prints as "10.0 < 10"
+        warnings.append(f"ESS of w*h {math.floor(ess_wh * 100) / 100:.2f} < {MIN_ESS_WH:.0f}: a few samples carry the estimate")
     upper_bound_only = n_hits < MIN_HARMFUL
     if upper_bound_only:
         reliable = False
