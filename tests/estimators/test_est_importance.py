@@ -225,7 +225,7 @@ def test_reliability_rule_warnings():
     h[:5] = 1
     est = importance_sampling(log_w, h)
     assert not est.reliable and not est.upper_bound_only
-    assert any(s.startswith("ESS of w*h 1.0 < 10") for s in est.warnings)
+    assert any(s.startswith("ESS of w*h 1.00 < 10") for s in est.warnings)
     # too few draws to fit k-hat
     est = importance_sampling(np.zeros(8), np.ones(8))
     assert est.khat is None and not est.reliable
