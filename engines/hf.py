@@ -64,7 +64,7 @@ class TransformersEngine(Engine):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # any failure inside transformers while loading is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
         return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size)
 

@@ -7,6 +7,7 @@ Exit codes (DESIGN section 8): 0 success, 1 a gate or check failed, 2 usage/inpu
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -29,6 +30,13 @@ class TailmonGroup(click.Group):
             ctx.exit(EXIT_INPUT)
         except RuntimeFailure as exc:
             click.echo(f"runtime failure: {exc}", err=True)
+            ctx.exit(EXIT_RUNTIME)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a failure nobody anticipated: still exit 3, traceback on request
+            if os.environ.get("TAILMON_DEBUG") == "1":
+                raise
+            click.echo(f"runtime failure: {type(exc).__name__}: {exc} (TAILMON_DEBUG=1 shows the traceback)", err=True)
             ctx.exit(EXIT_RUNTIME)
 
 

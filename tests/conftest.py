@@ -204,3 +204,12 @@ def exact_is_design(engine, prompt, text, plan):
 def exact_design():
     """`exact_is_design` above, as a fixture."""
     return exact_is_design
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_engine, tmp_path_factory):
+    """The tiny model saved as a local model folder, for model references and the CLI."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_engine.model.save_pretrained(folder)
+    tiny_engine.tokenizer.save_pretrained(folder)
+    return folder
