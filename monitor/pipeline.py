@@ -8,7 +8,7 @@ weight by the balance heuristic, judge, estimate. Then aggregate over prompts an
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -137,8 +137,6 @@ def _score_unique(engine: Engine, prompt: str, variant: Variant, responses: list
 
 
 def _with_warnings(est: Estimate, extra: tuple[str, ...]) -> Estimate:
-    from dataclasses import replace
-
     return replace(est, warnings=tuple(est.warnings) + extra)
 
 
