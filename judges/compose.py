@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from typing import Sequence
 
 import numpy as np
@@ -55,8 +57,9 @@ class Combinator(Judge):
         scores = np.stack([c.score(prompts, responses) for c in self.children])
         return self._combine(scores)
 
+    @abstractmethod
     def _combine(self, scores: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Combine the children's stacked scores (children x pairs) into one score per pair."""
 
 
 class AnyJudge(Combinator):

@@ -166,16 +166,12 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     from tqdm import tqdm
 
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.estimators import parse_window
     from tailmon.judges import parse_judge
     from tailmon.monitor.pipeline import EstimationPlan, run_estimation
     from tailmon.monitor.report import render_table
     from tailmon.proposals import parse_proposal
 
     # Everything the user typed is checked before a model is loaded.
-    if volume is not None and volume < 0:
-        raise InputError(f"--volume must be >= 0, got {volume}")
-    parse_window(window)
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     decoding = Decoding(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)

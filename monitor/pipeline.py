@@ -21,6 +21,7 @@ from tailmon.estimators import (
     extrapolate,
     importance_sampling,
     monte_carlo,
+    parse_window,
 )
 from tailmon.errors import InputError
 from tailmon.judges import Judge
@@ -51,6 +52,9 @@ class EstimationPlan:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if int(self.n_samples) != self.n_samples or self.n_samples < 1:
             raise InputError(f"samples per prompt must be an integer >= 1, got {self.n_samples}")
+        if self.volume is not None and not self.volume >= 0:
+            raise InputError(f"--volume must be >= 0, got {self.volume}")
+        parse_window(self.window)
         if self.method == "is":
             self.components = build_mixture(self.target, list(self.proposals), self.defensive)
         else:
