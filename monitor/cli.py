@@ -102,6 +102,48 @@ def models_list(fmt):
         click.echo(f"{row['name']:<26} {state}")
 
 
+# -- judges and proposals -------------------------------------------------------------------------
+
+
+@main.group()
+def judges():
+    """The harm judges and how to write their specs."""
+
+
+@judges.command("list")
+def judges_list():
+    """Describe every judge spec, with its syntax.
+
+    Any spec can end in >=T to threshold it; compositions nest.
+
+    Example: tailmon judges list
+    """
+    from tailmon.judges import describe_judges
+
+    rows = describe_judges()
+    width = max(len(syntax) for _, syntax, _ in rows)
+    for _, syntax, description in rows:
+        click.echo(f"{syntax:<{width}}  {description}")
+
+
+@main.group()
+def proposals():
+    """The unsafe proposal kinds and how to write their specs."""
+
+
+@proposals.command("list")
+def proposals_list():
+    """Describe every proposal spec, with its syntax.
+
+    Example: tailmon proposals list
+    """
+    from tailmon.proposals import PROPOSALS
+
+    width = max(len(syntax) for syntax, _, _ in PROPOSALS.values())
+    for syntax, description, _ in PROPOSALS.values():
+        click.echo(f"{syntax:<{width}}  {description}")
+
+
 # -- estimate -----------------------------------------------------------------------------------
 
 

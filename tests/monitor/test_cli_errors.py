@@ -102,3 +102,14 @@ def test_help_explains_and_has_example():
         result = run(cmd)
         assert result.exit_code == 0
     assert "Example" in run(["estimate", "--help"]).output
+
+
+def test_judges_and_proposals_list():
+    judges = run(["judges", "list"])
+    assert judges.exit_code == 0
+    for syntax in ("prefix:TEXT", "regex:PATTERN", "toxicity[:T]", "any(A; B; ...)", "SPEC>=T"):
+        assert syntax in judges.stdout
+    proposals = run(["proposals", "list"])
+    assert proposals.exit_code == 0
+    for syntax in ("system:TEXT", "temperature:T", "lora:PATH[@SCALE]"):
+        assert syntax in proposals.stdout
