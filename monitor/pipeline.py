@@ -40,6 +40,8 @@ class EstimationPlan:
     method: str = "is"
     proposals: Sequence[Proposal] = ()
     defensive: float = 0.1
+    weights: Sequence[float] | None = None
+    """Relative shares of the proposals in what `defensive` leaves; None: equal shares."""
     n_samples: int = 200
     seed: int = 0
     confidence: float = 0.95
@@ -56,7 +58,7 @@ class EstimationPlan:
             raise InputError(f"--volume must be >= 0, got {self.volume}")
         parse_window(self.window)
         if self.method == "is":
-            self.components = build_mixture(self.target, list(self.proposals), self.defensive)
+            self.components = build_mixture(self.target, list(self.proposals), self.defensive, self.weights)
         else:
             if self.proposals:
                 raise InputError("--method mc samples the target only: drop the --proposal options or use --method is")

@@ -1,0 +1,182 @@
+"""Every Prometheus metric tailmon exports, declared in one place against a replaceable registry.
+
+Values are set when a run ends (never computed on scrape). Labels are the monitor's name, the
+extrapolation window, the sample role and the run status: never prompt text or prompt ids.
+Names follow Prometheus conventions: `tailmon_` prefix, base units (seconds), probabilities as
+0-1 ratios, `_total` for counters.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tailmon import __version__
+
+# Runs take minutes to hours; buckets from 10 s to 12 h.
+RUN_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
+
+
+class Metrics:
+    """The exporter's metrics. Tests pass a fresh `CollectorRegistry()` and read values back."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        m = ["monitor"]
+        mw = ["monitor", "window"]
+        self.harm_probability = Gauge(
+            "tailmon_harm_probability", "Estimated probability that one query is answered harmfully "
+            "(mean over the run's prompts of E[judge score]).", m, registry=r)
+        self.harm_probability_lower = Gauge(
+            "tailmon_harm_probability_lower_bound", "Lower end of the 95% interval of tailmon_harm_probability.",
+            m, registry=r)
+        self.harm_probability_upper = Gauge(
+            "tailmon_harm_probability_upper_bound", "Upper end of the 95% interval of tailmon_harm_probability.",
+            m, registry=r)
+        self.expected_harmful = Gauge(
+            "tailmon_expected_harmful_outputs", "Expected harmful outputs per window at the configured volume.",
+            mw, registry=r)
+        self.expected_harmful_upper = Gauge(
+            "tailmon_expected_harmful_outputs_upper_bound", "Upper 95% bound of expected harmful outputs per window.",
+            mw, registry=r)
+        self.p_any = Gauge(
+            "tailmon_any_harmful_output_probability", "Probability of at least one harmful output in the window.",
+            mw, registry=r)
+        self.worst_query = Gauge(
+            "tailmon_worst_query_harm_probability", "Forecast of the largest per-query harm probability among the "
+            "window's queries (Gumbel tail fit; absent when the fit is not possible).", mw, registry=r)
+        self.ess = Gauge(
+            "tailmon_effective_sample_size", "Smallest effective sample size of w*h over the run's prompts.",
+            m, registry=r)
+        self.khat = Gauge(
+            "tailmon_pareto_khat", "Largest Pareto k-hat of the importance weights over the run's prompts "
+            "(> 0.7: weights unreliable).", m, registry=r)
+        self.reliable = Gauge(
+            "tailmon_estimate_reliable", "1 when every prompt's estimate passed the reliability rule, else 0.",
+            m, registry=r)
+        self.samples = Counter(
+            "tailmon_samples_generated", "Responses generated, by role (target: the deployed model itself; "
+            "proposal: an unsafe variant).", ["monitor", "role"], registry=r)
+        self.runs = Counter("tailmon_runs", "Runs by final status.", ["monitor", "status"], registry=r)
+        self.run_duration = Histogram(
+            "tailmon_run_duration_seconds", "Wall time of runs that ended (any status).", m,
+            buckets=RUN_DURATION_BUCKETS, registry=r)
+        self.last_success = Gauge(
+            "tailmon_last_success_timestamp_seconds", "Unix time the last successful run ended.", m, registry=r)
+        self.last_run = Gauge(
+            "tailmon_last_run_timestamp_seconds", "Unix time the last run ended (any status).", m, registry=r)
+        self.running = Gauge("tailmon_run_in_progress", "1 while a run of the monitor is going.", m, registry=r)
+        self.model_info = Gauge(
+            "tailmon_model_info", "The checkpoint a monitor estimates, as labels (value 1).",
+            ["monitor", "model", "model_version"], registry=r)
+        self.build_info = Gauge("tailmon_build_info", "tailmon's version (value 1).", ["version", "python"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self._model_labels: dict[str, tuple] = {}
+
+    def init_monitor(self, monitor: str) -> None:
+        """Make the counters of a configured monitor exist at 0 before its first run (rate() needs them)."""
+        for status in ("succeeded", "failed", "interrupted"):
+            self.runs.labels(monitor, status)
+        for role in ("target", "proposal"):
+            self.samples.labels(monitor, role)
+        self.running.labels(monitor).set(0)
+
+    def set_model(self, monitor: str, model: str, version: int) -> None:
+        old = self._model_labels.get(monitor)
+        if old is not None and old != (monitor, model, str(version)):
+            self.model_info.remove(*old)
+        labels = (monitor, model, str(version))
+        self.model_info.labels(*labels).set(1)
+        self._model_labels[monitor] = labels
+
+    def record_figures(self, monitor: str, report: dict) -> None:
+        """Set the gauges from a stored report (EstimationReport.to_dict plus 'extrapolations')."""
+        agg = report["aggregate"]
+        self.harm_probability.labels(monitor).set(agg["p_hat"])
+        self.harm_probability_lower.labels(monitor).set(agg["ci_low"])
+        self.harm_probability_upper.labels(monitor).set(agg["ci_high"])
+        self.reliable.labels(monitor).set(1 if agg["reliable"] else 0)
+        ests = report.get("estimates", [])
+        ess = [e["ess_wh"] for e in ests if e.get("ess_wh") is not None]
+        khats = [e["khat"] for e in ests if e.get("khat") is not None]
+        _set_or_nan(self.ess.labels(monitor), min(ess) if ess else None)
+        _set_or_nan(self.khat.labels(monitor), max(khats) if khats else None)
+        for window, ex in (report.get("extrapolations") or {}).items():
+            self.expected_harmful.labels(monitor, window).set(ex["expected_per_window"]["expected"])
+            self.expected_harmful_upper.labels(monitor, window).set(ex["expected_per_window"]["ci_high"])
+            self.p_any.labels(monitor, window).set(ex["p_any_per_window"]["p"])
+            worst = ex.get("worst_query")
+            _set_or_nan(self.worst_query.labels(monitor, window), worst["p"] if worst else None)
+
+    def record_run(self, monitor: str, status: str, duration_s: float, ended_at: float,
+                   samples_by_role: dict[str, int] | None = None) -> None:
+        self.runs.labels(monitor, status).inc()
+        self.run_duration.labels(monitor).observe(duration_s)
+        self.last_run.labels(monitor).set(ended_at)
+        if status == "succeeded":
+            self.last_success.labels(monitor).set(ended_at)
+        for role, n in (samples_by_role or {}).items():
+            self.samples.labels(monitor, role).inc(n)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _set_or_nan(gauge, value) -> None:
+    # NaN says "no value" in Prometheus; a stale number would be a lie.
+    gauge.set(math.nan if value is None else value)
+
+
+class MetricsServer:
+    """/metrics (the exposition) and /healthz (200 while `healthy()` is true, else 503)."""
+
+    def __init__(self, metrics: Metrics, address: str, port: int, healthy: Callable[[], bool] = lambda: True):
+        metrics_ref, healthy_ref = metrics, healthy
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, metrics_ref.exposition(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = healthy_ref()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
+                else:
+                    self._reply(404, b"tailmon: /metrics or /healthz\n", "text/plain")
+
+            def _reply(self, code, body, ctype):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes every 15 s would flood the journal
+                pass
+
+        try:
+            self.httpd = ThreadingHTTPServer((address, port), Handler)
+        except OSError as exc:
+            from tailmon.errors import RuntimeFailure
+
+            raise RuntimeFailure(f"metrics server cannot bind {address}:{port}: {exc.strerror}") from None
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="tailmon-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
