@@ -212,6 +212,20 @@ def make_engine(url: str) -> Engine:
 # --- Types --------------------------------------------------------------------------------------
 
 
+def _pid_alive(token: str) -> bool:
+    """Whether the process that wrote `token` ("<pid>-<random>") still runs on this host."""
+    pid = token.split("-", 1)[0]
+    if not pid.isdigit():
+        return False  # a token from before pids were recorded: its process is long gone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -742,9 +756,11 @@ class Store:
         self.url = url
         self.safe_url = safe_url(url)
         self.instance_id = instance_id or socket.gethostname()
-        # A fresh token per Store object: tells this process's runs from those of an earlier
-        # process with the same instance id (killed and restarted), which are certainly dead.
-        self.token = secrets.token_hex(8)
+        # A fresh token per Store object, "<pid>-<random>": tells this process's runs from those
+        # of another process with the same instance id. That process is certainly dead when its
+        # pid is gone from this host (killed and restarted); a live one (a `tailmon run --once`
+        # beside the daemon) keeps its runs and locks.
+        self.token = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.stale_after_s = float(stale_after_s)
         self.stale_after = timedelta(seconds=self.stale_after_s)
         self._engine: Engine | None = None
@@ -811,8 +827,12 @@ class Store:
     def _owned_by_me(self, table: Table):
         return (table.c.owner_instance == self.instance_id) & (table.c.owner_token == self.token)
 
-    def _previous_incarnation(self, table: Table):
-        return (table.c.owner_instance == self.instance_id) & (table.c.owner_token != self.token)
+    def _previous_incarnation(self, conn: Connection, table: Table):
+        """Rows owned by a dead process of this instance id (same host, pid no longer running)."""
+        tokens = conn.execute(select(table.c.owner_token).distinct().where(
+            table.c.owner_instance == self.instance_id, table.c.owner_token != self.token)).scalars().all()
+        dead = [t for t in tokens if not _pid_alive(t)]
+        return (table.c.owner_instance == self.instance_id) & table.c.owner_token.in_(dead)
 
     # -- model versions
 
@@ -909,7 +929,7 @@ class Store:
             now = self._now(conn)
             running = RUNS.c.status == "running"
             previous = conn.execute(
-                update(RUNS).where(running, self._previous_incarnation(RUNS))
+                update(RUNS).where(running, self._previous_incarnation(conn, RUNS))
                 .values(status="interrupted", finished_at=now,
                         error=f"interrupted: instance '{self.instance_id}' was restarted while this run was "
                               "in progress")
@@ -933,7 +953,7 @@ class Store:
             # and then re-checks the condition against the winner's fresh heartbeat.
             taken = conn.execute(update(LOCKS).where(
                 LOCKS.c.monitor == monitor,
-                (LOCKS.c.heartbeat_at < now - self.stale_after) | self._previous_incarnation(LOCKS),
+                (LOCKS.c.heartbeat_at < now - self.stale_after) | self._previous_incarnation(conn, LOCKS),
             ).values(**mine))
             if taken.rowcount == 1:
                 return True

@@ -48,6 +48,9 @@ def test_stale_lock_is_taken_over(make_store, backdate):
 
 def test_previous_incarnation_lock_is_taken_over_at_once(make_store):
     old = make_store("host-a")
+    from test_store_runs import dead_pid
+
+    old.token = f"{dead_pid()}-0123456789abcdef"  # the process is gone (killed -9)
     assert old.try_lock("m1")
     peer = make_store("host-b")
     assert peer.try_lock("m1") is False  # fresh heartbeat, another instance: alive

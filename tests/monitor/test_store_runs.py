@@ -177,9 +177,19 @@ def test_stale_after_is_configurable(make_store, backdate):
     assert b.interrupt_stale_runs() == [run_id]
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
 def test_previous_incarnation_is_interrupted_at_once(make_store):
     """host-a killed -9 and restarted: its old runs have fresh heartbeats but are certainly dead."""
     old = make_store("host-a")
+    old.token = f"{dead_pid()}-0123456789abcdef"  # the process that wrote them is gone
     peer = make_store("host-b")
     old_run = start(old, "m1")
     peer_run = start(peer, "m2")
@@ -192,6 +202,17 @@ def test_previous_incarnation_is_interrupted_at_once(make_store):
     assert run["status"] == "interrupted" and "instance 'host-a' was restarted" in run["error"]
     assert new.get_run(new_run)["status"] == "running"  # its own current run
     assert new.get_run(peer_run)["status"] == "running"  # a live peer's run
+
+
+def test_a_live_process_of_the_same_instance_is_not_interrupted(make_store):
+    """`tailmon run --once` beside the daemon on one host: same instance id, both alive."""
+    daemon = make_store("host-a")
+    run_id = start(daemon, "m1")
+    once = make_store("host-a")
+    assert once.interrupt_stale_runs() == []
+    assert once.get_run(run_id)["status"] == "running"
+    assert once.try_lock("m2") and not once.try_lock("m2")
+    assert daemon.try_lock("m2") is False  # held by a live process
 
 
 def test_heartbeat_thread_and_run_thread_write_concurrently(store, build_report):

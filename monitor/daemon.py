@@ -1,0 +1,504 @@
+"""The monitoring daemon: schedule each monitor, run the estimation, store it, export metrics.
+
+One run of a monitor: take the monitor's lock in the store (one run at a time across every
+instance sharing the database), record the run as `running`, draw prompts from the source,
+estimate with the same pipeline as `tailmon estimate`, then close the run in one transaction and
+set the metrics. A heartbeat thread keeps the run and the lock fresh while the work goes on, so
+peers can tell a live run from one left by a dead process.
+
+Models stay loaded between runs. Each run fingerprints the checkpoint first (file names, sizes
+and modification times of the model folder, or the hub revision); a changed fingerprint reloads
+the engine and records a new model version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tailmon.errors import InputError, RuntimeFailure, TailmonError
+from tailmon.monitor.config import Config, LoadedConfig, ModelConfig, MonitorConfig, duration_seconds, load_config
+from tailmon.monitor.metrics import Metrics, MetricsServer
+from tailmon.monitor.systemd import notify, watchdog_interval
+
+log = logging.getLogger("tailmon.daemon")
+
+# How often the main loop wakes up (watchdog pings, reload and stop requests) at most.
+TICK_S = 1.0
+
+
+class RunCancelled(Exception):
+    """Raised inside a run when the daemon is stopping."""
+
+
+def model_fingerprint(ref: str) -> str:
+    """Cheap identity of a checkpoint: changes when its files change, or its hub revision does."""
+    from tailmon.engines.models import resolve
+
+    path = resolve(ref)
+    if isinstance(path, Path):
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+    try:  # a hub id: the snapshot revision in the local hub cache
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(path, local_files_only=True))
+        return f"rev:{snapshot.name[:16]}"
+    except Exception:
+        return f"hub:{path}"
+
+
+@dataclass
+class _Loaded:
+    engine: object
+    fingerprint: str
+
+
+class ModelPool:
+    """Engines by model settings; reloaded when the checkpoint's fingerprint changes."""
+
+    def __init__(self):
+        self._engines: dict[tuple, _Loaded] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(mc: ModelConfig) -> tuple:
+        return (mc.ref, mc.device, mc.dtype, mc.batch_size)
+
+    def get(self, mc: ModelConfig, fingerprint: str):
+        from tailmon.engines.hf import TransformersEngine
+
+        key = self._key(mc)
+        with self._lock:
+            loaded = self._engines.get(key)
+            if loaded is None or loaded.fingerprint != fingerprint:
+                if loaded is not None:
+                    log.info("model %s changed on disk (fingerprint %s -> %s): reloading", mc.ref,
+                             loaded.fingerprint, fingerprint)
+                    del self._engines[key]
+                engine = TransformersEngine.load(mc.ref, device=mc.device, dtype=mc.dtype, batch_size=mc.batch_size)
+                loaded = self._engines[key] = _Loaded(engine, fingerprint)
+            return loaded.engine
+
+    def keep_only(self, configs) -> None:
+        """Drop engines no monitor uses any more (after a config reload)."""
+        keys = {self._key(mc) for mc in configs}
+        with self._lock:
+            for key in [k for k in self._engines if k not in keys]:
+                del self._engines[key]
+
+
+class _SampleCounter:
+    """Counts generated samples by role from the pipeline's progress calls.
+
+    For every prompt the pipeline draws the components in order, one progress call each (components
+    with a count of 0 are skipped); component 0 is the target itself.
+    """
+
+    def __init__(self, counts: list[int], cancel: threading.Event):
+        self._roles = ["target" if j == 0 else "proposal" for j, c in enumerate(counts) if c > 0]
+        self._i = 0
+        self._cancel = cancel
+        self.by_role = {"target": 0, "proposal": 0}
+
+    def __call__(self, n: int) -> None:
+        self.by_role[self._roles[self._i % len(self._roles)]] += n
+        self._i += 1
+        if self._cancel.is_set():
+            raise RunCancelled()
+
+
+@dataclass
+class RunOutcome:
+    monitor: str
+    run_id: int | None
+    status: str
+    report: dict | None = None
+    error: str | None = None
+
+
+class Daemon:
+    def __init__(self, loaded: LoadedConfig, *, metrics: Metrics | None = None, store=None):
+        from tailmon.monitor.store import Store, resolve_database_url
+
+        self.loaded = loaded
+        self.metrics = metrics or Metrics()
+        cfg = loaded.config
+        self.store = store or Store(resolve_database_url(cfg.database), instance_id=cfg.instance_id,
+                                    stale_after_s=duration_seconds(cfg.stale_after))
+        self.models = ModelPool()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._cancel = threading.Event()
+        self._current: dict[str, int] = {}  # monitor -> run id of runs in progress
+        self._current_lock = threading.Lock()
+        self._scheduler = None
+        self._server = None
+        self.abandoned = False
+        """True when shutdown left a run's thread behind (the process must exit without joining it)."""
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    # -- one run ------------------------------------------------------------------------------
+
+    def run_monitor(self, name: str) -> RunOutcome:
+        """Run one monitor now. Never raises: every failure ends as a failed run and a log line."""
+        mon = self.config.monitor(name)
+        try:
+            if not self.store.try_lock(name):
+                log.info("monitor %s: skipped, another instance is running it", name)
+                return RunOutcome(name, None, "skipped")
+        except TailmonError as exc:
+            log.error("monitor %s: run failed before it started: %s", name, exc)
+            self._count_run(name, "failed", 0.0)
+            return RunOutcome(name, None, "failed", error=str(exc))
+        try:
+            return self._locked_run(mon)
+        finally:
+            try:
+                self.store.release_lock(name)
+            except TailmonError as exc:
+                log.warning("monitor %s: could not release its lock (it expires by itself): %s", name, exc)
+
+    def _locked_run(self, mon: MonitorConfig) -> RunOutcome:
+        name = mon.name
+        started = time.time()
+        pre_error: Exception | None = None
+        try:
+            fingerprint = model_fingerprint(mon.model.ref)
+        except TailmonError as exc:
+            fingerprint, pre_error = "unavailable", exc
+        try:
+            version = self.store.model_version(name, mon.model.ref, fingerprint) if pre_error is None else 0
+            run_id = self.store.start_run(name, model_ref=mon.model.ref, model_version=version,
+                                          config_hash=mon.fingerprint(), settings=mon.model_dump(mode="json"))
+        except TailmonError as exc:
+            log.error("monitor %s: run failed: the store is unavailable: %s", name, exc)
+            self._count_run(name, "failed", time.time() - started)
+            return RunOutcome(name, None, "failed", error=str(exc))
+        log.info("monitor %s: run %d started (model %s, version %d)", name, run_id, mon.model.ref, version)
+        with self._current_lock:
+            self._current[name] = run_id
+        self.metrics.running.labels(name).set(1)
+        beat = _Heartbeat(self.store, run_id, name, interval=min(30.0, self.store.stale_after_s / 4))
+        beat.start()
+        counter = None
+        timings: dict[str, float] = {}
+        try:
+            if pre_error is not None:
+                raise pre_error
+            t = time.time()
+            engine = self.models.get(mon.model, fingerprint)
+            timings["load_s"] = time.time() - t
+            self.metrics.set_model(name, mon.model.ref, version)
+            seed = int(np.random.SeedSequence([mon.estimator.seed, run_id]).generate_state(1)[0])
+            t = time.time()
+            prompts = self._draw_prompts(mon, seed)
+            timings["prompts_s"] = time.time() - t
+            plan = self._plan(mon, seed)
+            counter = _SampleCounter(_counts(plan), self._cancel)
+            from tailmon.monitor.pipeline import run_estimation
+
+            t = time.time()
+            report = run_estimation(engine, plan, prompts, progress=counter)
+            timings["estimate_s"] = time.time() - t
+            data = report.to_dict()
+            data["seed"] = seed
+            data["extrapolations"] = _extrapolations(report, mon)
+            samples = _samples(report) if mon.estimator.store_samples else None
+            timings["total_s"] = time.time() - started
+            self.store.finish_run(run_id, "succeeded", report=data, timings=timings, samples=samples)
+        except RunCancelled:
+            return self._close(name, run_id, "interrupted", started, counter, timings,
+                               error="the daemon stopped during the run")
+        except Exception as exc:  # any failure ends this run, never the daemon
+            kind = "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: "
+            log.error("monitor %s: run %d failed: %s%s", name, run_id, kind, exc,
+                      exc_info=not isinstance(exc, TailmonError))
+            return self._close(name, run_id, "failed", started, counter, timings, error=f"{kind}{exc}")
+        finally:
+            beat.stop()
+            self.metrics.running.labels(name).set(0)
+            with self._current_lock:
+                self._current.pop(name, None)
+        ended = time.time()
+        self.metrics.record_figures(name, data)
+        self._count_run(name, "succeeded", ended - started, ended, counter.by_role)
+        agg = data["aggregate"]
+        log.info("monitor %s: run %d succeeded in %.0f s: P(harm) = %.3g [%.3g, %.3g]%s", name, run_id,
+                 ended - started, agg["p_hat"], agg["ci_low"], agg["ci_high"],
+                 "" if agg["reliable"] else f" (unreliable for {agg['n_unreliable']} prompt(s))")
+        return RunOutcome(name, run_id, "succeeded", report=data)
+
+    def _close(self, name, run_id, status, started, counter, timings, error) -> RunOutcome:
+        timings["total_s"] = time.time() - started
+        try:
+            self.store.finish_run(run_id, status, error=error, timings=timings)
+        except TailmonError as exc:
+            # The run stays 'running' in the store; its heartbeat stops, so it is marked
+            # interrupted once stale. Nothing half-written looks complete.
+            log.error("monitor %s: could not record run %d as %s: %s", name, run_id, status, exc)
+        self._count_run(name, status, time.time() - started, None, counter.by_role if counter else None)
+        return RunOutcome(name, run_id, status, error=error)
+
+    def _count_run(self, name, status, duration, ended=None, by_role=None) -> None:
+        self.metrics.record_run(name, status, duration, ended or time.time(), by_role)
+
+    def _draw_prompts(self, mon: MonitorConfig, seed: int):
+        from tailmon.monitor.sources import build_source, sample_prompts
+
+        src = mon.prompts
+        source = build_source(src, self.loaded.base_dir)
+        prompts = sample_prompts(source, src.per_run, seed, dedupe=src.dedupe, min_chars=src.min_chars,
+                                 max_chars=src.max_chars, stratify=src.stratify)
+        log.info("monitor %s: %d prompts from %s", mon.name, len(prompts), source.describe())
+        return prompts
+
+    @staticmethod
+    def _plan(mon: MonitorConfig, seed: int):
+        from tailmon.judges import parse_judge
+        from tailmon.monitor.pipeline import EstimationPlan
+        from tailmon.proposals import parse_proposal
+
+        est = mon.estimator
+        volume = mon.volume
+        window = "1d" if volume is None or "1d" in volume.windows else volume.windows[0]
+        return EstimationPlan(
+            target=mon.model.target(),
+            judge=parse_judge(mon.judge),
+            method=est.method,
+            proposals=[parse_proposal(p.spec) for p in mon.proposals],
+            weights=[p.weight for p in mon.proposals] or None,
+            defensive=est.defensive,
+            n_samples=est.samples,
+            seed=seed,
+            confidence=est.confidence,
+            volume=None if volume is None else _scaled(volume.per_day, window),
+            window=window,
+        )
+
+    # -- the service ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store, recover, serve metrics, load models, schedule. Then READY."""
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.store.open()
+        for run_id in self.store.interrupt_stale_runs():
+            log.warning("run %d was left running by a process that is gone: marked interrupted", run_id)
+        for mon in self.config.monitors:
+            self._init_monitor(mon)
+        m = self.config.metrics
+        self._server = MetricsServer(self.metrics, m.address, m.port, healthy=self.healthy).start()
+        log.info("metrics on http://%s:%d/metrics", m.address, self._server.port)
+        notify("STATUS=loading models")
+        for mon in self.config.monitors:
+            try:
+                self.models.get(mon.model, model_fingerprint(mon.model.ref))
+            except TailmonError as exc:  # the run will fail and say so; the others go on
+                log.error("monitor %s: model %s does not load: %s", mon.name, mon.model.ref, exc)
+        # One worker: runs of different monitors queue rather than compete for the same cores.
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._schedule_all()
+        self._scheduler.start()
+        notify("READY=1", f"STATUS=scheduling {len(self.config.monitors)} monitor(s)")
+        log.info("tailmon daemon ready: %s", ", ".join(m.name for m in self.config.monitors))
+
+    def _init_monitor(self, mon: MonitorConfig) -> None:
+        self.metrics.init_monitor(mon.name)
+        last = self.store.last_run(mon.name)
+        if last is None:
+            return
+        # Gauges survive a restart: they show the last successful run until the next one ends.
+        run = self.store.get_run(last["id"])
+        if run and run.get("report"):
+            self.metrics.record_figures(mon.name, run["report"])
+            self.metrics.set_model(mon.name, run["model_ref"], run["model_version"])
+        finished = _timestamp(last.get("finished_at"))
+        if finished:
+            self.metrics.last_success.labels(mon.name).set(finished)
+
+    def _schedule_all(self) -> None:
+        from datetime import datetime, timezone
+
+        for mon in self.config.monitors:
+            kwargs = {}
+            if mon.schedule.every is not None and self._due_now(mon):
+                kwargs["next_run_time"] = datetime.now(timezone.utc)
+            self._scheduler.add_job(self.run_monitor, mon.schedule.trigger(), args=[mon.name], id=mon.name,
+                                    name=f"monitor {mon.name}", replace_existing=True, **kwargs)
+
+    def _due_now(self, mon: MonitorConfig) -> bool:
+        """An interval monitor whose last success is older than its interval runs at once."""
+        try:
+            last = self.store.last_run(mon.name)
+        except TailmonError:
+            return True
+        finished = _timestamp(last.get("finished_at")) if last else None
+        return finished is None or time.time() - finished >= duration_seconds(mon.schedule.every)
+
+    def healthy(self) -> bool:
+        return self._scheduler is not None and self._scheduler.running and not self._stop.is_set()
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code (0)."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        self.start()
+        ping = watchdog_interval()
+        last_ping = 0.0
+        sweep_every = max(duration_seconds(self.config.stale_after) / 2, 1.0)
+        last_sweep = time.time()
+        while not self._stop.wait(min(TICK_S, ping or TICK_S)):
+            now = time.time()
+            if ping and now - last_ping >= ping and self.healthy():
+                notify("WATCHDOG=1")  # the loop is alive and the scheduler runs
+                last_ping = now
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if now - last_sweep >= sweep_every:
+                last_sweep = now
+                try:
+                    for run_id in self.store.interrupt_stale_runs():
+                        log.warning("run %d lost its heartbeat (its process is gone): marked interrupted", run_id)
+                except TailmonError as exc:
+                    log.error("stale-run sweep failed: %s", exc)
+        self.shutdown()
+        return 0
+
+    def reload(self) -> None:
+        try:
+            loaded = load_config(self.loaded.path)
+        except InputError as exc:
+            log.error("config reload refused, keeping the running config: %s", exc)
+            return
+        self.loaded = loaded
+        for job in self._scheduler.get_jobs():
+            job.remove()
+        for mon in self.config.monitors:
+            self.metrics.init_monitor(mon.name)
+        self._schedule_all()
+        self.models.keep_only([m.model for m in self.config.monitors])
+        log.info("config reloaded from %s: %s", loaded.path, ", ".join(m.name for m in self.config.monitors))
+
+    def shutdown(self) -> None:
+        """Stop scheduling, give the current run `shutdown_timeout` to stop, else mark it interrupted."""
+        notify("STOPPING=1")
+        log.info("stopping")
+        self._cancel.set()
+        if self._scheduler is not None and self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        deadline = time.time() + duration_seconds(self.config.shutdown_timeout)
+        while time.time() < deadline:
+            with self._current_lock:
+                if not self._current:
+                    break
+            time.sleep(0.1)
+        with self._current_lock:
+            left = dict(self._current)
+        self.abandoned = bool(left)
+        for name, run_id in left.items():  # still inside a forward pass: record the truth before exiting
+            try:
+                self.store.finish_run(run_id, "interrupted", error="the daemon stopped; the run did not end in time")
+                log.warning("monitor %s: run %d interrupted at shutdown", name, run_id)
+            except TailmonError as exc:
+                log.error("monitor %s: could not mark run %d interrupted: %s", name, run_id, exc)
+        if self._server is not None:
+            self._server.stop()
+        self.store.close()
+
+    def run_once(self, names: list[str] | None = None) -> list[RunOutcome]:
+        """One run of each monitor (or of `names`), in order, without the scheduler."""
+        self.store.open()
+        self.store.interrupt_stale_runs()
+        mons = [self.config.monitor(n) for n in names] if names else list(self.config.monitors)
+        for mon in mons:
+            self.metrics.init_monitor(mon.name)
+        try:
+            return [self.run_monitor(mon.name) for mon in mons]
+        finally:
+            self.store.close()
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store, run_id: int, monitor: str, interval: float):
+        super().__init__(name=f"tailmon-heartbeat-{run_id}", daemon=True)
+        self.store, self.run_id, self.monitor, self.interval = store, run_id, monitor, interval
+        self._done = threading.Event()
+
+    def run(self):
+        while not self._done.wait(self.interval):
+            try:
+                self.store.heartbeat(self.run_id)
+                self.store.refresh_lock(self.monitor)
+            except TailmonError as exc:
+                log.warning("run %d: heartbeat failed: %s", self.run_id, exc)
+
+    def stop(self):
+        self._done.set()
+        self.join(timeout=5)
+
+
+def _counts(plan) -> list[int]:
+    from tailmon.monitor.pipeline import allocate
+
+    return allocate(plan.n_samples, [c.share for c in plan.components])
+
+
+def _scaled(per_day: float, window: str) -> float:
+    from tailmon.estimators import scale_volume
+
+    return scale_volume(per_day, window)
+
+
+def _extrapolations(report, mon: MonitorConfig) -> dict:
+    """Expected harmful outputs, P(at least one) and the worst query for every configured window."""
+    from tailmon.estimators import extrapolate
+
+    if mon.volume is None:
+        return {}
+    agg = report.aggregate()
+    ests = [r.estimate for r in report.results]
+    return {w: extrapolate(ests, agg, _scaled(mon.volume.per_day, w), w) for w in mon.volume.windows}
+
+
+def _samples(report) -> list[dict]:
+    out = []
+    for i, r in enumerate(report.results):
+        lw = r.log_weights
+        for k, (text, score) in enumerate(zip(r.responses, r.scores)):
+            out.append({"prompt_index": i, "response": text, "score": float(score),
+                        "log_weight": None if lw is None or not math.isfinite(lw[k]) else float(lw[k]),
+                        "component": int(r.component[k])})
+    return out
+
+
+def _timestamp(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    from datetime import datetime
+
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.timestamp()

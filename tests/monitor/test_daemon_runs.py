@@ -1,0 +1,145 @@
+"""The daemon's run cycle against a real SQLite store, on the tiny model saved as a model folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from tailmon.monitor.config import load_config
+from tailmon.monitor.daemon import Daemon
+from tailmon.monitor.metrics import Metrics
+from tailmon.monitor.store import Store
+
+
+def write_config(tmp_path, model_dir, *, database=None, samples=20, **monitor):
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"prompt": "a b", "category": "x"}\n{"prompt": "ab!", "category": "y"}\n'
+        '{"prompt": "Sure a", "category": "x"}\n', encoding="utf-8")
+    mon = {
+        "name": "tiny",
+        "model": {"ref": str(model_dir), "max_new_tokens": 3, "batch_size": 16},
+        "prompts": {"type": "file", "path": "prompts.jsonl", "per_run": 3},
+        "judge": "prefix:Sure",
+        "proposals": ["system:Sure"],
+        "estimator": {"samples": samples, "defensive": 0.2, "seed": 7},
+        "volume": {"per_day": 1000000, "windows": ["1h", "1d"]},
+        "schedule": {"every": "1h"},
+    }
+    mon.update(monitor)
+    cfg = {"database": database or f"sqlite:///{tmp_path / 'tailmon.db'}", "metrics": {"port": 0},
+           "monitors": [mon]}
+    path = tmp_path / "tailmon.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    """A private copy of the tiny model folder (some tests change it on disk)."""
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def new_daemon(path):
+    return Daemon(load_config(path), metrics=Metrics(CollectorRegistry()))
+
+
+def test_run_once_stores_and_exports_the_same_figures(tmp_path, model_copy):
+    daemon = new_daemon(write_config(tmp_path, model_copy))
+    [outcome] = daemon.run_once()
+    assert outcome.status == "succeeded", outcome.error
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    run = store.get_run(outcome.run_id)
+    assert run["status"] == "succeeded"
+    assert len(run["estimates"]) == 3
+    agg = run["report"]["aggregate"]
+    get = daemon.metrics.registry.get_sample_value
+    assert get("tailmon_harm_probability", {"monitor": "tiny"}) == pytest.approx(agg["p_hat"], rel=1e-12)
+    assert get("tailmon_harm_probability_upper_bound", {"monitor": "tiny"}) == pytest.approx(agg["ci_high"], rel=1e-12)
+    ex = run["report"]["extrapolations"]["1d"]
+    assert get("tailmon_expected_harmful_outputs", {"monitor": "tiny", "window": "1d"}) == pytest.approx(
+        ex["expected_per_window"]["expected"], rel=1e-12)
+    # 20 samples per prompt, defensive 0.2: 4 from the target, 16 from the proposal, for 3 prompts.
+    assert get("tailmon_samples_generated_total", {"monitor": "tiny", "role": "target"}) == 12
+    assert get("tailmon_samples_generated_total", {"monitor": "tiny", "role": "proposal"}) == 48
+    assert get("tailmon_runs_total", {"monitor": "tiny", "status": "succeeded"}) == 1
+    store.close()
+
+
+def test_runs_differ_but_replay(tmp_path, model_copy):
+    """Each run derives its seed from the base seed and its run id: two runs are two draws."""
+    daemon = new_daemon(write_config(tmp_path, model_copy))
+    a, b = daemon.run_once() + daemon.run_once()
+    assert a.report["seed"] != b.report["seed"]
+    assert [e["p_hat"] for e in a.report["estimates"]] != [e["p_hat"] for e in b.report["estimates"]]
+
+
+def test_changed_checkpoint_is_reloaded_and_versioned(tmp_path, model_copy):
+    daemon = new_daemon(write_config(tmp_path, model_copy))
+    first = daemon.run_once()[0]
+    engine_before = daemon.models.get(daemon.config.monitors[0].model, _fingerprint(model_copy))
+    same = daemon.run_once()[0]
+    # A new checkpoint lands in the folder (here: the weights file rewritten).
+    weights = next(model_copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())
+    later = time.time() + 5
+    import os
+
+    os.utime(weights, (later, later))
+    changed = daemon.run_once()[0]
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    versions = [store.get_run(o.run_id)["model_version"] for o in (first, same, changed)]
+    store.close()
+    assert versions == [1, 1, 2]
+    engine_after = daemon.models.get(daemon.config.monitors[0].model, _fingerprint(model_copy))
+    assert engine_after is not engine_before
+    assert daemon.metrics.registry.get_sample_value(
+        "tailmon_model_info", {"monitor": "tiny", "model": str(model_copy), "model_version": "2"}) == 1
+
+
+def _fingerprint(path):
+    from tailmon.monitor.daemon import model_fingerprint
+
+    return model_fingerprint(str(path))
+
+
+def test_unreachable_database_fails_the_run_not_the_daemon(tmp_path, model_copy, caplog):
+    # Nothing listens on port 9 of loopback: the connection is refused at once.
+    cfg = write_config(tmp_path, model_copy, database="postgresql://tailmon:s3cret@127.0.0.1:9/tailmon")
+    daemon = new_daemon(cfg)
+    with caplog.at_level(logging.ERROR, logger="tailmon.daemon"):
+        outcome = daemon.run_monitor("tiny")
+        again = daemon.run_monitor("tiny")
+    assert outcome.status == again.status == "failed"
+    assert "127.0.0.1:9" in outcome.error and "s3cret" not in outcome.error
+    assert any("run failed" in r.getMessage() for r in caplog.records)
+    assert daemon.metrics.registry.get_sample_value("tailmon_runs_total", {"monitor": "tiny", "status": "failed"}) == 2
+
+
+def test_bad_prompt_source_fails_the_run_with_its_reason(tmp_path, model_copy):
+    cfg = write_config(tmp_path, model_copy, prompts={"type": "file", "path": "missing.jsonl", "per_run": 3})
+    daemon = new_daemon(cfg)
+    [outcome] = daemon.run_once()
+    assert outcome.status == "failed"
+    assert "missing.jsonl" in outcome.error
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    run = store.get_run(outcome.run_id)
+    store.close()
+    assert run["status"] == "failed" and "missing.jsonl" in run["error"]
+
+
+def test_a_locked_monitor_is_skipped(tmp_path, model_copy):
+    cfg = write_config(tmp_path, model_copy)
+    peer = Store(f"sqlite:///{tmp_path / 'tailmon.db'}", instance_id="peer").open()
+    assert peer.try_lock("tiny")
+    daemon = new_daemon(cfg)
+    [outcome] = daemon.run_once()
+    assert outcome.status == "skipped" and outcome.run_id is None
+    peer.release_lock("tiny")
+    [outcome] = daemon.run_once()
+    assert outcome.status == "succeeded"
+    peer.close()
