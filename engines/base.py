@@ -50,6 +50,38 @@ class Decoding:
         return replace(self, top_p=1.0, top_k=0)
 
 
+STEERING_KINDS = ("add", "ablate")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """An edit of the residual stream, applied at every position of every sequence of a pass.
+
+    `add`: x + coef * v; `ablate`: x - coef * (x . r) r with r = v / |v| (coef 1 removes the
+    component along r). v is the direction saved in the file at `path` (`tailmon proposals steer`):
+    the difference of means at the file's own layer, the same vector at every hooked layer.
+    """
+
+    kind: str
+    path: str
+    coef: float
+    layers: tuple[int, ...] | None = None
+    """Decoder layers whose outputs are edited (0-based); None: the layer saved with the direction."""
+
+    def __post_init__(self):
+        if self.kind not in STEERING_KINDS:
+            raise InputError(f"steering kind must be one of {', '.join(STEERING_KINDS)}, got '{self.kind}'")
+        if not (isinstance(self.coef, (int, float)) and math.isfinite(self.coef)):
+            raise InputError(f"steering coefficient must be a finite number, got {self.coef}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(isinstance(l, bool) or int(l) != l or l < 0 for l in layers):
+                raise InputError(f"steering layers must be integers >= 0, got {self.layers}")
+            # Normalised so that equal edits are equal (and hash alike) however they were written.
+            object.__setattr__(self, "layers", tuple(sorted({int(l) for l in layers})))
+        object.__setattr__(self, "coef", float(self.coef))
+
+
 @dataclass(frozen=True)
 class Variant:
     """One distribution over responses to a prompt: which weights, which context, which decoding.
@@ -65,6 +97,8 @@ class Variant:
     adapter: str | None = None
     """Path to a peft LoRA adapter applied on top of the target weights; None for the base weights."""
     adapter_scale: float = 1.0
+    steering: Steering | None = None
+    """An activation edit applied during every forward pass of this variant; None for none."""
 
 
 @dataclass

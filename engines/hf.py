@@ -3,6 +3,8 @@
 Sampling is tailmon's own loop over a KV cache rather than `model.generate`, so that nothing of
 the model's generation_config (top_k=50, repetition penalties, ...) can slip into the
 distribution, and the log-prob of every drawn token is the one it was drawn from.
+A steered variant (`Variant.steering`, see `tailmon.engines.steering`) runs each of its forward
+passes, sampling and scoring alike, with hooks on the decoder layers that exist only for that pass.
 """
 
 from __future__ import annotations
@@ -11,18 +13,29 @@ import contextlib
 import hashlib
 import inspect
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from tailmon.engines.base import Decoding, Engine, Samples, Variant
+from tailmon.engines.base import Decoding, Engine, Samples, Steering, Variant
 from tailmon.engines.processing import processed_logprobs
+from tailmon.engines.steering import DirectionFile, decoder_layers, load_direction, steering_hooks
 from tailmon.errors import InputError, RuntimeFailure
 
 # Rows x positions x vocabulary of float32 logits held at once while scoring; 1024 positions of
 # a 49k vocabulary is 200 MB per tensor, a few of which live at the same time.
 SCORE_TOKEN_BUDGET = 1024
+
+
+class _Steer(NamedTuple):
+    """A variant's steering resolved against the model: the arguments of `steering_hooks`."""
+
+    layers: torch.nn.ModuleList
+    indices: tuple[int, ...]
+    kind: str
+    coef: float
+    vector: torch.Tensor
 
 
 class TransformersEngine(Engine):
@@ -34,6 +47,9 @@ class TransformersEngine(Engine):
         self.batch_size = batch_size
         self._model_id = model_id
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        # (resolved path, mtime, size) -> direction file: loaded once, again only when rewritten
+        self._directions: dict[tuple, DirectionFile] = {}
+        self._steer_vectors: dict[tuple, torch.Tensor] = {}  # (file key, kind, dtype, device) -> vector
         self._prompt_cache: dict[tuple[str, str | None], list[int]] = {}
         stops = set()
         for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
@@ -152,6 +168,49 @@ class TransformersEngine(Engine):
                 module.set_scale(name, variant.adapter_scale)
         yield
 
+    def _steering(self, steering: Steering | None) -> _Steer | None:
+        """Check a variant's steering against this model and resolve it, before any forward pass."""
+        if steering is None:
+            return None
+        path = Path(steering.path)
+        try:
+            stat = path.stat()
+        except OSError:
+            raise InputError(f"steering direction file '{steering.path}' does not exist "
+                             "(make one with `tailmon proposals steer`)") from None
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in self._directions:
+            file = load_direction(steering.path)
+            for old in [k for k in self._directions if k[0] == key[0]]:  # the file was rewritten
+                del self._directions[old]
+                for v in [v for v in self._steer_vectors if v[0] == old]:
+                    del self._steer_vectors[v]
+            self._directions[key] = file
+        file = self._directions[key]
+        layers = decoder_layers(self.model)
+        hidden = int(self.model.config.hidden_size)
+        if file.hidden_size != hidden:
+            raise InputError(f"steering direction '{steering.path}' has {file.hidden_size} dimensions, "
+                             f"model {self._model_id} has hidden size {hidden}")
+        if file.num_layers != len(layers):
+            raise InputError(f"steering direction '{steering.path}' was computed on a model with {file.num_layers} "
+                             f"layers, model {self._model_id} has {len(layers)}")
+        indices = steering.layers if steering.layers is not None else (file.layer,)
+        bad = [i for i in indices if not 0 <= i < len(layers)]
+        if bad:
+            raise InputError(f"steering layer {bad[0]} is out of range: model {self._model_id} has layers 0..{len(layers) - 1}")
+        param = next(self.model.parameters())
+        vkey = (key, steering.kind, param.dtype, param.device)
+        if vkey not in self._steer_vectors:
+            v = file.direction  # float32: normalise before any cast to a low-precision dtype
+            if steering.kind == "ablate":
+                norm = float(v.norm())
+                if not norm > 0:
+                    raise InputError(f"steering direction '{steering.path}' is zero at layer {file.layer}: nothing to ablate")
+                v = v / norm
+            self._steer_vectors[vkey] = v.to(device=param.device, dtype=param.dtype)
+        return _Steer(layers, tuple(indices), steering.kind, steering.coef, self._steer_vectors[vkey])
+
     # -- primitives --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -159,6 +218,7 @@ class TransformersEngine(Engine):
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
         ids = self.prompt_ids(prompt, variant.system_prompt)
+        steer = self._steering(variant.steering)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         token_ids: list[list[int]] = []
         logprobs: list[np.ndarray] = []
@@ -166,25 +226,31 @@ class TransformersEngine(Engine):
         with self._variant_weights(variant):
             for start in range(0, n, self.batch_size):
                 b = min(self.batch_size, n - start)
-                toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator)
+                toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator, steer)
                 token_ids += toks
                 logprobs.append(lps)
                 finished += done
         return Samples(token_ids=token_ids, logprobs=np.concatenate(logprobs), finished=finished)
 
-    def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False):
-        """One forward pass with a KV cache: (logits, cache)."""
+    def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False, steer: _Steer | None = None):
+        """One forward pass with a KV cache: (logits, cache). A steered pass edits the residual
+        stream of every row and position, the prompt's included (its keys and values enter the
+        cache already steered), so that sampling (prefill, then one token at a time) and scoring
+        (prefill, then the whole response) run the same steered model."""
         kwargs = {"use_cache": True}
         if cache is not None:
             kwargs[self._cache_kw] = cache
         if last_only and self._keep_kw:
             kwargs[self._keep_kw] = 1
-        out = self.model(input_ids=input_ids.to(self.device), **kwargs)
+        hooks = steering_hooks(*steer) if steer is not None else contextlib.nullcontext()
+        with hooks:
+            out = self.model(input_ids=input_ids.to(self.device), **kwargs)
         new_cache = getattr(out, "cache", None)
         return out.logits, (getattr(out, "past_key_values", None) if new_cache is None else new_cache)
 
-    def _sample_batch(self, prompt_ids: list[int], decoding: Decoding, b: int, generator: torch.Generator):
-        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True)
+    def _sample_batch(self, prompt_ids: list[int], decoding: Decoding, b: int, generator: torch.Generator,
+                      steer: _Steer | None = None):
+        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True, steer=steer)
         # Every row continues the same prompt: prefill once and copy the cache, no padding at all.
         cache.batch_repeat_interleave(b)
         logits = logits[:, -1, :].expand(b, -1)
@@ -202,18 +268,18 @@ class TransformersEngine(Engine):
             alive &= ~torch.isin(nxt, self._stop_tensor)
             if not alive.any() or t + 1 == decoding.max_new_tokens:
                 break
-            logits, cache = self._forward(nxt[:, None], cache)
+            logits, cache = self._forward(nxt[:, None], cache, steer=steer)
             logits = logits[:, -1, :]
         rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
         done = [bool(r and r[-1] in self._stops) for r in rows]
         return rows, total.numpy(), done
 
-    def _next_logits(self, prompt_ids: list[int], seqs: list[list[int]]) -> torch.Tensor:
+    def _next_logits(self, prompt_ids: list[int], seqs: list[list[int]], steer: _Steer | None = None) -> torch.Tensor:
         """Logits after the prompt and after each token of each sequence: (b, max_len + 1, V).
 
         Right padding is harmless under causal attention: a position never sees later ones.
         """
-        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True)
+        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True, steer=steer)
         first = logits[:, -1:, :].expand(len(seqs), -1, -1)
         width = max(len(s) for s in seqs)
         if width == 0:
@@ -222,7 +288,7 @@ class TransformersEngine(Engine):
         for i, s in enumerate(seqs):
             x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         cache.batch_repeat_interleave(len(seqs))
-        rest, _ = self._forward(x, cache)
+        rest, _ = self._forward(x, cache, steer=steer)
         return torch.cat([first, rest], dim=1)
 
     def _chunks(self, seqs: list[list[int]]):
@@ -251,13 +317,14 @@ class TransformersEngine(Engine):
             if any(t < 0 or t >= vocab for t in r):
                 raise InputError("a response holds a token id outside the vocabulary")
         ids = self.prompt_ids(prompt, variant.system_prompt)
+        steer = self._steering(variant.steering)
         with self._variant_weights(variant):
             for start, end in self._chunks(seqs):
                 chunk = seqs[start:end]
                 width = max(len(s) for s in chunk)
                 if width == 0:
                     continue
-                logits = self._next_logits(ids, chunk)[:, :width, :]
+                logits = self._next_logits(ids, chunk, steer)[:, :width, :]
                 logp = processed_logprobs(logits, variant.decoding).cpu()
                 x = torch.full((len(chunk), width), self._pad, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.bool)
@@ -272,11 +339,57 @@ class TransformersEngine(Engine):
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         seqs = [list(map(int, p)) for p in prefixes]
         ids = self.prompt_ids(prompt, variant.system_prompt)
+        steer = self._steering(variant.steering)
         rows = []
         with self._variant_weights(variant):
             for start, end in self._chunks(seqs):
                 chunk = seqs[start:end]
-                logits = self._next_logits(ids, chunk)
+                logits = self._next_logits(ids, chunk, steer)
                 last = torch.stack([logits[i, len(s)] for i, s in enumerate(chunk)])
                 rows.append(processed_logprobs(last, variant.decoding).cpu().double().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, self.vocab_size))
+
+    # -- activations ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def mean_last_token_residuals(self, prompts: Sequence[str], *, system_prompt: str | None = None,
+                                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean residual stream (each decoder layer's output) at the last prompt token, and the mean
+        of its norm, over prompts rendered as production serves them: (layers, hidden) and (layers,),
+        float64 on the CPU. The target's own weights (no adapter, no steering)."""
+        layers = decoder_layers(self.model)
+        n = len(layers)
+        total = torch.zeros((n, int(self.model.config.hidden_size)), dtype=torch.float64)
+        norms = torch.zeros(n, dtype=torch.float64)
+        rendered = [self.prompt_ids(p, system_prompt) for p in prompts]
+        captured: list[torch.Tensor | None] = [None] * n
+
+        def make(i):
+            def hook(module, args, output):
+                captured[i] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        handles = [layer.register_forward_hook(make(i)) for i, layer in enumerate(layers)]
+        try:
+            with self._variant_weights(Variant("target")):
+                for start in range(0, len(rendered), self.batch_size):
+                    batch = rendered[start:start + self.batch_size]
+                    # Right padding: under causal attention a real position never sees the padding.
+                    x = torch.full((len(batch), max(map(len, batch))), self._pad, dtype=torch.long)
+                    for i, ids in enumerate(batch):
+                        x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    kwargs = {self._keep_kw: 1} if self._keep_kw else {}
+                    self.model(input_ids=x.to(self.device), use_cache=False, **kwargs)
+                    last = torch.tensor([len(ids) - 1 for ids in batch], device=self.device)
+                    rows = torch.arange(len(batch), device=self.device)
+                    for i in range(n):
+                        h = captured[i][rows, last].cpu().double()
+                        total[i] += h.sum(0)
+                        norms[i] += h.norm(dim=1).sum()
+                    if progress is not None:
+                        progress(len(batch))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return total / len(rendered), norms / len(rendered)
+

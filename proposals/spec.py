@@ -1,13 +1,18 @@
-"""Proposal spec strings (DESIGN section 8): `system:TEXT`, `temperature:T`, `lora:PATH[@SCALE]`."""
+"""Proposal spec strings (DESIGN section 8): `system:TEXT`, `temperature:T`, `lora:PATH[@SCALE]`,
+`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`."""
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Callable
 
 from tailmon.errors import SpecError
 
 from .base import Proposal
-from .variants import LoraProposal, SystemPromptProposal, TemperatureProposal
+from .variants import LoraProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
+
+_LAYERS = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
 def _number(spec: str, text: str, what: str) -> float:
@@ -38,10 +43,55 @@ def _lora(spec: str, arg: str) -> Proposal:
     return LoraProposal(path, scale)
 
 
+def parse_layers(spec: str, text: str) -> tuple[int, ...]:
+    """`8,9,10`, `8-12` or a mix (`2,8-12`) -> sorted distinct layer indices."""
+    if not _LAYERS.match(text):
+        raise SpecError(f"proposal '{spec}': LAYERS must look like 8,9,10 or 8-12, got '{text}'")
+    layers: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        lo, hi = int(first), int(last or first)
+        if hi < lo:
+            raise SpecError(f"proposal '{spec}': layer range '{part}' runs backwards")
+        layers.update(range(lo, hi + 1))
+    return tuple(sorted(layers))
+
+
+def _finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _steering(kind: str, what: str) -> Callable[[str, str], Proposal]:
+    def parse(spec: str, arg: str) -> Proposal:
+        # PATH@COEF[@LAYERS], read from the right: a path may itself hold '@', the two fields not.
+        parts = arg.split("@")
+        if len(parts) >= 3 and _finite(parts[-2]):
+            path, coef, layers = "@".join(parts[:-2]), float(parts[-2]), parse_layers(spec, parts[-1])
+        elif len(parts) >= 2 and _finite(parts[-1]):
+            path, coef, layers = "@".join(parts[:-1]), float(parts[-1]), None
+        else:
+            syntax = PROPOSALS["steer" if kind == "add" else "ablate"][0]
+            raise SpecError(f"proposal '{spec}' needs a numeric {what} after the path: {syntax}")
+        if not path:
+            raise SpecError(f"proposal '{spec}': steering needs the path of a direction file")
+        return SteeringProposal(kind, path, coef, layers)
+
+    return parse
+
+
 PROPOSALS: dict[str, tuple[str, str, Callable[[str, str], Proposal]]] = {
     "system": ("system:TEXT", "the target with another (adversarial) system prompt", _system),
     "temperature": ("temperature:T", "the target at temperature T", _temperature),
     "lora": ("lora:PATH[@SCALE]", "the target with a peft LoRA adapter, optionally scaled", _lora),
+    "steer": ("steer:PATH@COEF[@LAYERS]",
+              "the target with COEF times a saved direction added to the residual stream at LAYERS "
+              "(default: the file's layer)", _steering("add", "COEF")),
+    "ablate": ("ablate:PATH@ALPHA[@LAYERS]",
+               "the target with ALPHA times a saved direction's component removed at LAYERS "
+               "(1: all of it)", _steering("ablate", "ALPHA")),
 }
 
 

@@ -1,12 +1,14 @@
-"""The proposal types of this version: another system prompt, a LoRA adapter, another temperature."""
+"""The proposal types of this version: another system prompt, a LoRA adapter, another temperature,
+an activation-steering direction added to or ablated from the residual stream."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tailmon.engines.base import Variant
-from tailmon.errors import SpecError
+from tailmon.engines.base import STEERING_KINDS, Steering, Variant
+from tailmon.errors import InputError, SpecError
 
 from .base import Proposal
 
@@ -67,3 +69,56 @@ class LoraProposal(Proposal):
             raise SpecError(f"proposal '{self.spec}': no LoRA adapter (adapter_config.json) at {self.path}")
         decoding = self._decoding(target)
         return replace(target, name=self.spec, adapter=self.path, adapter_scale=self.scale, decoding=decoding)
+
+
+def format_layers(layers: tuple[int, ...]) -> str:
+    """(8, 9, 10, 12) -> "8-10,12": the spec's own LAYERS syntax."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclass(frozen=True)
+class SteeringProposal(Proposal):
+    """The target with its residual stream edited along a saved direction (`tailmon proposals steer`).
+
+    kind `add` adds coef * v at each of `layers`; kind `ablate` removes coef times the component
+    along r = v / |v| there (coef 1: the model can no longer write along r at those layers). v is
+    the difference of means at the layer saved in the file, the same vector at every hooked layer.
+    """
+
+    kind: str
+    path: str
+    coef: float
+    layers: tuple[int, ...] | None = None
+    """None: the layer saved with the direction."""
+
+    def __post_init__(self):
+        if self.kind not in STEERING_KINDS:
+            raise SpecError(f"steering kind must be one of {', '.join(STEERING_KINDS)}, got '{self.kind}'")
+        if not math.isfinite(self.coef):
+            raise SpecError(f"proposal '{self.spec}': the coefficient must be finite")
+
+    @property
+    def spec(self) -> str:
+        name = "steer" if self.kind == "add" else "ablate"
+        return f"{name}:{self.path}@{self.coef:g}" + (f"@{format_layers(self.layers)}" if self.layers else "")
+
+    def variant(self, target: Variant) -> Variant:
+        from tailmon.engines.steering import load_direction
+
+        try:
+            file = load_direction(self.path)
+            steering = Steering(self.kind, self.path, self.coef, self.layers or (file.layer,))
+        except InputError as exc:
+            raise SpecError(f"proposal '{self.spec}': {exc}") from None
+        beyond = [layer for layer in steering.layers if layer >= file.num_layers]
+        if beyond:
+            raise SpecError(f"proposal '{self.spec}': layer {beyond[0]} is beyond the {file.num_layers} layers "
+                            f"the direction was computed on (0..{file.num_layers - 1})")
+        decoding = self._decoding(target)
+        return replace(target, name=self.spec, steering=steering, decoding=decoding)

@@ -35,7 +35,7 @@ def one_error_line(result, *fragments):
         (["--prompts", "/nonexistent/prompts.json"], ["cannot read prompts file"]),
         (["--judge", "regex:["], ["invalid regular expression"]),
         (["--judge", "nosuchjudge"], ["unknown judge"]),
-        (["--proposal", "steer:x"], ["unknown proposal"]),
+        (["--proposal", "bogus:x"], ["unknown proposal"]),
         (["--proposal", "temperature:hot"], ["must be a number"]),
         (["--proposal", "lora:/nonexistent/adapter"], ["no LoRA adapter"]),
         (["--samples", "0"], ["samples per prompt must be an integer >= 1"]),
