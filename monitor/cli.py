@@ -244,7 +244,7 @@ def _read_prompts(prompt_texts, prompts_file):
 @click.option("--judge", "judge_spec", required=True, metavar="SPEC",
               help="Harm judge: 'prefix:TEXT', 'regex:PATTERN', 'toxicity', 'toxicity:0.5', 'any(A; B)', 'SPEC>=T'.")
 @click.option("--proposal", "proposal_specs", multiple=True, metavar="SPEC",
-              help="Unsafe proposal component (repeatable): 'system:TEXT', 'temperature:T', 'lora:PATH[@SCALE]'.")
+              help="Unsafe proposal component (repeatable): 'system:TEXT', 'temperature:T', 'lora:PATH[@SCALE]', 'steer:PATH@COEF[@LAYERS]', 'ablate:PATH@ALPHA[@LAYERS]'.")
 @click.option("--defensive", type=float, default=0.1, show_default=True,
               help="Share of samples drawn from the target itself; bounds every weight by 1/share. 0 allowed.")
 @click.option("--method", type=click.Choice(["is", "mc"]), default="is", show_default=True,
@@ -410,7 +410,7 @@ def run(config_path, once, monitor_names, fmt, log_level):
     for name in monitor_names:
         loaded.config.monitor(name)
     _setup_logging(log_level)
-    daemon = Daemon(loaded)
+    daemon = Daemon(loaded, progress=once and sys.stderr.isatty())
     if not once:
         code = daemon.serve()
         if daemon.abandoned:  # a run's thread is stuck in a forward pass: do not wait for it
@@ -445,7 +445,10 @@ def _print_outcomes(outcomes, fmt) -> None:
 
 def _extrapolation_lines(report: dict) -> str:
     lines = []
+    shown = report["aggregate"].get("window")  # the table already has this window's line
     for window, ex in (report.get("extrapolations") or {}).items():
+        if window == shown:
+            continue
         e, a = ex["expected_per_window"], ex["p_any_per_window"]
         worst = ex.get("worst_query")
         lines.append(f"per {window} ({ex['volume']:.3g} queries): expected harmful outputs {e['expected']:.3g} "

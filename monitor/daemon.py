@@ -106,7 +106,8 @@ class _SampleCounter:
     with a count of 0 are skipped); component 0 is the target itself.
     """
 
-    def __init__(self, counts: list[int], cancel: threading.Event):
+    def __init__(self, counts: list[int], cancel: threading.Event, bar=None):
+        self._bar = bar
         self._roles = ["target" if j == 0 else "proposal" for j, c in enumerate(counts) if c > 0]
         self._i = 0
         self._cancel = cancel
@@ -115,6 +116,8 @@ class _SampleCounter:
     def __call__(self, n: int) -> None:
         self.by_role[self._roles[self._i % len(self._roles)]] += n
         self._i += 1
+        if self._bar is not None:
+            self._bar.update(n)
         if self._cancel.is_set():
             raise RunCancelled()
 
@@ -129,7 +132,8 @@ class RunOutcome:
 
 
 class Daemon:
-    def __init__(self, loaded: LoadedConfig, *, metrics: Metrics | None = None, store=None):
+    def __init__(self, loaded: LoadedConfig, *, metrics: Metrics | None = None, store=None,
+                 progress: bool = False):
         from tailmon.monitor.store import Store, resolve_database_url
 
         self.loaded = loaded
@@ -138,6 +142,9 @@ class Daemon:
         self.store = store or Store(resolve_database_url(cfg.database), instance_id=cfg.instance_id,
                                     stale_after_s=duration_seconds(cfg.stale_after))
         self.models = ModelPool()
+        self._judges: dict[str, object] = {}
+        self.progress = progress
+        """Show a progress bar on stderr per run (`run --once` at a terminal); the daemon logs instead."""
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._cancel = threading.Event()
@@ -209,11 +216,15 @@ class Daemon:
             prompts = self._draw_prompts(mon, seed)
             timings["prompts_s"] = time.time() - t
             plan = self._plan(mon, seed)
-            counter = _SampleCounter(_counts(plan), self._cancel)
+            from tqdm import tqdm
+
             from tailmon.monitor.pipeline import run_estimation
 
             t = time.time()
-            report = run_estimation(engine, plan, prompts, progress=counter)
+            with tqdm(total=len(prompts) * plan.n_samples, desc=name, unit="sample", disable=not self.progress,
+                      leave=False) as bar:
+                counter = _SampleCounter(_counts(plan), self._cancel, bar)
+                report = run_estimation(engine, plan, prompts, progress=counter)
             timings["estimate_s"] = time.time() - t
             data = report.to_dict()
             data["seed"] = seed
@@ -267,9 +278,17 @@ class Daemon:
         log.info("monitor %s: %d prompts from %s", mon.name, len(prompts), source.describe())
         return prompts
 
-    @staticmethod
-    def _plan(mon: MonitorConfig, seed: int):
+    def _judge(self, spec: str):
+        """Judges live as long as the daemon: an LLM or classifier judge loads its model once."""
         from tailmon.judges import parse_judge
+
+        judge = self._judges.get(spec)
+        if judge is None:
+            judge = self._judges[spec] = parse_judge(spec)
+        judge.clear_cache()  # scores are cached within a run, not across runs (memory)
+        return judge
+
+    def _plan(self, mon: MonitorConfig, seed: int):
         from tailmon.monitor.pipeline import EstimationPlan
         from tailmon.proposals import parse_proposal
 
@@ -278,7 +297,7 @@ class Daemon:
         window = "1d" if volume is None or "1d" in volume.windows else volume.windows[0]
         return EstimationPlan(
             target=mon.model.target(),
-            judge=parse_judge(mon.judge),
+            judge=self._judge(mon.judge),
             method=est.method,
             proposals=[parse_proposal(p.spec) for p in mon.proposals],
             weights=[p.weight for p in mon.proposals] or None,
@@ -398,6 +417,8 @@ class Daemon:
             self.metrics.init_monitor(mon.name)
         self._schedule_all()
         self.models.keep_only([m.model for m in self.config.monitors])
+        specs = {m.judge for m in self.config.monitors}
+        self._judges = {k: v for k, v in self._judges.items() if k in specs}
         log.info("config reloaded from %s: %s", loaded.path, ", ".join(m.name for m in self.config.monitors))
 
     def shutdown(self) -> None:

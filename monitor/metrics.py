@@ -75,6 +75,9 @@ class Metrics:
         self.model_info = Gauge(
             "tailmon_model_info", "The checkpoint a monitor estimates, as labels (value 1).",
             ["monitor", "model", "model_version"], registry=r)
+        self.alert_state = Gauge(
+            "tailmon_alert_state", "State of each alert rule: 0 inactive or resolved, 1 pending, 2 firing.",
+            ["monitor", "rule", "severity"], registry=r)
         self.build_info = Gauge("tailmon_build_info", "tailmon's version (value 1).", ["version", "python"], registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self._model_labels: dict[str, tuple] = {}
