@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -22,6 +23,8 @@ from tailmon.engines.base import Decoding, Engine, Samples, Steering, Variant
 from tailmon.engines.processing import processed_logprobs
 from tailmon.engines.steering import DirectionFile, decoder_layers, load_direction, steering_hooks
 from tailmon.errors import InputError, RuntimeFailure
+
+PROMPT_CACHE_SIZE = 1024
 
 # Rows x positions x vocabulary of float32 logits held at once while scoring; 1024 positions of
 # a 49k vocabulary is 200 MB per tensor, a few of which live at the same time.
@@ -50,7 +53,9 @@ class TransformersEngine(Engine):
         # (resolved path, mtime, size) -> direction file: loaded once, again only when rewritten
         self._directions: dict[tuple, DirectionFile] = {}
         self._steer_vectors: dict[tuple, torch.Tensor] = {}  # (file key, kind, dtype, device) -> vector
-        self._prompt_cache: dict[tuple[str, str | None], list[int]] = {}
+        # Bounded: a daemon renders new production prompts every run, and an LLM judge renders a
+        # new prompt per response; an unbounded cache would grow for the life of the process.
+        self._prompt_cache: OrderedDict[tuple[str, str | None], list[int]] = OrderedDict()
         stops = set()
         for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
             if source is None:
@@ -115,7 +120,9 @@ class TransformersEngine(Engine):
     def prompt_ids(self, prompt: str, system_prompt: str | None = None) -> list[int]:
         """Token ids of the prompt as production serves it: one rendering for sampler and scorer."""
         key = (prompt, system_prompt)
-        if key not in self._prompt_cache:
+        if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+        else:
             if getattr(self.tokenizer, "chat_template", None):
                 messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
                 messages.append({"role": "user", "content": prompt})
@@ -128,6 +135,8 @@ class TransformersEngine(Engine):
             if not ids:
                 raise InputError("the rendered prompt is empty")
             self._prompt_cache[key] = list(ids)
+            if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
         return self._prompt_cache[key]
 
     # -- variants ----------------------------------------------------------------------------

@@ -67,6 +67,17 @@ class Judge(ABC):
             cache.update(zip(todo, values.tolist()))
         return np.fromiter((cache[k] for k in keys), dtype=np.float64, count=len(keys))
 
+    def warnings(self) -> list[str]:
+        """Problems met while scoring that did not stop it, one line each, for the run's report
+        (e.g. an LLM judge whose answers were not digits). Counts cover every pair this instance
+        has scored; judges built from others report their children's. Default: none."""
+        return []
+
+    def new_run(self) -> None:
+        """Start a new run: forget cached scores and the counts behind `warnings()`, keep any
+        loaded model. A daemon keeps one judge per spec across runs and calls this before each."""
+        self.clear_cache()
+
     def clear_cache(self) -> None:
         """Forget every cached score (the scores themselves would not change: judges are
         deterministic; this only frees memory)."""

@@ -39,6 +39,13 @@ class ThresholdJudge(Judge):
     def _score_batch(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         return (self.inner.score(prompts, responses) >= self.threshold).astype(np.float64)
 
+    def warnings(self) -> list[str]:
+        return self.inner.warnings()
+
+    def new_run(self) -> None:
+        super().new_run()
+        self.inner.new_run()
+
 
 class Combinator(Judge):
     """A judge over one or more children, written `NAME(A; B; ...)`; subclasses set `name` and
@@ -56,6 +63,15 @@ class Combinator(Judge):
     def _score_batch(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         scores = np.stack([c.score(prompts, responses) for c in self.children])
         return self._combine(scores)
+
+    def new_run(self) -> None:
+        super().new_run()
+        for child in self.children:
+            child.new_run()
+
+    def warnings(self) -> list[str]:
+        # A judge used twice (any(llm:misuse; max(llm:misuse; ...))) reports once.
+        return list(dict.fromkeys(w for c in self.children for w in c.warnings()))
 
     @abstractmethod
     def _combine(self, scores: np.ndarray) -> np.ndarray:

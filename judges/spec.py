@@ -45,9 +45,13 @@ from typing import Callable, Literal, Sequence
 from tailmon.errors import SpecError
 
 from .base import Judge
+from .classifier import ClassifierJudge, split_classifier_arg
 from .compose import AnyJudge, MaxJudge, MeanJudge, ThresholdJudge
+from .endpoint import API_KEY_ENV, EndpointJudge, split_endpoint_arg
 from .keywords import KeywordsJudge
+from .llm import LLMJudge, split_llm_arg
 from .refusal import DEFAULT_PATTERNS, RefusalJudge
+from .rubric import shipped_rubrics
 from .rules import PrefixJudge, RegexJudge
 from .toxicity import ToxicityJudge
 
@@ -265,7 +269,7 @@ def _parse_composition(name: str, spec: str) -> Judge:
 
 
 # --------------------------------------------------------------------------------------------
-# Built-in judges (later: llm, classifier, endpoint)
+# Built-in judges
 
 
 @register_judge(
@@ -328,6 +332,62 @@ def _refusal(arg: str | None) -> Judge:
 )
 def _keywords(arg: str | None) -> Judge:
     return KeywordsJudge(arg or "")
+
+
+@register_judge(
+    "llm",
+    syntax="llm:RUBRIC[@MODEL]",
+    description="an LLM judge: the rubric's questions put to MODEL (default: the embedded "
+    "model; an embedded name, a local transformers folder or a hub id) through its chat "
+    "template, each answer the expected digit of the renormalised digit log-probs, combined by "
+    "the rubric's score. RUBRIC: a shipped rubric (" + ", ".join(shipped_rubrics())
+    + ") or a rubric .yaml file. Malformed answers (digit mass below the rubric's "
+    "min_digit_mass) are counted in the run's warnings. Loads MODEL on the first score",
+    arg="required",
+)
+def _llm(arg: str | None) -> Judge:
+    rubric, model = split_llm_arg(arg or "")
+    return LLMJudge(rubric, model)
+
+
+@register_judge(
+    "classifier",
+    syntax="classifier:PATH[@LABEL]",
+    description="softmax probability of the harmful LABEL (a name from config.id2label or an "
+    "index; default index 1 of a two-label model) of the local transformers "
+    "sequence-classification checkpoint PATH, on the response alone",
+    arg="required",
+)
+def _classifier(arg: str | None) -> Judge:
+    path, label = split_classifier_arg(arg or "")
+    return ClassifierJudge(path, label)
+
+
+@register_judge(
+    "classifier_pair",
+    syntax="classifier_pair:PATH[@LABEL]",
+    description="as classifier, but the checkpoint reads the (prompt, response) text pair, "
+    "for classifiers trained on conversations",
+    arg="required",
+)
+def _classifier_pair(arg: str | None) -> Judge:
+    path, label = split_classifier_arg(arg or "")
+    return ClassifierJudge(path, label, pair=True)
+
+
+@register_judge(
+    "endpoint",
+    syntax="endpoint:URL[@MODEL]",
+    description="a guard model (Llama Guard style, replies safe/unsafe) behind an "
+    "OpenAI-compatible chat endpoint; URL its base (http://host:8000/v1), MODEL the served "
+    "name (default: the first of GET URL/models). Score: P(unsafe) from the reply's top "
+    "log-probs, else 1/0 from its text. API key from $" + API_KEY_ENV + "; 30 s timeout, 4 "
+    "retries with exponential backoff, 8 requests in flight",
+    arg="required",
+)
+def _endpoint(arg: str | None) -> Judge:
+    url, model = split_endpoint_arg(arg or "")
+    return EndpointJudge(url, model)
 
 
 register_combinator(

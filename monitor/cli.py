@@ -242,7 +242,7 @@ def _read_prompts(prompt_texts, prompts_file):
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="JSON list (strings or objects with 'prompt'/'instruction'), JSONL, or CSV with a 'prompt'/'goal' column.")
 @click.option("--judge", "judge_spec", required=True, metavar="SPEC",
-              help="Harm judge: 'prefix:TEXT', 'regex:PATTERN', 'toxicity', 'toxicity:0.5', 'any(A; B)', 'SPEC>=T'.")
+              help="Harm judge: 'prefix:TEXT', 'regex:PATTERN', 'toxicity[:T]', 'refusal', 'keywords:FILE', 'llm:RUBRIC[@MODEL]', 'classifier:PATH[@LABEL]', 'endpoint:URL[@MODEL]', 'any(A; B)', 'SPEC>=T' (tailmon judges list).")
 @click.option("--proposal", "proposal_specs", multiple=True, metavar="SPEC",
               help="Unsafe proposal component (repeatable): 'system:TEXT', 'temperature:T', 'lora:PATH[@SCALE]', 'steer:PATH@COEF[@LAYERS]', 'ablate:PATH@ALPHA[@LAYERS]'.")
 @click.option("--defensive", type=float, default=0.1, show_default=True,

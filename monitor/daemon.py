@@ -285,7 +285,7 @@ class Daemon:
         judge = self._judges.get(spec)
         if judge is None:
             judge = self._judges[spec] = parse_judge(spec)
-        judge.clear_cache()  # scores are cached within a run, not across runs (memory)
+        judge.new_run()  # scores are cached, and problems counted, per run
         return judge
 
     def _plan(self, mon: MonitorConfig, seed: int):

@@ -184,4 +184,9 @@ def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[Promp
     if not prompts:
         raise InputError("no prompts to estimate")
     results = [estimate_prompt(engine, plan, p, progress) for p in prompts]
+    # A judge that had trouble (malformed LLM-judge answers, an endpoint without log-probs) says
+    # so on every estimate it scored: a score it had to guess at is never a silent pass.
+    judge_notes = tuple(plan.judge.warnings())
+    if judge_notes:
+        results = [replace(r, estimate=_with_warnings(r.estimate, judge_notes)) for r in results]
     return EstimationReport(engine.model_id, plan, results)

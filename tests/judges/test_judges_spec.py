@@ -182,7 +182,7 @@ def test_canonical_spec_round_trips(spec):
         (
             "nonsense:x",
             "judge spec 'nonsense:x': unknown judge 'nonsense' "
-            "(known: any, keywords, max, mean, prefix, refusal, regex, toxicity)",
+            "(known: any, classifier, classifier_pair, endpoint, keywords, llm, max, mean, prefix, refusal, regex, toxicity)",
         ),
         ("Toxicity", "unknown judge 'Toxicity'"),
         (
@@ -223,8 +223,9 @@ def test_non_string_spec_is_a_spec_error():
 def test_describe_judges_lists_every_name_with_syntax_and_description():
     rows = describe_judges()
     names = [r[0] for r in rows]
-    assert names[:8] == [
-        "toxicity", "regex", "prefix", "refusal", "keywords", "any", "max", "mean"
+    assert names[:12] == [
+        "toxicity", "regex", "prefix", "refusal", "keywords", "llm", "classifier", "classifier_pair",
+        "endpoint", "any", "max", "mean",
     ]
     assert names[-1] == ">="
     for name, syntax, description in rows:
