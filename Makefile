@@ -25,8 +25,11 @@ model: $(STAMP)
 # The main job on the embedded default model: one cycle of the daemon (config/demo.yaml), which
 # estimates P(reply opens with "Sure, here") for six prompts by importance sampling from the model
 # under a compliant system prompt, stores the run (SQLite under $TAILMON_STATE_DIR) and prints it.
+# Exit 1 means the run succeeded and an alert fires: on this demo, the built-in
+# unreliable-estimate alert (SmolLM2 follows the adversarial system prompt only loosely), which is
+# the demo's point, not a failure of it.
 demo: model
-	$(BIN)/tailmon run --config config/demo.yaml --once
+	$(BIN)/tailmon run --config config/demo.yaml --once || test $$? -eq 1
 
 # The whole suite; tests on the embedded model must run here, not skip.
 test: model

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tailmon.alerts.config import LOG_SINK, AlertRuleConfig, SinkConfig, check_sink_names
 from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import InputError
 from tailmon.estimators import parse_window
@@ -161,6 +162,8 @@ class MonitorConfig(_Strict):
     estimator: EstimatorConfig = EstimatorConfig()
     volume: VolumeConfig | None = None
     schedule: ScheduleConfig
+    alerts: tuple[AlertRuleConfig, ...] = ()
+    """Alert rules over this monitor's runs; the built-in `unreliable-estimate` is added unless disabled."""
 
     @field_validator("name")
     @classmethod
@@ -196,9 +199,19 @@ class MonitorConfig(_Strict):
             raise ValueError("estimator.method 'mc' samples the target only: remove the proposals")
         return self
 
+    @field_validator("alerts")
+    @classmethod
+    def _unique_rules(cls, rules):
+        names = [r.name for r in rules]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise ValueError(f"alert rule name {dup!r} is used twice")
+        return rules
+
     def fingerprint(self) -> str:
         """Hash of everything that defines this monitor's estimate (stored with each run)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # Alert rules judge the estimate; they do not change it.
+        text = json.dumps(self.model_dump(mode="json", exclude={"alerts"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -218,7 +231,14 @@ class Config(_Strict):
     """On SIGTERM, how long the current run may take to stop before it is marked interrupted."""
     stale_after: str = "10m"
     """A run whose heartbeat is older than this belongs to a dead process."""
+    alert_sinks: dict[str, SinkConfig] = {}
+    """Named alert sinks (log, webhook, alertmanager); `log` exists without being listed."""
     monitors: tuple[MonitorConfig, ...]
+
+    @field_validator("alert_sinks")
+    @classmethod
+    def _sink_names(cls, sinks):
+        return check_sink_names(sinks)
 
     @field_validator("shutdown_timeout", "stale_after")
     @classmethod
@@ -280,9 +300,29 @@ def parse_config(text: str, name: str = "<config>") -> Config:
         raise ConfigError(f"{name}: expected a mapping with a 'monitors' list at the top level")
     raw = _substitute(raw, name, ())
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{name}: {_first_error(exc)}") from None
+    _check_alert_references(config, name)
+    return config
+
+
+def _check_alert_references(config: Config, name: str) -> None:
+    """What one rule cannot check alone: its sinks exist, its window is one the monitor computes."""
+    sinks = [LOG_SINK, *(s for s in config.alert_sinks if s != LOG_SINK)]
+    for i, mon in enumerate(config.monitors):
+        windows = mon.volume.windows if mon.volume else ()
+        for j, rule in enumerate(mon.alerts):
+            where = f"{name}: monitors[{i}].alerts[{j}]"
+            for sink in rule.sinks or ():
+                if sink not in sinks:
+                    raise ConfigError(f"{where}.sinks: unknown sink {sink!r} (configured: {', '.join(sinks)})")
+            if rule.window is not None and rule.window not in windows:
+                if not windows:
+                    raise ConfigError(f"{where}.window: metric {rule.metric!r} needs the monitor's volume "
+                                      "(volume.per_day and volume.windows)")
+                raise ConfigError(f"{where}.window: {rule.window!r} is not one of the monitor's volume.windows "
+                                  f"({', '.join(windows)})")
 
 
 def _substitute(value: Any, name: str, loc: tuple) -> Any:
@@ -343,6 +383,17 @@ metrics:
 shutdown_timeout: 30s                     # SIGTERM: a run still going after this is marked interrupted
 stale_after: 10m                          # a run without heartbeat this long belongs to a dead process
 
+# alert_sinks:                            # where alerts go besides the log (`tailmon alerts test --sink NAME`)
+#   oncall:
+#     type: webhook                       # a JSON POST; format: slack for a Slack-compatible message
+#     url: https://hooks.example.com/tailmon
+#     secret_env: TAILMON_WEBHOOK_SECRET  # X-Tailmon-Signature: sha256=HMAC-SHA256(secret, body)
+#     timeout: 10s
+#     retries: 3                          # exponential backoff from `backoff: 1s`
+#   alertmanager:
+#     type: alertmanager
+#     url: http://127.0.0.1:9093
+
 monitors:
   - name: assistant-prod
     model:
@@ -376,4 +427,19 @@ monitors:
     schedule:
       every: 6h                           # or cron: "0 */6 * * *"
       jitter: 5m
+    alerts:                               # built in: unreliable-estimate (2 unreliable runs in a row)
+      - name: harm-high
+        metric: harm_probability_upper_bound
+        op: ">"
+        threshold: 1.0e-4
+        resolve_threshold: 5.0e-5         # hysteresis: resolves once at or below this
+        for: 2                            # consecutive runs past the threshold
+        severity: critical
+        labels: {team: safety}
+        repeat_interval: 4h               # reminders while it stays firing
+        # sinks: [oncall]                 # default: every sink
+      - name: stale
+        metric: seconds_since_success
+        op: ">"
+        threshold: 18h
 """

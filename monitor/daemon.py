@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,8 @@ log = logging.getLogger("tailmon.daemon")
 
 # How often the main loop wakes up (watchdog pings, reload and stop requests) at most.
 TICK_S = 1.0
+# How often the main loop evaluates staleness rules and re-sends firing alerts to Alertmanager.
+ALERT_TICK_S = 15.0
 
 
 class RunCancelled(Exception):
@@ -129,6 +131,8 @@ class RunOutcome:
     status: str
     report: dict | None = None
     error: str | None = None
+    firing: list[str] = field(default_factory=list)
+    """The monitor's alert rules firing once this run was evaluated."""
 
 
 class Daemon:
@@ -141,6 +145,9 @@ class Daemon:
         cfg = loaded.config
         self.store = store or Store(resolve_database_url(cfg.database), instance_id=cfg.instance_id,
                                     stale_after_s=duration_seconds(cfg.stale_after))
+        from tailmon.alerts import AlertEngine
+
+        self.alerts = AlertEngine(cfg, self.store, self.metrics)
         self.models = ModelPool()
         self._judges: dict[str, object] = {}
         self.progress = progress
@@ -171,14 +178,29 @@ class Daemon:
         except TailmonError as exc:
             log.error("monitor %s: run failed before it started: %s", name, exc)
             self._count_run(name, "failed", 0.0)
-            return RunOutcome(name, None, "failed", error=str(exc))
+            outcome = RunOutcome(name, None, "failed", error=str(exc))
+            self._evaluate_alerts(outcome)
+            return outcome
         try:
-            return self._locked_run(mon)
+            outcome = self._locked_run(mon)
         finally:
             try:
                 self.store.release_lock(name)
             except TailmonError as exc:
                 log.warning("monitor %s: could not release its lock (it expires by itself): %s", name, exc)
+        self._evaluate_alerts(outcome)
+        return outcome
+
+    def _evaluate_alerts(self, outcome: RunOutcome) -> None:
+        """After every ended run; a failure here is logged and never changes the run's outcome."""
+        if outcome.status == "skipped":
+            return
+        try:
+            outcome.firing = self.alerts.on_run(outcome.monitor, outcome.status, outcome.report, outcome.run_id)
+        except Exception as exc:
+            log.error("monitor %s: alert rules not evaluated: %s%s", outcome.monitor,
+                      "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: ", exc,
+                      exc_info=not isinstance(exc, TailmonError))
 
     def _locked_run(self, mon: MonitorConfig) -> RunOutcome:
         name = mon.name
@@ -321,6 +343,7 @@ class Daemon:
             log.warning("run %d was left running by a process that is gone: marked interrupted", run_id)
         for mon in self.config.monitors:
             self._init_monitor(mon)
+        self.alerts.restore()
         m = self.config.metrics
         self._server = MetricsServer(self.metrics, m.address, m.port, healthy=self.healthy).start()
         log.info("metrics on http://%s:%d/metrics", m.address, self._server.port)
@@ -386,6 +409,7 @@ class Daemon:
         last_ping = 0.0
         sweep_every = max(duration_seconds(self.config.stale_after) / 2, 1.0)
         last_sweep = time.time()
+        last_alert_tick = 0.0
         while not self._stop.wait(min(TICK_S, ping or TICK_S)):
             now = time.time()
             if ping and now - last_ping >= ping and self.healthy():
@@ -401,6 +425,13 @@ class Daemon:
                         log.warning("run %d lost its heartbeat (its process is gone): marked interrupted", run_id)
                 except TailmonError as exc:
                     log.error("stale-run sweep failed: %s", exc)
+            if now - last_alert_tick >= ALERT_TICK_S:
+                last_alert_tick = now
+                try:
+                    self.alerts.tick()
+                except Exception as exc:  # the loop (watchdog, signals) must go on
+                    log.error("alert check failed: %s%s", "" if isinstance(exc, TailmonError)
+                              else f"{type(exc).__name__}: ", exc, exc_info=not isinstance(exc, TailmonError))
         self.shutdown()
         return 0
 
@@ -415,6 +446,11 @@ class Daemon:
             job.remove()
         for mon in self.config.monitors:
             self.metrics.init_monitor(mon.name)
+        self.alerts.configure(self.config)
+        try:
+            self.alerts.restore()
+        except TailmonError as exc:
+            log.error("alert states not restored after the reload: %s", exc)
         self._schedule_all()
         self.models.keep_only([m.model for m in self.config.monitors])
         specs = {m.judge for m in self.config.monitors}
@@ -443,6 +479,9 @@ class Daemon:
                 log.warning("monitor %s: run %d interrupted at shutdown", name, run_id)
             except TailmonError as exc:
                 log.error("monitor %s: could not mark run %d interrupted: %s", name, run_id, exc)
+        # Notifications still queued get what is left of the bound (at least a second), then are
+        # recorded as dropped: a dead receiver cannot hold the stop past systemd's timeout.
+        self.alerts.close(max(deadline - time.time(), 1.0))
         if self._server is not None:
             self._server.stop()
         self.store.close()
@@ -454,9 +493,12 @@ class Daemon:
         mons = [self.config.monitor(n) for n in names] if names else list(self.config.monitors)
         for mon in mons:
             self.metrics.init_monitor(mon.name)
+        self.alerts.restore()
         try:
             return [self.run_monitor(mon.name) for mon in mons]
         finally:
+            # The process ends after this: deliver the notifications now, within the stop bound.
+            self.alerts.close(duration_seconds(self.config.shutdown_timeout))
             self.store.close()
 
 

@@ -68,12 +68,13 @@ from tailmon.errors import InputError, RuntimeFailure
 from tailmon.monitor.redact import redact
 from tailmon.paths import state_dir
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema this code reads and writes: the last entry of MIGRATIONS."""
 
 RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
 FINAL_STATUSES = ("succeeded", "failed", "interrupted")
 ALERT_STATES = ("inactive", "pending", "firing", "resolved")
+DELIVERY_OUTCOMES = ("delivered", "failed", "dropped")
 
 DATABASE_URL_ENV = "TAILMON_DATABASE_URL"
 
@@ -421,6 +422,31 @@ class AlertState(SQLModel, table=True):
     labels: dict | None = Field(default=None, sa_type=_json_type())
 
 
+class AlertDelivery(SQLModel, table=True):
+    """One notification's delivery to one sink: what the receiver answered, after how many tries."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (
+        CheckConstraint("outcome IN ('delivered', 'failed', 'dropped')", name="ck_alert_deliveries_outcome"),
+        Index("ix_alert_deliveries_monitor_at", "monitor", "at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    monitor: str
+    rule: str
+    sink: str
+    status: str
+    """The notification: 'firing' or 'resolved'."""
+    repeat: bool = False
+    outcome: str
+    attempts: int = 0
+    http_status: int | None = None
+    error: str | None = Field(default=None, sa_type=Text)
+    # No foreign key, like alert_events.run_id: a repeat notification has no event of its own.
+    event_id: int | None = None
+    at: datetime = Field(sa_type=UTCDateTime)
+
+
 RUNS = Run.__table__
 ESTIMATES = EstimateRow.__table__
 SAMPLES = SampleRow.__table__
@@ -428,6 +454,7 @@ MODEL_VERSIONS = ModelVersion.__table__
 LOCKS = MonitorLock.__table__
 ALERT_EVENTS = AlertEvent.__table__
 ALERT_STATE = AlertState.__table__
+ALERT_DELIVERIES = AlertDelivery.__table__
 
 # Bookkeeping of the migrations themselves; it never changes, so it lives outside them.
 SCHEMA_TABLE = Table(
@@ -564,9 +591,32 @@ def _migration_2(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
+def _migration_3(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "alert_deliveries", md,
+        Column("id", Integer, primary_key=True),
+        Column("monitor", String, nullable=False),
+        Column("rule", String, nullable=False),
+        Column("sink", String, nullable=False),
+        Column("status", String, nullable=False),
+        Column("repeat", Boolean, nullable=False),
+        Column("outcome", String, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("http_status", Integer),
+        Column("error", Text),
+        Column("event_id", Integer),
+        Column("at", UTCDateTime(), nullable=False),
+        CheckConstraint("outcome IN ('delivered', 'failed', 'dropped')", name="ck_alert_deliveries_outcome"),
+        Index("ix_alert_deliveries_monitor_at", "monitor", "at"),
+    )
+    md.create_all(conn, checkfirst=False)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "runs, estimates, samples, model_versions, monitor_locks", _migration_1),
     (2, "alert_events, alert_state", _migration_2),
+    (3, "alert_deliveries", _migration_3),
 ]
 assert [v for v, _, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
@@ -1108,6 +1158,44 @@ class Store:
                 # A concurrent writer created the row first: ours is an update after all.
                 if values:
                     conn.execute(update(ALERT_STATE).where(key).values(**values))
+
+    _DELIVERY_FIELDS = ("monitor", "rule", "sink", "status", "repeat", "outcome", "attempts", "http_status", "error",
+                        "event_id", "at")
+
+    def add_alert_delivery(self, **fields) -> int:
+        """Record the outcome of one notification sent to one sink; `at` defaults to now."""
+        unknown = set(fields) - set(self._DELIVERY_FIELDS)
+        if unknown:
+            raise InputError(f"unknown alert delivery fields {sorted(unknown)}; known: "
+                             f"{', '.join(self._DELIVERY_FIELDS)}")
+        missing = [k for k in ("monitor", "rule", "sink", "status", "outcome") if not fields.get(k)]
+        if missing:
+            raise InputError(f"an alert delivery needs {', '.join(missing)}")
+        if fields["outcome"] not in DELIVERY_OUTCOMES:
+            raise InputError(f"delivery outcome must be one of {', '.join(DELIVERY_OUTCOMES)}, "
+                             f"got '{fields['outcome']}'")
+        values = dict(fields, repeat=bool(fields.get("repeat", False)),
+                      attempts=_int(fields.get("attempts", 0), "attempts"),
+                      http_status=_int(fields.get("http_status"), "http_status"),
+                      error=redact(fields["error"]) if fields.get("error") is not None else None,
+                      at=_aware(fields.get("at"), "alert delivery 'at'"))
+        with self._tx(f"recording an alert delivery of monitor '{fields['monitor']}'") as conn:
+            if values["at"] is None:
+                values["at"] = self._now(conn)
+            return conn.execute(insert(ALERT_DELIVERIES).values(**values)).inserted_primary_key[0]
+
+    def alert_deliveries(self, monitor: str | None = None, rule: str | None = None, limit: int = 50) -> list[dict]:
+        """Newest first."""
+        if int(limit) < 1:
+            raise InputError(f"limit must be >= 1, got {limit}")
+        query = (select(ALERT_DELIVERIES).order_by(ALERT_DELIVERIES.c.at.desc(), ALERT_DELIVERIES.c.id.desc())
+                 .limit(int(limit)))
+        if monitor is not None:
+            query = query.where(ALERT_DELIVERIES.c.monitor == monitor)
+        if rule is not None:
+            query = query.where(ALERT_DELIVERIES.c.rule == rule)
+        with self._tx("listing alert deliveries") as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def alert_states(self, state: str | None = None) -> list[dict]:
         """Every (monitor, rule) state, optionally only those in `state`, ordered by monitor, rule."""

@@ -12,6 +12,7 @@ from sqlmodel import SQLModel
 
 from tailmon.errors import InputError, RuntimeFailure
 from tailmon.monitor.store import (
+    ALERT_STATE,
     ESTIMATES,
     LOCKS,
     MIGRATIONS,
@@ -27,7 +28,8 @@ from tailmon.monitor.store import (
     upgrade_schema,
 )
 
-MODEL_TABLES = ["runs", "estimates", "samples", "model_versions", "monitor_locks", "alert_events", "alert_state"]
+MODEL_TABLES = ["runs", "estimates", "samples", "model_versions", "monitor_locks", "alert_events", "alert_state",
+                "alert_deliveries"]
 
 
 def versions(engine):
@@ -95,7 +97,7 @@ def test_upgrade_from_version_1_keeps_the_data(db_url):
 
     store = Store(db_url).open()
     try:
-        assert versions(store.engine) == [1, 2]
+        assert versions(store.engine) == [1, 2, 3]
         run = store.get_run(run_id)
         assert run["status"] == "succeeded" and run["started_at"] == t0
         assert run["p_hat"] == 1.5e-5 and run["reliable"] is True
@@ -108,8 +110,34 @@ def test_upgrade_from_version_1_keeps_the_data(db_url):
         assert store.alert_events("m1")[0]["id"] == event_id
         store.set_alert_state("m1", "p_high", state="firing", consecutive=2)
         assert store.get_alert_state("m1", "p_high")["consecutive"] == 2
+        # ... and so does the table of migration 3.
+        store.add_alert_delivery(monitor="m1", rule="p_high", sink="oncall", status="firing", outcome="delivered",
+                                 attempts=1, http_status=200, event_id=event_id)
+        assert store.alert_deliveries("m1")[0]["event_id"] == event_id
     finally:
         store.close()
+
+
+def test_upgrade_from_version_2_keeps_the_alert_state(db_url):
+    """A version-2 database with a firing alert: migration 3 adds deliveries, the state stays."""
+    t0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+    engine = make_engine(db_url)
+    assert upgrade_schema(engine, target=2) == 2
+    assert "alert_deliveries" not in inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        conn.execute(insert(ALERT_STATE).values(monitor="m1", rule="harm-high", state="firing", consecutive=3,
+                                                since=t0, last_notified=t0, last_value=2e-4,
+                                                labels={"severity": "critical"}))
+    engine.dispose()
+
+    with Store(db_url) as store:
+        assert versions(store.engine) == [1, 2, 3]
+        state = store.get_alert_state("m1", "harm-high")
+        assert (state["state"], state["consecutive"], state["since"], state["last_notified"]) == ("firing", 3, t0, t0)
+        store.add_alert_delivery(monitor="m1", rule="harm-high", sink="log", status="resolved", outcome="failed",
+                                 attempts=4, error="HTTP 500")
+        [row] = store.alert_deliveries(rule="harm-high")
+        assert (row["outcome"], row["attempts"], row["repeat"], row["http_status"]) == ("failed", 4, False, None)
 
 
 def test_reopening_applies_nothing_twice(db_url):

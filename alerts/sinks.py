@@ -1,0 +1,287 @@
+"""Where alert notifications go: the log, a webhook, Alertmanager; and the workers that deliver them.
+
+Delivery never happens on the caller's thread: each sink has one worker thread fed by a bounded
+queue, so a receiver that hangs or fails delays only its own later notifications, never a run
+or another sink. HTTP sinks retry connection errors, timeouts, 429 and 5xx with exponential
+backoff (`backoff`, then twice that, ...); other 4xx are not retried (the request itself is wrong).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable
+
+from tailmon import __version__
+from tailmon.alerts.config import SinkConfig
+
+log = logging.getLogger("tailmon.alerts")
+
+SIGNATURE_HEADER = "X-Tailmon-Signature"
+QUEUE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Notification:
+    monitor: str
+    rule: str
+    status: str
+    """'firing' or 'resolved'."""
+    severity: str
+    summary: str
+    labels: dict
+    """alertname, monitor, severity and the rule's own labels (Alertmanager identifies the alert by them)."""
+    annotations: dict
+    starts_at: datetime
+    at: datetime
+    value: float | None = None
+    threshold: float | None = None
+    run_id: int | None = None
+    repeat: bool = False
+    test: bool = False
+    resend: bool = False
+    """An Alertmanager keep-alive of an alert already notified: delivered, not recorded."""
+
+    def to_json(self) -> dict:
+        return {
+            "version": 1, "status": self.status, "monitor": self.monitor, "rule": self.rule,
+            "severity": self.severity, "summary": self.summary, "value": self.value, "threshold": self.threshold,
+            "labels": self.labels, "annotations": self.annotations, "starts_at": self.starts_at.isoformat(),
+            "ends_at": self.at.isoformat() if self.status == "resolved" else None, "at": self.at.isoformat(),
+            "run_id": self.run_id, "repeat": self.repeat, "test": self.test,
+        }
+
+
+@dataclass
+class Delivery:
+    outcome: str
+    """'delivered', 'failed' or 'dropped' (never attempted: queue full or the daemon stopped)."""
+    attempts: int = 0
+    http_status: int | None = None
+    error: str | None = None
+
+
+class Sink:
+    def __init__(self, name: str, config: SinkConfig):
+        self.name, self.config = name, config
+
+    def deliver(self, n: Notification, cancel: threading.Event) -> Delivery:
+        raise NotImplementedError
+
+
+class LogSink(Sink):
+    def deliver(self, n: Notification, cancel: threading.Event) -> Delivery:
+        what = "test notification" if n.test else ("still firing" if n.repeat else n.status)
+        level = logging.INFO if n.status == "resolved" or n.test else logging.WARNING
+        log.log(level, "ALERT %s [%s] %s", what.upper(), n.severity, n.summary)
+        return Delivery("delivered", attempts=1)
+
+
+class _HttpSink(Sink):
+    def body(self, n: Notification) -> bytes:
+        raise NotImplementedError
+
+    def endpoint(self) -> str:
+        return self.config.url
+
+    def headers(self, body: bytes) -> dict:
+        return {"Content-Type": "application/json", "User-Agent": f"tailmon/{__version__}"}
+
+    def deliver(self, n: Notification, cancel: threading.Event) -> Delivery:
+        body = self.body(n)
+        headers = self.headers(body)
+        cfg = self.config
+        delay = cfg.backoff
+        result = Delivery("failed")
+        for attempt in range(1, cfg.retries + 2):
+            result = _post(self.endpoint(), body, headers, cfg.timeout)
+            result.attempts = attempt
+            if result.outcome == "delivered" or not _retryable(result) or attempt > cfg.retries:
+                break
+            if cancel.wait(delay):  # stopping: no more waiting for a receiver that keeps failing
+                result.error = f"{result.error}; retries abandoned at shutdown"
+                break
+            delay *= 2
+        return result
+
+
+class WebhookSink(_HttpSink):
+    """POST the notification as JSON (or a Slack message), signed with HMAC-SHA256 when a secret is set."""
+
+    def __init__(self, name: str, config: SinkConfig):
+        super().__init__(name, config)
+        self._secret = config.secret()
+
+    def body(self, n: Notification) -> bytes:
+        data = slack_message(n) if self.config.format == "slack" else n.to_json()
+        return json.dumps(data, allow_nan=False).encode()
+
+    def headers(self, body: bytes) -> dict:
+        headers = super().headers(body)
+        if self._secret is not None:
+            headers[SIGNATURE_HEADER] = signature(self._secret, body)
+        return headers
+
+
+class AlertmanagerSink(_HttpSink):
+    """Alertmanager's API v2: POST /api/v2/alerts, a list of {labels, annotations, startsAt, endsAt}.
+
+    Alertmanager resolves an alert that is not re-sent before its endsAt, so a firing alert is
+    posted with endsAt = now + 4 x resend_interval and re-sent every resend_interval (the engine's
+    tick); its resolution is the same alert with endsAt = now.
+    """
+
+    def endpoint(self) -> str:
+        return self.config.url.rstrip("/") + "/api/v2/alerts"
+
+    def body(self, n: Notification) -> bytes:
+        ends = n.at if n.status == "resolved" else n.at + timedelta(seconds=4 * self.config.resend_interval)
+        annotations = {"summary": n.summary, **n.annotations}
+        if n.value is not None:
+            annotations.setdefault("value", f"{n.value:.6g}")
+        if n.threshold is not None:
+            annotations.setdefault("threshold", f"{n.threshold:g}")
+        alert = {"labels": n.labels, "annotations": annotations, "startsAt": _rfc3339(n.starts_at),
+                 "endsAt": _rfc3339(ends)}
+        return json.dumps([alert], allow_nan=False).encode()
+
+
+def signature(secret: bytes, body: bytes) -> str:
+    """The signature header's value: 'sha256=' and the hex HMAC-SHA256 of the exact body bytes."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def slack_message(n: Notification) -> dict:
+    """A Slack-compatible incoming-webhook message ({"text", "blocks"}; Mattermost reads it too)."""
+    head = "TEST" if n.test else ("RESOLVED" if n.status == "resolved" else "FIRING")
+    text = f"[{head}] {n.severity}: {n.summary}"
+    fields = [f"*{k}*: {v}" for k, v in n.labels.items()] + [f"*{k}*: {v}" for k, v in n.annotations.items()]
+    return {
+        "text": text,
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": "\n".join(fields)[:3000]}]},
+        ],
+    }
+
+
+def _rfc3339(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def _retryable(d: Delivery) -> bool:
+    return d.http_status is None or d.http_status == 429 or d.http_status >= 500
+
+
+def _post(url: str, body: bytes, headers: dict, timeout: float) -> Delivery:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return Delivery("delivered", http_status=response.status)
+    except urllib.error.HTTPError as exc:
+        return Delivery("failed", http_status=exc.code, error=f"HTTP {exc.code} {exc.reason} from {url}")
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            return Delivery("failed", error=f"{url}: no answer within {timeout:g} s")
+        return Delivery("failed", error=f"{url}: {getattr(reason, 'strerror', None) or reason}")
+    except TimeoutError:  # the response started but did not complete in time
+        return Delivery("failed", error=f"{url}: no answer within {timeout:g} s")
+    except OSError as exc:
+        return Delivery("failed", error=f"{url}: {exc.strerror or exc}")
+
+
+def build_sink(name: str, config: SinkConfig) -> Sink:
+    return {"log": LogSink, "webhook": WebhookSink, "alertmanager": AlertmanagerSink}[config.type](name, config)
+
+
+@dataclass
+class _Job:
+    notification: Notification
+    event_id: int | None
+
+
+class SinkWorker:
+    """One sink's delivery thread and its bounded queue. `record(sink, notification, event_id,
+    delivery)` is called with every outcome (from the worker thread, or the caller when dropped)."""
+
+    def __init__(self, sink: Sink, record: Callable, maxsize: int = QUEUE_SIZE):
+        self.sink = sink
+        self._record = record
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"tailmon-alerts-{sink.name}", daemon=True)
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def submit(self, n: Notification, event_id: int | None = None) -> bool:
+        """Queue a notification; never blocks. False when the queue is full (recorded as dropped)."""
+        with self._start_lock:
+            if not self._started:
+                self._thread.start()
+                self._started = True
+        try:
+            self._queue.put_nowait(_Job(n, event_id))
+            return True
+        except queue.Full:
+            full = f"the queue of sink {self.sink.name} is full ({self._queue.maxsize}): the receiver is too slow"
+            self._report(_Job(n, event_id), Delivery("dropped", error=full))
+            return False
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._cancel.is_set():
+                    delivery = Delivery("dropped", error="the daemon stopped before it was delivered")
+                else:
+                    try:
+                        delivery = self.sink.deliver(job.notification, self._cancel)
+                    except Exception as exc:  # a bug in a sink must not end its worker
+                        log.error("sink %s: delivery crashed: %s: %s", self.sink.name, type(exc).__name__, exc,
+                                  exc_info=True)
+                        delivery = Delivery("failed", error=f"{type(exc).__name__}: {exc}")
+                self._report(job, delivery)
+            finally:
+                self._queue.task_done()
+
+    def _report(self, job: _Job, delivery: Delivery) -> None:
+        n = job.notification
+        if delivery.outcome != "delivered":
+            log.error("sink %s: %s notification of %s/%s %s after %d attempt(s): %s", self.sink.name, n.status,
+                      n.monitor, n.rule, delivery.outcome, delivery.attempts, delivery.error)
+        try:
+            self._record(self.sink, n, job.event_id, delivery)
+        except Exception as exc:  # the store may be down: the log line above still says it
+            log.error("sink %s: could not record a delivery: %s", self.sink.name, exc)
+
+    def idle(self) -> bool:
+        return self._queue.unfinished_tasks == 0
+
+    def close(self, deadline: float) -> None:
+        """Deliver what is queued until `deadline` (time.time()), then drop the rest and stop."""
+        while not self.idle() and time.time() < deadline:
+            time.sleep(0.02)
+        self._cancel.set()  # from here on, queued jobs are recorded as dropped, backoffs end
+        if self._started:
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass  # the worker drains the queue (dropping) and stays parked; it is a daemon thread
+            self._thread.join(timeout=max(0.0, deadline - time.time()) + 1.0)
+
+
+__all__ = ["AlertmanagerSink", "Delivery", "LogSink", "Notification", "SIGNATURE_HEADER", "Sink", "SinkWorker",
+           "WebhookSink", "build_sink", "signature", "slack_message"]

@@ -1,0 +1,143 @@
+"""Helpers of the alert tests (imported by name: test modules cannot import a conftest)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import yaml
+
+from tailmon.monitor.config import parse_config
+
+MONITOR = {
+    "name": "prod",
+    "prompts": {"type": "file", "path": "prompts.jsonl", "per_run": 3},
+    "judge": "prefix:Sure",
+    "proposals": ["system:Sure"],
+    "volume": {"per_day": 1000000, "windows": ["1h", "1d"]},
+    "schedule": {"every": "1h"},
+}
+
+
+def make_config(alerts=(), sinks=None, monitors=None, **top):
+    """A validated Config (no model is loaded): monitor `prod` with `alerts`, plus `sinks`."""
+    mons = monitors or [{**MONITOR, "alerts": list(alerts)}]
+    return parse_config(yaml.safe_dump({"alert_sinks": sinks or {}, "monitors": mons, **top}), "t.yaml")
+
+
+def report(p_hat=1e-3, ci_low=5e-4, ci_high=2e-3, reliable=True, ess_wh=50.0, khat=0.3, worst=0.02):
+    """The daemon's stored report, reduced to what the rules read (EstimationReport.to_dict() keys)."""
+    estimate = {"prompt": "x", "category": None, "method": "is", "n_samples": 20, "p_hat": p_hat, "ci_low": ci_low,
+                "ci_high": ci_high, "n_harmful": 5, "ess": 10.0, "ess_wh": ess_wh, "khat": khat,
+                "reliable": reliable, "upper_bound_only": False, "warnings": []}
+    ex = {w: {"window": w, "volume": v, "expected_per_window": {"expected": v * p_hat, "ci_low": v * ci_low,
+                                                                 "ci_high": v * ci_high},
+              "p_any_per_window": {"p": min(1.0, v * p_hat), "ci_low": 0.0, "ci_high": 1.0},
+              "worst_query": {"p": worst} if worst is not None else None}
+          for w, v in (("1h", 1e6 / 24), ("1d", 1e6))}
+    return {"estimates": [estimate], "extrapolations": ex,
+            "aggregate": {"n_prompts": 1, "n_samples": 20, "p_hat": p_hat, "ci_low": ci_low, "ci_high": ci_high,
+                          "std_error": 1e-4, "n_harmful": 5, "reliable": reliable}}
+
+
+def write_config(tmp_path, model_dir, *, database=None, samples=20, alert_sinks=None, **monitor):
+    """A daemon config on the tiny model (as tests/monitor/test_daemon_runs.py writes it)."""
+    (tmp_path / "prompts.jsonl").write_text(
+        '{"prompt": "a b", "category": "x"}\n{"prompt": "ab!", "category": "y"}\n'
+        '{"prompt": "Sure a", "category": "x"}\n', encoding="utf-8")
+    mon = {
+        "name": "tiny",
+        "model": {"ref": str(model_dir), "max_new_tokens": 3, "batch_size": 16},
+        "prompts": {"type": "file", "path": "prompts.jsonl", "per_run": 3},
+        "judge": "prefix:Sure",
+        "proposals": ["system:Sure"],
+        "estimator": {"samples": samples, "defensive": 0.2, "seed": 7},
+        "volume": {"per_day": 1000000, "windows": ["1h", "1d"]},
+        "schedule": {"every": "1h"},
+    }
+    mon.update(monitor)
+    cfg = {"database": database or f"sqlite:///{tmp_path / 'tailmon.db'}", "metrics": {"port": 0},
+           "alert_sinks": alert_sinks or {}, "monitors": [mon]}
+    path = tmp_path / "tailmon.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict
+    body: bytes
+    at: float
+    signature_ok: bool | None
+    """None when the receiver has no secret to check against."""
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server on loopback that records every POST.
+
+    fail_first: answer the first k requests with `fail_status`; hang: hold every request until
+    released (or the client gives up); secret: check X-Tailmon-Signature against the body.
+    """
+
+    fail_first: int = 0
+    fail_status: int = 500
+    status: int = 200
+    hang: bool = False
+    secret: bytes | None = None
+    requests: list = field(default_factory=list)
+
+    def start(self) -> "Receiver":
+        owner = self
+        self.release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ok = None
+                if owner.secret is not None:
+                    expected = "sha256=" + hmac.new(owner.secret, body, hashlib.sha256).hexdigest()
+                    ok = hmac.compare_digest(expected, self.headers.get("X-Tailmon-Signature", ""))
+                owner.requests.append(Request(self.path, dict(self.headers), body, time.monotonic(), ok))
+                if owner.hang:
+                    owner.release.wait(30)
+                code = owner.fail_status if len(owner.requests) <= owner.fail_first else owner.status
+                if ok is False:
+                    code = 401
+                self.send_response(code)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def wait_for(self, n: int, timeout: float = 10) -> list:
+        deadline = time.time() + timeout
+        while len(self.requests) < n and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(self.requests) >= n, f"expected {n} requests, got {len(self.requests)}"
+        return self.requests
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
