@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import json
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -29,6 +31,109 @@ PROMPT_CACHE_SIZE = 1024
 # Rows x positions x vocabulary of float32 logits held at once while scoring; 1024 positions of
 # a 49k vocabulary is 200 MB per tensor, a few of which live at the same time.
 SCORE_TOKEN_BUDGET = 1024
+
+log = logging.getLogger(__name__)
+
+# The metadata file `tailmon proposals train-lora` writes next to a peft adapter (see
+# tailmon.proposals.lora); adapters without it (trained elsewhere) load unchecked, as peft allows.
+ADAPTER_METADATA = "tailmon_lora.json"
+ADAPTER_FORMAT = "tailmon-lora/1"
+# Values sampled from each weight tensor for the checkpoint fingerprint.
+_FINGERPRINT_VALUES = 64
+
+
+def _base_parameters(model):
+    """(name, tensor) of the model's own weights, named as in the plain transformers model: peft
+    prefixes and `.base_layer` removed, LoRA parameters skipped, so the same checkpoint gives the
+    same names whether or not adapters were loaded into it."""
+    for name, param in model.named_parameters():
+        if ".lora_" in name or ".modules_to_save." in name:
+            continue
+        if name.startswith("base_model.model."):
+            name = name[len("base_model.model."):]
+        yield name.replace(".base_layer.", ".").replace(".original_module.", "."), param
+
+
+def base_model_facts(model, tokenizer) -> dict:
+    """What an adapter trained on this model must agree with, as hashes and a readable summary.
+
+    architecture_sha256: model type and every weight's name and shape (what a LoRA adapter attaches
+    to); tokenizer_sha256: the vocabulary and special tokens (what token ids mean);
+    chat_template_sha256: how prompts are rendered; weights_fingerprint: a sample of the weights
+    themselves (64 evenly spaced values of each tensor, rounded to bfloat16 so that a bf16 copy of
+    the same checkpoint matches), which tells one checkpoint from another without reading them all.
+    """
+    arch = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
+    weights = hashlib.sha256()
+    for name, param in sorted(_base_parameters(model), key=lambda x: x[0]):
+        arch.update(f"{name}:{tuple(param.shape)};".encode())
+        flat = param.detach().reshape(-1)
+        k = min(flat.numel(), _FINGERPRINT_VALUES)
+        # integer arithmetic: a float32 linspace cannot index the end of a 28M-element embedding
+        idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+        sample = flat[idx.to(flat.device)].to(torch.bfloat16).float().cpu().numpy()
+        weights.update(name.encode())
+        weights.update(sample.tobytes())
+    specials = {k: getattr(tokenizer, k, None) for k in ("eos_token", "bos_token", "pad_token", "unk_token")}
+    tok = hashlib.sha256(json.dumps([sorted(tokenizer.get_vocab().items()), specials], default=str).encode())
+    template = hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode())
+    config = model.config
+    return {
+        "architecture_sha256": arch.hexdigest(),
+        "tokenizer_sha256": tok.hexdigest(),
+        "chat_template_sha256": template.hexdigest(),
+        "weights_fingerprint": weights.hexdigest(),
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": len(tokenizer.get_vocab()),
+    }
+
+
+def read_adapter_metadata(path: str) -> dict | None:
+    """The tailmon metadata of an adapter folder; None when it has none (trained elsewhere)."""
+    file = Path(path) / ADAPTER_METADATA
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"LoRA adapter '{path}': cannot read {ADAPTER_METADATA}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT or not isinstance(meta.get("base_model"), dict):
+        raise InputError(f"LoRA adapter '{path}': {ADAPTER_METADATA} is not '{ADAPTER_FORMAT}' metadata")
+    return meta
+
+
+def adapter_compatibility(meta: dict, facts: dict, path: str, model_id: str) -> str | None:
+    """Refuse an adapter trained on another architecture or tokenizer (InputError); return the
+    warning for one trained on another checkpoint or chat template of the same, else None.
+
+    Weights stay exact either way: p is always scored under the current target and q under the
+    current target plus the adapter, sampling and scoring alike. A mismatch of architecture or
+    tokenizer is refused because the adapter would then be meaningless (or not load at all).
+    """
+    base = meta["base_model"]
+    trained_on = base.get("ref", "?")
+    if base.get("architecture_sha256") != facts["architecture_sha256"]:
+        raise InputError(
+            f"LoRA adapter '{path}' was trained on {trained_on} ({base.get('model_type')}, hidden "
+            f"{base.get('hidden_size')}, {base.get('num_hidden_layers')} layers), whose architecture differs from "
+            f"model {model_id} ({facts['model_type']}, hidden {facts['hidden_size']}, "
+            f"{facts['num_hidden_layers']} layers): retrain it on this model")
+    if base.get("tokenizer_sha256") != facts["tokenizer_sha256"]:
+        raise InputError(
+            f"LoRA adapter '{path}' was trained on {trained_on}, whose tokenizer differs from model {model_id}'s "
+            f"(vocabulary {base.get('vocab_size')} vs {facts['vocab_size']} tokens, or other special tokens): "
+            "retrain it on this model")
+    changed = []
+    if base.get("weights_fingerprint") != facts["weights_fingerprint"]:
+        changed.append("another checkpoint")
+    if base.get("chat_template_sha256") != facts["chat_template_sha256"]:
+        changed.append("another chat template")
+    if not changed:
+        return None
+    return (f"LoRA adapter '{path}' was trained on {' and '.join(changed)} ({trained_on}) than model {model_id}: "
+            "the weights stay exact, but the proposal may be less efficient (retrain it on this checkpoint)")
 
 
 class _Steer(NamedTuple):
@@ -50,6 +155,8 @@ class TransformersEngine(Engine):
         self.batch_size = batch_size
         self._model_id = model_id
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
+        self._facts: dict | None = None
         # (resolved path, mtime, size) -> direction file: loaded once, again only when rewritten
         self._directions: dict[tuple, DirectionFile] = {}
         self._steer_vectors: dict[tuple, torch.Tensor] = {}  # (file key, kind, dtype, device) -> vector
@@ -141,6 +248,18 @@ class TransformersEngine(Engine):
 
     # -- variants ----------------------------------------------------------------------------
 
+    def base_facts(self) -> dict:
+        """`base_model_facts` of this engine's checkpoint (computed once: the weights never change)."""
+        if self._facts is None:
+            self._facts = base_model_facts(self.model, self.tokenizer)
+        return self._facts
+
+    def adapter_note(self, path: str) -> str | None:
+        """Load a LoRA adapter now (refusing one trained on another architecture or tokenizer) and
+        return its warning when it was trained on another checkpoint, for the run to record."""
+        self._adapter_name(path)
+        return self._adapter_notes.get(path)
+
     def _adapter_name(self, path: str) -> str:
         if path not in self._adapters:
             from peft import PeftModel
@@ -148,6 +267,12 @@ class TransformersEngine(Engine):
             name = "a" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
             if not (Path(path) / "adapter_config.json").is_file():
                 raise InputError(f"LoRA adapter '{path}' has no adapter_config.json")
+            meta = read_adapter_metadata(path)
+            # Checked before peft touches the model: an adapter for another tokenizer may load
+            # without complaint and still mean nothing.
+            note = adapter_compatibility(meta, self.base_facts(), path, self._model_id) if meta else None
+            if note:
+                log.warning("%s", note)
             try:
                 if isinstance(self.model, PeftModel):
                     self.model.load_adapter(path, adapter_name=name)
@@ -156,6 +281,7 @@ class TransformersEngine(Engine):
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise InputError(f"LoRA adapter '{path}' does not fit model {self._model_id}: {exc}") from exc
             self._adapters[path] = name
+            self._adapter_notes[path] = note
         return self._adapters[path]
 
     @contextlib.contextmanager

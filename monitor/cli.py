@@ -290,11 +290,14 @@ def _prompt_texts(prompt_texts, prompts_file, what):
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Optimiser steps per stage (data fit, each round).")
 @click.option("--train-batch-size", type=int, default=8, show_default=True, help="Sequences per optimiser step.")
+@click.option("--kl", type=float, default=0.25, show_default=True,
+              help="Weight of KL(target || proposal) at every response position: the fitted proposal keeps at least "
+                   "kl/(1+kl) of the target's own next-token distribution, so it cannot drop what the target does.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars or per-round lines.")
 def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_file, pilot_file, start_specs, rounds,
                          samples, pilot_samples, defensive, model, system_prompt, max_new_tokens, temperature, top_p,
-                         top_k, batch_size, device, rank, alpha, target_modules, lr, steps, train_batch_size, seed,
+                         top_k, batch_size, device, rank, alpha, target_modules, lr, steps, train_batch_size, kl, seed,
                          quiet):
     """Fine-tune a LoRA adapter on the target to use as a proposal ('lora:DIR').
 
@@ -326,7 +329,7 @@ def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_fi
     target = Variant("target", decoding, system_prompt=system_prompt)
     modules = tuple(m.strip() for m in target_modules.split(",") if m.strip()) if target_modules is not None else None
     settings = LoraSettings(rank=rank, alpha=alpha, target_modules=modules, lr=lr, steps=steps,
-                            batch_size=train_batch_size)
+                            batch_size=train_batch_size, kl=kl)
     pairs = load_pairs(data_file) if data_file else None
     cem_asked = bool(judge_spec or prompt_texts or prompts_file or start_specs or pilot_file or rounds)
     cem = judge = None

@@ -193,8 +193,8 @@ class MonitorConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_needs(self):
-        if self.estimator.method == "is" and not self.proposals:
-            raise ValueError("estimator.method 'is' needs at least one proposal (or use method: mc)")
+        # method 'is' without proposals uses the shipped library of adversarial system prompts for
+        # the categories of each run's prompts (tailmon.proposals.default_proposals).
         if self.estimator.method == "mc" and self.proposals:
             raise ValueError("estimator.method 'mc' samples the target only: remove the proposals")
         return self

@@ -237,7 +237,10 @@ class Daemon:
             t = time.time()
             prompts = self._draw_prompts(mon, seed)
             timings["prompts_s"] = time.time() - t
-            plan = self._plan(mon, seed)
+            plan = self._plan(mon, seed, prompts)
+            from tailmon.monitor.pipeline import attach_adapter_warnings
+
+            attach_adapter_warnings(engine, plan)
             from tqdm import tqdm
 
             from tailmon.monitor.pipeline import run_estimation
@@ -310,10 +313,16 @@ class Daemon:
         judge.new_run()  # scores are cached, and problems counted, per run
         return judge
 
-    def _plan(self, mon: MonitorConfig, seed: int):
+    def _plan(self, mon: MonitorConfig, seed: int, prompts):
         from tailmon.monitor.pipeline import EstimationPlan
-        from tailmon.proposals import parse_proposal
+        from tailmon.proposals import default_proposals, parse_proposal
 
+        specs = [p.spec for p in mon.proposals]
+        weights = [p.weight for p in mon.proposals] or None
+        if mon.estimator.method == "is" and not specs:
+            # No proposal configured: the library's adversarial system prompts for the categories
+            # of this run's prompts (a fixed order for a given set, so a run replays).
+            specs, weights = default_proposals({p.category for p in prompts}), None
         est = mon.estimator
         volume = mon.volume
         window = "1d" if volume is None or "1d" in volume.windows else volume.windows[0]
@@ -321,8 +330,8 @@ class Daemon:
             target=mon.model.target(),
             judge=self._judge(mon.judge),
             method=est.method,
-            proposals=[parse_proposal(p.spec) for p in mon.proposals],
-            weights=[p.weight for p in mon.proposals] or None,
+            proposals=[parse_proposal(s) for s in specs],
+            weights=weights,
             defensive=est.defensive,
             n_samples=est.samples,
             seed=seed,

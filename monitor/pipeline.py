@@ -190,3 +190,26 @@ def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[Promp
     if judge_notes:
         results = [replace(r, estimate=_with_warnings(r.estimate, judge_notes)) for r in results]
     return EstimationReport(engine.model_id, plan, results)
+
+
+def attach_adapter_warnings(engine: Engine, plan: EstimationPlan) -> list[str]:
+    """Load the adapter of every LoRA component before any sampling, and make every estimate of
+    the run record the warning of one trained on another checkpoint.
+
+    The engine refuses an adapter trained on another architecture or tokenizer (InputError); one
+    trained on another checkpoint of the same loads (its weights stay exact, since p is always
+    scored under the current target) with a warning, which this adds to the component's note, so
+    that `estimate_prompt` puts it in each estimate's warnings. Returns the warnings. Engines
+    without adapter checks (no `adapter_note`) are left alone.
+    """
+    notes = []
+    if not hasattr(engine, "adapter_note"):
+        return notes
+    for i, comp in enumerate(plan.components):
+        if comp.variant.adapter is None:
+            continue
+        note = engine.adapter_note(comp.variant.adapter)
+        if note:
+            notes.append(note)
+            plan.components[i] = replace(comp, note="; ".join(n for n in (comp.note, note) if n))
+    return notes

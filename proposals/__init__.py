@@ -1,6 +1,13 @@
-"""tailmon.proposals: unsafe variants of the target and the mixtures they form."""
+"""tailmon.proposals: unsafe variants of the target and the mixtures they form.
+
+Building proposals lives in submodules imported on use (they need torch or a model):
+`tailmon.proposals.lora` (LoRA training from data and by the cross-entropy method) and
+`tailmon.proposals.tuning` (hyperparameters on a pilot batch). `default_proposals` gives the
+system-prompt library's specs for a monitor that names no proposal.
+"""
 
 from .base import Component, Proposal, build_mixture
+from .library import default_proposals, load_library
 from .spec import PROPOSALS, parse_layers, parse_proposal
 from .variants import LoraProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
 
@@ -13,6 +20,8 @@ __all__ = [
     "SystemPromptProposal",
     "TemperatureProposal",
     "build_mixture",
+    "default_proposals",
+    "load_library",
     "parse_layers",
     "parse_proposal",
 ]

@@ -67,6 +67,14 @@ class LoraProposal(Proposal):
     def variant(self, target: Variant) -> Variant:
         if not (Path(self.path) / "adapter_config.json").is_file():
             raise SpecError(f"proposal '{self.spec}': no LoRA adapter (adapter_config.json) at {self.path}")
+        if (Path(self.path) / "tailmon_lora.json").is_file():
+            # Only its form here; whether it fits the model is the engine's check when it loads it.
+            from tailmon.engines.hf import read_adapter_metadata
+
+            try:
+                read_adapter_metadata(self.path)
+            except InputError as exc:
+                raise SpecError(f"proposal '{self.spec}': {exc}") from None
         decoding = self._decoding(target)
         return replace(target, name=self.spec, adapter=self.path, adapter_scale=self.scale, decoding=decoding)
 

@@ -71,7 +71,6 @@ def test_example_config_is_valid():
     ("monitors.0.judge", DELETE, "t.yaml: monitors[0].judge: required key is missing"),
     ("monitors.0.tresholds", 3, "t.yaml: monitors[0].tresholds: unknown key (a typo?)"),
     ("monitors.0.prompts.type", "kafka", "t.yaml: monitors[0].prompts"),
-    ("monitors.0.proposals", [], "t.yaml: monitors[0]: estimator.method 'is' needs at least one proposal"),
     ("metrics", {"port": 70000}, "t.yaml: metrics.port: "),
     ("shutdown_timeout", "soon", "t.yaml: shutdown_timeout: shutdown_timeout must be"),
     ("monitors", [], "t.yaml: monitors: list at least one monitor"),

@@ -143,3 +143,15 @@ def test_a_locked_monitor_is_skipped(tmp_path, model_copy):
     [outcome] = daemon.run_once()
     assert outcome.status == "succeeded"
     peer.close()
+
+
+def test_a_monitor_without_proposals_uses_the_library(tmp_path, model_copy):
+    from tailmon.proposals import default_proposals
+
+    daemon = new_daemon(write_config(tmp_path, model_copy, proposals=[]))
+    [outcome] = daemon.run_once()
+    assert outcome.status == "succeeded", outcome.error
+    labels = [c["label"] for c in outcome.report["components"]]
+    # The prompts' categories are x and y (unknown to the library): the general prompt only.
+    assert labels == ["target"] + default_proposals({"x", "y"})
+    assert labels[1].startswith("system:")

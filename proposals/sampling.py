@@ -1,0 +1,102 @@
+"""Weighted draws from a defensive mixture, for building proposals (CEM training, tuning).
+
+The estimation pipeline (tailmon.monitor.pipeline) has its own copy of this loop; proposals
+cannot import the monitor package (data flows monitor -> proposals), and building a proposal
+needs what the pipeline's results do not keep: the token ids of every sample and its log-prob
+under every component. The rules are the pipeline's: fixed counts per component by largest
+remainder, each sample scored under every other component on the same token ids, balance
+heuristic with the realised shares n_j / n.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tailmon.engines.base import Engine, Variant
+from tailmon.estimators import balance_log_weights
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 32-bit seed from integers and strings: distinct tuples give independent streams."""
+    ints = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
+
+
+def allocate(n: int, shares: Sequence[float]) -> list[int]:
+    """Integer counts close to share_j * n (largest remainder), summing to n (as the pipeline does)."""
+    raw = np.asarray(shares, dtype=float) * n
+    counts = np.floor(raw).astype(int)
+    for j in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
+        counts[j] += 1
+    return counts.tolist()
+
+
+@dataclass
+class Draw:
+    """n samples for one prompt, drawn in fixed counts from the components of a mixture."""
+
+    prompt: str
+    ids: list[list[int]]
+    drawn: np.ndarray
+    """Index of the component that drew each sample."""
+    logq: np.ndarray
+    """(n, K) processed log-prob of every sample under every component; column 0 is the target."""
+    shares: np.ndarray
+    """Realised shares n_j / n: the mixture the samples actually come from."""
+    texts: list[str]
+    scores: np.ndarray
+
+    @property
+    def log_p(self) -> np.ndarray:
+        return self.logq[:, 0]
+
+    @property
+    def log_w(self) -> np.ndarray:
+        """Balance-heuristic log-weights p / sum_j a_j q_j."""
+        return balance_log_weights(self.logq[:, 0], self.logq, self.shares)
+
+
+def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Sequence[float], n: int,
+         seed: Callable[[int], int], judge, progress: Callable[[int], None] | None = None,
+         score_all: bool = True) -> Draw:
+    """Draw n samples for `prompt` from the mixture (variants[0] must be the target), score them
+    under the components (all of them with `score_all`, else only those with a share and the
+    target) and judge them. `seed(j)` gives component j's sampling seed."""
+    counts = allocate(n, shares)
+    ids: list[list[int]] = []
+    drawn: list[int] = []
+    own: list[float] = []
+    for j, (variant, n_j) in enumerate(zip(variants, counts)):
+        if n_j == 0:
+            continue
+        samples = engine.sample(prompt, variant, n_j, seed(j))
+        ids += samples.token_ids
+        own += samples.logprobs.tolist()
+        drawn += [j] * n_j
+        if progress:
+            progress(n_j)
+    drawn_a = np.asarray(drawn)
+    logq = np.full((len(ids), len(variants)), -np.inf)
+    logq[np.arange(len(ids)), drawn_a] = own
+    realised = np.asarray(counts, dtype=float) / n
+    for j, variant in enumerate(variants):
+        if not (score_all or j == 0 or realised[j] > 0):
+            continue
+        rows = np.flatnonzero(drawn_a != j)
+        if rows.size:
+            logq[rows, j] = score_unique(engine, prompt, variant, [ids[i] for i in rows])
+    texts = [engine.decode(r) for r in ids]
+    scores = judge.score([prompt] * len(texts), texts)
+    return Draw(prompt, ids, drawn_a, logq, realised, texts, scores)
+
+
+def score_unique(engine: Engine, prompt: str, variant: Variant, responses: list[list[int]]) -> np.ndarray:
+    """Score each distinct response once (short responses repeat often)."""
+    keys = [tuple(r) for r in responses]
+    unique = list(dict.fromkeys(keys))
+    values = dict(zip(unique, engine.score(prompt, variant, [list(k) for k in unique])))
+    return np.array([values[k] for k in keys], dtype=np.float64)
