@@ -101,7 +101,7 @@ class EstimatorConfig(_Strict):
     """Samples per prompt."""
     defensive: float = Field(0.1, ge=0, lt=1)
     confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Base seed; each run derives its own from it and the run id, so runs differ but replay."""
     store_samples: bool = False
     """Keep every sample (response, score, weight) in the store; off by default (volume)."""

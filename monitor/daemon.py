@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailmon.errors import InputError, RuntimeFailure, TailmonError
+from tailmon.errors import InputError, TailmonError
 from tailmon.monitor.config import Config, LoadedConfig, ModelConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
 from tailmon.monitor.systemd import notify, watchdog_interval
@@ -239,6 +239,7 @@ class Daemon:
             timings["prompts_s"] = time.time() - t
             plan = self._plan(mon, seed, prompts)
             from tailmon.monitor.pipeline import attach_adapter_warnings
+            from tailmon.monitor.plan import monitor_extrapolations
 
             attach_adapter_warnings(engine, plan)
             from tqdm import tqdm
@@ -253,7 +254,7 @@ class Daemon:
             timings["estimate_s"] = time.time() - t
             data = report.to_dict()
             data["seed"] = seed
-            data["extrapolations"] = _extrapolations(report, mon)
+            data["extrapolations"] = monitor_extrapolations(report, mon)
             samples = _samples(report) if mon.estimator.store_samples else None
             timings["total_s"] = time.time() - started
             self.store.finish_run(run_id, "succeeded", report=data, timings=timings, samples=samples)
@@ -294,13 +295,10 @@ class Daemon:
         self.metrics.record_run(name, status, duration, ended or time.time(), by_role)
 
     def _draw_prompts(self, mon: MonitorConfig, seed: int):
-        from tailmon.monitor.sources import build_source, sample_prompts
+        from tailmon.monitor.plan import draw_prompts
 
-        src = mon.prompts
-        source = build_source(src, self.loaded.base_dir)
-        prompts = sample_prompts(source, src.per_run, seed, dedupe=src.dedupe, min_chars=src.min_chars,
-                                 max_chars=src.max_chars, stratify=src.stratify)
-        log.info("monitor %s: %d prompts from %s", mon.name, len(prompts), source.describe())
+        prompts, where = draw_prompts(self.loaded, mon, seed)
+        log.info("monitor %s: %d prompts from %s", mon.name, len(prompts), where)
         return prompts
 
     def _judge(self, spec: str):
@@ -314,31 +312,9 @@ class Daemon:
         return judge
 
     def _plan(self, mon: MonitorConfig, seed: int, prompts):
-        from tailmon.monitor.pipeline import EstimationPlan
-        from tailmon.proposals import default_proposals, parse_proposal
+        from tailmon.monitor.plan import plan_for_monitor
 
-        specs = [p.spec for p in mon.proposals]
-        weights = [p.weight for p in mon.proposals] or None
-        if mon.estimator.method == "is" and not specs:
-            # No proposal configured: the library's adversarial system prompts for the categories
-            # of this run's prompts (a fixed order for a given set, so a run replays).
-            specs, weights = default_proposals({p.category for p in prompts}), None
-        est = mon.estimator
-        volume = mon.volume
-        window = "1d" if volume is None or "1d" in volume.windows else volume.windows[0]
-        return EstimationPlan(
-            target=mon.model.target(),
-            judge=self._judge(mon.judge),
-            method=est.method,
-            proposals=[parse_proposal(s) for s in specs],
-            weights=weights,
-            defensive=est.defensive,
-            n_samples=est.samples,
-            seed=seed,
-            confidence=est.confidence,
-            volume=None if volume is None else _scaled(volume.per_day, window),
-            window=window,
-        )
+        return plan_for_monitor(mon, seed, prompts, judge=self._judge(mon.judge))
 
     # -- the service ----------------------------------------------------------------------------
 
@@ -534,23 +510,6 @@ def _counts(plan) -> list[int]:
     from tailmon.monitor.pipeline import allocate
 
     return allocate(plan.n_samples, [c.share for c in plan.components])
-
-
-def _scaled(per_day: float, window: str) -> float:
-    from tailmon.estimators import scale_volume
-
-    return scale_volume(per_day, window)
-
-
-def _extrapolations(report, mon: MonitorConfig) -> dict:
-    """Expected harmful outputs, P(at least one) and the worst query for every configured window."""
-    from tailmon.estimators import extrapolate
-
-    if mon.volume is None:
-        return {}
-    agg = report.aggregate()
-    ests = [r.estimate for r in report.results]
-    return {w: extrapolate(ests, agg, _scaled(mon.volume.per_day, w), w) for w in mon.volume.windows}
 
 
 def _samples(report) -> list[dict]:

@@ -52,6 +52,8 @@ class EstimationPlan:
     def __post_init__(self):
         if self.method not in METHODS:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
+            raise InputError(f"seed must be an integer >= 0, got {self.seed}")  # numpy's SeedSequence needs it
         if int(self.n_samples) != self.n_samples or self.n_samples < 1:
             raise InputError(f"samples per prompt must be an integer >= 1, got {self.n_samples}")
         if self.volume is not None and not self.volume >= 0:

@@ -45,27 +45,6 @@ def report(p_hat=1e-3, ci_low=5e-4, ci_high=2e-3, reliable=True, ess_wh=50.0, kh
                           "std_error": 1e-4, "n_harmful": 5, "reliable": reliable}}
 
 
-def write_config(tmp_path, model_dir, *, database=None, samples=20, alert_sinks=None, **monitor):
-    """A daemon config on the tiny model (as tests/monitor/test_daemon_runs.py writes it)."""
-    (tmp_path / "prompts.jsonl").write_text(
-        '{"prompt": "a b", "category": "x"}\n{"prompt": "ab!", "category": "y"}\n'
-        '{"prompt": "Sure a", "category": "x"}\n', encoding="utf-8")
-    mon = {
-        "name": "tiny",
-        "model": {"ref": str(model_dir), "max_new_tokens": 3, "batch_size": 16},
-        "prompts": {"type": "file", "path": "prompts.jsonl", "per_run": 3},
-        "judge": "prefix:Sure",
-        "proposals": ["system:Sure"],
-        "estimator": {"samples": samples, "defensive": 0.2, "seed": 7},
-        "volume": {"per_day": 1000000, "windows": ["1h", "1d"]},
-        "schedule": {"every": "1h"},
-    }
-    mon.update(monitor)
-    cfg = {"database": database or f"sqlite:///{tmp_path / 'tailmon.db'}", "metrics": {"port": 0},
-           "alert_sinks": alert_sinks or {}, "monitors": [mon]}
-    path = tmp_path / "tailmon.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
 
 
 @dataclass

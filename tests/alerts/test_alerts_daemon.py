@@ -8,7 +8,7 @@ import json
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
-from alerts_support import write_config
+from daemon_support import write_config
 from tailmon.monitor.cli import main
 from tailmon.monitor.config import load_config
 from tailmon.monitor.daemon import Daemon

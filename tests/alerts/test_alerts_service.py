@@ -13,7 +13,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alerts_support import write_config
+from daemon_support import write_config
 from tailmon.monitor.store import Store
 
 TAILMON = str(Path(sys.executable).with_name("tailmon"))

@@ -39,6 +39,7 @@ def one_error_line(result, *fragments):
         (["--proposal", "temperature:hot"], ["must be a number"]),
         (["--proposal", "lora:/nonexistent/adapter"], ["no LoRA adapter"]),
         (["--samples", "0"], ["samples per prompt must be an integer >= 1"]),
+        (["--seed", "-1"], ["seed must be an integer >= 0"]),
         (["--temperature", "0"], ["temperature must be > 0"]),
         (["--top-p", "1.5"], ["top_p must be in (0, 1]"]),
         (["--top-k", "-1"], ["top_k must be an integer >= 0"]),

@@ -59,6 +59,7 @@ def test_example_config_is_valid():
     ("monitors.0.estimator.samples", 0, "t.yaml: monitors[0].estimator.samples: "),
     ("monitors.0.estimator.defensive", 1.5, "t.yaml: monitors[0].estimator.defensive: "),
     ("monitors.0.estimator.method", "magic", "t.yaml: monitors[0].estimator.method: "),
+    ("monitors.0.estimator.seed", -1, "t.yaml: monitors[0].estimator.seed: "),
     ("monitors.0.model.top_p", 1.5, "t.yaml: monitors[0].model: top_p must be in (0, 1], got 1.5"),
     ("monitors.0.model.temperature", 0, "t.yaml: monitors[0].model: temperature must be > 0"),
     ("monitors.0.schedule", {"every": "6h", "cron": "* * * * *"}, "t.yaml: monitors[0].schedule: give exactly one"),

@@ -22,7 +22,7 @@ import yaml
 
 from tailmon.monitor.store import Store
 
-from test_daemon_runs import write_config  # noqa: E402  (tests/monitor is on sys.path under pytest)
+from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TAILMON = str(Path(sys.executable).with_name("tailmon"))
 

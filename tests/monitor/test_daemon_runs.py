@@ -7,7 +7,6 @@ import shutil
 import time
 
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
 from tailmon.monitor.config import load_config
@@ -15,27 +14,7 @@ from tailmon.monitor.daemon import Daemon
 from tailmon.monitor.metrics import Metrics
 from tailmon.monitor.store import Store
 
-
-def write_config(tmp_path, model_dir, *, database=None, samples=20, **monitor):
-    (tmp_path / "prompts.jsonl").write_text(
-        '{"prompt": "a b", "category": "x"}\n{"prompt": "ab!", "category": "y"}\n'
-        '{"prompt": "Sure a", "category": "x"}\n', encoding="utf-8")
-    mon = {
-        "name": "tiny",
-        "model": {"ref": str(model_dir), "max_new_tokens": 3, "batch_size": 16},
-        "prompts": {"type": "file", "path": "prompts.jsonl", "per_run": 3},
-        "judge": "prefix:Sure",
-        "proposals": ["system:Sure"],
-        "estimator": {"samples": samples, "defensive": 0.2, "seed": 7},
-        "volume": {"per_day": 1000000, "windows": ["1h", "1d"]},
-        "schedule": {"every": "1h"},
-    }
-    mon.update(monitor)
-    cfg = {"database": database or f"sqlite:///{tmp_path / 'tailmon.db'}", "metrics": {"port": 0},
-           "monitors": [mon]}
-    path = tmp_path / "tailmon.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture

@@ -1,0 +1,34 @@
+"""A daemon config on the tiny model, shared by the daemon and alert tests.
+
+Test modules cannot import a conftest; tests/ is on sys.path (pytest puts a rootless conftest's
+folder there), so `from daemon_support import write_config` works from every test folder.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+PROMPTS = ('{"prompt": "a b", "category": "x"}\n{"prompt": "ab!", "category": "y"}\n'
+           '{"prompt": "Sure a", "category": "x"}\n')
+
+
+def write_config(tmp_path, model_dir, *, database=None, samples=20, alert_sinks=None, **monitor):
+    """Write tmp_path/tailmon.yaml: one monitor 'tiny' on `model_dir`; keyword arguments replace
+    the monitor's keys. Returns the path."""
+    (tmp_path / "prompts.jsonl").write_text(PROMPTS, encoding="utf-8")
+    mon = {
+        "name": "tiny",
+        "model": {"ref": str(model_dir), "max_new_tokens": 3, "batch_size": 16},
+        "prompts": {"type": "file", "path": "prompts.jsonl", "per_run": 3},
+        "judge": "prefix:Sure",
+        "proposals": ["system:Sure"],
+        "estimator": {"samples": samples, "defensive": 0.2, "seed": 7},
+        "volume": {"per_day": 1000000, "windows": ["1h", "1d"]},
+        "schedule": {"every": "1h"},
+    }
+    mon.update(monitor)
+    cfg = {"database": database or f"sqlite:///{tmp_path / 'tailmon.db'}", "metrics": {"port": 0},
+           "alert_sinks": alert_sinks or {}, "monitors": [mon]}
+    path = tmp_path / "tailmon.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
