@@ -17,7 +17,6 @@ from tailmon.engines.base import Engine, Variant
 from tailmon.estimators import (
     Estimate,
     aggregate,
-    balance_log_weights,
     extrapolate,
     importance_sampling,
     monte_carlo,
@@ -27,6 +26,7 @@ from tailmon.errors import InputError
 from tailmon.judges import Judge
 from tailmon.monitor.prompts import PromptItem
 from tailmon.proposals import Component, Proposal, build_mixture
+from tailmon.proposals.sampling import allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
 
 METHODS = ("is", "mc")
 
@@ -67,15 +67,6 @@ class EstimationPlan:
             self.components = [Component("target", self.target, 1.0)]
 
 
-def allocate(n: int, shares: Sequence[float]) -> list[int]:
-    """Integer sample counts n_j close to share_j * n (largest remainder), summing to n."""
-    raw = np.asarray(shares, dtype=float) * n
-    counts = np.floor(raw).astype(int)
-    for j in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
-        counts[j] += 1
-    return counts.tolist()
-
-
 def component_seed(seed: int, prompt: str, j: int) -> int:
     """Seed for one prompt and component: independent of prompt order, so reruns match."""
     return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), j]).generate_state(1)[0])
@@ -97,51 +88,20 @@ class PromptResult:
 def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
                     progress: Callable[[int], None] | None = None) -> PromptResult:
     comps = plan.components
-    counts = allocate(plan.n_samples, [c.share for c in comps])
-    ids: list[list[int]] = []
-    drawn_by: list[int] = []
-    own_logq: list[float] = []
-    for j, (comp, n_j) in enumerate(zip(comps, counts)):
-        if n_j == 0:
-            continue
-        samples = engine.sample(prompt.text, comp.variant, n_j, component_seed(plan.seed, prompt.text, j))
-        ids += samples.token_ids
-        own_logq += samples.logprobs.tolist()
-        drawn_by += [j] * n_j
-        if progress:
-            progress(n_j)
-    drawn = np.asarray(drawn_by)
-    texts = [engine.decode(r) for r in ids]
-    scores = plan.judge.score([prompt.text] * len(texts), texts)
-
+    d = draw(engine, prompt.text, [c.variant for c in comps], [c.share for c in comps], plan.n_samples,
+             seed=lambda j: component_seed(plan.seed, prompt.text, j), judge=plan.judge, progress=progress,
+             score_all=False)
     if plan.method == "mc":
-        est = monte_carlo(scores, confidence=plan.confidence)
-        return PromptResult(prompt, est, texts, scores, None, drawn)
-
-    # log q_j(y_i) for every sample and every component with a share, and log p for all samples.
+        est = monte_carlo(d.scores, confidence=plan.confidence)
+        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn)
     # The realised shares n_j / n (not the nominal ones) make the estimator exactly unbiased.
-    shares = np.asarray(counts, dtype=float) / plan.n_samples
-    needed = [j for j in range(len(comps)) if shares[j] > 0 or j == 0]
-    logq = np.full((len(ids), len(comps)), -np.inf)
-    logq[np.arange(len(ids)), drawn] = own_logq
-    for j in needed:
-        rows = np.flatnonzero(drawn != j)
-        if rows.size:
-            logq[rows, j] = _score_unique(engine, prompt.text, comps[j].variant, [ids[i] for i in rows])
-    log_w = balance_log_weights(logq[:, 0], logq, shares)
-    est = importance_sampling(log_w, scores, component=drawn, defensive=float(shares[0]), confidence=plan.confidence)
+    log_w = d.log_w
+    est = importance_sampling(log_w, d.scores, component=d.drawn, defensive=float(d.shares[0]),
+                              confidence=plan.confidence)
     notes = tuple(c.note for c in comps if c.note)
     if notes:
         est = _with_warnings(est, notes)
-    return PromptResult(prompt, est, texts, scores, log_w, drawn)
-
-
-def _score_unique(engine: Engine, prompt: str, variant: Variant, responses: list[list[int]]) -> np.ndarray:
-    """Score each distinct response once (short responses repeat often)."""
-    keys = [tuple(r) for r in responses]
-    unique = list(dict.fromkeys(keys))
-    values = dict(zip(unique, engine.score(prompt, variant, [list(k) for k in unique])))
-    return np.array([values[k] for k in keys])
+    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn)
 
 
 def _with_warnings(est: Estimate, extra: tuple[str, ...]) -> Estimate:

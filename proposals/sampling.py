@@ -1,11 +1,11 @@
-"""Weighted draws from a defensive mixture, for building proposals (CEM training, tuning).
+"""Weighted draws from a defensive mixture: the sampling core of the estimation pipeline
+(tailmon.monitor.pipeline) and of building proposals (CEM training, tuning).
 
-The estimation pipeline (tailmon.monitor.pipeline) has its own copy of this loop; proposals
-cannot import the monitor package (data flows monitor -> proposals), and building a proposal
-needs what the pipeline's results do not keep: the token ids of every sample and its log-prob
-under every component. The rules are the pipeline's: fixed counts per component by largest
-remainder, each sample scored under every other component on the same token ids, balance
-heuristic with the realised shares n_j / n.
+Fixed counts per component by largest remainder, each sample scored under every other component
+on the same token ids (its own log-prob comes from sampling), balance-heuristic weights with the
+realised shares n_j / n. It lives here rather than in the monitor package because building a
+proposal needs it and data flows monitor -> proposals; a `Draw` keeps what proposal building needs
+beyond an estimate: the token ids of every sample and its log-prob under every component.
 """
 
 from __future__ import annotations
