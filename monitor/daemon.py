@@ -426,7 +426,10 @@ class Daemon:
         except InputError as exc:
             log.error("config reload refused, keeping the running config: %s", exc)
             return
+        gone = {m.name for m in self.config.monitors} - {m.name for m in loaded.config.monitors}
         self.loaded = loaded
+        for name in gone:  # a removed monitor's series would otherwise linger until a restart
+            self.metrics.forget_monitor(name)
         for job in self._scheduler.get_jobs():
             job.remove()
         for mon in self.config.monitors:

@@ -90,6 +90,18 @@ class Metrics:
             self.samples.labels(monitor, role)
         self.running.labels(monitor).set(0)
 
+    def forget_monitor(self, monitor: str) -> None:
+        """Remove every series of a monitor (it left the config): Prometheus then sees it gone."""
+        for metric in vars(self).values():
+            names = getattr(metric, "_labelnames", ())
+            if "monitor" not in names:
+                continue
+            i = names.index("monitor")
+            # prometheus_client has no public way to list a metric's children; _metrics is its dict.
+            for labels in [k for k in list(metric._metrics) if k[i] == monitor]:
+                metric.remove(*labels)
+        self._model_labels.pop(monitor, None)
+
     def set_model(self, monitor: str, model: str, version: int) -> None:
         old = self._model_labels.get(monitor)
         if old is not None and old != (monitor, model, str(version)):

@@ -113,3 +113,17 @@ def test_port_in_use_is_a_clear_failure(metrics):
             MetricsServer(metrics, "127.0.0.1", first.port)
     finally:
         first.stop()
+
+
+def test_forget_monitor_removes_all_its_series(metrics):
+    for name in ("prod", "staging"):
+        metrics.init_monitor(name)
+        metrics.record_figures(name, REPORT)
+        metrics.record_run(name, "succeeded", 10.0, 1.0, {"target": 1})
+        metrics.set_model(name, "m", 1)
+    metrics.alert_state.labels("prod", "r", "warning").set(2)
+    metrics.forget_monitor("prod")
+    text = metrics.exposition().decode()
+    assert 'monitor="prod"' not in text
+    assert 'tailmon_harm_probability{monitor="staging"}' in text
+    assert 'tailmon_runs_total{monitor="staging",status="succeeded"} 1.0' in text
