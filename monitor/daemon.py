@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tailmon.errors import InputError, TailmonError
 from tailmon.monitor.config import Config, LoadedConfig, ModelConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
+from tailmon.monitor.pipeline import allocate, attach_adapter_warnings, run_estimation
+from tailmon.monitor.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
 from tailmon.monitor.systemd import notify, watchdog_interval
 
 log = logging.getLogger("tailmon.daemon")
@@ -238,14 +241,7 @@ class Daemon:
             prompts = self._draw_prompts(mon, seed)
             timings["prompts_s"] = time.time() - t
             plan = self._plan(mon, seed, prompts)
-            from tailmon.monitor.pipeline import attach_adapter_warnings
-            from tailmon.monitor.plan import monitor_extrapolations
-
             attach_adapter_warnings(engine, plan)
-            from tqdm import tqdm
-
-            from tailmon.monitor.pipeline import run_estimation
-
             t = time.time()
             with tqdm(total=len(prompts) * plan.n_samples, desc=name, unit="sample", disable=not self.progress,
                       leave=False) as bar:
@@ -295,8 +291,6 @@ class Daemon:
         self.metrics.record_run(name, status, duration, ended or time.time(), by_role)
 
     def _draw_prompts(self, mon: MonitorConfig, seed: int):
-        from tailmon.monitor.plan import draw_prompts
-
         prompts, where = draw_prompts(self.loaded, mon, seed)
         log.info("monitor %s: %d prompts from %s", mon.name, len(prompts), where)
         return prompts
@@ -312,8 +306,6 @@ class Daemon:
         return judge
 
     def _plan(self, mon: MonitorConfig, seed: int, prompts):
-        from tailmon.monitor.plan import plan_for_monitor
-
         return plan_for_monitor(mon, seed, prompts, judge=self._judge(mon.judge))
 
     # -- the service ----------------------------------------------------------------------------
@@ -510,8 +502,6 @@ class _Heartbeat(threading.Thread):
 
 
 def _counts(plan) -> list[int]:
-    from tailmon.monitor.pipeline import allocate
-
     return allocate(plan.n_samples, [c.share for c in plan.components])
 
 
