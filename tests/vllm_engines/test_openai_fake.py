@@ -1,0 +1,154 @@
+"""The OpenAI engine's fleet behaviour against scripted servers on loopback (no vLLM needed: these
+run in the main environment too). Each fake replica answers /v1/completions as vLLM does, with
+the behaviour a test gives it: raw log-prob mode, a failure status, a delay (to count the
+requests in flight)."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from tailmon.engines.base import Decoding, Variant
+from tailmon.errors import InputError, RuntimeFailure
+
+SAMPLED = [7, 8, 1]  # " here", " is", EOS in the tiny vocabulary (tests/conftest.py)
+
+
+class Replica:
+    def __init__(self, *, check_logprob=0.0, fail_first=0, status=503, delay=0.0):
+        self.check_logprob, self.fail_first, self.status, self.delay = check_logprob, fail_first, status, delay
+        self.requests, self.in_flight, self.max_in_flight = [], 0, 0
+        self.lock = threading.Lock()
+        replica = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with replica.lock:
+                    replica.requests.append(body)
+                    failing = len(replica.requests) <= replica.fail_first
+                    replica.in_flight += 1
+                    replica.max_in_flight = max(replica.max_in_flight, replica.in_flight)
+                try:
+                    time.sleep(replica.delay)
+                    if failing:
+                        self.send_response(replica.status)
+                        self.end_headers()
+                        self.wfile.write(b'{"error": "scripted failure"}')
+                        return
+                    if body.get("top_k") == 1 and body["max_tokens"] == 1:  # the mode check
+                        choices = [{"index": 0, "token_ids": [7], "logprobs": {"token_logprobs": [replica.check_logprob]}}]
+                    else:
+                        choices = [{"index": i, "token_ids": SAMPLED, "logprobs": {"token_logprobs": [-0.5, -0.25, -0.125]}}
+                                   for i in range(body["n"])]
+                    data = json.dumps({"choices": choices}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                finally:
+                    with replica.lock:
+                        replica.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def replicas():
+    made = []
+
+    def make(**kwargs):
+        made.append(Replica(**kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def engine_for(tiny_tokenizer, urls, **kwargs):
+    from tailmon.engines.openai import OpenAIEngine
+
+    kwargs.setdefault("backoff", 0.01)
+    return OpenAIEngine(urls, "served", tiny_tokenizer, timeout=5, **kwargs)
+
+
+VARIANT = Variant("t", Decoding(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=3))
+
+
+def test_sampling_request_and_result(tiny_tokenizer, replicas):
+    r = replicas()
+    eng = engine_for(tiny_tokenizer, [r.url])
+    samples = eng.sample("ab", VARIANT, 3, seed=4)
+    assert samples.token_ids == [SAMPLED] * 3 and samples.finished == [True] * 3
+    np.testing.assert_allclose(samples.logprobs, -0.875)
+    body = r.requests[-1]
+    # token ids as rendered by the transformers engine's code, the deployed decoding, top-k on
+    assert body["prompt"] == eng.prompt_ids("ab")
+    assert (body["temperature"], body["top_p"], body["top_k"], body["max_tokens"]) == (0.7, 0.9, 5, 3)
+    assert body["logprobs"] == 0 and body["return_token_ids"] and body["stop_token_ids"] == [1]
+
+
+def test_a_replica_in_raw_mode_is_refused(tiny_tokenizer, replicas):
+    r = replicas(check_logprob=-0.31)
+    with pytest.raises(InputError, match="--logprobs-mode processed_logprobs"):
+        engine_for(tiny_tokenizer, [r.url]).sample("ab", VARIANT, 1, seed=0)
+
+
+def test_failures_move_to_the_next_replica(tiny_tokenizer, replicas):
+    flaky, healthy = replicas(fail_first=100), replicas()
+    eng = engine_for(tiny_tokenizer, [flaky.url, healthy.url], retries=3)
+    eng._checked.add((flaky.url, "served"))  # only the sampling requests are under test here
+    samples = eng.sample("ab", VARIANT, 2, seed=0)
+    assert len(samples) == 2
+    assert flaky.requests and len(healthy.requests) >= 2  # the mode check and the retried request
+
+
+def test_a_client_error_is_not_retried(tiny_tokenizer, replicas):
+    bad = replicas(fail_first=100, status=400)
+    eng = engine_for(tiny_tokenizer, [bad.url], retries=3)
+    with pytest.raises(InputError, match="refused the request"):
+        eng.sample("ab", VARIANT, 1, seed=0)
+    assert len(bad.requests) == 1
+
+
+def test_every_replica_down_names_them_all(tiny_tokenizer, replicas):
+    a, b = replicas(fail_first=100), replicas(fail_first=100)
+    eng = engine_for(tiny_tokenizer, [a.url, b.url], retries=4)
+    with pytest.raises(RuntimeFailure, match="after 4 tries") as info:
+        eng.sample("ab", VARIANT, 1, seed=0)
+    assert a.url in str(info.value) and b.url in str(info.value) and "HTTP 503" in str(info.value)
+    assert len(a.requests) == 2 and len(b.requests) == 2  # alternating, with backoff between
+
+
+def test_concurrency_is_bounded_and_spread(tiny_tokenizer, replicas):
+    a, b = replicas(delay=0.2), replicas(delay=0.2)
+    eng = engine_for(tiny_tokenizer, [a.url, b.url], max_concurrency=3, sample_chunk=2)
+    eng.check_replicas()
+    samples = eng.sample("ab", VARIANT, 16, seed=0)  # 8 requests of 2
+    assert len(samples) == 16
+    assert a.max_in_flight + b.max_in_flight <= 3 + 1  # each replica's peak; together <= the bound + 1
+    assert len(a.requests) >= 4 and len(b.requests) >= 4  # round-robin: 1 check + 4 each
+
+
+def test_steering_and_scaled_lora_are_refused(tiny_tokenizer, replicas):
+    from tailmon.engines.base import Steering
+
+    eng = engine_for(tiny_tokenizer, [replicas().url])
+    with pytest.raises(InputError, match="steering needs the transformers engine"):
+        eng.sample("ab", Variant("s", VARIANT.decoding, steering=Steering("add", "x", 1.0)), 1, seed=0)
+    with pytest.raises(InputError, match="scale"):
+        eng.sample("ab", Variant("l", VARIANT.decoding, adapter="unsafe-v1", adapter_scale=0.5), 1, seed=0)

