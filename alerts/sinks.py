@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -70,12 +71,15 @@ class Delivery:
     error: str | None = None
 
 
-class Sink:
+class Sink(ABC):
+    """Where notifications go; `deliver` runs on the sink's own worker thread."""
+
     def __init__(self, name: str, config: SinkConfig):
         self.name, self.config = name, config
 
+    @abstractmethod
     def deliver(self, n: Notification, cancel: threading.Event) -> Delivery:
-        raise NotImplementedError
+        """Send one notification (giving up early when `cancel` is set); never raises."""
 
 
 class LogSink(Sink):
@@ -87,8 +91,9 @@ class LogSink(Sink):
 
 
 class _HttpSink(Sink):
+    @abstractmethod
     def body(self, n: Notification) -> bytes:
-        raise NotImplementedError
+        """The request body for this receiver's protocol."""
 
     def endpoint(self) -> str:
         return self.config.url
