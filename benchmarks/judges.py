@@ -24,15 +24,16 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, machine, versions  # noqa: E402  (the shared results format)
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,39 +95,6 @@ def make_pairs(n: int, seed: int) -> tuple[list[str], list[str]]:
             text = " ".join([str(rng.choice(OPENINGS)), *map(str, steps)])
         responses.append(f"{text} (#{i})")  # the counter keeps every pair distinct
     return prompts, responses
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
-            "platform": platform.platform()}
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15-minute load averages: on shared cores they say how busy the machine was."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("tailmon", "torch", "transformers", "numpy", "alt-profanity-check",
-                 "scikit-learn"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def time_judge(spec: str, prompts: list[str], responses: list[str], repeats: int) -> dict:

@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data" / "proposals_prompts.json"
 sys.path.insert(0, str(HERE))
-from judges import load_average, machine, versions  # noqa: E402  (same machine/version records)
+from common import load_average, machine, versions  # noqa: E402  (the shared results format)
 
 TAILMON = [sys.executable, "-m", "tailmon"]
 
