@@ -18,9 +18,10 @@ Log-probs follow the in-process engine (`tailmon.engines.vllm`, whose docstring 
   Those rows are large over HTTP (V floats per position, ~1 MB of JSON each for a 49k vocabulary),
   so such scoring is slow: prefer T = 1 proposals, or the in-process engines, where it matters.
 
-LoRA variants are served adapters: a variant's `adapter` is the served model name of the adapter
-(`vllm serve ... --enable-lora --lora-modules NAME=PATH`). Steering is refused (it needs the
-transformers engine).
+LoRA variants are served adapters (`vllm serve ... --enable-lora --lora-modules NAME=PATH`): a
+variant's `adapter` is a local adapter folder mapped to its served NAME by `adapters` (what a
+`lora:PATH` proposal gives; the local copy is the one tailmon's adapter checks read), or the served
+NAME itself. Steering is refused (it needs the transformers engine).
 
 Fleet behaviour: at most `max_concurrency` requests in flight in all; requests are spread round-
 robin over the replicas; a request that fails with a connection error, a timeout or a 5xx/429
@@ -43,7 +44,8 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,9 +71,11 @@ class OpenAIEngine(ChatEngine):
     def __init__(self, base_urls: Sequence[str] | str, model: str, tokenizer, *, model_id: str | None = None,
                  api_key: str | None = None, max_concurrency: int = 8, timeout: float = 120.0, retries: int = 4,
                  backoff: float = 0.5, stop_token_ids: Sequence[int] | None = None, vocab_size: int | None = None,
-                 sample_chunk: int = SAMPLE_CHUNK):
+                 sample_chunk: int = SAMPLE_CHUNK, adapters: Mapping[str, str] | None = None):
         """`base_urls`: the servers' roots (`http://host:8000`; a trailing `/v1` is accepted);
-        `model`: the served name of the base model; `tokenizer`: a transformers tokenizer of it."""
+        `model`: the served name of the base model; `tokenizer`: a transformers tokenizer of it;
+        `adapters`: served adapter name -> local adapter folder, as the servers were started with
+        (`--lora-modules NAME=PATH`), so that a `lora:PATH` proposal finds its served name."""
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise InputError("the openai engine needs at least one base URL")
@@ -82,6 +86,7 @@ class OpenAIEngine(ChatEngine):
         if max_concurrency < 1 or retries < 1 or timeout <= 0:
             raise InputError("max_concurrency and retries must be >= 1 and timeout > 0")
         self.model = model
+        self._adapter_names = {_folder_key(path): name for name, path in (adapters or {}).items()}
         self._api_key = api_key
         self._timeout = float(timeout)
         self._retries = int(retries)
@@ -173,7 +178,13 @@ class OpenAIEngine(ChatEngine):
         if variant.adapter_scale != 1.0:
             raise InputError(f"LoRA adapter '{variant.adapter}' at scale {variant.adapter_scale}: vLLM serves "
                              "adapters at their trained scale only; use scale 1 or the transformers engine")
-        return variant.adapter
+        served = self._adapter_names.get(_folder_key(variant.adapter))
+        if served is not None:
+            return served
+        if Path(variant.adapter).exists():
+            raise InputError(f"LoRA adapter {variant.adapter} is not among the served adapters: start the servers with "
+                             f"--lora-modules NAME={variant.adapter} and map NAME to it (served_adapters)")
+        return variant.adapter  # a served adapter's name itself
 
     def check_replicas(self, served: str | None = None):
         """Refuse any replica whose sampled log-probs are not processed ones (module docstring)."""
@@ -279,3 +290,7 @@ class OpenAIEngine(ChatEngine):
         if not blocks:
             return np.zeros((0, self._vocab))
         return vllm_style_processed_logprobs(torch.cat(blocks), variant.decoding).double().numpy()
+
+
+def _folder_key(path: str) -> str:
+    return str(Path(path).expanduser().resolve())

@@ -155,5 +155,5 @@ def estimate_with_budget(engine: Engine, plan: EstimationPlan, prompts: Sequence
     results = [estimate_prompt(engine, replace(plan, n_samples=n), p, progress) for p, n in zip(prompts, counts)]
     allocation = [PromptAllocation(p.text, n0, r.estimate.p_hat, r.estimate.n_harmful, s, n)
                   for p, r, s, n in zip(prompts, pilots, sigmas, counts)]
-    return BudgetReport(EstimationReport(engine.model_id, plan, results), int(budget), float(pilot_share),
+    return BudgetReport(EstimationReport(engine.model_id, plan, results, engine.name), int(budget), float(pilot_share),
                         int(floor), allocation)

@@ -99,13 +99,22 @@ Progress = Callable[[int], None]
 
 
 def model_settings(mon: MonitorConfig, ref: str, system_prompt: str | None = None) -> ModelConfig:
-    """The monitor's model settings (decoding, device, dtype) for another checkpoint `ref`.
+    """The monitor's model settings (decoding, engine, device, dtype) for another checkpoint `ref`.
 
-    The deployed system prompt stays the monitor's unless `system_prompt` is given."""
+    The deployed system prompt stays the monitor's unless `system_prompt` is given. With the
+    openai engine another checkpoint is served under its own name: `ref` is then both the local
+    tokenizer copy and the served name."""
     update = {"ref": ref}
     if system_prompt is not None:
         update["system_prompt"] = system_prompt
+    if mon.model.engine == "openai" and ref != mon.model.ref:
+        update["served_model"] = None
     return mon.model.model_copy(update=update)
+
+
+def paraphraser_settings(mon: MonitorConfig, ref: str) -> ModelConfig:
+    """A paraphrasing model runs locally on the transformers engine, whatever serves the monitor."""
+    return ModelConfig(ref=ref, device=mon.model.device, dtype=mon.model.dtype, batch_size=mon.model.batch_size)
 
 
 def check_model_ref(mc: ModelConfig, role: str) -> None:
@@ -118,17 +127,13 @@ def check_model_ref(mc: ModelConfig, role: str) -> None:
         raise InputError(f"{role} model: {exc}") from None
 
 
-def load_engine(mc: ModelConfig, role: str):
-    """A transformers engine for `mc`; a failure names the role ('candidate model ...')."""
-    check_model_ref(mc, role)
-    from tailmon.engines.hf import TransformersEngine
+def load_engine(mc: ModelConfig, role: str, *, enable_lora: bool = False):
+    """The engine `mc` names (transformers, vllm or openai); a failure names the role
+    ('candidate model ...')."""
+    from tailmon.engines.loading import load_engine as load
 
-    try:
-        return TransformersEngine.load(mc.ref, device=mc.device, dtype=mc.dtype, batch_size=mc.batch_size)
-    except RuntimeFailure as exc:  # transformers' messages span lines: one line, as every error
-        raise RuntimeFailure(f"{role} {' '.join(str(exc).split())}") from exc
-    except InputError as exc:
-        raise InputError(f"{role} model: {' '.join(str(exc).split())}") from exc
+    check_model_ref(mc, role)
+    return load(mc.engine_settings(enable_lora=enable_lora), role=role)
 
 
 def estimate_role(engine, plan: EstimationPlan, prompts: Sequence[PromptItem], role: str,
@@ -584,12 +589,14 @@ def run_check(mon: MonitorConfig, prompts: Sequence[PromptItem], *, candidate: M
     judge = parse_judge(mon.judge)  # one judge for both sides: the same scorer, one model load
     cand_plan = plan_for_monitor(mon, seed, prompts, model=candidate, judge=judge)
     base_plan = plan_for_monitor(mon, seed, prompts, model=baseline, judge=judge) if baseline is not None else None
-    engines: dict[tuple, object] = {}
+    engines: dict[object, object] = {}
+
+    lora = mon.engine_settings().enable_lora
 
     def engine_for(mc: ModelConfig, role: str):
-        key = (mc.ref, mc.device, mc.dtype, mc.batch_size)
+        key = mc.engine_settings(enable_lora=lora)
         if key not in engines:  # candidate and baseline on one checkpoint share one engine
-            engines[key] = load(mc, role)
+            engines[key] = load(mc, role, enable_lora=lora)
         return engines[key]
 
     cand_engine = engine_for(candidate, "candidate")

@@ -515,6 +515,14 @@ def _read_prompts(prompt_texts, prompts_file):
 @click.option("--window", default="1d", show_default=True, help="The window of --volume: 1h, 1d, 7d, ...")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Sequences per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the model.")
+@click.option("--engine", "engine_kind", type=click.Choice(["transformers", "vllm", "openai"]), default="transformers",
+              show_default=True,
+              help="What runs the model: transformers in this process, vLLM in this process, or OpenAI-compatible "
+                   "vLLM servers (--base-url; --model is then a local copy of the served model's tokenizer).")
+@click.option("--base-url", "base_urls", multiple=True, metavar="URL",
+              help="With --engine openai: a vLLM server's root, e.g. http://gpu1:8000 (repeat for each replica).")
+@click.option("--served-model", default=None, metavar="NAME",
+              help="With --engine openai: the base model's served name.  [default: --model]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the JSON report to this file.")
@@ -533,7 +541,8 @@ def _read_prompts(prompt_texts, prompts_file):
               help="With --budget: main samples per prompt at least (default: the pilot size per prompt).")
 def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, proposal_specs, defensive, method,
              samples, max_new_tokens, temperature, top_p, top_k, seed, volume, window, batch_size, device,
-             fmt, output, quiet, tune, tune_samples, tune_file, budget, pilot_share, floor):
+             engine_kind, base_urls, served_model, fmt, output, quiet, tune, tune_samples, tune_file, budget,
+             pilot_share, floor):
     """Estimate P(harmful response) for each prompt, with 95% intervals and weight diagnostics.
 
     The harm probability of a prompt is E[judge score] over the deployed sampling distribution
@@ -560,9 +569,15 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     from tailmon.monitor.report import render_table
     from tailmon.proposals import parse_proposal
 
+    from tailmon.engines.loading import EngineSettings, check_proposals, load_engine
+
     # Everything the user typed is checked before a model is loaded.
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    settings = EngineSettings(engine=engine_kind, ref=model, device=device, batch_size=batch_size,
+                              base_urls=tuple(base_urls), served_model=served_model,
+                              enable_lora=any(s.split(":", 1)[0].strip() == "lora" for s in proposal_specs))
+    check_proposals(engine_kind, proposal_specs)
     decoding = Decoding(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
     candidates = None
     if tune:
@@ -589,14 +604,9 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     tune_prompts = _prompt_texts((), tune_file, "tuning prompts") if tune and tune_file else None
     if budget is not None and not 0 < pilot_share < 1:
         raise InputError(f"--pilot-share must be in (0, 1), got {pilot_share}")
-    from tailmon.engines.models import resolve
-
-    resolve(model)  # an unknown model is an input error, found before the slow imports
-    from tailmon.engines.hf import TransformersEngine
-
     if not quiet:
-        click.echo(f"loading {model or 'smollm2-135m-instruct'} ...", err=True)
-    engine = TransformersEngine.load(model, device=device, batch_size=batch_size)
+        click.echo(f"loading {model or 'smollm2-135m-instruct'} ({engine_kind}) ...", err=True)
+    engine = load_engine(settings)
     tuned = None
     if tune:
         from dataclasses import replace

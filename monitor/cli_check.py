@@ -61,12 +61,12 @@ def _with_paraphraser(popts, paraphraser_ref, mon):
     test write the paraphrases."""
     from dataclasses import replace
 
-    from tailmon.monitor.check import load_engine, model_settings
+    from tailmon.monitor.check import load_engine, paraphraser_settings
     from tailmon.monitor.perturb import Paraphraser
 
     if paraphraser_ref is None:
         return popts
-    engine = load_engine(model_settings(mon, paraphraser_ref), "paraphraser")
+    engine = load_engine(paraphraser_settings(mon, paraphraser_ref), "paraphraser")
     return replace(popts, paraphraser=Paraphraser(engine, model_ref=paraphraser_ref,
                                                   max_new_tokens=popts.paraphrase_tokens))
 
@@ -162,7 +162,7 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
           --baseline ./checkpoints/v1 --max-p 1e-3 --max-ratio 1.5 \\
           --report-dir tailmon-report --junit tailmon-junit.xml
     """
-    from tailmon.monitor.check import GateOptions, check_model_ref, model_settings, run_check
+    from tailmon.monitor.check import GateOptions, check_model_ref, model_settings, paraphraser_settings, run_check
     from tailmon.monitor.check_report import prepare_dir, render_markdown, render_table, write_check_reports
     from tailmon.monitor.config import load_config
 
@@ -193,7 +193,7 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     if baseline is not None:
         check_model_ref(baseline, "baseline")
     if paraphraser_ref is not None:
-        check_model_ref(model_settings(mon, paraphraser_ref), "paraphraser")
+        check_model_ref(paraphraser_settings(mon, paraphraser_ref), "paraphraser")
     prompts, source = _prompts(loaded, mon, prompts_file, seed)
     if popts is not None:
         # The default paraphraser is the candidate itself (loaded by run_check).
@@ -254,7 +254,7 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
       tailmon sensitivity --config tailmon.yaml --perturbations typo,wrapper,paraphrase \\
           --variants 3 --report-dir sensitivity-report
     """
-    from tailmon.monitor.check import check_model_ref, load_engine, model_settings
+    from tailmon.monitor.check import check_model_ref, load_engine, model_settings, paraphraser_settings
     from tailmon.monitor.plan import plan_for_monitor
     from tailmon.monitor.check_report import (prepare_dir, render_sensitivity_report, sensitivity_table,
                                               write_sensitivity_reports)
@@ -270,10 +270,10 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
     mc = model_settings(mon, model_ref or mon.model.ref, system_prompt)
     check_model_ref(mc, "model")
     if paraphraser_ref is not None:
-        check_model_ref(model_settings(mon, paraphraser_ref), "paraphraser")
+        check_model_ref(paraphraser_settings(mon, paraphraser_ref), "paraphraser")
     prompts, _ = _prompts(loaded, mon, prompts_file, seed)
     plan = plan_for_monitor(mon, seed, prompts, model=mc)
-    engine = load_engine(mc, "model")
+    engine = load_engine(mc, "model", enable_lora=mon.engine_settings().enable_lora)
     popts = _with_paraphraser(popts, paraphraser_ref, mon)
     with _bar(0, "sensitivity", quiet) as bar:
         sens = run_sensitivity(engine, plan, prompts, popts, progress=bar.update, add_total=_grow(bar))

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,9 @@ from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import InputError
 from tailmon.estimators import parse_window
 from tailmon.monitor.sources import SourceConfig
+
+if TYPE_CHECKING:
+    from tailmon.engines.loading import EngineSettings
 
 DEFAULT_METRICS_PORT = 9477
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
@@ -52,22 +55,76 @@ def _duration(value: str, what: str) -> str:
 
 
 class ModelConfig(_Strict):
-    """The deployed model exactly as production serves it."""
+    """The deployed model exactly as production serves it, and the engine that runs it."""
 
     ref: str = "smollm2-135m-instruct"
+    """The checkpoint; with engine 'openai', a local copy of the served model (its tokenizer)."""
     system_prompt: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
+    engine: Literal["transformers", "vllm", "openai"] = "transformers"
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = Field(64, ge=1)
+    base_urls: tuple[str, ...] = ()
+    """openai: the vLLM servers' roots, one per replica (or a load balancer's)."""
+    served_model: str | None = None
+    """openai: the base model's served name (`--served-model-name`); default: ref."""
+    served_adapters: tuple[tuple[str, str], ...] = ()
+    """openai: served adapter name -> local adapter folder, as in `--lora-modules NAME=PATH` (a
+    mapping in YAML; kept as sorted pairs so that the settings stay hashable)."""
+    api_key_env: str | None = None
+    """openai: environment variable holding the servers' API key (never the key itself: the
+    monitor's settings are stored with every run)."""
+    max_concurrency: int = Field(8, ge=1)
+    request_timeout: float = Field(120.0, gt=0)
+    """openai: seconds before a request counts as failed (and goes to the next replica)."""
+    retries: int = Field(4, ge=1)
+
+    @field_validator("base_urls")
+    @classmethod
+    def _urls(cls, urls):
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"a base URL must start with http:// or https://, got {url!r}")
+        return urls
+
+    @field_validator("served_adapters", mode="before")
+    @classmethod
+    def _adapters(cls, value):
+        if isinstance(value, dict):
+            return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, name: str | None) -> str | None:
+        if name is not None and not re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", name):
+            raise ValueError("api_key_env must be the name of an environment variable (e.g. VLLM_API_KEY)")
+        if name is not None and not os.environ.get(name):
+            raise ValueError(f"environment variable {name} (the servers' API key) is not set or empty")
+        return name
 
     @model_validator(mode="after")
     def _decoding_valid(self):
         self.decoding()  # Decoding's own checks, with its messages
+        self.engine_settings()  # the engine's own checks (base URLs only with openai, ...)
         return self
+
+    def engine_settings(self, *, enable_lora: bool = False) -> "EngineSettings":
+        from tailmon.engines.loading import EngineSettings
+
+        try:
+            return EngineSettings(
+                engine=self.engine, ref=self.ref, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                enable_lora=enable_lora, base_urls=self.base_urls, served_model=self.served_model,
+                served_adapters=self.served_adapters,
+                api_key=os.environ.get(self.api_key_env) if self.api_key_env else None,
+                max_concurrency=self.max_concurrency, timeout=self.request_timeout, retries=self.retries)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
     def decoding(self) -> Decoding:
         try:
@@ -197,7 +254,19 @@ class MonitorConfig(_Strict):
         # the categories of each run's prompts (tailmon.proposals.default_proposals).
         if self.estimator.method == "mc" and self.proposals:
             raise ValueError("estimator.method 'mc' samples the target only: remove the proposals")
+        from tailmon.engines.loading import check_proposals
+
+        try:
+            check_proposals(self.model.engine, [p.spec for p in self.proposals])
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    def engine_settings(self, model: ModelConfig | None = None) -> "EngineSettings":
+        """How to load `model` (default: the monitor's) for this monitor's proposals: a vLLM
+        engine is built with LoRA support only when a proposal needs it."""
+        lora = any(p.spec.split(":", 1)[0].strip() == "lora" for p in self.proposals)
+        return (model or self.model).engine_settings(enable_lora=lora)
 
     @field_validator("alerts")
     @classmethod

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tailmon.engines.loading import EngineSettings
 from tailmon.errors import InputError, TailmonError
-from tailmon.monitor.config import Config, LoadedConfig, ModelConfig, MonitorConfig, duration_seconds, load_config
+from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
 from tailmon.monitor.pipeline import allocate, attach_adapter_warnings, run_estimation
 from tailmon.monitor.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
@@ -71,37 +72,39 @@ class _Loaded:
 
 
 class ModelPool:
-    """Engines by model settings; reloaded when the checkpoint's fingerprint changes."""
+    """Engines by their settings (engine kind, checkpoint, device, servers, ...); reloaded when
+    the checkpoint's fingerprint changes."""
 
     def __init__(self):
-        self._engines: dict[tuple, _Loaded] = {}
+        self._engines: dict[EngineSettings, _Loaded] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _key(mc: ModelConfig) -> tuple:
-        return (mc.ref, mc.device, mc.dtype, mc.batch_size)
+    def get(self, settings: EngineSettings, fingerprint: str):
+        from tailmon.engines.loading import load_engine
 
-    def get(self, mc: ModelConfig, fingerprint: str):
-        from tailmon.engines.hf import TransformersEngine
-
-        key = self._key(mc)
         with self._lock:
-            loaded = self._engines.get(key)
+            loaded = self._engines.get(settings)
             if loaded is None or loaded.fingerprint != fingerprint:
                 if loaded is not None:
-                    log.info("model %s changed on disk (fingerprint %s -> %s): reloading", mc.ref,
+                    log.info("model %s changed on disk (fingerprint %s -> %s): reloading", settings.ref,
                              loaded.fingerprint, fingerprint)
-                    del self._engines[key]
-                engine = TransformersEngine.load(mc.ref, device=mc.device, dtype=mc.dtype, batch_size=mc.batch_size)
-                loaded = self._engines[key] = _Loaded(engine, fingerprint)
+                    _close(self._engines.pop(settings).engine)
+                engine = load_engine(settings)
+                loaded = self._engines[settings] = _Loaded(engine, fingerprint)
             return loaded.engine
 
-    def keep_only(self, configs) -> None:
+    def keep_only(self, settings) -> None:
         """Drop engines no monitor uses any more (after a config reload)."""
-        keys = {self._key(mc) for mc in configs}
+        keep = set(settings)
         with self._lock:
-            for key in [k for k in self._engines if k not in keys]:
-                del self._engines[key]
+            for key in [k for k in self._engines if k not in keep]:
+                _close(self._engines.pop(key).engine)
+
+
+def _close(engine) -> None:
+    close = getattr(engine, "close", None)  # the openai engine's connection pool
+    if close is not None:
+        close()
 
 
 class _SampleCounter:
@@ -233,7 +236,7 @@ class Daemon:
             if pre_error is not None:
                 raise pre_error
             t = time.time()
-            engine = self.models.get(mon.model, fingerprint)
+            engine = self.models.get(mon.engine_settings(), fingerprint)
             timings["load_s"] = time.time() - t
             self.metrics.set_model(name, mon.model.ref, version)
             seed = int(np.random.SeedSequence([mon.estimator.seed, run_id]).generate_state(1)[0])
@@ -327,7 +330,7 @@ class Daemon:
         notify("STATUS=loading models")
         for mon in self.config.monitors:
             try:
-                self.models.get(mon.model, model_fingerprint(mon.model.ref))
+                self.models.get(mon.engine_settings(), model_fingerprint(mon.model.ref))
             except TailmonError as exc:  # the run will fail and say so; the others go on
                 log.error("monitor %s: model %s does not load: %s", mon.name, mon.model.ref, exc)
         # One worker: runs of different monitors queue rather than compete for the same cores.
@@ -432,7 +435,7 @@ class Daemon:
         except TailmonError as exc:
             log.error("alert states not restored after the reload: %s", exc)
         self._schedule_all()
-        self.models.keep_only([m.model for m in self.config.monitors])
+        self.models.keep_only([m.engine_settings() for m in self.config.monitors])
         specs = {m.judge for m in self.config.monitors}
         self._judges = {k: v for k, v in self._judges.items() if k in specs}
         log.info("config reloaded from %s: %s", loaded.path, ", ".join(m.name for m in self.config.monitors))

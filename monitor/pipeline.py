@@ -113,6 +113,7 @@ class EstimationReport:
     model: str
     plan: EstimationPlan
     results: list[PromptResult]
+    engine: str = "transformers"
 
     def aggregate(self):
         return aggregate([r.estimate for r in self.results], [r.prompt.category for r in self.results],
@@ -127,6 +128,7 @@ class EstimationReport:
         d = plan.target.decoding
         return {
             "model": self.model,
+            "engine": self.engine,
             "method": plan.method,
             "judge": plan.judge.spec,
             "system_prompt": plan.target.system_prompt,
@@ -151,7 +153,7 @@ def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[Promp
     judge_notes = tuple(plan.judge.warnings())
     if judge_notes:
         results = [replace(r, estimate=_with_warnings(r.estimate, judge_notes)) for r in results]
-    return EstimationReport(engine.model_id, plan, results)
+    return EstimationReport(engine.model_id, plan, results, engine.name)
 
 
 def attach_adapter_warnings(engine: Engine, plan: EstimationPlan) -> list[str]:

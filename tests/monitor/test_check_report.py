@@ -57,7 +57,7 @@ def checked(tiny_engine, boosted_engine):
     return run_check(mon, PROMPTS, candidate=model_settings(mon, "candidate"), baseline=model_settings(mon, "baseline"),
                      seed=3, options=GateOptions(max_p=0.05, max_expected=1e9, window="1d", max_ratio=1.2),
                      perturb=PerturbOptions(kinds=("case", "wrapper"), per_kind=1, seed=3),
-                     load=lambda mc, role: engines[mc.ref], config_path="rep.yaml", prompt_source="test prompts")
+                     load=lambda mc, role, **_: engines[mc.ref], config_path="rep.yaml", prompt_source="test prompts")
 
 
 def test_json_report_reuses_the_estimate_json_names(checked):
@@ -158,7 +158,7 @@ def test_plots_without_baseline_volume_or_weights(tiny_engine, tmp_path):
     # zero estimates, shown as upper bounds on the log axis).
     mon = monitor(method="mc", volume=False).model_copy(update={"judge": "prefix:never"})
     result = run_check(mon, PROMPTS[:2], candidate=model_settings(mon, "tiny"), baseline=None, seed=1,
-                       options=GateOptions(max_p=0.5), load=lambda mc, role: tiny_engine)
+                       options=GateOptions(max_p=0.5), load=lambda mc, role, **_: tiny_engine)
     data = result.to_dict()
     assert all(e["p_hat"] == 0 for e in data["candidate"]["estimates"])
     assert data["candidate"]["extrapolations"] == {} and result.passed

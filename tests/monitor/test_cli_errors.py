@@ -47,6 +47,10 @@ def one_error_line(result, *fragments):
         (["--defensive", "1"], ["defensive share must be in [0, 1)"]),
         (["--window", "soon"], ["window"]),
         (["--volume", "-5"], ["--volume must be >= 0"]),
+        (["--engine", "openai"], ["the openai engine needs the servers' base URLs"]),
+        (["--base-url", "http://gpu1:8000"], ["base URLs, served_model and served_adapters are for the openai engine"]),
+        (["--engine", "vllm", "--proposal", "steer:d.safetensors@1"], ["use engine 'transformers'"]),
+        (["--engine", "openai", "--base-url", "gpu1:8000"], ["must start with http:// or https://"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, fragments):

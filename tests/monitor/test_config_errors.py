@@ -75,6 +75,14 @@ def test_example_config_is_valid():
     ("metrics", {"port": 70000}, "t.yaml: metrics.port: "),
     ("shutdown_timeout", "soon", "t.yaml: shutdown_timeout: shutdown_timeout must be"),
     ("monitors", [], "t.yaml: monitors: list at least one monitor"),
+    ("monitors.0.model.engine", "tgi", "t.yaml: monitors[0].model.engine: "),
+    ("monitors.0.model.engine", "openai", "t.yaml: monitors[0].model: the openai engine needs the servers' base URLs"),
+    ("monitors.0.model.base_urls", ["http://gpu1:8000"], "t.yaml: monitors[0].model: base URLs, served_model"),
+    ("monitors.0.model", {"engine": "openai", "base_urls": ["gpu1:8000"]},
+     "t.yaml: monitors[0].model.base_urls: a base URL must start with http://"),
+    ("monitors.0.model", {"engine": "openai", "base_urls": ["http://gpu1:8000"], "api_key_env": "TAILMON_NO_SUCH_KEY"},
+     "t.yaml: monitors[0].model.api_key_env: environment variable TAILMON_NO_SUCH_KEY"),
+    ("monitors.0.model.max_concurrency", 0, "t.yaml: monitors[0].model.max_concurrency: "),
 ])
 def test_each_mistake_names_file_and_key(path, value, expected):
     with pytest.raises(ConfigError) as err:
@@ -82,6 +90,28 @@ def test_each_mistake_names_file_and_key(path, value, expected):
     message = str(err.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+def test_engines_in_the_config(monkeypatch):
+    fleet = {"engine": "openai", "base_urls": ["http://gpu1:8000", "http://gpu2:8000/v1"], "served_model": "prod",
+             "served_adapters": {"unsafe-v1": "/adapters/unsafe-v1"}, "api_key_env": "FLEET_KEY"}
+    monkeypatch.setenv("FLEET_KEY", "s3cret")
+    cfg = yaml.safe_load(yaml.safe_dump(GOOD))
+    cfg["monitors"][0]["model"] = fleet
+    cfg["monitors"][0]["proposals"].append("lora:/adapters/unsafe-v1")
+    mon = parse_config(yaml.safe_dump(cfg), "t.yaml").monitors[0]
+    settings = mon.engine_settings()
+    assert settings.engine == "openai" and settings.base_urls == ("http://gpu1:8000", "http://gpu2:8000/v1")
+    assert settings.api_key == "s3cret" and "s3cret" not in str(mon.model_dump())  # never stored with a run
+    assert settings.served_adapters == (("unsafe-v1", "/adapters/unsafe-v1"),) and settings.enable_lora
+    # steering needs the transformers engine: refused when the config is read, not mid-run
+    cfg["monitors"][0]["model"] = {"engine": "vllm"}
+    cfg["monitors"][0]["proposals"] = ["steer:dir.safetensors@2"]
+    with pytest.raises(ConfigError, match=r"^t\.yaml: monitors\[0\]: proposal 'steer:dir.safetensors@2': .*the vllm "
+                                          r"engine cannot do; use engine 'transformers'"):
+        parse_config(yaml.safe_dump(cfg), "t.yaml")
+    cfg["monitors"][0]["proposals"] = ["system:x"]
+    assert not parse_config(yaml.safe_dump(cfg), "t.yaml").monitors[0].engine_settings().enable_lora
 
 
 def test_duplicate_monitor_names():

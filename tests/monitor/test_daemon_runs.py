@@ -60,7 +60,7 @@ def test_runs_differ_but_replay(tmp_path, model_copy):
 def test_changed_checkpoint_is_reloaded_and_versioned(tmp_path, model_copy):
     daemon = new_daemon(write_config(tmp_path, model_copy))
     first = daemon.run_once()[0]
-    engine_before = daemon.models.get(daemon.config.monitors[0].model, _fingerprint(model_copy))
+    engine_before = daemon.models.get(daemon.config.monitors[0].engine_settings(), _fingerprint(model_copy))
     same = daemon.run_once()[0]
     # A new checkpoint lands in the folder (here: the weights file rewritten).
     weights = next(model_copy.glob("*.safetensors"))
@@ -74,7 +74,7 @@ def test_changed_checkpoint_is_reloaded_and_versioned(tmp_path, model_copy):
     versions = [store.get_run(o.run_id)["model_version"] for o in (first, same, changed)]
     store.close()
     assert versions == [1, 1, 2]
-    engine_after = daemon.models.get(daemon.config.monitors[0].model, _fingerprint(model_copy))
+    engine_after = daemon.models.get(daemon.config.monitors[0].engine_settings(), _fingerprint(model_copy))
     assert engine_after is not engine_before
     assert daemon.metrics.registry.get_sample_value(
         "tailmon_model_info", {"monitor": "tiny", "model": str(model_copy), "model_version": "2"}) == 1
