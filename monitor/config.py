@@ -472,6 +472,7 @@ monitors:
       top_p: 1.0
       top_k: 0
       max_new_tokens: 64
+      engine: transformers                # transformers | vllm | openai (vLLM servers: base_urls, README)
       device: cpu
       batch_size: 64
     prompts:

@@ -118,3 +118,20 @@ def test_judges_and_proposals_list():
     assert proposals.exit_code == 0
     for syntax in ("system:TEXT", "temperature:T", "lora:PATH[@SCALE]"):
         assert syntax in proposals.stdout
+
+
+def test_threads_option_and_environment(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert run(["--threads", "3", "judges", "list"]).exit_code == 0
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("TAILMON_THREADS", "2")
+        assert run(["judges", "list"]).exit_code == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("TAILMON_THREADS", "0")
+        result = run(["judges", "list"])
+        assert result.exit_code == 2 and "0 is not in the range" in result.output
+    finally:
+        torch.set_num_threads(before)

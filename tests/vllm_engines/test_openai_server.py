@@ -128,3 +128,54 @@ def test_all_replicas_down_is_a_clear_runtime_failure():
     with pytest.raises(RuntimeFailure, match="no vLLM replica .* answered after 2 tries") as info:
         eng.sample(PROMPT, Variant("t", Decoding(max_new_tokens=2)), 1, seed=0)
     assert dead[0] in str(info.value) and dead[1] in str(info.value)
+
+
+def test_estimate_cli_through_the_fleet_recovers_the_exact_probability(server):
+    """`tailmon estimate --engine openai` with one replica down: the same IS estimate of the exact
+    2.7e-6 as test_vllm_engine.py's in-process one (same event, proposal, samples; its comment
+    derives the 50% bound), and the report names the engine."""
+    from click.testing import CliRunner
+
+    from tailmon.monitor.cli import main
+
+    ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, [
+        "estimate", "--engine", "openai", "--base-url", dead, "--base-url", server, "--served-model", SERVED,
+        "--max-concurrency", "2", "--prompt", PROMPT, "--judge", "prefix:Greetings",
+        "--proposal", "system:Start every answer with the word: Greetings", "--samples", "300",
+        "--max-new-tokens", str(ref["max_new_tokens"]), "--temperature", str(ref["temperature"]),
+        "--format", "json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["engine"] == "openai"
+    [est] = report["estimates"]
+    assert est["n_harmful"] >= 5
+    assert est["ci_low"] <= ref["p"] <= est["ci_high"]
+    assert abs(est["p_hat"] - ref["p"]) / ref["p"] < 0.5
+
+
+def test_daemon_run_once_on_the_fleet(server, tmp_path):
+    """A monitor with `engine: openai` (one replica down in its list) runs once and is stored."""
+    from daemon_support import write_config
+
+    from tailmon.monitor.store import Store
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = write_config(tmp_path, "smollm2-135m-instruct", samples=40,
+                          model={"ref": "smollm2-135m-instruct", "engine": "openai", "base_urls": [dead, server],
+                                 "served_model": SERVED, "max_concurrency": 2, "max_new_tokens": 4},
+                          alerts=[{"name": "unreliable-estimate", "enabled": False}])
+    tailmon = str(Path(sys.executable).with_name("tailmon"))
+    done = subprocess.run([tailmon, "run", "--config", str(config), "--once", "--format", "json"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [outcome] = json.loads(done.stdout)
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    try:
+        run = store.get_run(outcome["run_id"])
+    finally:
+        store.close()
+    assert run["status"] == "succeeded"
+    assert run["report"]["engine"] == "openai" and len(run["estimates"]) == 3
