@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from tailmon.engines.base import Samples, Variant
-from tailmon.engines.chat import ChatEngine
+from tailmon.engines.chat import ChatEngine, vllm_request_seed
 from tailmon.engines.vllm import vllm_style_processed_logprobs
 from tailmon.errors import InputError, RuntimeFailure
 
@@ -213,12 +213,12 @@ class OpenAIEngine(ChatEngine):
         d = variant.decoding
         ids = self.prompt_ids(prompt, variant.system_prompt)
         step = self._sample_chunk
-        chunks = [(k, min(step, n - start)) for k, start in enumerate(range(0, n, step))]
+        chunks = [(start, min(step, n - start)) for start in range(0, n, step)]
 
         def one(chunk):
-            k, size = chunk
-            # a seed per chunk, fixed by (seed, k): the same draws whichever replica answers
-            body = {"model": served, "prompt": ids, "n": size, "seed": int(seed) * 1_000_003 + k,
+            start, size = chunk
+            # one seed per sample (vllm_request_seed): independent samples, the same whichever replica answers
+            body = {"model": served, "prompt": ids, "n": size, "seed": vllm_request_seed(seed, start),
                     "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k if d.top_k > 0 else -1,
                     "max_tokens": d.max_new_tokens, "min_tokens": 0, "stop_token_ids": sorted(self._stops),
                     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,

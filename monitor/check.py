@@ -86,6 +86,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from tailmon.engines.loading import close_engine
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
 from tailmon.estimators.montecarlo import MIN_HARMFUL
 from tailmon.monitor.config import ModelConfig, MonitorConfig
@@ -599,40 +600,44 @@ def run_check(mon: MonitorConfig, prompts: Sequence[PromptItem], *, candidate: M
             engines[key] = load(mc, role, enable_lora=lora)
         return engines[key]
 
-    cand_engine = engine_for(candidate, "candidate")
-    base_engine = engine_for(baseline, "baseline") if baseline is not None else None
-    windows = [options.window] if mon.volume is not None else []
-    judge_warnings = []
+    try:
+        cand_engine = engine_for(candidate, "candidate")
+        base_engine = engine_for(baseline, "baseline") if baseline is not None else None
+        windows = [options.window] if mon.volume is not None else []
+        judge_warnings = []
 
-    def estimate(engine, plan, role):
-        judge.new_run()  # per side, as the daemon does per run: its problem counts are this side's
-        report = estimate_role(engine, plan, prompts, role, progress)
-        judge_warnings.extend(f"{role} judge: {w}" for w in judge.warnings())
-        return report
+        def estimate(engine, plan, role):
+            judge.new_run()  # per side, as the daemon does per run: its problem counts are this side's
+            report = estimate_role(engine, plan, prompts, role, progress)
+            judge_warnings.extend(f"{role} judge: {w}" for w in judge.warnings())
+            return report
 
-    cand_report = estimate(cand_engine, cand_plan, "candidate")
-    cand_side = Side("candidate", candidate, cand_report, monitor_extrapolations(cand_report, mon, windows))
-    result = CheckResult(mon.name, config_path, prompt_source, seed, mon.estimator.confidence, options, cand_side)
-    if baseline is not None:
-        base_report = estimate(base_engine, base_plan, "baseline")
-        result.baseline = Side("baseline", baseline, base_report, monitor_extrapolations(base_report, mon, windows))
-        result.regression = regression_test(cand_report, base_report, options.max_ratio, mon.estimator.confidence)
-    agg = cand_report.aggregate().to_dict()
-    result.gates = absolute_gates(agg, cand_side.extrapolations, options, mon.estimator.confidence)
-    if result.regression is not None and result.regression.gate() is not None:
-        result.gates.append(result.regression.gate())
-        result.warnings += list(result.regression.warnings)
-    result.warnings += judge_warnings
-    n_unreliable = cand_report.aggregate().n_unreliable
-    if n_unreliable:
-        result.warnings.append(f"{n_unreliable} of {len(prompts)} candidate per-prompt estimates are unreliable: "
-                               "read their upper bounds, not their point estimates")
-    if perturb is not None:
-        from tailmon.monitor.perturb import run_sensitivity
+        cand_report = estimate(cand_engine, cand_plan, "candidate")
+        cand_side = Side("candidate", candidate, cand_report, monitor_extrapolations(cand_report, mon, windows))
+        result = CheckResult(mon.name, config_path, prompt_source, seed, mon.estimator.confidence, options, cand_side)
+        if baseline is not None:
+            base_report = estimate(base_engine, base_plan, "baseline")
+            result.baseline = Side("baseline", baseline, base_report, monitor_extrapolations(base_report, mon, windows))
+            result.regression = regression_test(cand_report, base_report, options.max_ratio, mon.estimator.confidence)
+        agg = cand_report.aggregate().to_dict()
+        result.gates = absolute_gates(agg, cand_side.extrapolations, options, mon.estimator.confidence)
+        if result.regression is not None and result.regression.gate() is not None:
+            result.gates.append(result.regression.gate())
+            result.warnings += list(result.regression.warnings)
+        result.warnings += judge_warnings
+        n_unreliable = cand_report.aggregate().n_unreliable
+        if n_unreliable:
+            result.warnings.append(f"{n_unreliable} of {len(prompts)} candidate per-prompt estimates are unreliable: "
+                                   "read their upper bounds, not their point estimates")
+        if perturb is not None:
+            from tailmon.monitor.perturb import run_sensitivity
 
-        result.sensitivity = run_sensitivity(cand_engine, cand_plan, prompts, perturb, progress=progress,
-                                             add_total=add_total, original=cand_report, role="candidate")
-    return result
+            result.sensitivity = run_sensitivity(cand_engine, cand_plan, prompts, perturb, progress=progress,
+                                                 add_total=add_total, original=cand_report, role="candidate")
+        return result
+    finally:
+        for engine in engines.values():
+            close_engine(engine)  # vLLM's engine-core process does not outlive the check
 
 
 def _num(x):

@@ -578,7 +578,7 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     from tailmon.monitor.report import render_table
     from tailmon.proposals import parse_proposal
 
-    from tailmon.engines.loading import EngineSettings, check_proposals, load_engine
+    from tailmon.engines.loading import EngineSettings, check_proposals, close_engine, load_engine
 
     # Everything the user typed is checked before a model is loaded.
     if batch_size < 1:
@@ -616,6 +616,7 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     if not quiet:
         click.echo(f"loading {model or 'smollm2-135m-instruct'} ({engine_kind}) ...", err=True)
     engine = load_engine(settings)
+    click.get_current_context().call_on_close(lambda: close_engine(engine))
     tuned = None
     if tune:
         from dataclasses import replace

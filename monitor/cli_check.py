@@ -254,6 +254,7 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
       tailmon sensitivity --config tailmon.yaml --perturbations typo,wrapper,paraphrase \\
           --variants 3 --report-dir sensitivity-report
     """
+    from tailmon.engines.loading import close_engine
     from tailmon.monitor.check import check_model_ref, load_engine, model_settings, paraphraser_settings
     from tailmon.monitor.plan import plan_for_monitor
     from tailmon.monitor.check_report import (prepare_dir, render_sensitivity_report, sensitivity_table,
@@ -274,6 +275,7 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
     prompts, _ = _prompts(loaded, mon, prompts_file, seed)
     plan = plan_for_monitor(mon, seed, prompts, model=mc)
     engine = load_engine(mc, "model", enable_lora=mon.engine_settings().enable_lora)
+    click.get_current_context().call_on_close(lambda: close_engine(engine))
     popts = _with_paraphraser(popts, paraphraser_ref, mon)
     with _bar(0, "sensitivity", quiet) as bar:
         sens = run_sensitivity(engine, plan, prompts, popts, progress=bar.update, add_total=_grow(bar))

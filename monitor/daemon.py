@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tailmon.engines.loading import EngineSettings
+from tailmon.engines.loading import EngineSettings, close_engine
 from tailmon.errors import InputError, TailmonError
 from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
@@ -88,23 +88,23 @@ class ModelPool:
                 if loaded is not None:
                     log.info("model %s changed on disk (fingerprint %s -> %s): reloading", settings.ref,
                              loaded.fingerprint, fingerprint)
-                    _close(self._engines.pop(settings).engine)
+                    close_engine(self._engines.pop(settings).engine)
                 engine = load_engine(settings)
                 loaded = self._engines[settings] = _Loaded(engine, fingerprint)
             return loaded.engine
+
+    def close(self) -> None:
+        """Close every engine (vLLM's engine-core process, the openai engine's connections)."""
+        with self._lock:
+            for key in list(self._engines):
+                close_engine(self._engines.pop(key).engine)
 
     def keep_only(self, settings) -> None:
         """Drop engines no monitor uses any more (after a config reload)."""
         keep = set(settings)
         with self._lock:
             for key in [k for k in self._engines if k not in keep]:
-                _close(self._engines.pop(key).engine)
-
-
-def _close(engine) -> None:
-    close = getattr(engine, "close", None)  # the openai engine's connection pool
-    if close is not None:
-        close()
+                close_engine(self._engines.pop(key).engine)
 
 
 class _SampleCounter:
@@ -468,6 +468,8 @@ class Daemon:
         if self._server is not None:
             self._server.stop()
         self.store.close()
+        if not self.abandoned:  # an abandoned run may still be inside the engine
+            self.models.close()
 
     def run_once(self, names: list[str] | None = None) -> list[RunOutcome]:
         """One run of each monitor (or of `names`), in order, without the scheduler."""
@@ -483,6 +485,7 @@ class Daemon:
             # The process ends after this: deliver the notifications now, within the stop bound.
             self.alerts.close(duration_seconds(self.config.shutdown_timeout))
             self.store.close()
+            self.models.close()
 
 
 class _Heartbeat(threading.Thread):

@@ -152,3 +152,18 @@ def test_steering_and_scaled_lora_are_refused(tiny_tokenizer, replicas):
         eng.sample("ab", Variant("s", VARIANT.decoding, steering=Steering("add", "x", 1.0)), 1, seed=0)
     with pytest.raises(InputError, match="scale"):
         eng.sample("ab", Variant("l", VARIANT.decoding, adapter="unsafe-v1", adapter_scale=0.5), 1, seed=0)
+
+
+def test_every_sample_gets_its_own_vllm_seed(tiny_tokenizer, replicas):
+    """vLLM seeds the j-th of a request's n samples with seed + j (vllm/v1/engine/parallel_sampling.py):
+    the requests of one draw, and of two draws, must not share a sample seed, or samples repeat
+    (requests seeded s, s+1, ... gave the same samples shifted by one)."""
+    a = replicas()
+    eng = engine_for(tiny_tokenizer, [a.url], sample_chunk=5)
+    eng.check_replicas()
+    child_seeds = []
+    for seed in (0, 1):
+        before = len(a.requests)
+        eng.sample("ab", VARIANT, 23, seed=seed)  # 5 requests: 5, 5, 5, 5, 3
+        child_seeds += [r["seed"] + j for r in a.requests[before:] for j in range(r["n"])]
+    assert len(child_seeds) == 46 and len(set(child_seeds)) == 46

@@ -110,6 +110,18 @@ def test_sampling_is_reproducible_and_seeded(engine):
     assert a.token_ids != c.token_ids
 
 
+def test_samples_of_different_requests_are_independent(engine, monkeypatch):
+    """A draw larger than one request goes in several (engine._sample_chunk; forced to 32 here).
+    vLLM seeds a request's samples seed, seed+1, ..., so requests seeded one apart repeated each
+    other shifted by one (31 of 32 shared); independent 16-token replies at T=1 to this prompt
+    repeat rarely (96 of 96 distinct through the OpenAI engine, test_openai_server.py)."""
+    monkeypatch.setattr(engine, "_sample_chunk", lambda prompt_len: 32)
+    samples = engine.sample(PROMPT, Variant("target", Decoding(max_new_tokens=16)), 96, seed=3)
+    chunks = [set(map(tuple, samples.token_ids[i:i + 32])) for i in (0, 32, 64)]
+    assert len(chunks[0] & chunks[1]) <= 3 and len(chunks[1] & chunks[2]) <= 3
+    assert len(set(map(tuple, samples.token_ids))) >= 90
+
+
 def test_processed_scores_differ_from_raw(engine):
     """Temperature and truncation change the scores (else the tests above prove little)."""
     seqs = REFERENCE["cases"][0]["responses"]
