@@ -30,6 +30,8 @@ from tailmon.errors import InputError, RuntimeFailure
 # Rows x positions x vocabulary of float32 logits held at once while scoring; 1024 positions of
 # a 49k vocabulary is 200 MB per tensor, a few of which live at the same time.
 SCORE_TOKEN_BUDGET = 1024
+# Positions a scoring chunk holds before it may end early to avoid padding (see `_chunks`).
+SCORE_MIN_CHUNK = 256
 
 log = logging.getLogger(__name__)
 
@@ -360,33 +362,70 @@ class TransformersEngine(ChatEngine):
         done = [bool(r and r[-1] in self._stops) for r in rows]
         return rows, total.numpy(), done
 
-    def _next_logits(self, prompt_ids: list[int], seqs: list[list[int]], steer: _Steer | None = None) -> torch.Tensor:
-        """Logits after the prompt and after each token of each sequence: (b, max_len + 1, V).
+    def _prompt_then(self, prompt_ids: list[int], x: torch.Tensor, steer: _Steer | None = None):
+        """Logits after the prompt, (1, V), and after each token of each row of `x` (b, width) that
+        continues it, (b, width, V) (None when width is 0): one prefill of the prompt, whose KV cache
+        every row shares, then one pass over the rows.
 
         Right padding is harmless under causal attention: a position never sees later ones.
         """
         logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True, steer=steer)
-        first = logits[:, -1:, :].expand(len(seqs), -1, -1)
+        first = logits[:, -1, :]
+        if x.shape[1] == 0:
+            return first, None
+        cache.batch_repeat_interleave(x.shape[0])
+        rest, _ = self._forward(x, cache, steer=steer)
+        return first, rest
+
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids (b, max_len) and the mask of real tokens."""
         width = max(len(s) for s in seqs)
-        if width == 0:
-            return first
         x = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
         for i, s in enumerate(seqs):
             x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        cache.batch_repeat_interleave(len(seqs))
-        rest, _ = self._forward(x, cache, steer=steer)
-        return torch.cat([first, rest], dim=1)
+            mask[i, : len(s)] = True
+        return x, mask
+
+    def _next_logits(self, prompt_ids: list[int], seqs: list[list[int]], steer: _Steer | None = None) -> torch.Tensor:
+        """Logits after the prompt and after each token of each sequence: (b, max_len + 1, V)."""
+        x, _ = self._padded(seqs)
+        first, rest = self._prompt_then(prompt_ids, x, steer)
+        first = first[:, None, :].expand(len(seqs), -1, -1)
+        return first if rest is None else torch.cat([first, rest], dim=1)
+
+    @staticmethod
+    def _token_logprobs(first: torch.Tensor, rest: torch.Tensor | None, x: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+        """Processed log-prob of each token x[i, t] (b, width), float64 on the CPU, from the logits
+        that predict it: `first` (1, V) for t = 0, rest[i, t - 1] for t >= 1.
+
+        `processed_logprobs` row by row, exactly as sampling computes it, but the prompt's row once
+        rather than once per response, and without concatenating the two into one more
+        (b, width, V) copy.
+        """
+        x = x.to(first.device)
+        head = processed_logprobs(first, decoding)[0, x[:, 0]][:, None]
+        if rest is None:
+            return head.double().cpu()
+        tail = processed_logprobs(rest, decoding).gather(2, x[:, 1:, None]).squeeze(-1)
+        return torch.cat([head, tail], dim=1).double().cpu()
 
     def _chunks(self, seqs: list[list[int]]):
-        """Consecutive slices of seqs whose padded logits fit SCORE_TOKEN_BUDGET."""
+        """Consecutive slices of seqs whose padded logits fit SCORE_TOKEN_BUDGET. A slice pads its
+        rows to its longest: once it holds SCORE_MIN_CHUNK positions (enough for efficient matrix
+        products), a row that would make padding more than a quarter of it starts the next slice
+        (`score` sorts responses by length, so that lengths that differ go to different slices)."""
         start = 0
         while start < len(seqs):
-            end, width = start, 0
+            end, width, real = start, 0, 0
             while end < len(seqs):
-                w = max(width, len(seqs[end]) + 1)
-                if end > start and (end - start + 1) * w > SCORE_TOKEN_BUDGET:
+                n = len(seqs[end]) + 1
+                w, rows = max(width, n), end - start + 1
+                if end > start and rows * w > SCORE_TOKEN_BUDGET:
                     break
-                width, end = w, end + 1
+                if end > start and (rows - 1) * width >= SCORE_MIN_CHUNK and 4 * (rows * w - real - n) > rows * w:
+                    break
+                width, real, end = w, real + n, end + 1
             yield start, end
             start = end
 
@@ -404,21 +443,20 @@ class TransformersEngine(ChatEngine):
                 raise InputError("a response holds a token id outside the vocabulary")
         ids = self.prompt_ids(prompt, variant.system_prompt)
         steer = self._steering(variant.steering)
+        # Shortest first: a chunk pads every response to its longest, so similar lengths go together.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        ordered = [seqs[i] for i in order]
         with self._variant_weights(variant):
-            for start, end in self._chunks(seqs):
-                chunk = seqs[start:end]
-                width = max(len(s) for s in chunk)
-                if width == 0:
+            for start, end in self._chunks(ordered):
+                chunk = ordered[start:end]
+                if max(len(s) for s in chunk) == 0:
                     continue
-                logits = self._next_logits(ids, chunk, steer)[:, :width, :]
-                logp = processed_logprobs(logits, variant.decoding).cpu()
-                x = torch.full((len(chunk), width), self._pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-                for i, s in enumerate(chunk):
-                    x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-                    mask[i, : len(s)] = True
-                tok = logp.gather(2, x[..., None]).squeeze(-1).double()
-                result[start:end] = torch.where(mask, tok, 0.0).sum(dim=1).numpy()
+                x, mask = self._padded(chunk)
+                # The last column is never an input whose output is needed: each response token is
+                # predicted by the logits after the prompt and after the tokens before it.
+                first, rest = self._prompt_then(ids, x[:, :-1].contiguous(), steer)
+                tok = self._token_logprobs(first, rest, x, variant.decoding)
+                result[order[start:end]] = torch.where(mask, tok, 0.0).sum(dim=1).numpy()
         return result
 
     @torch.inference_mode()
