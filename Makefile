@@ -59,7 +59,7 @@ vllm-env: $(VLLM_STAMP)
 test-vllm: model $(VLLM_STAMP)
 	TAILMON_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_engines
 
-# Every benchmark, one after the other (not part of CI; about 2.5 hours on 2 CPU cores): each writes
+# Every benchmark, one after the other (not part of CI; about 2 hours on 2 CPU cores): each writes
 # benchmarks/results/NAME.json (machine, versions, date, settings, summary, results) and its plots,
 # and the resumable ones reuse finished cells under /tmp/tailmon-bench-*. benchmarks/README.md
 # holds the recorded tables. The engines benchmark runs in the vLLM environment (all three engines
