@@ -673,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                 "q_mixture": mom["q_mix"], "var1_exact": mom["var1"], "n_is_exact": n_is, "n_mc": n_mc,
                 "ratio_exact": n_mc / n_is if n_is > 0 else None,
                 "exact_budgets": sims, "mc": mc, "early_share": ex["early_share"],
+                # the smallest budget of the grid at which the production estimate reaches 30% (exact RMSE)
+                "budget_30_exact": next((b["n"] for b in sims if b["rel_rmse"] <= REL), None),
             }
             if label in POOLED:
                 weak = mom["q_mix"] < 3 * p
@@ -700,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio_pool": n_mc / figs["n_is_pool"] if figs["n_is_pool"] else None,
                     "pool_budgets": chunk_stats(pool, p, [n for n in budgets if n <= n_pool // 2]),
                 })
+                # the empirical counterpart: smallest budget whose pool chunks (>= 3) have RMSE/p <= 0.3
+                row["budget_30_pool"] = next((b["n"] for b in row["pool_budgets"]
+                                              if b["chunks"] >= 3 and b["rel_rmse"] <= REL), None)
                 extra = f" | pool {n_pool}: hits {figs['hits']} (expected {expected:.1f}), n_IS pool {_fmt(figs['n_is_pool'])} ({cell['seconds']} s)"
             else:
                 extra = ""
@@ -802,6 +807,7 @@ def summary_row(r: dict) -> dict:
         "T": r["temperature"], "prefix": r["prefix"], "max_new_tokens": r["max_new_tokens"], "p": r["exact_p"],
         "proposal": r["proposal"], "q_event": r["q_event"] if r["q_event"] is not None else r["q_mixture"],
         "q_mixture": r["q_mixture"], "n_IS": r["n_is_exact"], "n_MC": r["n_mc"], "ratio": r["ratio_exact"],
+        "budget_30_exact": r.get("budget_30_exact"), "budget_30_pool": r.get("budget_30_pool"),
         "rmse_1000": b["rel_rmse"] if b else None, "cov_1000": b["coverage"] if b else None,
         "f2_1000": b["factor2"] if b else None, "zero_hits_1000": b["zero_hits"] if b else None,
         "mc_rmse_1000": mc["rel_rmse"] if mc else None, "mc_cov_1000": mc["coverage"] if mc else None,
@@ -826,7 +832,8 @@ exact p by the 95% interval, factor2 (p_hat within [p/2, 2p]), median_rel_error,
 hits) from {sim} estimates simulated from the exact multinomial hit distribution (p_hat and the interval of
 importance_sampling depend on the hits only; {check} per budget recomputed by importance_sampling itself,
 check_max_rel_diff). mc[]: plain MC exactly (Wilson interval of tailmon.estimators.monte_carlo summed over the
-binomial pmf). oracle: the weight vector of tune's grid {{1,2,4}}^4 with the smallest exact variance (no pool).
+binomial pmf). budget_30_exact: smallest budget of the grid with exact rel_rmse <= 0.3; budget_30_pool: smallest
+budget whose pool chunks (>= 3 of them) have RMSE/p <= 0.3 (None: not reached within pool/2). oracle: the weight vector of tune's grid {{1,2,4}}^4 with the smallest exact variance (no pool).
 Production pools (not for oracle): pool = round({tokens} / max_new_tokens) samples (a third where q_mixture < 3p),
 drawn by tailmon.proposals.sampling.draw; hits vs expected_hits (sum_j n_j q_j(event); hits_z its z-score);
 pool_p_hat, pool_ci, pool_covered and pool_reliable from importance_sampling over the whole pool; n_is_pool from the stratified per-sample
