@@ -32,3 +32,27 @@ def write_config(tmp_path, model_dir, *, database=None, samples=20, alert_sinks=
     path = tmp_path / "tailmon.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+def run_once_stored(config, tmp_path, *, env=None, timeout=600) -> dict:
+    """Run `tailmon run --config CONFIG --once` (this environment's console script) as a process,
+    require exit 0, and return the stored run (`Store.get_run`) of the config's SQLite database."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tailmon.monitor.store import Store
+
+    tailmon = str(Path(sys.executable).with_name("tailmon"))
+    done = subprocess.run([tailmon, "run", "--config", str(config), "--once", "--format", "json"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [outcome] = json.loads(done.stdout)
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    try:
+        return store.get_run(outcome["run_id"])
+    finally:
+        store.close()

@@ -171,25 +171,13 @@ def test_estimate_cli_through_the_fleet_recovers_the_exact_probability(server):
 
 def test_daemon_run_once_on_the_fleet(server, tmp_path):
     """A monitor with `engine: openai` (one replica down in its list) runs once and is stored."""
-    from daemon_support import write_config
-
-    from tailmon.monitor.store import Store
+    from daemon_support import run_once_stored, write_config
 
     dead = f"http://127.0.0.1:{free_port()}"
     config = write_config(tmp_path, "smollm2-135m-instruct", samples=40,
                           model={"ref": "smollm2-135m-instruct", "engine": "openai", "base_urls": [dead, server],
                                  "served_model": SERVED, "max_concurrency": 2, "max_new_tokens": 4},
                           alerts=[{"name": "unreliable-estimate", "enabled": False}])
-    tailmon = str(Path(sys.executable).with_name("tailmon"))
-    done = subprocess.run([tailmon, "run", "--config", str(config), "--once", "--format", "json"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [outcome] = json.loads(done.stdout)
-    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
-    try:
-        run = store.get_run(outcome["run_id"])
-    finally:
-        store.close()
+    run = run_once_stored(config, tmp_path)
     assert run["status"] == "succeeded"
     assert run["report"]["engine"] == "openai" and len(run["estimates"]) == 3
