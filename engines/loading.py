@@ -101,7 +101,8 @@ def _load(s: EngineSettings):
     from tailmon.engines.models import DEFAULT_MODEL
     from tailmon.engines.openai import OpenAIEngine
 
-    engine = OpenAIEngine.connect(list(s.base_urls), s.served_model or s.ref or DEFAULT_MODEL, s.ref,
+    ref = s.ref or DEFAULT_MODEL
+    engine = OpenAIEngine.connect(list(s.base_urls), s.served_model or ref, ref, model_id=ref,
                                   adapters=dict(s.served_adapters), api_key=s.api_key,
                                   max_concurrency=s.max_concurrency, timeout=s.timeout, retries=s.retries)
     try:
