@@ -246,6 +246,7 @@ def chunk_stats(pool: dict, p: float, budgets) -> list[dict]:
                 "rel_rmse": float(np.sqrt(np.mean((ph - p) ** 2)) / p),
                 "median_rel_error": float(np.median(rel)),
                 "mean_p_hat_over_p": float(ph.mean() / p),
+                "rel_sd": float(ph.std(ddof=1) / p) if m >= 2 else None,  # the chunks' spread, free of p's error
                 "coverage": float(np.mean([e.ci_low <= p <= e.ci_high for e in ests])),
                 "factor2": float(np.mean((ph >= p / 2) & (ph <= 2 * p))),
                 "reliable": float(np.mean([e.reliable for e in ests])),
