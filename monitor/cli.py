@@ -397,7 +397,8 @@ def _tune_rows(result, limit: int = 10) -> list[str]:
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Pilot prompts, any --prompts file format of `tailmon estimate`.")
 @click.option("--weight-grid", default="1,2,4", show_default=True, metavar="W,W,...",
-              help="Relative mixture weights each proposal may take (with several --proposal).")
+              help="Relative mixture weights each proposal may take (with several --proposal); "
+                   "a 0 lets the tuning leave a proposal out (e.g. 0,1,2,4).")
 @click.option("--defensive", type=float, default=0.1, show_default=True,
               help="The target's share (fixed: it bounds every weight by 1/share).")
 @click.option("--samples", type=int, default=200, show_default=True, help="Pilot samples per prompt.")

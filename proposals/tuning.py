@@ -74,14 +74,15 @@ def expand_template(template: str) -> list[str]:
 
 
 def parse_weight_grid(text: str | Sequence[float]) -> tuple[float, ...]:
-    """`1,2,4` -> (1.0, 2.0, 4.0): the relative weights each proposal may take."""
+    """`1,2,4` -> (1.0, 2.0, 4.0): the relative weights each proposal may take. A 0 lets the
+    tuning leave a proposal out of the mixture (a candidate needs one proposal with weight > 0)."""
     values = text.split(",") if isinstance(text, str) else list(text)
     try:
         grid = tuple(float(v) for v in values)
     except ValueError:
         raise InputError(f"--weight-grid must be numbers separated by commas, got '{text}'") from None
-    if not grid or any(not (math.isfinite(v) and v > 0) for v in grid):
-        raise InputError(f"--weight-grid values must be > 0, got '{text}'")
+    if not grid or any(not (math.isfinite(v) and v >= 0) for v in grid) or max(grid) == 0:
+        raise InputError(f"--weight-grid values must be >= 0, at least one > 0, got '{text}'")
     return tuple(dict.fromkeys(grid))
 
 
@@ -106,6 +107,8 @@ def plan_candidates(templates: Sequence[str], weight_grid: Sequence[float] = DEF
     k = len(templates)
     vectors: dict[tuple, tuple[float, ...]] = {}
     for vec in itertools.product(parse_weight_grid(weight_grid), repeat=k):
+        if sum(vec) == 0:
+            continue
         key = tuple(round(v / sum(vec), 12) for v in vec)
         vectors.setdefault(key, vec)  # (1, 1) stands for (2, 2) and (4, 4)
     count = math.prod(len(o) for o in options) * len(vectors)
@@ -116,8 +119,12 @@ def plan_candidates(templates: Sequence[str], weight_grid: Sequence[float] = DEF
         if len(set(specs)) < len(specs):
             continue  # the same component twice is another weighting of a smaller mixture
         for vec in vectors.values():
-            candidates.append(Candidate(tuple(specs), tuple(vec) if k > 1 else (1.0,)))
-    candidates = list(dict.fromkeys(candidates))
+            # a proposal weighted 0 is not in the mixture at all: drawing none of it and scoring
+            # under it would still cost a pass and change no weight
+            kept = [(s, w) for s, w in zip(specs, vec) if w > 0]
+            weights = tuple(w for _, w in kept) if len(kept) > 1 else (1.0,)
+            candidates.append(Candidate(tuple(s for s, _ in kept), weights))
+    candidates = list(dict.fromkeys(candidates))  # (a, b) at (1, 0) and (a, c) at (1, 0) are both (a,)
     if not candidates:
         raise InputError("the proposal templates give no candidate with distinct components")
     return union, candidates

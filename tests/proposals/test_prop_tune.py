@@ -59,11 +59,22 @@ def test_plan_candidates():
     _, dup = plan_candidates(["temperature:{2|3}", "temperature:{3|4}"], (1,))
     assert all(len(set(c.specs)) == 2 for c in dup) and len(dup) == 3
     assert Candidate(("a", "b"), (1.0, 3.0)).shares(0.2) == pytest.approx([0.2, 0.6])
+    # a 0 leaves a proposal out: one candidate per non-empty subset and weighting, each once
+    assert parse_weight_grid("0,1") == (0.0, 1.0)
+    _, off = plan_candidates(["temperature:2", "system:Sure", "temperature:3"], (0, 1, 2))
+    assert len(off) == len(set(off))
+    by_specs = {}
+    for c in off:
+        by_specs.setdefault(c.specs, []).append(c.weights)
+    assert by_specs[("temperature:2",)] == by_specs[("system:Sure",)] == [(1.0,)]
+    assert sorted(by_specs[("temperature:2", "system:Sure")]) == [(1.0, 1.0), (1.0, 2.0), (2.0, 1.0)]
+    assert len(by_specs) == 7 and len(off) == 3 + 3 * 3 + 7  # directions of {0,1,2}^3 \ 0: singles, pairs, triples
+    assert all(w > 0 for c in off for w in c.weights)
     with pytest.raises(InputError, match="more than"):
         plan_candidates(["temperature:{1|2|3|4|5|6|7|8|9|10}"] * 4, (1, 2), max_candidates=1000)
     with pytest.raises(InputError, match="at least one"):
         plan_candidates([], GRID)
-    for bad in ["1,x", "0,1", "", "-1"]:
+    for bad in ["1,x", "0", "0,0", "", "-1", "1,-1", "nan"]:
         with pytest.raises(InputError, match="weight-grid"):
             parse_weight_grid(bad)
 
@@ -109,6 +120,24 @@ def test_the_reweighted_variance_is_exact(exact_grid):
         P, m2, m1 = candidate_moments(logq, shares, h, cols, alphas, mass=mass)
         assert P == pytest.approx(float(np.exp(logq[:, 0]) @ h), rel=1e-9)
         assert stratified_variance(m2, m1, alphas) == pytest.approx(exact[c], rel=1e-6)
+
+
+def test_a_proposal_left_out_is_reweighted_exactly(tiny_engine, exact_grid, exact_design):
+    """A grid with 0 adds the candidates that leave proposals out: their variance from the union's
+    draws is exact too, and is the variance of the smaller mixture the pipeline would run."""
+    union, _, logq, h, shares, _ = exact_grid
+    mass = np.exp(logsumexp(logq + np.log(shares), axis=1))
+    _, cands = plan_candidates(TEMPLATES, (0,) + GRID)
+    singles = [c for c in cands if len(c.specs) == 1]
+    assert sorted(c.specs[0] for c in singles) == sorted(union)
+    for c in singles + [c for c in cands if len(c.specs) == 2][:2]:
+        plan = EstimationPlan(target=TARGET, judge=parse_judge(f"prefix:{EVENT}"),
+                              proposals=[parse_proposal(s) for s in c.specs], weights=list(c.weights),
+                              defensive=DEFENSIVE, n_samples=1000)
+        _, sd = exact_design(tiny_engine, PROMPT, EVENT, plan)
+        cols, alphas = _cols(union, c)
+        _, m2, m1 = candidate_moments(logq, shares, h, cols, alphas, mass=mass)
+        assert stratified_variance(m2, m1, alphas) == pytest.approx(sd * sd * 1000, rel=1e-6)
 
 
 def test_tune_picks_the_exactly_best_candidate(tiny_engine, exact_grid):
