@@ -59,7 +59,8 @@ vllm-env: $(VLLM_STAMP)
 test-vllm: model $(VLLM_STAMP)
 	TAILMON_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_engines
 
-# Every benchmark, one after the other (not part of CI; about 2 hours on 2 CPU cores): each writes
+# Every benchmark, one after the other (not part of CI; about 3.5 hours on 2 CPU cores, the brute-force
+# reference's two prompts side by side, one per core): each writes
 # benchmarks/results/NAME.json (machine, versions, date, settings, summary, results) and its plots,
 # and the resumable ones reuse finished cells under /tmp/tailmon-bench-*. benchmarks/README.md
 # holds the recorded tables. The engines benchmark runs in the vLLM environment (all three engines
@@ -68,6 +69,10 @@ bench: model $(VLLM_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/judges.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/proposals.py --quick
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/efficiency.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bruteforce.py --prompts P1 --out /tmp/tailmon-bench-bruteforce/P1.json & \
+	  p1=$$!; OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bruteforce.py --prompts P2 --out /tmp/tailmon-bench-bruteforce/P2.json \
+	  && wait $$p1
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bruteforce.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/scale.py
 	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python benchmarks/engines.py
 

@@ -21,8 +21,6 @@ pairs, once, and its figure is that time scaled to 1,000 (`scaled_from` says fro
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, machine, versions  # noqa: E402  (the shared results format)
+from common import Run  # noqa: E402  (the shared results format)
 
 HERE = Path(__file__).resolve().parent
 
@@ -147,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    load_before = load_average()
+    run = Run("judges", "judges: seconds per 1,000 (prompt, response) pairs", seed=args.seed,
+              settings={"n": args.n, "repeats": args.repeats, "llm_n": args.llm_n, "threads": torch.get_num_threads(),
+                        "llm_model": "smollm2-135m-instruct (embedded, float32, CPU)",
+                        "responses": f"synthetic, seed {args.seed}: ~35% refusals, the rest 3-8 sentence compliant "
+                                     "answers (20-80 words)"})
     prompts, responses = make_pairs(args.n, args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,25 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['spec']:<45} {row['seconds_per_1000']:>10} s / 1000 "
               f"(scaled from {args.llm_n}; model load {row['setup_s']} s)", flush=True)
 
-    result = {
-        "benchmark": "judges: seconds per 1,000 (prompt, response) pairs",
-        "command": " ".join(["benchmarks/judges.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "load_average": {"before": load_before, "after": load_average()},
-        "torch_threads": torch.get_num_threads(),
-        "llm_model": "smollm2-135m-instruct (embedded, float32, CPU)",
-        "responses": f"synthetic, seed {args.seed}: ~35% refusals, the rest 3-8 sentence "
-                     "compliant answers (20-80 words)",
-        "notes": "rule judges: median of `repeats` fresh judges over `n` distinct pairs; LLM "
-                 "judges: one run over `scaled_from` pairs, scaled to 1,000. setup_s: the "
-                 "first (warm-up) call, which loads models. Timings on shared cores vary.",
-        "judges": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    path = run.write(
+        summary=[{k: row.get(k) for k in ("spec", "seconds_per_1000", "setup_s", "scaled_from")} for row in rows],
+        results=rows, out=args.out,
+        notes="rule judges: median of `repeats` fresh judges over `n` distinct pairs; LLM judges: one run over "
+              "`scaled_from` pairs, scaled to 1,000. setup_s: the first (warm-up) call, which loads models. "
+              "Timings on shared cores vary.")
+    print(f"wrote {path}")
     return 0
 
 

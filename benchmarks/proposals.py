@@ -44,7 +44,6 @@ the same settings. torch runs on one thread (two threads on shared cores is far 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
@@ -59,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "data" / "proposals_prompts.json"
 sys.path.insert(0, str(HERE))
-from common import load_average, machine, versions  # noqa: E402  (the shared results format)
+from common import Run  # noqa: E402  (the shared results format)
 
 TAILMON = [sys.executable, "-m", "tailmon"]
 
@@ -202,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     from tailmon.engines.exact import prefix_probability
     from tailmon.engines.hf import TransformersEngine
 
-    wall = time.perf_counter()
-    load_before = load_average()
     data = json.loads(DATA.read_text(encoding="utf-8"))
     prompts = data["evaluate"][: args.prompts]
     temps = [float(t) for t in args.temperatures.split(",")]
+    run = Run("proposals", "proposals: IS variance reduction against plain MC on exactly computed prefix probabilities",
+              seed=args.seed,
+              settings={"model": "smollm2-135m-instruct (embedded, float32, CPU)", "judge": f"prefix:{args.word}",
+                        "temperatures": temps, "max_new_tokens": args.max_new_tokens, "samples": args.samples,
+                        "repeats": args.repeats, "defensive": 0.1, "hot_temperature": args.hot,
+                        "steer_coef": args.steer_coef, "lora_steps": args.lora_steps, "quick": args.quick,
+                        "prompts": prompts, "data": "benchmarks/data/proposals_prompts.json (AdvBench, MIT)"})
     args.work.mkdir(parents=True, exist_ok=True)
     cells_dir = args.work / "cells"
     cells_dir.mkdir(exist_ok=True)
@@ -273,38 +277,19 @@ def main(argv: list[str] | None = None) -> int:
                 "covered": int(sum(r["covered"] for r in sel)), "estimates": int(sum(r["repeats"] for r in sel)),
             })
 
-    cmd = " ".join(["benchmarks/proposals.py", *(argv if argv is not None else sys.argv[1:])])
-    result = {
-        "benchmark": "proposals: IS variance reduction against plain MC on exactly computed prefix probabilities",
-        "command": cmd,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "load_average": {"before": load_before, "after": load_average()},
-        "torch_threads": torch.get_num_threads(),
-        "wall_seconds": round(time.perf_counter() - wall, 1),
-        "cell_seconds_total": round(sum(r["seconds"] for r in rows), 1),
-        "seed": args.seed,
-        "settings": {"model": "smollm2-135m-instruct (embedded, float32, CPU)", "judge": f"prefix:{args.word}",
-                     "temperatures": temps, "max_new_tokens": args.max_new_tokens, "samples": args.samples,
-                     "repeats": args.repeats, "defensive": 0.1, "hot_temperature": args.hot,
-                     "steer_coef": args.steer_coef, "lora_steps": args.lora_steps, "quick": args.quick,
-                     "prompts": prompts, "data": "benchmarks/data/proposals_prompts.json (AdvBench, MIT)"},
-        "notes": "var_mc = p(1-p)/n exactly; var_is = stratified per-sample variance of w*h pooled over the "
-                 "R repeats, divided by n; variance_reduction = var_mc / var_is at equal n. "
-                 "var_between_repeats is the spread of the R estimates; mse_repeats = mean (p_hat - p)^2 over the repeats "
-                 "around the exact p, variance_reduction_mse = var_mc / mse_repeats (unbiased for the variance, "
-                 "noisy at small R, but it sees an estimate that missed the rare heavy hits, which the pooled "
-                 "per-sample variance cannot; with under ~5 pooled hits only the latter's order of magnitude "
-                 "means anything, if that). wall_seconds is this invocation's (cached cells are not rerun); "
-                 "cell_seconds_total sums the seconds each cell took when it ran. q_event: exact "
-                 "probability of the event under each proposal alone. Paths of artefacts are under --work.",
-        "summary": summary,
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out} ({result['wall_seconds']} s)")
+    path = run.write(
+        summary=summary, results=rows, out=args.out,
+        notes="var_mc = p(1-p)/n exactly; var_is = stratified per-sample variance of w*h pooled over the "
+              "R repeats, divided by n; variance_reduction = var_mc / var_is at equal n. "
+              "var_between_repeats is the spread of the R estimates; mse_repeats = mean (p_hat - p)^2 over the repeats "
+              "around the exact p, variance_reduction_mse = var_mc / mse_repeats (unbiased for the variance, "
+              "noisy at small R, but it sees an estimate that missed the rare heavy hits, which the pooled "
+              "per-sample variance cannot; with under ~5 pooled hits only the latter's order of magnitude "
+              "means anything, if that). wall_seconds is this invocation's (cached cells are not rerun); "
+              "cell_seconds_total sums the seconds each cell took when it ran. q_event: exact "
+              "probability of the event under each proposal alone. Paths of artefacts are under --work.",
+        cell_seconds_total=round(sum(r["seconds"] for r in rows), 1))
+    print(f"wrote {path}")
     return 0
 
 
