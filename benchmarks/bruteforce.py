@@ -327,9 +327,9 @@ def fmt(x) -> str:
 
 
 SUMMARY_COLUMNS = ["event", "p_ref", "ref_rel_se", "proposal", "q_event", "hits", "target_share", "p_hat", "z", "n_IS",
-                   "n_MC", "ratio", "sd_300", "cov_300", "mc_rmse_300"]
+                   "n_MC", "ratio", "rmse_300", "sd_300", "cov_300", "mc_rmse_300"]
 SUMMARY_FORMATS = {"p_ref": ".2e", "ref_rel_se": ".2f", "q_event": ".2e", "p_hat": ".2e", "z": ".2f", "n_IS": ".3g",
-                   "n_MC": ".3g", "ratio": ".3g", "sd_300": ".2f", "cov_300": ".2f", "mc_rmse_300": ".2f",
+                   "n_MC": ".3g", "ratio": ".3g", "rmse_300": ".2f", "sd_300": ".2f", "cov_300": ".2f", "mc_rmse_300": ".2f",
                    "target_share": ".2f"}
 
 
@@ -342,7 +342,7 @@ def summary_row(r: dict, n: int = 300) -> dict:
             "target_share": r["p_hat_share_by_component"][0],
             "p_hat": r["pool_p_hat"], "z": r["z_pool_vs_reference"], "n_IS": r["n_is_pool"], "n_MC": r["n_mc"],
             "ratio": r["ratio_pool"], "budget_30": r["budget_30_pool"],
-            f"sd_{n}": b.get("rel_sd") if b else None, f"cov_{n}": b.get("coverage") if b else None,
+            f"rmse_{n}": b.get("rel_rmse") if b else None, f"sd_{n}": b.get("rel_sd") if b else None, f"cov_{n}": b.get("coverage") if b else None,
             f"mc_rmse_{n}": mc["rel_rmse"], f"mc_cov_{n}": mc["coverage"]}
 
 
@@ -353,22 +353,29 @@ def plots(rows: list[dict], prefix: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     events = list(dict.fromkeys(r["event"] for r in rows))
-    fig, axes = plt.subplots(1, len(events), figsize=(4.2 * len(events), 3.8), sharey=True, squeeze=False)
-    for ax, eid in zip(axes[0], events):
+    cols = min(len(events), len(THRESHOLDS))
+    rows_n = math.ceil(len(events) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.4 * cols, 3.6 * rows_n), sharey=True, squeeze=False)
+    for ax in axes.flat[len(events):]:
+        ax.set_visible(False)
+    for ax, eid in zip(axes.flat, events):
         ev_rows = [r for r in rows if r["event"] == eid]
         mc = ev_rows[0]["mc"]
         ax.plot([m["n"] for m in mc], [m["rel_rmse"] for m in mc], "k--", label="MC (binomial at p_ref)")
         for r in ev_rows:
-            pts = [(b["n"], b["rel_sd"]) for b in r["pool_budgets"] if b.get("rel_sd") is not None]
+            # RMSE against p_ref, not the chunks' spread: a proposal that never draws the heavy hits
+            # has a small spread around the wrong value
+            pts = [(b["n"], b["rel_rmse"]) for b in r["pool_budgets"] if b["chunks"] >= 3]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=f"IS {r['proposal']} (chunk sd)")
+                ax.plot(*zip(*pts), "o-", label=f"IS {r['proposal']}")
         ax.axhline(ev_rows[0]["p_ref_rel_se"], color="grey", lw=0.8, label="reference's rel. s.e.")
         ax.axhline(REL, color="red", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("samples per prompt")
         ax.set_title(f"{eid}  p_ref={ev_rows[0]['p_ref']:.1e}", fontsize=9)
-    axes[0][0].set_ylabel("relative error")
+    for row in axes:
+        row[0].set_ylabel("relative RMSE vs p_ref")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path = prefix.parent / f"{prefix.name}_relerr.png"
@@ -392,7 +399,7 @@ draws (grid {{1,2,4}}^2 / {{0,1,2,4}}^2, objective variance; the same pilot draw
 at equal weights. Identical mixtures share one pool (tuning.* records what each tuning chose).
 p_hat_share_by_component (target first): the share of pool_p_hat carried by the hits each component drew;
 hit_weight_min_median_max_by_component: the weights p/q_mix of those hits. summary: at 300 samples per prompt (every
-pool holds >= 3 chunks of it): sd_300 = rel_sd, cov_300 = interval coverage of p_ref by the chunks, mc_rmse_300 and
+pool holds >= 3 chunks of it): rmse_300 = rel_rmse against p_ref, sd_300 = rel_sd, cov_300 = interval coverage of p_ref by the chunks, mc_rmse_300 and
 mc_cov_300 exact for plain MC at p_ref; target_share = p_hat_share_by_component[0]."""
 
 
