@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def pool_of(pid: str, label: str, comp_specs: list[str], weights) -> tuple[dict, dict]:
         n = args.pool_hot if comp_specs == [specs["temperature"]] else args.pool
-        plan = EstimationPlan(target=target, judge=judge, method="is", proposals=[parse_proposal(s) for s in comp_specs],
+        plan = EstimationPlan(target=target, judge=judge, method="is",
+                              proposals=[parse_proposal(s) for s in comp_specs],
                               defensive=DEFENSIVE, weights=weights, n_samples=n, seed=args.seed)
         comps = plan.components
         shares = [c.share for c in comps]
@@ -282,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     "pool": n_pool, "pool_seconds": cell["seconds"], "distinct_responses": cell["distinct"],
                     **figs, "q_event_hits": hit_rates(pool_t), "z_pool_vs_reference": z,
                     "ratio_pool": n_mc / n_is if n_is else None, "pool_budgets": chunks, **where_p_comes_from(pool_t),
-                    "budget_30_pool": next((b["n"] for b in chunks if b["chunks"] >= 3 and b["rel_sd"] is not None
-                                            and b["rel_sd"] <= REL), None),
+                    # RMSE against p_ref, not the spread: estimates stuck near 0 have a small spread
+                    "budget_30_pool": next((b["n"] for b in chunks if b["chunks"] >= 3 and b["rel_rmse"] <= REL), None),
                 }
                 rows.append(row)
                 summary.append(summary_row(row))
@@ -329,7 +330,8 @@ def fmt(x) -> str:
 SUMMARY_COLUMNS = ["event", "p_ref", "ref_rel_se", "proposal", "q_event", "hits", "target_share", "p_hat", "z", "n_IS",
                    "n_MC", "ratio", "rmse_300", "sd_300", "cov_300", "mc_rmse_300"]
 SUMMARY_FORMATS = {"p_ref": ".2e", "ref_rel_se": ".2f", "q_event": ".2e", "p_hat": ".2e", "z": ".2f", "n_IS": ".3g",
-                   "n_MC": ".3g", "ratio": ".3g", "rmse_300": ".2f", "sd_300": ".2f", "cov_300": ".2f", "mc_rmse_300": ".2f",
+                   "n_MC": ".3g", "ratio": ".3g", "rmse_300": ".2f", "sd_300": ".2f", "cov_300": ".2f",
+                   "mc_rmse_300": ".2f",
                    "target_share": ".2f"}
 
 
@@ -342,7 +344,8 @@ def summary_row(r: dict, n: int = 300) -> dict:
             "target_share": r["p_hat_share_by_component"][0],
             "p_hat": r["pool_p_hat"], "z": r["z_pool_vs_reference"], "n_IS": r["n_is_pool"], "n_MC": r["n_mc"],
             "ratio": r["ratio_pool"], "budget_30": r["budget_30_pool"],
-            f"rmse_{n}": b.get("rel_rmse") if b else None, f"sd_{n}": b.get("rel_sd") if b else None, f"cov_{n}": b.get("coverage") if b else None,
+            f"rmse_{n}": b.get("rel_rmse") if b else None, f"sd_{n}": b.get("rel_sd") if b else None,
+            f"cov_{n}": b.get("coverage") if b else None,
             f"mc_rmse_{n}": mc["rel_rmse"], f"mc_cov_{n}": mc["coverage"]}
 
 
@@ -392,15 +395,15 @@ q_event_hits = per-component hit fraction (target first); n_is_pool = stratified
 p_ref^2); n_mc = (1 - p_ref) / (0.09 p_ref); ratio_pool = n_mc / n_is_pool. pool_budgets[]: disjoint chunks of the pool
 with allocate(n, shares) draws per component (efficiency.chunk_stats): rel_sd = sd of the chunks' p_hat / p_ref (free
 of the reference's error), rel_rmse and coverage against p_ref (they include it: with p_ref_rel_se = s, an exact
-estimator shows RMSE ~ sqrt(sd^2 + s^2)); budget_30_pool = smallest budget with >= 3 chunks and rel_sd <= 0.3. mc[]:
+estimator shows RMSE ~ sqrt(sd^2 + s^2)); budget_30_pool = smallest budget with >= 3 chunks and rel_rmse <= 0.3. mc[]:
 plain MC exactly from the binomial at p_ref; mc_pool_budgets[]: plain MC on disjoint chunks of the reference itself
 (against p_ref, which those chunks make up). tuned / tuned_off: tailmon.proposals.tuning.tune on a pilot of {pilot}
 draws (grid {{1,2,4}}^2 / {{0,1,2,4}}^2, objective variance; the same pilot draws); with no pilot hit, both proposals
 at equal weights. Identical mixtures share one pool (tuning.* records what each tuning chose).
 p_hat_share_by_component (target first): the share of pool_p_hat carried by the hits each component drew;
 hit_weight_min_median_max_by_component: the weights p/q_mix of those hits. summary: at 300 samples per prompt (every
-pool holds >= 3 chunks of it): rmse_300 = rel_rmse against p_ref, sd_300 = rel_sd, cov_300 = interval coverage of p_ref by the chunks, mc_rmse_300 and
-mc_cov_300 exact for plain MC at p_ref; target_share = p_hat_share_by_component[0]."""
+pool holds >= 3 chunks of it): rmse_300 = rel_rmse against p_ref, sd_300 = rel_sd, cov_300 = interval coverage of p_ref
+by the chunks, mc_rmse_300 and mc_cov_300 exact for plain MC at p_ref; target_share = p_hat_share_by_component[0]."""
 
 
 if __name__ == "__main__":
