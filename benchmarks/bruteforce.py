@@ -95,7 +95,7 @@ def reference_cell(engine, judge, prompt: str, target, n: int, seed: int, path: 
     s = engine.sample(prompt, target, n, seed)
     texts = [engine.decode(ids) for ids in s.token_ids]
     scores = np.asarray(judge.score([prompt] * n, texts), dtype=np.float64)
-    np.savez_compressed(path, scores=scores, lengths=np.array([len(ids) for ids in s.token_ids]))
+    np.savez_compressed(path, scores=scores)
     top = np.argsort(-scores)[:10]
     return {"npz": str(path), "n": n, "seconds": round(time.perf_counter() - start, 1),
             "tokens": int(sum(len(ids) for ids in s.token_ids)),
