@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     from tailmon.engines.hf import TransformersEngine
     from tailmon.errors import InputError
     from tailmon.judges import parse_judge
-    from tailmon.monitor.pipeline import EstimationPlan
+    from tailmon.estimation.pipeline import EstimationPlan
     from tailmon.proposals import parse_proposal
     from tailmon.proposals.sampling import derive_seed
     from tailmon.proposals.tuning import tune

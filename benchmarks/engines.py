@@ -27,7 +27,7 @@ float32), never two heavy ones at a time:
 **Cells** per engine, on the same prompts (the first `--prompts` AdvBench behaviours of
 `data/proposals_prompts.json`, read only), the same n, max_new_tokens and seeds:
 * `plain`: `engine.sample(prompt, target, n, seed)`: plain generation, the yardstick;
-* `IS K=k`: the production path, `tailmon.monitor.pipeline.estimate_prompt` with an
+* `IS K=k`: the production path, `tailmon.estimation.pipeline.estimate_prompt` with an
   `EstimationPlan` (defensive share 0.1, judge `prefix:Sure`, which costs nothing): K=1 is
   `--method mc` (the target alone: generation plus judging, with plain's very seed, so the same
   tokens: its ratio measures the timing noise), K=2 adds `system:A`, K=3 `system:B`, K=4
@@ -361,7 +361,7 @@ def load_engine(name: str, args, work: Path, prompts: list[str]) -> Loaded:
 def plan_for(k: int, decoding, n: int, seed: int, proposals: list[str] | None = None):
     from tailmon.engines.base import Variant
     from tailmon.judges import parse_judge
-    from tailmon.monitor.pipeline import EstimationPlan
+    from tailmon.estimation.pipeline import EstimationPlan
     from tailmon.proposals import parse_proposal
 
     specs = LADDER[k] if proposals is None else proposals
@@ -374,8 +374,8 @@ def plan_for(k: int, decoding, n: int, seed: int, proposals: list[str] | None = 
 def run_cell(loaded: Loaded, meter: Meter, clock: Clock, *, cell: str, k: int | None, prompt_index: int,
              prompt: str, decoding, n: int, seed: int, proposals: list[str] | None = None) -> dict:
     from tailmon.engines.base import Variant
-    from tailmon.monitor.pipeline import component_seed, estimate_prompt
-    from tailmon.monitor.prompts import PromptItem
+    from tailmon.estimation.pipeline import component_seed, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
 
     engine = loaded.engine
     meter.reset()
@@ -600,7 +600,7 @@ TABLE_COLUMNS = ["engine", "cell", "n", "T", "samples_per_s", "tokens_per_s", "r
 def notes(args) -> str:
     return (
         "Per engine, on the same prompts, n, max_new_tokens and seeds: `plain` is engine.sample(prompt, target, n, "
-        "seed) (plain generation, the yardstick); `IS K=k` is tailmon.monitor.pipeline.estimate_prompt with an "
+        "seed) (plain generation, the yardstick); `IS K=k` is tailmon.estimation.pipeline.estimate_prompt with an "
         f"EstimationPlan (defensive {DEFENSIVE}, judge {JUDGE}); K=1 is method mc (the same tokens as plain: its "
         "ratio measures timing noise and judging), K=2..4 add system-prompt proposals (T=1: vLLM's cheap scoring "
         "path). Full-vocabulary cells (first prompt only, own plain at the same decoding): `IS K=3 +T1.5` (target, "

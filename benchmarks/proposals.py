@@ -118,8 +118,8 @@ def run_cell(engine, prompt: str, temperature: float, label: str, specs: list[st
     from tailmon.engines.base import Decoding, Variant
     from tailmon.engines.exact import prefix_probability
     from tailmon.judges import parse_judge
-    from tailmon.monitor.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.monitor.prompts import PromptItem
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
     from tailmon.proposals import parse_proposal
 
     target = Variant("target", Decoding(temperature=temperature, max_new_tokens=max_new))

@@ -4,7 +4,7 @@ max_new_tokens, and the daemon's resident memory between runs (recorded, not ass
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scale.py            # writes results/scale.json + PNGs
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scale.py --quick    # fewer points, 3 daemon runs
 
-**Estimation runs.** One `tailmon.monitor.pipeline.run_estimation` on the embedded model
+**Estimation runs.** One `tailmon.estimation.pipeline.run_estimation` on the embedded model
 (`TransformersEngine.load()`, SmolLM2-135M-Instruct, float32, batch size 64 as shipped) with an
 importance-sampling plan: the deployed model (temperature 1, no truncation) and one proposal
 `system:Start every answer with the word: Sure` at defensive share 0.1, judge `toxicity`.
@@ -143,8 +143,8 @@ def run_point(point: dict) -> dict:
     from tailmon.engines.base import Decoding, Variant
     from tailmon.engines.hf import TransformersEngine
     from tailmon.judges import parse_judge
-    from tailmon.monitor.pipeline import EstimationPlan, run_estimation
-    from tailmon.monitor.prompts import PromptItem
+    from tailmon.estimation.pipeline import EstimationPlan, run_estimation
+    from tailmon.estimation.prompts import PromptItem
     from tailmon.proposals import parse_proposal
 
     row = {**point, "torch_threads": threads, "load_before": load_average()}

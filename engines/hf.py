@@ -156,7 +156,7 @@ class TransformersEngine(ChatEngine):
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
         self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
         self._facts: dict | None = None
-        # (resolved path, mtime, size) -> direction file: loaded once, again only when rewritten
+        # (resolved path, content hash) -> direction file: loaded once, again only when rewritten
         self._directions: dict[tuple, DirectionFile] = {}
         self._steer_vectors: dict[tuple, torch.Tensor] = {}  # (file key, kind, dtype, device) -> vector
         stops = set()
@@ -262,11 +262,14 @@ class TransformersEngine(ChatEngine):
             return None
         path = Path(steering.path)
         try:
-            stat = path.stat()
+            content = path.read_bytes()
         except OSError:
             raise InputError(f"steering direction file '{steering.path}' does not exist "
                              "(make one with `tailmon proposals steer`)") from None
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        # Keyed by content, not by mtime: a file rewritten within the file system's timestamp
+        # granularity (same mtime, same size) kept its stale direction. Direction files are small
+        # (layers x hidden floats), hashing them costs nothing next to a forward pass.
+        key = (str(path.resolve()), hashlib.sha256(content).hexdigest())
         if key not in self._directions:
             file = load_direction(steering.path)
             for old in [k for k in self._directions if k[0] == key[0]]:  # the file was rewritten

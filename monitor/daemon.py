@@ -29,8 +29,8 @@ from tailmon.engines.loading import EngineSettings, close_engine
 from tailmon.errors import InputError, TailmonError
 from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
-from tailmon.monitor.pipeline import allocate, attach_adapter_warnings, run_estimation
-from tailmon.monitor.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
+from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
+from tailmon.estimation.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
 from tailmon.monitor.systemd import notify, watchdog_interval
 
 log = logging.getLogger("tailmon.daemon")
@@ -144,7 +144,7 @@ class RunOutcome:
 class Daemon:
     def __init__(self, loaded: LoadedConfig, *, metrics: Metrics | None = None, store=None,
                  progress: bool = False):
-        from tailmon.monitor.store import Store, resolve_database_url
+        from tailmon.store import Store, resolve_database_url
 
         self.loaded = loaded
         self.metrics = metrics or Metrics()
@@ -294,7 +294,7 @@ class Daemon:
         self.metrics.record_run(name, status, duration, ended or time.time(), by_role)
 
     def _draw_prompts(self, mon: MonitorConfig, seed: int):
-        prompts, where = draw_prompts(self.loaded, mon, seed)
+        prompts, where = draw_prompts(mon, self.loaded.base_dir, seed)
         log.info("monitor %s: %d prompts from %s", mon.name, len(prompts), where)
         return prompts
 

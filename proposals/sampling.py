@@ -1,5 +1,5 @@
 """Weighted draws from a defensive mixture: the sampling core of the estimation pipeline
-(tailmon.monitor.pipeline) and of building proposals (CEM training, tuning).
+(tailmon.estimation.pipeline) and of building proposals (CEM training, tuning).
 
 Fixed counts per component by largest remainder, each sample scored under every other component
 on the same token ids (its own log-prob comes from sampling), balance-heuristic weights with the

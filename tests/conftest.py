@@ -28,6 +28,9 @@ import numpy as np
 import pytest
 import torch
 
+# The run store's fixtures (real SQLite and PostgreSQL databases), for every package's tests.
+pytest_plugins = ["store_fixtures"]
+
 # One intra-op thread unless TAILMON_TEST_THREADS says otherwise. The tiny model's ops are far
 # too small to gain from more, and when the cores are shared with other jobs, OpenMP workers
 # spinning for a busy core are catastrophic: on 2 oversubscribed cores the tiny-model tests took
@@ -185,7 +188,7 @@ def exact_is_design(engine, prompt, text, plan):
     import math
 
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.monitor.pipeline import allocate
+    from tailmon.estimation.pipeline import allocate
 
     every = Variant("all", Decoding(max_new_tokens=plan.target.decoding.max_new_tokens))
     seqs, _ = enumerate_responses(engine, prompt, every)

@@ -43,7 +43,7 @@ def run_once_stored(config, tmp_path, *, env=None, timeout=600) -> dict:
     import sys
     from pathlib import Path
 
-    from tailmon.monitor.store import Store
+    from tailmon.store import Store
 
     tailmon = str(Path(sys.executable).with_name("tailmon"))
     done = subprocess.run([tailmon, "run", "--config", str(config), "--once", "--format", "json"],

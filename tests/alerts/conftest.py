@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alerts_support import Receiver
-from tailmon.monitor.store import Store
+from tailmon.store import Store
 
 
 @pytest.fixture

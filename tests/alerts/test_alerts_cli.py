@@ -9,8 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tailmon.monitor.cli import main
-from tailmon.monitor.store import Store
+from tailmon.cli.main import main
+from tailmon.store import Store
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 

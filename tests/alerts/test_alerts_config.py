@@ -7,7 +7,7 @@ import yaml
 from click.testing import CliRunner
 
 from alerts_support import MONITOR
-from tailmon.monitor.cli import main
+from tailmon.cli.main import main
 from tailmon.monitor.config import EXAMPLE, ConfigError, parse_config
 
 RULE = {"name": "harm-high", "metric": "harm_probability", "op": ">", "threshold": 1e-3}

@@ -9,11 +9,11 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from daemon_support import write_config
-from tailmon.monitor.cli import main
+from tailmon.cli.main import main
 from tailmon.monitor.config import load_config
 from tailmon.monitor.daemon import Daemon
 from tailmon.monitor.metrics import Metrics
-from tailmon.monitor.store import Store
+from tailmon.store import Store
 
 SECRET = "daemon-test-secret"
 # `regex:.` scores every response 1: the upper bound of the harm probability is certainly > 0.

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from daemon_support import write_config
-from tailmon.monitor.store import Store
+from tailmon.store import Store
 
 TAILMON = str(Path(sys.executable).with_name("tailmon"))
 

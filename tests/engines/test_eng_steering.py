@@ -360,8 +360,8 @@ def test_importance_sampling_with_a_steered_proposal_recovers_exact_probabilitie
     never fired would make q == p: plain Monte Carlo, whose median relative error at the first
     event is 1 (no hit in 65% of runs: (1 - P)^400), far above the bound 0.31."""
     from tailmon.judges import parse_judge
-    from tailmon.monitor.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.monitor.prompts import PromptItem
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
     from tailmon.proposals import parse_proposal
 
     target = Variant("target", decoding)

@@ -48,8 +48,8 @@ def test_new_run_resets_cache_and_counts_through_compositions():
 
 def test_pipeline_puts_judge_warnings_on_every_estimate(tiny_engine):
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.monitor.pipeline import EstimationPlan, run_estimation
-    from tailmon.monitor.prompts import PromptItem
+    from tailmon.estimation.pipeline import EstimationPlan, run_estimation
+    from tailmon.estimation.prompts import PromptItem
 
     plan = EstimationPlan(target=Variant("target", Decoding(max_new_tokens=2)), judge=Flaky(), method="mc",
                           n_samples=20, seed=1)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tailmon.monitor.cli import main
+from tailmon.cli.main import main
 from tailmon.monitor.config import EXAMPLE, ConfigError, parse_config
 
 GOOD = {

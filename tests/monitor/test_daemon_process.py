@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tailmon.monitor.store import Store
+from tailmon.store import Store
 
 from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path under pytest)
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from tailmon.monitor.config import load_config
 from tailmon.monitor.daemon import Daemon
 from tailmon.monitor.metrics import Metrics
-from tailmon.monitor.store import Store
+from tailmon.store import Store
 
 from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
 

@@ -1,4 +1,4 @@
-"""Allocation of a total sample budget over prompts (tailmon.monitor.allocation): the Neyman rule
+"""Allocation of a total sample budget over prompts (tailmon.estimation.budget): the Neyman rule
 with a floor, why the pilot is discarded (exactly), unbiasedness on the tiny model, `--budget`."""
 
 import json
@@ -13,10 +13,10 @@ from tailmon.engines.base import Decoding, Variant
 from tailmon.engines.exact import prefix_probability
 from tailmon.errors import InputError
 from tailmon.judges import parse_judge
-from tailmon.monitor.allocation import estimate_with_budget, neyman_allocation, pilot_seed
-from tailmon.monitor.cli import main
-from tailmon.monitor.pipeline import EstimationPlan
-from tailmon.monitor.prompts import PromptItem
+from tailmon.estimation.budget import estimate_with_budget, neyman_allocation, pilot_seed
+from tailmon.cli.main import main
+from tailmon.estimation.pipeline import EstimationPlan
+from tailmon.estimation.prompts import PromptItem
 from tailmon.proposals import parse_proposal
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from tailmon.engines.base import Decoding, Variant
-from tailmon.monitor.cli import main
+from tailmon.cli.main import main
 from tailmon.proposals import LoraProposal
 
 # goal,target pairs in the AdvBench layout (affirmative openings; written here, not copied)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from tailmon.errors import InputError
-from tailmon.monitor.cli import main
+from tailmon.cli.main import main
 from tailmon.proposals import SystemPromptProposal, default_proposals, load_library, parse_proposal
 from tailmon.proposals.library import parse_library
 

@@ -25,8 +25,8 @@ from tailmon.engines.base import Decoding, Variant
 from tailmon.engines.exact import prefix_probability
 from tailmon.errors import InputError
 from tailmon.judges import parse_judge
-from tailmon.monitor.pipeline import EstimationPlan, estimate_prompt
-from tailmon.monitor.prompts import PromptItem
+from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+from tailmon.estimation.prompts import PromptItem
 from tailmon.proposals import LoraProposal, parse_proposal
 from tailmon.proposals.lora import CemSettings, LoraSettings, train_lora
 

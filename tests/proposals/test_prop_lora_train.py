@@ -13,9 +13,9 @@ from tailmon.engines.base import Decoding, Variant
 from tailmon.engines.hf import ADAPTER_FORMAT, TransformersEngine
 from tailmon.errors import InputError, SpecError
 from tailmon.judges import parse_judge
-from tailmon.monitor.cli import main
-from tailmon.monitor.pipeline import EstimationPlan, attach_adapter_warnings, estimate_prompt
-from tailmon.monitor.prompts import PromptItem
+from tailmon.cli.main import main
+from tailmon.estimation.pipeline import EstimationPlan, attach_adapter_warnings, estimate_prompt
+from tailmon.estimation.prompts import PromptItem
 from tailmon.proposals import LoraProposal, parse_proposal
 from tailmon.proposals.lora import LoraSettings, Pair, _examples_from_pairs, load_pairs, train_lora
 

@@ -21,7 +21,7 @@ from tailmon.engines.steering import (
     save_direction,
 )
 from tailmon.errors import InputError, SpecError
-from tailmon.monitor.cli import main
+from tailmon.cli.main import main
 from tailmon.proposals import SteeringProposal, build_mixture, parse_layers, parse_proposal
 
 TARGET = Variant("target", Decoding(temperature=0.7, max_new_tokens=5), system_prompt="deployed")

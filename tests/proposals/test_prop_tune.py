@@ -13,8 +13,8 @@ from scipy.special import logsumexp
 from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import InputError, SpecError
 from tailmon.judges import parse_judge
-from tailmon.monitor.cli import main
-from tailmon.monitor.pipeline import EstimationPlan
+from tailmon.cli.main import main
+from tailmon.estimation.pipeline import EstimationPlan
 from tailmon.proposals import build_mixture, parse_proposal
 from tailmon.proposals.tuning import (
     Candidate,

@@ -150,7 +150,7 @@ def test_estimate_cli_through_the_fleet_recovers_the_exact_probability(server):
     derives the 50% bound), and the report names the engine."""
     from click.testing import CliRunner
 
-    from tailmon.monitor.cli import main
+    from tailmon.cli.main import main
 
     ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
     dead = f"http://127.0.0.1:{free_port()}"

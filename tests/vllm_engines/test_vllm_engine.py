@@ -161,8 +161,8 @@ def test_importance_sampling_recovers_the_exact_probability(engine):
     Greetings" and 10% from the target itself (as tests/monitor/test_pipe_embedded_exact.py does
     on the transformers engine). 300 plain samples would see no hit at all (P(any) ~ 1e-3)."""
     from tailmon.judges import parse_judge
-    from tailmon.monitor.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.monitor.prompts import PromptItem
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
     from tailmon.proposals import parse_proposal
 
     ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")

@@ -1,0 +1,179 @@
+"""The estimation pipeline: one code path for `tailmon estimate`, the daemon and `tailmon check`.
+
+For each prompt: draw fixed counts from every mixture component, score every sample under every
+component it did not come from (the drawing component's log-prob comes from sampling itself),
+weight by the balance heuristic, judge, estimate. Then aggregate over prompts and extrapolate.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tailmon.engines.base import Engine, Variant
+from tailmon.estimators import (
+    Estimate,
+    aggregate,
+    extrapolate,
+    importance_sampling,
+    monte_carlo,
+    parse_window,
+)
+from tailmon.errors import InputError
+from tailmon.judges import Judge
+from tailmon.estimation.prompts import PromptItem
+from tailmon.proposals import Component, Proposal, build_mixture
+from tailmon.proposals.sampling import allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
+
+METHODS = ("is", "mc")
+
+
+@dataclass
+class EstimationPlan:
+    """Everything that defines an estimate, validated once before any model work."""
+
+    target: Variant
+    judge: Judge
+    method: str = "is"
+    proposals: Sequence[Proposal] = ()
+    defensive: float = 0.1
+    weights: Sequence[float] | None = None
+    """Relative shares of the proposals in what `defensive` leaves; None: equal shares."""
+    n_samples: int = 200
+    seed: int = 0
+    confidence: float = 0.95
+    volume: float | None = None
+    window: str = "1d"
+    components: list[Component] = field(init=False, default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
+            raise InputError(f"seed must be an integer >= 0, got {self.seed}")  # numpy's SeedSequence needs it
+        if int(self.n_samples) != self.n_samples or self.n_samples < 1:
+            raise InputError(f"samples per prompt must be an integer >= 1, got {self.n_samples}")
+        if self.volume is not None and not self.volume >= 0:
+            raise InputError(f"--volume must be >= 0, got {self.volume}")
+        parse_window(self.window)
+        if self.method == "is":
+            self.components = build_mixture(self.target, list(self.proposals), self.defensive, self.weights)
+        else:
+            if self.proposals:
+                raise InputError("--method mc samples the target only: drop the --proposal options or use --method is")
+            self.components = [Component("target", self.target, 1.0)]
+
+
+def component_seed(seed: int, prompt: str, j: int) -> int:
+    """Seed for one prompt and component: independent of prompt order, so reruns match."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), j]).generate_state(1)[0])
+
+
+@dataclass
+class PromptResult:
+    prompt: PromptItem
+    estimate: Estimate
+    responses: list[str]
+    scores: np.ndarray
+    log_weights: np.ndarray | None
+    component: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt.text, "category": self.prompt.category, **self.estimate.to_dict()}
+
+
+def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
+                    progress: Callable[[int], None] | None = None) -> PromptResult:
+    comps = plan.components
+    d = draw(engine, prompt.text, [c.variant for c in comps], [c.share for c in comps], plan.n_samples,
+             seed=lambda j: component_seed(plan.seed, prompt.text, j), judge=plan.judge, progress=progress,
+             score_all=False)
+    if plan.method == "mc":
+        est = monte_carlo(d.scores, confidence=plan.confidence)
+        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn)
+    # The realised shares n_j / n (not the nominal ones) make the estimator exactly unbiased.
+    log_w = d.log_w
+    est = importance_sampling(log_w, d.scores, component=d.drawn, defensive=float(d.shares[0]),
+                              confidence=plan.confidence)
+    notes = tuple(c.note for c in comps if c.note)
+    if notes:
+        est = _with_warnings(est, notes)
+    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn)
+
+
+def _with_warnings(est: Estimate, extra: tuple[str, ...]) -> Estimate:
+    return replace(est, warnings=tuple(est.warnings) + extra)
+
+
+@dataclass
+class EstimationReport:
+    model: str
+    plan: EstimationPlan
+    results: list[PromptResult]
+    engine: str = "transformers"
+
+    def aggregate(self):
+        return aggregate([r.estimate for r in self.results], [r.prompt.category for r in self.results],
+                         confidence=self.plan.confidence)
+
+    def to_dict(self) -> dict:
+        plan = self.plan
+        agg = self.aggregate()
+        agg_dict = agg.to_dict()
+        if plan.volume is not None:
+            agg_dict.update(extrapolate([r.estimate for r in self.results], agg, plan.volume, plan.window))
+        d = plan.target.decoding
+        return {
+            "model": self.model,
+            "engine": self.engine,
+            "method": plan.method,
+            "judge": plan.judge.spec,
+            "system_prompt": plan.target.system_prompt,
+            "decoding": {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+                         "max_new_tokens": d.max_new_tokens},
+            "components": [{"label": c.label, "share": c.share} for c in plan.components],
+            "n_samples": plan.n_samples,
+            "seed": plan.seed,
+            "confidence": plan.confidence,
+            "estimates": [r.to_dict() for r in self.results],
+            "aggregate": agg_dict,
+        }
+
+
+def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[PromptItem],
+                   progress: Callable[[int], None] | None = None) -> EstimationReport:
+    if not prompts:
+        raise InputError("no prompts to estimate")
+    results = [estimate_prompt(engine, plan, p, progress) for p in prompts]
+    # A judge that had trouble (malformed LLM-judge answers, an endpoint without log-probs) says
+    # so on every estimate it scored: a score it had to guess at is never a silent pass.
+    judge_notes = tuple(plan.judge.warnings())
+    if judge_notes:
+        results = [replace(r, estimate=_with_warnings(r.estimate, judge_notes)) for r in results]
+    return EstimationReport(engine.model_id, plan, results, engine.name)
+
+
+def attach_adapter_warnings(engine: Engine, plan: EstimationPlan) -> list[str]:
+    """Load the adapter of every LoRA component before any sampling, and make every estimate of
+    the run record the warning of one trained on another checkpoint.
+
+    The engine refuses an adapter trained on another architecture or tokenizer (InputError); one
+    trained on another checkpoint of the same loads (its weights stay exact, since p is always
+    scored under the current target) with a warning, which this adds to the component's note, so
+    that `estimate_prompt` puts it in each estimate's warnings. Returns the warnings. Engines
+    without adapter checks (no `adapter_note`) are left alone.
+    """
+    notes = []
+    if not hasattr(engine, "adapter_note"):
+        return notes
+    for i, comp in enumerate(plan.components):
+        if comp.variant.adapter is None:
+            continue
+        note = engine.adapter_note(comp.variant.adapter)
+        if note:
+            notes.append(note)
+            plan.components[i] = replace(comp, note="; ".join(n for n in (comp.note, note) if n))
+    return notes

@@ -1,0 +1,76 @@
+"""How estimation settings become one run: its prompts, its EstimationPlan and its
+extrapolations. One definition for the daemon, `tailmon estimate` and `tailmon check`, so a
+release gate estimates exactly what the monitor will estimate in production.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tailmon.estimation.pipeline import EstimationPlan, EstimationReport
+from tailmon.estimation.prompts import PromptItem
+from tailmon.estimation.settings import EstimationSettings, ModelConfig
+from tailmon.estimation.sources import build_source, sample_prompts
+from tailmon.estimators import extrapolate, scale_volume
+from tailmon.judges import parse_judge
+from tailmon.proposals import default_proposals, parse_proposal
+
+
+def headline_window(mon: EstimationSettings) -> str:
+    """The window of a report's own extrapolation: 1d when configured, else the first window."""
+    volume = mon.volume
+    return "1d" if volume is None or "1d" in volume.windows else volume.windows[0]
+
+
+def plan_for_monitor(mon: EstimationSettings, seed: int, prompts: Sequence[PromptItem] = (), *,
+                     model: ModelConfig | None = None, judge=None) -> EstimationPlan:
+    """The EstimationPlan of one run of a monitor on `prompts` (every daemon run builds its plan here).
+
+    `model` replaces the monitor's model settings (a candidate checkpoint, another deployed
+    system prompt); `judge` is an already built judge for `mon.judge` (the daemon keeps judges
+    loaded between runs), else it is parsed here. A monitor with method `is` and no proposals
+    gets the shipped library's adversarial system prompts for the categories of `prompts`, as
+    a daemon run does.
+    """
+    specs = [p.spec for p in mon.proposals]
+    weights = [p.weight for p in mon.proposals] or None
+    if mon.estimator.method == "is" and not specs:
+        specs, weights = default_proposals({p.category for p in prompts}), None
+    est = mon.estimator
+    volume = mon.volume
+    window = headline_window(mon)
+    return EstimationPlan(
+        target=(model or mon.model).target(),
+        judge=judge if judge is not None else parse_judge(mon.judge),
+        method=est.method,
+        proposals=[parse_proposal(s) for s in specs],
+        weights=weights,
+        defensive=est.defensive,
+        n_samples=est.samples,
+        seed=seed,
+        confidence=est.confidence,
+        volume=None if volume is None else scale_volume(volume.per_day, window),
+        window=window,
+    )
+
+
+def monitor_extrapolations(report: EstimationReport, mon: EstimationSettings, extra_windows: Sequence[str] = ()) -> dict:
+    """Expected harmful outputs, P(at least one) and the worst query per window (the daemon's
+    `extrapolations`), for every configured window and `extra_windows`; {} without a volume."""
+    if mon.volume is None:
+        return {}
+    agg = report.aggregate()
+    ests = [r.estimate for r in report.results]
+    windows = list(dict.fromkeys([*mon.volume.windows, *extra_windows]))
+    return {w: extrapolate(ests, agg, scale_volume(mon.volume.per_day, w), w) for w in windows}
+
+
+def draw_prompts(mon: EstimationSettings, base_dir: Path, seed: int) -> tuple[list[PromptItem], str]:
+    """The monitor's per_run prompts from its source (relative paths from `base_dir`, the
+    config file's folder), drawn as the daemon draws a run's."""
+    src = mon.prompts
+    source = build_source(src, base_dir)
+    prompts = sample_prompts(source, src.per_run, seed, dedupe=src.dedupe, min_chars=src.min_chars,
+                             max_chars=src.max_chars, stratify=src.stratify)
+    return prompts, source.describe()

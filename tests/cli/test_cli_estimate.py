@@ -1,0 +1,63 @@
+"""`tailmon estimate` end to end on a local model folder (the tiny model): table, JSON, file."""
+
+import json
+
+from click.testing import CliRunner
+
+from tailmon.cli.main import main
+
+ARGS = ["--judge", "prefix:a", "--proposal", "temperature:2", "--samples", "40",
+        "--max-new-tokens", "2", "--temperature", "0.7", "--seed", "3", "--quiet"]
+
+
+def test_json_report_has_the_documented_schema(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ab", "category": "x"}\n"b"\n')
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["estimate", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+                                       "--prompt", "a", "--format", "json", "--output", str(out),
+                                       "--volume", "1000", *ARGS])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads(out.read_text())
+    assert report["model"] == str(tiny_model_dir) and report["method"] == "is"
+    assert [c["label"] for c in report["components"]] == ["target", "temperature:2"]
+    assert [e["prompt"] for e in report["estimates"]] == ["a", "ab", "b"]
+    for e in report["estimates"]:
+        for key in ("prompt", "category", "method", "n_samples", "p_hat", "ci_low", "ci_high", "n_harmful",
+                    "h_sum", "ess", "ess_wh", "khat", "kl", "max_weight_share", "reliable", "warnings"):
+            assert key in e, key
+        assert e["n_samples"] == 40 and 0 <= e["ci_low"] <= e["ci_high"] <= 1
+    agg = report["aggregate"]
+    assert agg["n_prompts"] == 3 and agg["ci_low"] <= agg["p_hat"] <= agg["ci_high"]
+    for key in ("expected_per_window", "p_any_per_window", "worst_query"):
+        assert key in agg
+    assert agg["by_category"].keys() == {"uncategorized", "x"}
+
+
+def test_same_seed_same_report_and_table_output(tiny_model_dir):
+    base = ["estimate", "--model", str(tiny_model_dir), "--prompt", "ab", *ARGS]
+    first = CliRunner().invoke(main, base + ["--format", "json"])
+    second = CliRunner().invoke(main, base + ["--format", "json"])
+    assert first.exit_code == 0 and first.stdout == second.stdout
+    table = CliRunner().invoke(main, base)
+    assert table.exit_code == 0
+    assert "95% interval" in table.stdout and "all 1 prompts (mean)" in table.stdout
+
+
+def test_monte_carlo_method(tiny_model_dir):
+    result = CliRunner().invoke(main, ["estimate", "--model", str(tiny_model_dir), "--prompt", "ab", "--method", "mc",
+                                       "--judge", "prefix:a", "--samples", "30", "--max-new-tokens", "2",
+                                       "--format", "json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "mc" and report["estimates"][0]["khat"] is None
+
+
+def test_runtime_failure_is_exit_3(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # looks like a model folder, is not one
+    result = CliRunner().invoke(main, ["estimate", "--model", str(folder), "--prompt", "x", *ARGS])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.startswith("runtime failure: model") and "Traceback" not in result.output
