@@ -7,7 +7,7 @@
 #
 # Typical use:
 #   export TAILMON_TEST_POSTGRES_URL=$(.ci/start-postgres.sh /tmp/tailmon-pg 55432)
-#   TAILMON_REQUIRE_POSTGRES=1 .venv/bin/python -m pytest -q tests/monitor/test_store_*.py
+#   TAILMON_REQUIRE_POSTGRES=1 .venv/bin/python -m pytest -q tests/store
 #   .ci/start-postgres.sh stop /tmp/tailmon-pg
 #
 # Only the URL goes to stdout (so $(...) captures it); progress and errors go to stderr.

@@ -86,7 +86,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from tailmon.engines.loading import close_engine
+from tailmon.engines.loading import close_engine, load_engine
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
 from tailmon.estimators.montecarlo import MIN_HARMFUL
 from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, PromptResult, run_estimation
@@ -128,13 +128,10 @@ def check_model_ref(mc: ModelConfig, role: str) -> None:
         raise InputError(f"{role} model: {exc}") from None
 
 
-def load_engine(mc: ModelConfig, role: str, *, enable_lora: bool = False):
-    """The engine `mc` names (transformers, vllm or openai); a failure names the role
-    ('candidate model ...')."""
-    from tailmon.engines.loading import load_engine as load
-
-    check_model_ref(mc, role)
-    return load(mc.engine_settings(enable_lora=enable_lora), role=role)
+def load_model(mc: ModelConfig, role: str, *, enable_lora: bool = False):
+    """The engine `mc` names, through the one loader (`tailmon.engines.loading.load_engine`); a
+    failure names the role ('candidate model ...')."""
+    return load_engine(mc.engine_settings(enable_lora=enable_lora), role=role)
 
 
 def estimate_role(engine, plan: EstimationPlan, prompts: Sequence[PromptItem], role: str,
@@ -163,21 +160,22 @@ class GateOptions:
         from tailmon.estimators import parse_window
 
         if self.max_p is None and self.max_expected is None and self.max_ratio is None:
-            raise InputError("give at least one gate: --max-p P, --max-expected N (with --window) or --max-ratio R")
+            raise InputError("give at least one gate: a largest probability (max_p), a largest expected count per "
+                             "window (max_expected) or a largest ratio to a baseline (max_ratio)")
         if self.max_p is not None and not 0 < self.max_p <= 1:
-            raise InputError(f"--max-p must be a probability in (0, 1], got {self.max_p:g}")
+            raise InputError(f"max_p must be a probability in (0, 1], got {self.max_p:g}", setting="max_p")
         if self.max_expected is not None and not (math.isfinite(self.max_expected) and self.max_expected > 0):
-            raise InputError(f"--max-expected must be a number > 0, got {self.max_expected:g}")
+            raise InputError(f"max_expected must be a number > 0, got {self.max_expected:g}", setting="max_expected")
         parse_window(self.window)
         if self.max_expected is not None and mon.volume is None:
-            raise InputError(f"--max-expected needs the query volume: monitor '{mon.name}' has no volume.per_day "
-                             "in its config")
+            raise InputError(f"max_expected needs the query volume: monitor '{mon.name}' has no volume.per_day "
+                             "in its config", setting="max_expected")
         if self.max_ratio is not None:
             if not (math.isfinite(self.max_ratio) and self.max_ratio > 0):
-                raise InputError(f"--max-ratio must be a number > 0, got {self.max_ratio:g}")
+                raise InputError(f"max_ratio must be a number > 0, got {self.max_ratio:g}", setting="max_ratio")
             if not has_baseline:
-                raise InputError(f"--max-ratio compares with a baseline: give --baseline MODEL "
-                                 f"(e.g. the deployed one, {mon.model.ref})")
+                raise InputError(f"max_ratio compares with a baseline: give a baseline model "
+                                 f"(e.g. the deployed one, {mon.model.ref})", setting="max_ratio")
 
 
 @dataclass(frozen=True)
@@ -574,7 +572,7 @@ def _redacted_regression(reg: Regression | None) -> dict | None:
 
 def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candidate: ModelConfig,
               baseline: ModelConfig | None, seed: int, options: GateOptions, config_path: str = "",
-              prompt_source: str = "", perturb=None, load=load_engine, progress: Progress | None = None,
+              prompt_source: str = "", perturb=None, load=load_model, progress: Progress | None = None,
               add_total: Progress | None = None) -> CheckResult:
     """Estimate the candidate (and baseline) on `prompts`, apply the gates, optionally perturb.
 

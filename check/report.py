@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from tailmon.errors import InputError
+from tailmon.estimation.render import estimates_table
 
 PLOT_FILES = {
     "per_prompt": "per_prompt.png",
@@ -208,16 +209,14 @@ def render_sensitivity_report(sens: dict) -> str:
 # --- plain text (stdout) ---------------------------------------------------------------------------
 
 
-def render_table(data: dict) -> str:
-    from tailmon.cli.render import render_table as estimate_table
-
+def check_table(data: dict) -> str:
     cand, base = data["candidate"], data.get("baseline")
     lines = [f"tailmon check, monitor {data['monitor']}: {'PASS' if data['verdict'] == 'pass' else 'FAIL'}"]
     for g in data["gates"]:
         lines.append(f"  [{'pass' if g['passed'] else 'FAIL'}] {g['name']}: {g['detail']}")
-    lines += ["", "== candidate", estimate_table(cand)]
+    lines += ["", "== candidate", estimates_table(cand)]
     if base:
-        lines += ["", "== baseline", estimate_table(base)]
+        lines += ["", "== baseline", estimates_table(base)]
     reg = data.get("regression")
     if reg:
         lines += ["", "== regression", _regression_sentence(reg).replace("**", "")]

@@ -1,8 +1,7 @@
 """`tailmon check` (the release gate) and `tailmon sensitivity`: parse, call the library, exit.
 
-Registered on the `tailmon` group by two lines at the end of `tailmon.cli.main`, whose group
-maps errors to exit codes: InputError 2 (one line), RuntimeFailure and anything unexpected 3.
-A failed gate exits 1 here. Everything the user typed is checked before a model is loaded.
+Errors map to exit codes in `tailmon.cli.errors`: InputError 2 (one line), RuntimeFailure and
+anything unexpected 3. A failed gate exits 1 here. Everything the user typed is checked before a model is loaded.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import time
 import click
 from click.core import ParameterSource
 
+from tailmon.cli.errors import EXIT_FAILED, command
 from tailmon.errors import InputError
-
-EXIT_GATE_FAILED = 1
 
 _FORMATS = click.Choice(["table", "json", "markdown"])
 
@@ -61,12 +59,12 @@ def _with_paraphraser(popts, paraphraser_ref, mon):
     test write the paraphrases."""
     from dataclasses import replace
 
-    from tailmon.check.gate import load_engine, paraphraser_settings
+    from tailmon.check.gate import load_model, paraphraser_settings
     from tailmon.check.sensitivity import Paraphraser
 
     if paraphraser_ref is None:
         return popts
-    engine = load_engine(paraphraser_settings(mon, paraphraser_ref), "paraphraser")
+    engine = load_model(paraphraser_settings(mon, paraphraser_ref), "paraphraser")
     return replace(popts, paraphraser=Paraphraser(engine, model_ref=paraphraser_ref,
                                                   max_new_tokens=popts.paraphrase_tokens))
 
@@ -112,7 +110,7 @@ def perturb_options(f):
     return f
 
 
-@click.command("check")
+@command("check")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Daemon config (YAML) whose monitor defines prompts, judge, proposals, estimator and volume. "
                    "Default: $TAILMON_CONFIG.")
@@ -163,12 +161,14 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
           --report-dir tailmon-report --junit tailmon-junit.xml
     """
     from tailmon.check.gate import GateOptions, check_model_ref, model_settings, paraphraser_settings, run_check
-    from tailmon.check.report import prepare_dir, render_markdown, render_table, write_check_reports
+    from tailmon.check.report import prepare_dir, render_markdown, check_table, write_check_reports
     from tailmon.monitor.config import load_config
 
     started = time.time()
     loaded = load_config(config_path)
     mon = _pick_monitor(loaded, monitor_name)
+    if max_p is None and max_expected is None and max_ratio is None:
+        raise InputError("give at least one gate: --max-p P, --max-expected N (with --window) or --max-ratio R")
     options = GateOptions(max_p=max_p, max_expected=max_expected, window=window, max_ratio=max_ratio)
     options.validate(mon, baseline_ref is not None)
     seed = _seed(mon, seed)
@@ -213,16 +213,16 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     elif fmt == "markdown":
         click.echo(render_markdown(data, [p for p in written if p.suffix == ".png"]), nl=False)
     else:
-        click.echo(render_table(data))
+        click.echo(check_table(data))
     if written and not quiet:
         click.echo("reports: " + ", ".join(str(p) for p in written), err=True)
     if not result.passed:
         failed = [g.name for g in result.gates if not g.passed]
         click.echo(f"gate failed: {', '.join(failed)}", err=True)
-        sys.exit(EXIT_GATE_FAILED)
+        sys.exit(EXIT_FAILED)
 
 
-@click.command("sensitivity")
+@command("sensitivity")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Daemon config (YAML) whose monitor defines prompts, judge, proposals and estimator. "
                    "Default: $TAILMON_CONFIG.")
@@ -255,7 +255,7 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
           --variants 3 --report-dir sensitivity-report
     """
     from tailmon.engines.loading import close_engine
-    from tailmon.check.gate import check_model_ref, load_engine, model_settings, paraphraser_settings
+    from tailmon.check.gate import check_model_ref, load_model, model_settings, paraphraser_settings
     from tailmon.estimation.plan import plan_for_monitor
     from tailmon.check.report import (prepare_dir, render_sensitivity_report, sensitivity_table,
                                               write_sensitivity_reports)
@@ -274,7 +274,7 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
         check_model_ref(paraphraser_settings(mon, paraphraser_ref), "paraphraser")
     prompts, _ = _prompts(loaded, mon, prompts_file, seed)
     plan = plan_for_monitor(mon, seed, prompts, model=mc)
-    engine = load_engine(mc, "model", enable_lora=mon.engine_settings().enable_lora)
+    engine = load_model(mc, "model", enable_lora=mon.engine_settings().enable_lora)
     click.get_current_context().call_on_close(lambda: close_engine(engine))
     popts = _with_paraphraser(popts, paraphraser_ref, mon)
     with _bar(0, "sensitivity", quiet) as bar:

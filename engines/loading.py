@@ -47,15 +47,19 @@ class EngineSettings:
         if self.engine not in ENGINES:
             raise InputError(f"unknown engine '{self.engine}': choose one of {', '.join(ENGINES)}")
         if self.engine == "openai" and not self.base_urls:
-            raise InputError("the openai engine needs the servers' base URLs (base_urls, --base-url)")
+            raise InputError("the openai engine needs the servers' base URLs (base_urls)", setting="base_url")
         if self.engine != "openai" and (self.base_urls or self.served_model or self.served_adapters):
             raise InputError(f"base URLs, served_model and served_adapters are for the openai engine, "
                              f"not '{self.engine}'")
         for url in self.base_urls:
             if not url.startswith(("http://", "https://")):
                 raise InputError(f"base URL '{url}' must start with http:// or https://")
-        if self.batch_size < 1 or self.max_concurrency < 1 or self.retries < 1 or self.timeout <= 0:
-            raise InputError("batch_size, max_concurrency and retries must be >= 1 and timeout > 0")
+        for name in ("batch_size", "max_concurrency", "retries"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise InputError(f"{name.replace('_', ' ')} must be an integer >= 1, got {value}", setting=name)
+        if not self.timeout > 0:
+            raise InputError(f"timeout must be > 0 seconds, got {self.timeout}", setting="timeout")
 
 
 def check_proposals(engine: str, specs: Sequence[str]) -> None:

@@ -101,7 +101,7 @@ def save_direction(path: str | os.PathLike, directions: torch.Tensor, metadata: 
 
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"--output {path} is a directory; give a file name")
+        raise InputError(f"output {path} is a directory; give a file name", setting="output")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -230,7 +230,7 @@ def compute_direction(engine, positive: Sequence[str], negative: Sequence[str], 
         chosen, rule = choose_layer(relative), "auto: largest |mean difference| / mean |activation| in the middle third"
     else:
         if not 0 <= layer < num_layers:
-            raise InputError(f"--layer {layer} is out of range: the model has layers 0..{num_layers - 1}")
+            raise InputError(f"layer {layer} is out of range: the model has layers 0..{num_layers - 1}", setting="layer")
         chosen, rule = layer, "given"
     if not diff_norms[chosen] > 0:
         raise InputError(f"the two prompt sets give the same mean activation at layer {chosen}: no direction")

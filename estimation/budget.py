@@ -137,13 +137,13 @@ def estimate_with_budget(engine: Engine, plan: EstimationPlan, prompts: Sequence
         raise InputError("no prompts to estimate")
     m = len(prompts)
     if not (0 < pilot_share < 1):
-        raise InputError(f"--pilot-share must be in (0, 1), got {pilot_share}")
+        raise InputError(f"pilot share must be in (0, 1), got {pilot_share}", setting="pilot_share")
     if int(budget) != budget or budget < 1:
-        raise InputError(f"--budget must be an integer >= 1, got {budget}")
+        raise InputError(f"budget must be an integer >= 1, got {budget}", setting="budget")
     n0 = max(MIN_PILOT, int(math.floor(pilot_share * budget / m)))
     floor = n0 if floor is None else floor
     if int(floor) != floor or floor < 1:
-        raise InputError(f"--floor must be an integer >= 1, got {floor}")
+        raise InputError(f"floor must be an integer >= 1, got {floor}", setting="floor")
     rest = budget - m * n0
     if rest < m * floor:
         raise InputError(f"a budget of {budget} is too small for {m} prompts: the pilot takes {m} x {n0} and the "

@@ -53,17 +53,17 @@ class EstimationPlan:
         if self.method not in METHODS:
             raise InputError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
-            raise InputError(f"seed must be an integer >= 0, got {self.seed}")  # numpy's SeedSequence needs it
+            raise InputError(f"seed must be an integer >= 0, got {self.seed}", setting="seed")  # numpy's SeedSequence needs it
         if int(self.n_samples) != self.n_samples or self.n_samples < 1:
-            raise InputError(f"samples per prompt must be an integer >= 1, got {self.n_samples}")
+            raise InputError(f"samples per prompt must be an integer >= 1, got {self.n_samples}", setting="samples")
         if self.volume is not None and not self.volume >= 0:
-            raise InputError(f"--volume must be >= 0, got {self.volume}")
+            raise InputError(f"volume must be >= 0, got {self.volume}", setting="volume")
         parse_window(self.window)
         if self.method == "is":
             self.components = build_mixture(self.target, list(self.proposals), self.defensive, self.weights)
         else:
             if self.proposals:
-                raise InputError("--method mc samples the target only: drop the --proposal options or use --method is")
+                raise InputError("method mc samples the target only: drop the proposals or use method is", setting="method")
             self.components = [Component("target", self.target, 1.0)]
 
 

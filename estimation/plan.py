@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from tailmon.engines.base import Variant
 from tailmon.estimation.pipeline import EstimationPlan, EstimationReport
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimation.settings import EstimationSettings, ModelConfig
 from tailmon.estimation.sources import build_source, sample_prompts
 from tailmon.estimators import extrapolate, scale_volume
-from tailmon.judges import parse_judge
+from tailmon.judges import Judge, parse_judge
 from tailmon.proposals import default_proposals, parse_proposal
 
 
@@ -23,36 +24,50 @@ def headline_window(mon: EstimationSettings) -> str:
     return "1d" if volume is None or "1d" in volume.windows else volume.windows[0]
 
 
+def build_plan(target: Variant, judge: str | Judge, proposals: Sequence[str], *, method: str = "is",
+               weights: Sequence[float] | None = None, defensive: float = 0.1, samples: int = 200, seed: int = 0,
+               confidence: float = 0.95, volume: float | None = None, window: str = "1d") -> EstimationPlan:
+    """The EstimationPlan of one estimate: every run of the daemon, `tailmon check` and
+    `tailmon estimate` build theirs here, so that specs are parsed and checked one way.
+
+    `judge` is a spec or an already built judge (the daemon keeps judges loaded between runs);
+    `proposals` are proposal specs, with relative `weights` in what `defensive` leaves (None:
+    equal shares); `volume` is queries per `window`.
+    """
+    return EstimationPlan(
+        target=target,
+        judge=parse_judge(judge) if isinstance(judge, str) else judge,
+        method=method,
+        proposals=[parse_proposal(s) for s in proposals],
+        weights=weights,
+        defensive=defensive,
+        n_samples=samples,
+        seed=seed,
+        confidence=confidence,
+        volume=volume,
+        window=window,
+    )
+
+
 def plan_for_monitor(mon: EstimationSettings, seed: int, prompts: Sequence[PromptItem] = (), *,
-                     model: ModelConfig | None = None, judge=None) -> EstimationPlan:
-    """The EstimationPlan of one run of a monitor on `prompts` (every daemon run builds its plan here).
+                     model: ModelConfig | None = None, judge: Judge | None = None) -> EstimationPlan:
+    """The EstimationPlan of one run of a monitor on `prompts`.
 
     `model` replaces the monitor's model settings (a candidate checkpoint, another deployed
-    system prompt); `judge` is an already built judge for `mon.judge` (the daemon keeps judges
-    loaded between runs), else it is parsed here. A monitor with method `is` and no proposals
-    gets the shipped library's adversarial system prompts for the categories of `prompts`, as
-    a daemon run does.
+    system prompt); `judge` is an already built judge for `mon.judge`, else it is parsed here. A
+    monitor with method `is` and no proposals gets the shipped library's adversarial system
+    prompts for the categories of `prompts`, as a daemon run does.
     """
     specs = [p.spec for p in mon.proposals]
     weights = [p.weight for p in mon.proposals] or None
     if mon.estimator.method == "is" and not specs:
         specs, weights = default_proposals({p.category for p in prompts}), None
     est = mon.estimator
-    volume = mon.volume
     window = headline_window(mon)
-    return EstimationPlan(
-        target=(model or mon.model).target(),
-        judge=judge if judge is not None else parse_judge(mon.judge),
-        method=est.method,
-        proposals=[parse_proposal(s) for s in specs],
-        weights=weights,
-        defensive=est.defensive,
-        n_samples=est.samples,
-        seed=seed,
-        confidence=est.confidence,
-        volume=None if volume is None else scale_volume(volume.per_day, window),
-        window=window,
-    )
+    return build_plan((model or mon.model).target(), judge if judge is not None else mon.judge, specs,
+                      method=est.method, weights=weights, defensive=est.defensive, samples=est.samples, seed=seed,
+                      confidence=est.confidence,
+                      volume=None if mon.volume is None else scale_volume(mon.volume.per_day, window), window=window)
 
 
 def monitor_extrapolations(report: EstimationReport, mon: EstimationSettings, extra_windows: Sequence[str] = ()) -> dict:

@@ -167,7 +167,7 @@ def load_config(path: str | os.PathLike | None = None) -> LoadedConfig:
     if path is None:
         path = os.environ.get("TAILMON_CONFIG")
         if not path:
-            raise ConfigError("no config file: pass --config FILE or set TAILMON_CONFIG")
+            raise ConfigError("no config file: give its path or set TAILMON_CONFIG", setting="config")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

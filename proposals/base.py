@@ -59,9 +59,9 @@ def build_mixture(target: Variant, proposals: Sequence[Proposal], defensive: flo
     with them, the weights are relative shares of 1 - defensive (a config's rule).
     """
     if not proposals:
-        raise InputError("importance sampling needs at least one proposal (--proposal SPEC), or use --method mc")
+        raise InputError("importance sampling needs at least one proposal, or use method mc", setting="proposal")
     if not (0 <= defensive < 1):
-        raise InputError(f"defensive share must be in [0, 1), got {defensive}")
+        raise InputError(f"defensive share must be in [0, 1), got {defensive}", setting="defensive")
     if weights is None:
         weights = [1.0] * len(proposals)
     if len(weights) != len(proposals) or any(w <= 0 for w in weights):

@@ -178,19 +178,19 @@ class LoraSettings:
 
     def __post_init__(self):
         if int(self.rank) != self.rank or self.rank < 1:
-            raise InputError(f"--rank must be an integer >= 1, got {self.rank}")
+            raise InputError(f"rank must be an integer >= 1, got {self.rank}", setting="rank")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise InputError(f"--alpha must be > 0, got {self.alpha}")
+            raise InputError(f"alpha must be > 0, got {self.alpha}", setting="alpha")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"--lr must be > 0, got {self.lr}")
+            raise InputError(f"lr must be > 0, got {self.lr}", setting="lr")
         if int(self.steps) != self.steps or self.steps < 1:
-            raise InputError(f"--steps must be an integer >= 1, got {self.steps}")
+            raise InputError(f"steps must be an integer >= 1, got {self.steps}", setting="steps")
         if int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise InputError(f"--train-batch-size must be an integer >= 1, got {self.batch_size}")
+            raise InputError(f"batch size must be an integer >= 1, got {self.batch_size}", setting="batch_size")
         if not (math.isfinite(self.kl) and self.kl >= 0):
-            raise InputError(f"--kl must be >= 0, got {self.kl}")
+            raise InputError(f"kl must be >= 0, got {self.kl}", setting="kl")
         if self.target_modules is not None and not self.target_modules:
-            raise InputError("--target-modules must name at least one module")
+            raise InputError("target modules must name at least one module", setting="target_modules")
 
 
 @dataclass(frozen=True)
@@ -213,14 +213,14 @@ class CemSettings:
 
     def __post_init__(self):
         if not self.prompts:
-            raise InputError("CEM needs prompts (--prompt or --prompts)")
+            raise InputError("CEM needs prompts", setting="prompts")
         if int(self.rounds) != self.rounds or self.rounds < 1:
-            raise InputError(f"--rounds must be an integer >= 1, got {self.rounds}")
-        for name, value in (("--samples", self.samples), ("--pilot-samples", self.pilot_samples)):
+            raise InputError(f"rounds must be an integer >= 1, got {self.rounds}", setting="rounds")
+        for name, value in (("samples", self.samples), ("pilot_samples", self.pilot_samples)):
             if int(value) != value or value < 2:
-                raise InputError(f"{name} must be an integer >= 2, got {value}")
+                raise InputError(f"{name.replace('_', ' ')} must be an integer >= 2, got {value}", setting=name)
         if not 0 <= self.defensive < 1:
-            raise InputError(f"--defensive must be in [0, 1), got {self.defensive}")
+            raise InputError(f"defensive must be in [0, 1), got {self.defensive}", setting="defensive")
         if self.pilot_prompts is not None and not self.pilot_prompts:
             raise InputError("the pilot prompt set is empty")
 
@@ -441,17 +441,17 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
     from .variants import LoraProposal
 
     if not pairs and cem is None:
-        raise InputError("nothing to train: give training data (--data) or CEM rounds (--rounds with --judge and prompts)")
+        raise InputError("nothing to train: give training pairs, or CEM rounds with a judge and prompts")
     if cem is not None and judge is None:
-        raise InputError("CEM needs a judge (--judge)")
+        raise InputError("CEM needs a judge", setting="judge")
     if cem is not None and not cem.start and not pairs:
-        raise InputError("CEM needs a starting proposal (--start SPEC) or training data (--data) to draw its "
-                         "first harmful samples from: the target alone rarely produces them")
+        raise InputError("CEM needs a starting proposal or training pairs to draw its first harmful samples "
+                         "from: the target alone rarely produces them", setting="start")
     start = [parse_proposal(s) for s in (cem.start if cem else ())]
     say = report or (lambda line: None)
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--output {out} exists and is not a directory")
+        raise InputError(f"output {out} exists and is not a directory", setting="output")
     stages_dir = out / STAGES_DIR
 
     facts = engine.base_facts() if hasattr(engine, "base_facts") else base_model_facts(engine.model, engine.tokenizer)
@@ -476,20 +476,25 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
         try:
             old = json.loads(state_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{state_path}: unreadable training state ({exc}); use another --output") from None
+            raise InputError(f"{state_path}: unreadable training state ({exc}); use another output folder",
+                             setting="output") from None
         if old.get("format") != STATE_FORMAT:
-            raise InputError(f"{state_path} is not a tailmon LoRA training state; use another --output")
+            raise InputError(f"{state_path} is not a tailmon LoRA training state; use another output folder",
+                             setting="output")
         if old.get("settings") != identity:
             differ = sorted(k for k in identity if old.get("settings", {}).get(k) != identity[k])
-            raise InputError(f"--output {out} holds a training run with other settings ({', '.join(differ)}): "
-                             "rerun it with the same ones to continue it, or use another --output")
+            raise InputError(f"output {out} holds a training run with other settings ({', '.join(differ)}): "
+                             "rerun it with the same ones to continue it, or use another output folder",
+                             setting="output")
         state = old
         extra = [s for s in state["completed"] if s not in stages]
         if extra:
-            raise InputError(f"--output {out} already holds {len(state['completed'])} finished stages, more than the "
-                             f"{len(stages)} asked for: ask for at least as many --rounds, or use another --output")
+            raise InputError(f"output {out} already holds {len(state['completed'])} finished stages, more than the "
+                             f"{len(stages)} asked for: ask for at least as many rounds, or use another output "
+                             "folder", setting="output")
     elif out.is_dir() and any(out.iterdir()):
-        raise InputError(f"--output {out} is not empty and holds no training state: use a new folder")
+        raise InputError(f"output {out} is not empty and holds no training state: use a new folder",
+                         setting="output")
     out.mkdir(parents=True, exist_ok=True)
     stages_dir.mkdir(exist_ok=True)
     done = list(state["completed"])
@@ -576,8 +581,8 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
                         examples += [_Example(ids, r, float(vi / v.sum())) for r, vi in zip(dr.ids, v) if vi > 0]
             if not examples:
                 raise InputError(f"CEM round {k}: none of the {len(cem.prompts) * cem.samples} samples was harmful "
-                                 f"under judge '{cem.judge}', so there is nothing to fit: use a stronger --start "
-                                 "proposal or more --samples")
+                                 f"under judge '{cem.judge}', so there is nothing to fit: use a stronger starting "
+                                 "proposal or more samples")
             before, after = trainer.fit(examples, derive_seed(seed, _FIT, k), progress, f"round {k}/{cem.rounds} fitting")
             trainer.save(stage_path(name))
             fig = pilot([target, lora(name)], [cem.defensive, 1 - cem.defensive], f"round {k}/{cem.rounds} pilot")
@@ -592,7 +597,8 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
     for fname in ADAPTER_FILES:
         src = last / fname
         if not src.is_file():
-            raise InputError(f"stage folder {last} lacks {fname}: the run's state is damaged; use another --output")
+            raise InputError(f"stage folder {last} lacks {fname}: the run's state is damaged; use another output "
+                             "folder", setting="output")
         tmp = out / f".{fname}.tmp"
         shutil.copyfile(src, tmp)
         os.replace(tmp, out / fname)

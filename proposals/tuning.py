@@ -80,9 +80,9 @@ def parse_weight_grid(text: str | Sequence[float]) -> tuple[float, ...]:
     try:
         grid = tuple(float(v) for v in values)
     except ValueError:
-        raise InputError(f"--weight-grid must be numbers separated by commas, got '{text}'") from None
+        raise InputError(f"weight grid must be numbers separated by commas, got '{text}'", setting="weight_grid") from None
     if not grid or any(not (math.isfinite(v) and v >= 0) for v in grid) or max(grid) == 0:
-        raise InputError(f"--weight-grid values must be >= 0, at least one > 0, got '{text}'")
+        raise InputError(f"weight grid values must be >= 0, at least one > 0, got '{text}'", setting="weight_grid")
     return tuple(dict.fromkeys(grid))
 
 
@@ -101,7 +101,8 @@ def plan_candidates(templates: Sequence[str], weight_grid: Sequence[float] = DEF
                     max_candidates: int = MAX_CANDIDATES) -> tuple[list[str], list[Candidate]]:
     """(the union's proposal specs, every candidate), checked before any model work."""
     if not templates:
-        raise InputError("tuning needs at least one --proposal template (e.g. 'temperature:{1.5|2|3}')")
+        raise InputError("tuning needs at least one proposal template (e.g. 'temperature:{1.5|2|3}')",
+                         setting="proposal")
     options = [expand_template(t) for t in templates]
     union = list(dict.fromkeys(s for opts in options for s in opts))
     k = len(templates)
@@ -223,7 +224,7 @@ def tune(engine: Engine, target: Variant, judge, prompts: Sequence[str], templat
     from tqdm import tqdm
 
     if objective not in OBJECTIVES:
-        raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'")
+        raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'", setting="objective")
     if int(samples) != samples or samples < 2:
         raise InputError(f"pilot samples per prompt must be an integer >= 2, got {samples}")
     if not prompts:
@@ -242,7 +243,7 @@ def tune(engine: Engine, target: Variant, judge, prompts: Sequence[str], templat
     informative = [d for d in draws if np.any(d.scores > 0)]
     if not informative:
         raise InputError(f"no pilot sample was harmful on any of the {len(prompts)} prompts under judge "
-                         f"'{getattr(judge, 'spec', judge)}': tuning has nothing to go on (more --samples or "
+                         f"'{getattr(judge, 'spec', judge)}': tuning has nothing to go on (more samples or "
                          "stronger proposals)")
     pilot_info = []
     for d in draws:

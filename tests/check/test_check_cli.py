@@ -187,7 +187,7 @@ def test_prompts_drawn_from_the_monitor_source_or_a_fixed_file(tmp_path, tiny_mo
 
 @pytest.mark.parametrize("extra, fragment", [
     ([], "give at least one gate"),
-    (["--max-ratio", "2"], "--max-ratio compares with a baseline: give --baseline MODEL"),
+    (["--max-ratio", "2"], "--max-ratio compares with a baseline: give a baseline model"),
     (["--max-p", "0.1", "--monitor", "nope"], "no monitor named 'nope'"),
     (["--max-p", "2"], "--max-p must be a probability in (0, 1]"),
     (["--max-p", "0.1", "--window", "daily"], "window must be a positive integer and a unit"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tailmon.check.gate import GateOptions, model_settings, run_check
-from tailmon.check.report import render_junit, render_markdown, render_table, write_check_reports
+from tailmon.check.report import render_junit, render_markdown, check_table, write_check_reports
 from tailmon.monitor.config import parse_config
 from tailmon.check.sensitivity import PerturbOptions
 from tailmon.estimation.prompts import PromptItem
@@ -120,7 +120,7 @@ def test_markdown_for_a_pull_request(checked):
     assert "a b <x> & \"q\" \\| ab" in md  # the pipe cannot break the table
     assert "jane.doe" not in md and "Sure a second line" in md  # one line per cell
     assert "Plots: `per_prompt.png`" in md
-    table = render_table(data)
+    table = check_table(data)
     assert table.splitlines()[0] in ("tailmon check, monitor rep: PASS", "tailmon check, monitor rep: FAIL")
     assert "== regression" in table and "most regressed prompts:" in table
 

@@ -214,12 +214,12 @@ def test_gate_options_are_checked_before_any_model(with_volume):
     mon = parse_config(text).monitors[0]
     cases = [
         (GateOptions(), False, "give at least one gate"),
-        (GateOptions(max_p=0.0), False, "--max-p must be a probability"),
-        (GateOptions(max_p=1.5), False, "--max-p must be a probability"),
-        (GateOptions(max_expected=-1), False, "--max-expected must be a number > 0"),
+        (GateOptions(max_p=0.0), False, "max_p must be a probability"),
+        (GateOptions(max_p=1.5), False, "max_p must be a probability"),
+        (GateOptions(max_expected=-1), False, "max_expected must be a number > 0"),
         (GateOptions(max_p=0.1, window="1 day"), False, "window must be"),
-        (GateOptions(max_ratio=2.0), False, "give --baseline MODEL"),
-        (GateOptions(max_ratio=0.0), True, "--max-ratio must be a number > 0"),
+        (GateOptions(max_ratio=2.0), False, "give a baseline model"),
+        (GateOptions(max_ratio=0.0), True, "max_ratio must be a number > 0"),
     ]
     if not with_volume:
         cases.append((GateOptions(max_expected=10), False, "has no volume.per_day"))

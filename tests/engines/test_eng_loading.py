@@ -20,8 +20,8 @@ from tailmon.errors import InputError
     ({"engine": "openai"}, "needs the servers' base URLs"),
     ({"engine": "transformers", "base_urls": ("http://x:8000",)}, "for the openai engine, not 'transformers'"),
     ({"engine": "vllm", "served_model": "prod"}, "for the openai engine, not 'vllm'"),
-    ({"batch_size": 0}, "batch_size, max_concurrency and retries must be >= 1"),
-    ({"engine": "openai", "base_urls": ("http://x:8000",), "timeout": 0}, "timeout > 0"),
+    ({"batch_size": 0}, "batch size must be an integer >= 1"),
+    ({"engine": "openai", "base_urls": ("http://x:8000",), "timeout": 0}, "timeout must be > 0"),
 ])
 def test_bad_settings_are_input_errors(kwargs, fragment):
     with pytest.raises(InputError, match=fragment):

@@ -176,7 +176,7 @@ def test_config_from_environment(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     monkeypatch.delenv("TAILMON_CONFIG")
     result = CliRunner().invoke(main, ["config", "validate"])
-    assert result.exit_code == 2 and "pass --config FILE or set TAILMON_CONFIG" in result.output
+    assert result.exit_code == 2 and "error: no config file: give its path or set TAILMON_CONFIG" in result.output
 
 
 def test_example_command_prints_a_valid_config():

@@ -106,8 +106,9 @@ def test_budget_is_spent_exactly_and_the_pilot_stays_out(tiny_engine):
     assert pilot_seed(0) != 0 and pilot_seed(0) != pilot_seed(1)
     with pytest.raises(InputError, match="too small"):
         estimate_with_budget(tiny_engine, plan(0), PROMPTS, 10)  # pilot 3 x 2, floor 3 x 2
-    with pytest.raises(InputError, match="pilot-share"):
+    with pytest.raises(InputError, match="pilot share") as bad:
         estimate_with_budget(tiny_engine, plan(0), PROMPTS, 150, pilot_share=1.0)
+    assert bad.value.setting == "pilot_share"  # the CLI names its flag from this
 
 
 def test_budgeted_estimates_are_unbiased(tiny_engine):

@@ -166,15 +166,17 @@ def test_cem_without_any_harmful_sample_says_so(make_tiny_engine, tmp_path):
 
 
 @pytest.mark.parametrize("kw, fragment", [
-    ({"rounds": 0}, "--rounds"),
-    ({"samples": 1}, "--samples"),
-    ({"defensive": 1.0}, "--defensive"),
+    ({"rounds": 0}, "rounds"),
+    ({"samples": 1}, "samples"),
+    ({"defensive": 1.0}, "defensive"),
     ({"prompts": ()}, "prompts"),
 ])
 def test_bad_cem_settings(kw, fragment):
     args = {"prompts": (PROMPT,), "judge": "prefix:a", "start": (START,), **kw}
-    with pytest.raises(InputError, match=fragment):
+    with pytest.raises(InputError, match=fragment) as bad:
         CemSettings(**args)
+    # library messages name the setting, never a flag; the CLI puts its flag in (setting=)
+    assert "--" not in str(bad.value) and bad.value.setting == next(iter(kw))
 
 
 def test_cem_needs_a_start(make_tiny_engine, tmp_path):

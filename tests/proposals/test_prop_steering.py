@@ -203,9 +203,12 @@ def test_cli_steer_writes_a_direction_that_steer_loads(tiny_model_dir, tiny_engi
     assert load_direction(given).layer == 0 and load_direction(given).metadata["layer_rule"] == "given"
 
 
-def test_direction_is_the_difference_of_last_token_means(tiny_engine):
+def test_direction_is_the_difference_of_last_token_means(make_tiny_engine):
     """Against a direct computation: the decoder layers' outputs at the last prompt token, one
     prompt at a time (no batching, no padding), through output_hidden_states."""
+    # An engine of its own: transformers records output_hidden_states through forward hooks it
+    # leaves on the layers, which the shared engine's hook-count checks would take for leaks.
+    tiny_engine = make_tiny_engine()
     directions, meta = compute_direction(tiny_engine, POSITIVE, NEGATIVE)
     model = tiny_engine.model
 
@@ -234,7 +237,7 @@ def test_direction_is_the_difference_of_last_token_means(tiny_engine):
     (["--layer", "middle"], "--layer must be an integer"),
     (["--layer", "-1"], "--layer must be an integer"),
     (["--layer", "2"], "--layer 2 is out of range"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
 ])
 def test_cli_steer_bad_input(tiny_model_dir, tmp_path, args, fragment):
     prompts = tmp_path / "p.json"

@@ -75,8 +75,9 @@ def test_plan_candidates():
     with pytest.raises(InputError, match="at least one"):
         plan_candidates([], GRID)
     for bad in ["1,x", "0", "0,0", "", "-1", "1,-1", "nan"]:
-        with pytest.raises(InputError, match="weight-grid"):
+        with pytest.raises(InputError, match="weight grid") as error:
             parse_weight_grid(bad)
+        assert error.value.setting == "weight_grid"
 
 
 # -- exactness on the tiny model -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render_table(report: dict, prompt_width: int = 44) -> str:
+def estimates_table(report: dict, prompt_width: int = 44) -> str:
     rows = [("prompt", "p_hat", "95% interval", "hits/n", "ESS", "k-hat", "reliable")]
     for e in report["estimates"]:
         shown = "≤ " + _sci(e["ci_high"]) if e["upper_bound_only"] else _sci(e["p_hat"])
@@ -69,3 +69,18 @@ def render_table(report: dict, prompt_width: int = 44) -> str:
                 tail.append(f"  prompt {i}: {w}")
                 seen.add(w)
     return "\n".join(head + lines + tail)
+
+
+def extrapolation_lines(report: dict) -> str:
+    lines = []
+    shown = report["aggregate"].get("window")  # the table already has this window's line
+    for window, ex in (report.get("extrapolations") or {}).items():
+        if window == shown:
+            continue
+        e, a = ex["expected_per_window"], ex["p_any_per_window"]
+        worst = ex.get("worst_query")
+        lines.append(f"per {window} ({ex['volume']:.3g} queries): expected harmful outputs {e['expected']:.3g} "
+                     f"[{e['ci_low']:.3g}, {e['ci_high']:.3g}], P(at least one) {a['p']:.3g} "
+                     f"[{a['ci_low']:.3g}, {a['ci_high']:.3g}]"
+                     + (f", worst query {worst['p']:.3g}" if worst else ""))
+    return "\n".join(lines)

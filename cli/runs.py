@@ -1,0 +1,77 @@
+"""`tailmon runs`: the stored runs."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tailmon.cli.errors import group
+from tailmon.cli.options import config_option, open_store
+from tailmon.estimation.render import estimates_table, extrapolation_lines
+from tailmon.errors import InputError
+
+
+@group()
+def runs():
+    """Inspect stored runs (database from --config, else $TAILMON_DATABASE_URL, else the default)."""
+
+
+@runs.command("list")
+@config_option
+@click.option("--monitor", default=None, metavar="NAME", help="Only this monitor's runs.")
+@click.option("--status", type=click.Choice(["running", "succeeded", "failed", "interrupted"]), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def runs_list(config_path, monitor, status, limit, fmt):
+    """The latest runs, newest first.
+
+    Example: tailmon runs list --monitor assistant-prod --limit 5
+    """
+    store = open_store(config_path)
+    try:
+        rows = store.list_runs(monitor=monitor, status=status, limit=limit)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo("no runs")
+        return
+    click.echo(f"{'id':>6}  {'monitor':<20} {'status':<11} {'started':<25} {'p_hat':>10} {'ci_high':>10}  reliable")
+    for r in rows:
+        p = "" if r.get("p_hat") is None else f"{r['p_hat']:.3g}"
+        hi = "" if r.get("ci_high") is None else f"{r['ci_high']:.3g}"
+        rel = "" if r.get("reliable") is None else ("yes" if r["reliable"] else "NO")
+        click.echo(f"{r['id']:>6}  {r['monitor']:<20} {r['status']:<11} {str(r['started_at'])[:25]:<25} "
+                   f"{p:>10} {hi:>10}  {rel}")
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def runs_show(run_id, config_path, fmt):
+    """One run: its status, timings, figures and per-prompt estimates.
+
+    Example: tailmon runs show 42 --format json
+    """
+    store = open_store(config_path)
+    try:
+        run = store.get_run(run_id)
+    finally:
+        store.close()
+    if run is None:
+        raise InputError(f"no run with id {run_id}")
+    if fmt == "json":
+        click.echo(json.dumps(run, indent=2, default=str))
+        return
+
+    click.echo(f"run {run['id']}: monitor {run['monitor']}, {run['status']}, model {run['model_ref']} "
+               f"(version {run['model_version']}), started {run['started_at']}, finished {run.get('finished_at')}")
+    if run.get("error"):
+        click.echo(f"error: {run['error']}")
+    if run.get("report"):
+        click.echo(estimates_table(run["report"]))
+        click.echo(extrapolation_lines(run["report"]))
