@@ -86,13 +86,19 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from tailmon import __version__
+from tailmon.check.sensitivity import run_sensitivity
 from tailmon.engines.loading import close_engine, load_engine
-from tailmon.errors import InputError, RuntimeFailure, TailmonError
-from tailmon.estimators.montecarlo import MIN_HARMFUL
-from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, PromptResult, run_estimation
+from tailmon.engines.models import resolve
+from tailmon.errors import InputError
+from tailmon.estimation.pipeline import EstimationReport, PromptResult, estimate_role
 from tailmon.estimation.plan import monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimation.settings import EstimationSettings, ModelConfig
+from tailmon.estimators import parse_window
+from tailmon.estimators.montecarlo import MIN_HARMFUL
+from tailmon.judges import parse_judge
+from tailmon.redact import redact
 
 Progress = Callable[[int], None]
 
@@ -120,8 +126,6 @@ def paraphraser_settings(mon: EstimationSettings, ref: str) -> ModelConfig:
 
 def check_model_ref(mc: ModelConfig, role: str) -> None:
     """An unknown model is the user's mistake (exit 2): found before any model loads."""
-    from tailmon.engines.models import resolve
-
     try:
         resolve(mc.ref)
     except InputError as exc:
@@ -132,17 +136,6 @@ def load_model(mc: ModelConfig, role: str, *, enable_lora: bool = False):
     """The engine `mc` names, through the one loader (`tailmon.engines.loading.load_engine`); a
     failure names the role ('candidate model ...')."""
     return load_engine(mc.engine_settings(enable_lora=enable_lora), role=role)
-
-
-def estimate_role(engine, plan: EstimationPlan, prompts: Sequence[PromptItem], role: str,
-                  progress: Progress | None = None) -> EstimationReport:
-    """`run_estimation`, with any failure that is not the user's named by role (exit 3)."""
-    try:
-        return run_estimation(engine, plan, prompts, progress=progress)
-    except TailmonError:
-        raise
-    except Exception as exc:  # a model that loaded but fails in a forward pass, out of memory, ...
-        raise RuntimeFailure(f"{role} estimation failed: {type(exc).__name__}: {exc}") from exc
 
 
 # --- gates ---------------------------------------------------------------------------------------
@@ -157,8 +150,6 @@ class GateOptions:
 
     def validate(self, mon: EstimationSettings, has_baseline: bool) -> None:
         """Every usage mistake, before any model work (InputError, one line)."""
-        from tailmon.estimators import parse_window
-
         if self.max_p is None and self.max_expected is None and self.max_ratio is None:
             raise InputError("give at least one gate: a largest probability (max_p), a largest expected count per "
                              "window (max_expected) or a largest ratio to a baseline (max_ratio)")
@@ -480,8 +471,6 @@ class Side:
     extrapolations: dict
 
     def to_dict(self) -> dict:
-        from tailmon.redact import redact
-
         data = self.report.to_dict()
         for e in data["estimates"]:  # reports are exported: prompts redacted as in the store
             e["prompt"] = redact(e["prompt"])
@@ -533,8 +522,6 @@ class CheckResult:
         return flags
 
     def to_dict(self) -> dict:
-        from tailmon import __version__
-
         o = self.options
         return {
             "tailmon_version": __version__,
@@ -562,8 +549,6 @@ class CheckResult:
 def _redacted_regression(reg: Regression | None) -> dict | None:
     if reg is None:
         return None
-    from tailmon.redact import redact
-
     data = reg.to_dict()
     for p in data["per_prompt"]:
         p["prompt"] = redact(p["prompt"])
@@ -583,8 +568,6 @@ def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candida
     options.validate(mon, baseline is not None)
     if not prompts:
         raise InputError("no prompts to check")
-    from tailmon.judges import parse_judge
-
     judge = parse_judge(mon.judge)  # one judge for both sides: the same scorer, one model load
     cand_plan = plan_for_monitor(mon, seed, prompts, model=candidate, judge=judge)
     base_plan = plan_for_monitor(mon, seed, prompts, model=baseline, judge=judge) if baseline is not None else None
@@ -628,8 +611,6 @@ def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candida
             result.warnings.append(f"{n_unreliable} of {len(prompts)} candidate per-prompt estimates are unreliable: "
                                    "read their upper bounds, not their point estimates")
         if perturb is not None:
-            from tailmon.check.sensitivity import run_sensitivity
-
             result.sensitivity = run_sensitivity(cand_engine, cand_plan, prompts, perturb, progress=progress,
                                                  add_total=add_total, original=cand_report, role="candidate")
         return result

@@ -19,6 +19,8 @@ import numpy as np
 
 from tailmon.errors import InputError
 from tailmon.estimation.render import estimates_table
+from tailmon.estimators import khat_threshold, p_any_per_window
+from tailmon.estimators.importance import MIN_ESS_WH
 
 PLOT_FILES = {
     "per_prompt": "per_prompt.png",
@@ -366,8 +368,6 @@ def plot_per_prompt(data: dict, path: Path) -> Path:
 
 def plot_p_any(data: dict, path: Path, volume_per_window: float | None = None) -> Path:
     """P(at least one harmful output) against the number of queries, with its interval band."""
-    from tailmon.estimators import p_any_per_window
-
     cand, base = data["candidate"], data.get("baseline")
     window = data["thresholds"]["window"]
     ex = _side_window(cand, window)
@@ -405,9 +405,6 @@ def plot_weights(sides: Sequence, path: Path) -> Path:
     """Weight diagnostics per prompt: the log10 importance weights of the samples, k-hat against
     its reliability threshold, and the ESS of w*h against its minimum of 10. `sides` are
     `check.Side` objects (their reports hold the per-sample weights)."""
-    from tailmon.estimators import khat_threshold
-    from tailmon.estimators.importance import MIN_ESS_WH
-
     fig = _figure(max(7.0, 0.5 * len(sides[0].report.results) + 5), 8.0)
     ax_w, ax_k, ax_e = fig.add_subplot(3, 1, 1), fig.add_subplot(3, 1, 2), fig.add_subplot(3, 1, 3)
     colors = ["tab:red", "tab:blue"]

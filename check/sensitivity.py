@@ -31,8 +31,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import InputError
+from tailmon.estimation.pipeline import estimate_role
 from tailmon.estimation.prompts import PromptItem
+from tailmon.redact import redact
 
 KINDS = ("typo", "case", "whitespace", "wrapper", "paraphrase")
 DEFAULT_WRAPPERS = Path(__file__).resolve().parent / "data" / "jailbreak_wrappers.yaml"
@@ -189,8 +192,6 @@ class Paraphraser:
 
     def __init__(self, engine, *, model_ref: str | None = None, max_new_tokens: int = 48,
                  temperature: float = 0.9, top_p: float = 0.95, oversample: int = 4):
-        from tailmon.engines.base import Decoding, Variant
-
         if max_new_tokens < 1:
             raise InputError(f"paraphrase max_new_tokens must be >= 1, got {max_new_tokens}")
         self.engine = engine
@@ -385,8 +386,6 @@ class PromptSensitivity:
         return int(max(range(len(p)), key=lambda i: (p[i], hi[i], -i)))
 
     def to_dict(self) -> dict:
-        from tailmon.redact import redact
-
         worst = self.most_dangerous
         spread = self.spread
         variants = [{"kind": v.kind, "name": v.name, "text": redact(v.text), **r.estimate.to_dict()}
@@ -450,8 +449,6 @@ def run_sensitivity(engine, plan, prompts: Sequence[PromptItem], options: Pertur
     the unperturbed prompts; otherwise they are estimated along with the variants.
     `add_total(n)` announces the n samples the variants will take once they are known.
     """
-    from tailmon.check.gate import estimate_role
-
     paraphraser = options.paraphraser
     if "paraphrase" in options.kinds and paraphraser is None:
         paraphraser = Paraphraser(engine, max_new_tokens=options.paraphrase_tokens)

@@ -12,7 +12,6 @@ from tailmon.cli.options import config_option, open_store
 from tailmon.errors import InputError, RuntimeFailure
 
 
-
 @group()
 def alerts():
     """Alert states, and test notifications through the configured sinks.
@@ -27,7 +26,8 @@ def alerts():
 @click.option("--state", type=click.Choice(["firing", "pending", "resolved", "inactive"]), default=None,
               help="Only rules in this state.")
 @click.option("--monitor", default=None, metavar="NAME", help="Only this monitor's rules.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table for people, or JSON for programs.")
 def alerts_list(config_path, state, monitor, fmt):
     """Every alert rule's stored state (database from --config, else $TAILMON_DATABASE_URL).
 

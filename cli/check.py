@@ -161,7 +161,7 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
           --report-dir tailmon-report --junit tailmon-junit.xml
     """
     from tailmon.check.gate import GateOptions, check_model_ref, model_settings, paraphraser_settings, run_check
-    from tailmon.check.report import prepare_dir, render_markdown, check_table, write_check_reports
+    from tailmon.check.report import check_table, prepare_dir, render_markdown, write_check_reports
     from tailmon.monitor.config import load_config
 
     started = time.time()
@@ -254,13 +254,17 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
       tailmon sensitivity --config tailmon.yaml --perturbations typo,wrapper,paraphrase \\
           --variants 3 --report-dir sensitivity-report
     """
-    from tailmon.engines.loading import close_engine
     from tailmon.check.gate import check_model_ref, load_model, model_settings, paraphraser_settings
-    from tailmon.estimation.plan import plan_for_monitor
-    from tailmon.check.report import (prepare_dir, render_sensitivity_report, sensitivity_table,
-                                              write_sensitivity_reports)
-    from tailmon.monitor.config import load_config
+    from tailmon.check.report import (
+        prepare_dir,
+        render_sensitivity_report,
+        sensitivity_table,
+        write_sensitivity_reports,
+    )
     from tailmon.check.sensitivity import run_sensitivity
+    from tailmon.engines.loading import close_engine
+    from tailmon.estimation.plan import plan_for_monitor
+    from tailmon.monitor.config import load_config
 
     loaded = load_config(config_path)
     mon = _pick_monitor(loaded, monitor_name)

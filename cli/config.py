@@ -7,7 +7,6 @@ import click
 from tailmon.cli.errors import group
 
 
-
 @group()
 def config():
     """Check and write the daemon's configuration."""

@@ -10,9 +10,8 @@ import click
 
 from tailmon.cli.errors import EXIT_FAILED, command
 from tailmon.cli.options import config_option
-from tailmon.estimation.render import estimates_table, extrapolation_lines
 from tailmon.errors import InputError, RuntimeFailure
-
+from tailmon.estimation.render import estimates_table, extrapolation_lines
 
 
 def _setup_logging(level: str) -> None:
@@ -28,7 +27,8 @@ def _setup_logging(level: str) -> None:
 @click.option("--monitor", "monitor_names", multiple=True, metavar="NAME", help="With --once: only this monitor (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="With --once: how to print the runs' figures.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+              help="Least severe log messages written to stderr (the journal under systemd).")
 def run(config_path, once, monitor_names, fmt, log_level):
     """Run the monitoring daemon: scheduled estimates, stored runs, Prometheus metrics.
 

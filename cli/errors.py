@@ -93,8 +93,9 @@ class Group(click.Group):
         return decorate
 
 
-def group(name: str | None = None, **kwargs):
-    return click.group(name, cls=Group, **kwargs)
+def group(name: str | None = None, cls: type[click.Group] = Group, **kwargs):
+    """`click.group` for tailmon's command groups."""
+    return click.group(name, cls=cls, **kwargs)
 
 
 class RootGroup(Group):

@@ -32,7 +32,8 @@ from tailmon.estimation.render import estimates_table
 @click.option("--method", type=click.Choice(["is", "mc"]), default="is", show_default=True,
               help="Importance sampling, or plain Monte Carlo from the target.")
 @click.option("--samples", type=int, default=200, show_default=True, help="Samples per prompt.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random draw: the same seed and settings give the same estimate.")
 @click.option("--volume", type=float, default=None, metavar="N",
               help="Queries per window, for expected harmful outputs and P(at least one).")
 @click.option("--window", default="1d", show_default=True, help="The window of --volume: 1h, 1d, 7d, ...")
@@ -47,7 +48,8 @@ from tailmon.estimation.render import estimates_table
 @click.option("--max-concurrency", type=int, default=8, show_default=True,
               help="With --engine openai: requests in flight at once, over all replicas.")
 @deployed_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table for people, or JSON for programs.")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write the JSON report to this file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

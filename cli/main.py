@@ -22,6 +22,7 @@ from tailmon.cli.models import models
 from tailmon.cli.proposals import proposals
 from tailmon.cli.runs import runs
 
+
 @click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tailmon")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="TAILMON_THREADS", metavar="N",

@@ -34,7 +34,8 @@ def models_pull(name, force):
 
 
 @models.command("list")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table for people, or JSON for programs.")
 def models_list(fmt):
     """Show the embedded models and whether each is cached.
 

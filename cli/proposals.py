@@ -137,7 +137,8 @@ def proposals_steer(positive, negative, model, system_prompt, layer, output, bat
 @click.option("--kl", type=float, default=0.25, show_default=True,
               help="Weight of KL(target || proposal) at every response position: the fitted proposal keeps at least "
                    "kl/(1+kl) of the target's own next-token distribution, so it cannot drop what the target does.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random draw: the same seed and settings replay the same run.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-round lines.")
 def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_file, pilot_file, start_specs, rounds,
                          samples, pilot_samples, defensive, model, system_prompt, max_new_tokens, temperature, top_p,
@@ -239,11 +240,13 @@ def _tune_rows(result, limit: int = 10) -> list[str]:
 @click.option("--samples", type=int, default=200, show_default=True, help="Pilot samples per prompt.")
 @click.option("--objective", type=click.Choice(["variance", "ess"]), default="variance", show_default=True,
               help="Minimise the estimated variance of p_hat, or maximise the ESS of w*h.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random draw: the same seed and settings replay the same run.")
 @deployed_options
 @click.option("--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the tuned `proposals:` YAML snippet here (a monitor config takes it as is).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table for people, or JSON for programs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def proposals_tune(templates, judge_spec, prompt_texts, prompts_file, weight_grid, defensive, samples, objective, seed,
                    model, system_prompt, max_new_tokens, temperature, top_p, top_k, batch_size, device, output, fmt,

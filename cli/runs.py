@@ -8,8 +8,8 @@ import click
 
 from tailmon.cli.errors import group
 from tailmon.cli.options import config_option, open_store
-from tailmon.estimation.render import estimates_table, extrapolation_lines
 from tailmon.errors import InputError
+from tailmon.estimation.render import estimates_table, extrapolation_lines
 
 
 @group()
@@ -20,9 +20,11 @@ def runs():
 @runs.command("list")
 @config_option
 @click.option("--monitor", default=None, metavar="NAME", help="Only this monitor's runs.")
-@click.option("--status", type=click.Choice(["running", "succeeded", "failed", "interrupted"]), default=None)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--status", type=click.Choice(["running", "succeeded", "failed", "interrupted"]), default=None,
+              help="Only runs in this state.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs shown at most.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table for people, or JSON for programs.")
 def runs_list(config_path, monitor, status, limit, fmt):
     """The latest runs, newest first.
 
@@ -51,7 +53,8 @@ def runs_list(config_path, monitor, status, limit, fmt):
 @runs.command("show")
 @click.argument("run_id", type=int)
 @config_option
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="A table for people, or JSON for programs.")
 def runs_show(run_id, config_path, fmt):
     """One run: its status, timings, figures and per-prompt estimates.
 

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tailmon.engines.base import Engine, Variant
+from tailmon.errors import InputError, RuntimeFailure, TailmonError
+from tailmon.estimation.prompts import PromptItem
 from tailmon.estimators import (
     Estimate,
     aggregate,
@@ -22,9 +24,7 @@ from tailmon.estimators import (
     monte_carlo,
     parse_window,
 )
-from tailmon.errors import InputError
 from tailmon.judges import Judge
-from tailmon.estimation.prompts import PromptItem
 from tailmon.proposals import Component, Proposal, build_mixture
 from tailmon.proposals.sampling import allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
 
@@ -177,3 +177,14 @@ def attach_adapter_warnings(engine: Engine, plan: EstimationPlan) -> list[str]:
             notes.append(note)
             plan.components[i] = replace(comp, note="; ".join(n for n in (comp.note, note) if n))
     return notes
+
+
+def estimate_role(engine, plan: EstimationPlan, prompts: Sequence[PromptItem], role: str,
+                  progress: Callable[[int], None] | None = None) -> EstimationReport:
+    """`run_estimation`, with any failure of the model or its engine that is not the user's named by role (exit 3)."""
+    try:
+        return run_estimation(engine, plan, prompts, progress=progress)
+    except TailmonError:
+        raise
+    except Exception as exc:  # a model that loaded but fails in a forward pass, out of memory, ...
+        raise RuntimeFailure(f"{role} estimation failed: {type(exc).__name__}: {exc}") from exc

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
-from tailmon.errors import InputError
+from tailmon.errors import InputError, InternalError
 
 from ._checks import as_1d, check_confidence, check_fraction, check_scores
 from .diagnostics import _ess, _khat, khat_threshold
@@ -37,7 +37,8 @@ def balance_log_weights(log_p, log_q, shares) -> np.ndarray:
     log_q: (n, K) log-probabilities of each sample under each mixture component (the target, if
     it is a component, is one of the columns). shares: (K,) nonnegative, summing to 1;
     components with share 0 are ignored. A sample impossible under every component with positive
-    share cannot have been drawn: that is a bug upstream and raises InputError.
+    share cannot have been drawn: that is a bug upstream (the engine's log-probs and its samples
+    disagree), not the user's input, and raises InternalError (exit 3).
     """
     lp = as_1d(log_p, "log_p")
     try:
@@ -63,7 +64,7 @@ def balance_log_weights(log_p, log_q, shares) -> np.ndarray:
     impossible = np.isneginf(log_mix)
     if impossible.any():
         i = int(np.flatnonzero(impossible)[0])
-        raise InputError(
+        raise InternalError(
             f"{int(impossible.sum())} sample(s) (e.g. index {i}) are impossible under every mixture "
             "component with positive share, so they cannot have been drawn from the mixture"
         )

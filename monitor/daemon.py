@@ -25,13 +25,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tailmon.engines.loading import EngineSettings, close_engine
+from tailmon.alerts import AlertEngine
+from tailmon.engines.loading import EngineSettings, close_engine, load_engine
+from tailmon.engines.models import resolve
 from tailmon.errors import InputError, TailmonError
-from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
-from tailmon.monitor.metrics import Metrics, MetricsServer
 from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
 from tailmon.estimation.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
+from tailmon.judges import parse_judge
+from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
+from tailmon.monitor.metrics import Metrics, MetricsServer
 from tailmon.monitor.systemd import notify, watchdog_interval
+from tailmon.store import Store, resolve_database_url
 
 log = logging.getLogger("tailmon.daemon")
 
@@ -47,8 +51,6 @@ class RunCancelled(Exception):
 
 def model_fingerprint(ref: str) -> str:
     """Cheap identity of a checkpoint: changes when its files change, or its hub revision does."""
-    from tailmon.engines.models import resolve
-
     path = resolve(ref)
     if isinstance(path, Path):
         h = hashlib.sha256()
@@ -80,8 +82,6 @@ class ModelPool:
         self._lock = threading.Lock()
 
     def get(self, settings: EngineSettings, fingerprint: str):
-        from tailmon.engines.loading import load_engine
-
         with self._lock:
             loaded = self._engines.get(settings)
             if loaded is None or loaded.fingerprint != fingerprint:
@@ -144,15 +144,11 @@ class RunOutcome:
 class Daemon:
     def __init__(self, loaded: LoadedConfig, *, metrics: Metrics | None = None, store=None,
                  progress: bool = False):
-        from tailmon.store import Store, resolve_database_url
-
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         cfg = loaded.config
         self.store = store or Store(resolve_database_url(cfg.database), instance_id=cfg.instance_id,
                                     stale_after_s=duration_seconds(cfg.stale_after))
-        from tailmon.alerts import AlertEngine
-
         self.alerts = AlertEngine(cfg, self.store, self.metrics)
         self.models = ModelPool()
         self._judges: dict[str, object] = {}
@@ -300,8 +296,6 @@ class Daemon:
 
     def _judge(self, spec: str):
         """Judges live as long as the daemon: an LLM or classifier judge loads its model once."""
-        from tailmon.judges import parse_judge
-
         judge = self._judges.get(spec)
         if judge is None:
             judge = self._judges[spec] = parse_judge(spec)

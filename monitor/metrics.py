@@ -17,6 +17,7 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tailmon import __version__
+from tailmon.errors import RuntimeFailure
 
 # Runs take minutes to hours; buckets from 10 s to 12 h.
 RUN_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
@@ -178,8 +179,6 @@ class MetricsServer:
         try:
             self.httpd = ThreadingHTTPServer((address, port), Handler)
         except OSError as exc:
-            from tailmon.errors import RuntimeFailure
-
             raise RuntimeFailure(f"metrics server cannot bind {address}:{port}: {exc.strerror}") from None
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="tailmon-metrics", daemon=True)

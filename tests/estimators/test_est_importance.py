@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tailmon.errors import InputError
+from tailmon.errors import InputError, InternalError
 from tailmon.estimators import balance_log_weights, importance_sampling, monte_carlo
 
 
@@ -269,13 +269,19 @@ def test_importance_sampling_bad_inputs(args, kwargs, match):
         (([0.0], [[0.0, 0.0]], [1.5, -0.5]), "nonnegative"),
         (([0.0], [[0.0, 0.0]], [1.0]), "one entry per column"),
         (([0.0, 0.0], [[0.0, 0.0]], [0.5, 0.5]), r"shape \(n, K\)"),
-        (([0.0], [[-np.inf, 0.0]], [1.0, 0.0]), "impossible under every mixture component"),
         (([0.0], [[np.nan, 0.0]], [0.5, 0.5]), "nan"),
     ],
 )
 def test_balance_log_weights_bad_inputs(args, match):
     with pytest.raises(InputError, match=match):
         balance_log_weights(*args)
+
+
+def test_a_sample_impossible_under_the_mixture_is_a_bug_not_bad_input():
+    # Samples come from the mixture, so one that no component with positive share can produce
+    # means the engine's log-probs and its samples disagree: exit 3, not "your input is wrong".
+    with pytest.raises(InternalError, match="impossible under every mixture component"):
+        balance_log_weights([0.0], [[-np.inf, 0.0]], [1.0, 0.0])
 
 
 def test_balance_ignores_zero_share_components_and_allows_impossible_under_p():
