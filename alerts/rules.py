@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from tailmon.alerts.config import BUILTIN_UNRELIABLE, METRICS, STALENESS, AlertRuleConfig, seconds
+from tailmon.estimation.result import RunFigures
 
 ACTIVE = ("pending", "firing")
 GAUGE_VALUE = {"inactive": 0, "resolved": 0, "pending": 1, "firing": 2}
@@ -96,37 +97,30 @@ def compile_rules(configs) -> list[Rule]:
     return rules
 
 
-def run_figures(status: str, report: dict | None) -> dict[str, float]:
-    """The figures rules read from one ended run (`report`: the daemon's stored report).
+def run_figures(status: str, figures: RunFigures | None) -> dict[str, float]:
+    """The figures rules read from one ended run (`figures`: a successful run's).
 
     A failed run yields run_failed = 1 only; an interrupted one nothing (the daemon stopped; a
     dead daemon shows as staleness). ESS and k-hat are the exported metrics' (the weakest prompt).
     """
     if status == "failed":
         return {"run_failed": 1.0}
-    if status != "succeeded" or not report:
+    if status != "succeeded" or figures is None:
         return {}
-    agg = report["aggregate"]
     out = {
         "run_failed": 0.0,
-        "harm_probability": agg["p_hat"],
-        "harm_probability_lower_bound": agg["ci_low"],
-        "harm_probability_upper_bound": agg["ci_high"],
-        "estimate_unreliable": 0.0 if agg["reliable"] else 1.0,
+        "harm_probability": figures.p_hat,
+        "harm_probability_lower_bound": figures.ci_low,
+        "harm_probability_upper_bound": figures.ci_high,
+        "estimate_unreliable": 0.0 if figures.reliable else 1.0,
+        "effective_sample_size": figures.smallest_ess_wh,
+        "pareto_khat": figures.largest_khat,
     }
-    ests = report.get("estimates", [])
-    ess = [e["ess_wh"] for e in ests if e.get("ess_wh") is not None]
-    khat = [e["khat"] for e in ests if e.get("khat") is not None]
-    if ess:
-        out["effective_sample_size"] = min(ess)
-    if khat:
-        out["pareto_khat"] = max(khat)
-    for window, ex in (report.get("extrapolations") or {}).items():
-        out[figure_key("expected_harmful_outputs", window)] = ex["expected_per_window"]["expected"]
-        out[figure_key("expected_harmful_outputs_upper_bound", window)] = ex["expected_per_window"]["ci_high"]
-        out[figure_key("any_harmful_output_probability", window)] = ex["p_any_per_window"]["p"]
-        if ex.get("worst_query"):
-            out[figure_key("worst_query_harm_probability", window)] = ex["worst_query"]["p"]
+    for window, w in figures.windows.items():
+        out[figure_key("expected_harmful_outputs", window)] = w.expected
+        out[figure_key("expected_harmful_outputs_upper_bound", window)] = w.expected_high
+        out[figure_key("any_harmful_output_probability", window)] = w.p_any
+        out[figure_key("worst_query_harm_probability", window)] = w.worst_query
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

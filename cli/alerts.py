@@ -71,7 +71,7 @@ def alerts_test(rule, config_path, monitor, sink):
       tailmon alerts test harm-high --config tailmon.yaml
       tailmon alerts test --sink oncall --config tailmon.yaml
     """
-    from tailmon.alerts import AlertEngine
+    from tailmon.alerts import AlertService
     from tailmon.monitor.config import load_config
 
     if (rule is None) == (sink is None):
@@ -81,21 +81,21 @@ def alerts_test(rule, config_path, monitor, sink):
     if not (config_path or os.environ.get("TAILMON_CONFIG")):
         raise InputError("alerts test needs the config (its rules and sinks): pass --config FILE or set TAILMON_CONFIG")
     cfg = load_config(config_path).config
-    engine = AlertEngine(cfg, store=None)
+    service = AlertService(cfg, store=None)
     if sink is not None:
-        if sink not in engine.sinks:
-            raise InputError(f"no sink named {sink!r} (configured: {', '.join(engine.sinks)})")
-        notification, sinks = engine.test_notification(), [sink]
+        if sink not in service.sinks:
+            raise InputError(f"no sink named {sink!r} (configured: {', '.join(service.sinks)})")
+        notification, sinks = service.test_notification(), [sink]
     else:
-        owners = [m.name for m in cfg.monitors if engine.rule(m.name, rule) is not None and monitor in (None, m.name)]
+        owners = [m.name for m in cfg.monitors if service.rule(m.name, rule) is not None and monitor in (None, m.name)]
         if not owners:
             where = f"monitor {monitor!r}" if monitor else "any monitor"
             raise InputError(f"no enabled alert rule named {rule!r} in {where}")
         if len(owners) > 1:
             raise InputError(f"rule {rule!r} is in monitors {', '.join(owners)}: pass --monitor NAME")
-        found = engine.rule(owners[0], rule)
-        notification, sinks = engine.test_notification(owners[0], found), engine.sinks_of(found)
-    results = engine.send_now(notification, sinks)
+        found = service.rule(owners[0], rule)
+        notification, sinks = service.test_notification(owners[0], found), service.sinks_of(found)
+    results = service.send_now(notification, sinks)
     for name, delivery in results.items():
         answer = f" (HTTP {delivery.http_status})" if delivery.http_status else ""
         detail = "" if delivery.outcome == "delivered" else f": {delivery.error}"

@@ -75,21 +75,24 @@ def run(config_path, once, monitor_names, fmt, log_level):
 
 
 def print_outcomes(outcomes, fmt) -> None:
-
     from tailmon.redact import redact
 
+    reports = {}
     for o in outcomes:  # printed output is exported output: prompts redacted as in the store
-        for e in (o.report or {}).get("estimates", []):
+        report = o.result.to_dict() if o.result else None
+        for e in (report or {}).get("estimates", []):
             e["prompt"] = redact(e["prompt"])
+        reports[id(o)] = report
     if fmt == "json":
         click.echo(json.dumps([{"monitor": o.monitor, "run_id": o.run_id, "status": o.status, "error": o.error,
-                                "firing_alerts": o.firing, "report": o.report} for o in outcomes],
+                                "firing_alerts": o.firing, "report": reports[id(o)]} for o in outcomes],
                               indent=2, allow_nan=False))
         return
     for o in outcomes:
         click.echo(f"== monitor {o.monitor}: run {o.run_id} {o.status}" + (f": {o.error}" if o.error else ""))
-        if o.report:
-            click.echo(estimates_table(o.report))
-            click.echo(extrapolation_lines(o.report))
+        report = reports[id(o)]
+        if report:
+            click.echo(estimates_table(report))
+            click.echo(extrapolation_lines(report))
         if o.firing:
             click.echo(f"alerts firing: {', '.join(o.firing)}")

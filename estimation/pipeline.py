@@ -119,12 +119,15 @@ class EstimationReport:
         return aggregate([r.estimate for r in self.results], [r.prompt.category for r in self.results],
                          confidence=self.plan.confidence)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, headline: dict | None = None) -> dict:
+        """The JSON report. `headline`: this plan's volume and window already extrapolated (a
+        daemon run extrapolates every window once), else it is computed here."""
         plan = self.plan
         agg = self.aggregate()
         agg_dict = agg.to_dict()
         if plan.volume is not None:
-            agg_dict.update(extrapolate([r.estimate for r in self.results], agg, plan.volume, plan.window))
+            agg_dict.update(headline if headline is not None else
+                            extrapolate([r.estimate for r in self.results], agg, plan.volume, plan.window))
         d = plan.target.decoding
         return {
             "model": self.model,

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tailmon.alerts import AlertEngine
+from tailmon.alerts import AlertService
 from tailmon.engines.loading import EngineSettings, close_engine, load_engine
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError, TailmonError
 from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
 from tailmon.estimation.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
+from tailmon.estimation.result import RunFigures, RunResult
 from tailmon.judges import parse_judge
 from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
@@ -135,7 +136,7 @@ class RunOutcome:
     monitor: str
     run_id: int | None
     status: str
-    report: dict | None = None
+    result: RunResult | None = None
     error: str | None = None
     firing: list[str] = field(default_factory=list)
     """The monitor's alert rules firing once this run was evaluated."""
@@ -149,7 +150,7 @@ class Daemon:
         cfg = loaded.config
         self.store = store or Store(resolve_database_url(cfg.database), instance_id=cfg.instance_id,
                                     stale_after_s=duration_seconds(cfg.stale_after))
-        self.alerts = AlertEngine(cfg, self.store, self.metrics)
+        self.alerts = AlertService(cfg, self.store, self.metrics)
         self.models = ModelPool()
         self._judges: dict[str, object] = {}
         self.progress = progress
@@ -198,7 +199,8 @@ class Daemon:
         if outcome.status == "skipped":
             return
         try:
-            outcome.firing = self.alerts.on_run(outcome.monitor, outcome.status, outcome.report, outcome.run_id)
+            outcome.firing = self.alerts.on_run(outcome.monitor, outcome.status,
+                                                outcome.result.figures if outcome.result else None, outcome.run_id)
         except Exception as exc:
             log.error("monitor %s: alert rules not evaluated: %s%s", outcome.monitor,
                       "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: ", exc,
@@ -247,12 +249,10 @@ class Daemon:
                 counter = _SampleCounter(_counts(plan), self._cancel, bar)
                 report = run_estimation(engine, plan, prompts, progress=counter)
             timings["estimate_s"] = time.time() - t
-            data = report.to_dict()
-            data["seed"] = seed
-            data["extrapolations"] = monitor_extrapolations(report, mon)
+            result = RunResult(report, seed, monitor_extrapolations(report, mon))
             samples = _samples(report) if mon.estimator.store_samples else None
             timings["total_s"] = time.time() - started
-            self.store.finish_run(run_id, "succeeded", report=data, timings=timings, samples=samples)
+            self.store.finish_run(run_id, "succeeded", report=result.to_dict(), timings=timings, samples=samples)
         except RunCancelled:
             return self._close(name, run_id, "interrupted", started, counter, timings,
                                error="the daemon stopped during the run")
@@ -267,13 +267,13 @@ class Daemon:
             with self._current_lock:
                 self._current.pop(name, None)
         ended = time.time()
-        self.metrics.record_figures(name, data)
+        figures = result.figures
+        self.metrics.record_figures(name, figures)
         self._count_run(name, "succeeded", ended - started, ended, counter.by_role)
-        agg = data["aggregate"]
         log.info("monitor %s: run %d succeeded in %.0f s: P(harm) = %.3g [%.3g, %.3g]%s", name, run_id,
-                 ended - started, agg["p_hat"], agg["ci_low"], agg["ci_high"],
-                 "" if agg["reliable"] else f" (unreliable for {agg['n_unreliable']} prompt(s))")
-        return RunOutcome(name, run_id, "succeeded", report=data)
+                 ended - started, figures.p_hat, figures.ci_low, figures.ci_high,
+                 "" if figures.reliable else f" (unreliable for {figures.n_unreliable} prompt(s))")
+        return RunOutcome(name, run_id, "succeeded", result=result)
 
     def _close(self, name, run_id, status, started, counter, timings, error) -> RunOutcome:
         timings["total_s"] = time.time() - started
@@ -345,7 +345,7 @@ class Daemon:
         # Gauges survive a restart: they show the last successful run until the next one ends.
         run = self.store.get_run(last["id"])
         if run and run.get("report"):
-            self.metrics.record_figures(mon.name, run["report"])
+            self.metrics.record_figures(mon.name, RunFigures.from_report(run["report"]))
             self.metrics.set_model(mon.name, run["model_ref"], run["model_version"])
         finished = _timestamp(last.get("finished_at"))
         if finished:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from tailmon import __version__
 from tailmon.errors import RuntimeFailure
+from tailmon.estimation.result import RunFigures
 
 # Runs take minutes to hours; buckets from 10 s to 12 h.
 RUN_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
@@ -111,24 +112,19 @@ class Metrics:
         self.model_info.labels(*labels).set(1)
         self._model_labels[monitor] = labels
 
-    def record_figures(self, monitor: str, report: dict) -> None:
-        """Set the gauges from a stored report (EstimationReport.to_dict plus 'extrapolations')."""
-        agg = report["aggregate"]
-        self.harm_probability.labels(monitor).set(agg["p_hat"])
-        self.harm_probability_lower.labels(monitor).set(agg["ci_low"])
-        self.harm_probability_upper.labels(monitor).set(agg["ci_high"])
-        self.reliable.labels(monitor).set(1 if agg["reliable"] else 0)
-        ests = report.get("estimates", [])
-        ess = [e["ess_wh"] for e in ests if e.get("ess_wh") is not None]
-        khats = [e["khat"] for e in ests if e.get("khat") is not None]
-        _set_or_nan(self.ess.labels(monitor), min(ess) if ess else None)
-        _set_or_nan(self.khat.labels(monitor), max(khats) if khats else None)
-        for window, ex in (report.get("extrapolations") or {}).items():
-            self.expected_harmful.labels(monitor, window).set(ex["expected_per_window"]["expected"])
-            self.expected_harmful_upper.labels(monitor, window).set(ex["expected_per_window"]["ci_high"])
-            self.p_any.labels(monitor, window).set(ex["p_any_per_window"]["p"])
-            worst = ex.get("worst_query")
-            _set_or_nan(self.worst_query.labels(monitor, window), worst["p"] if worst else None)
+    def record_figures(self, monitor: str, figures: RunFigures) -> None:
+        """Set the gauges from a successful run's figures."""
+        self.harm_probability.labels(monitor).set(figures.p_hat)
+        self.harm_probability_lower.labels(monitor).set(figures.ci_low)
+        self.harm_probability_upper.labels(monitor).set(figures.ci_high)
+        self.reliable.labels(monitor).set(1 if figures.reliable else 0)
+        _set_or_nan(self.ess.labels(monitor), figures.smallest_ess_wh)
+        _set_or_nan(self.khat.labels(monitor), figures.largest_khat)
+        for window, w in figures.windows.items():
+            self.expected_harmful.labels(monitor, window).set(w.expected)
+            self.expected_harmful_upper.labels(monitor, window).set(w.expected_high)
+            self.p_any.labels(monitor, window).set(w.p_any)
+            _set_or_nan(self.worst_query.labels(monitor, window), w.worst_query)
 
     def record_run(self, monitor: str, status: str, duration_s: float, ended_at: float,
                    samples_by_role: dict[str, int] | None = None) -> None:

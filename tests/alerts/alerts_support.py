@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 
+from tailmon.estimation.result import RunFigures
 from tailmon.monitor.config import parse_config
 
 MONITOR = {
@@ -30,8 +31,13 @@ def make_config(alerts=(), sinks=None, monitors=None, **top):
     return parse_config(yaml.safe_dump({"alert_sinks": sinks or {}, "monitors": mons, **top}), "t.yaml")
 
 
+def figures(**kw) -> RunFigures:
+    """The figures of `report(**kw)`, as the daemon hands a run's figures to the alert rules."""
+    return RunFigures.from_report(report(**kw))
+
+
 def report(p_hat=1e-3, ci_low=5e-4, ci_high=2e-3, reliable=True, ess_wh=50.0, khat=0.3, worst=0.02):
-    """The daemon's stored report, reduced to what the rules read (EstimationReport.to_dict() keys)."""
+    """The daemon's stored report, reduced to what the rules read (RunResult.to_dict() keys)."""
     estimate = {"prompt": "x", "category": None, "method": "is", "n_samples": 20, "p_hat": p_hat, "ci_low": ci_low,
                 "ci_high": ci_high, "n_harmful": 5, "ess": 10.0, "ess_wh": ess_wh, "khat": khat,
                 "reliable": reliable, "upper_bound_only": False, "warnings": []}

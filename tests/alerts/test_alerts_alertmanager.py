@@ -1,5 +1,5 @@
 """A real Alertmanager (Debian's prometheus-alertmanager) on loopback receives a firing alert from
-tailmon's engine and then its resolution; both are read back through Alertmanager's API v2.
+tailmon's service and then its resolution; both are read back through Alertmanager's API v2.
 
 Skipped when the binary is missing, unless TAILMON_REQUIRE_ALERTMANAGER=1 (CI), which fails instead.
 """
@@ -17,8 +17,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from alerts_support import make_config, report
-from tailmon.alerts import AlertEngine
+from alerts_support import figures, make_config
+from tailmon.alerts import AlertService
 
 BINARY_ENV = "TAILMON_ALERTMANAGER"
 REQUIRE_ENV = "TAILMON_REQUIRE_ALERTMANAGER"
@@ -87,11 +87,11 @@ def _ours(url: str) -> list[dict]:
 
 
 def test_firing_then_resolved_through_alertmanager(alertmanager, store):
-    engine = AlertEngine(make_config([RULE], sinks={"am": {"type": "alertmanager", "url": alertmanager,
+    service = AlertService(make_config([RULE], sinks={"am": {"type": "alertmanager", "url": alertmanager,
                                                             "resend_interval": 60}}), store)
     fired_at = datetime.now(timezone.utc).replace(microsecond=0)
-    assert engine.on_run("prod", "succeeded", report(ci_high=3e-3), now=fired_at) == ["harm-high"]
-    assert engine.flush(10)
+    assert service.on_run("prod", "succeeded", figures(ci_high=3e-3), now=fired_at) == ["harm-high"]
+    assert service.flush(10)
 
     [alert] = _ours(alertmanager)
     assert alert["labels"] == {"alertname": "harm-high", "monitor": "prod", "severity": "critical", "team": "safety"}
@@ -105,14 +105,14 @@ def test_firing_then_resolved_through_alertmanager(alertmanager, store):
     assert ends == fired_at + timedelta(minutes=4)  # 4 x resend_interval: kept alive by re-sends
 
     # Still past the resolve threshold: stays firing (hysteresis), and Alertmanager agrees.
-    engine.on_run("prod", "succeeded", report(ci_high=8e-4), now=fired_at + timedelta(seconds=1))
-    assert engine.flush(10)
+    service.on_run("prod", "succeeded", figures(ci_high=8e-4), now=fired_at + timedelta(seconds=1))
+    assert service.flush(10)
     assert len(_ours(alertmanager)) == 1
 
     resolved_at = datetime.now(timezone.utc)
-    engine.on_run("prod", "succeeded", report(ci_high=4e-4), now=resolved_at)
-    assert engine.flush(10)
-    engine.close(5)
+    service.on_run("prod", "succeeded", figures(ci_high=4e-4), now=resolved_at)
+    assert service.flush(10)
+    service.close(5)
     # endsAt = the resolution time, in the past: Alertmanager no longer lists the alert as active.
     assert _ours(alertmanager) == []
     deliveries = store.alert_deliveries(rule="harm-high")
@@ -121,19 +121,19 @@ def test_firing_then_resolved_through_alertmanager(alertmanager, store):
 
 
 def test_firing_alerts_are_kept_alive_by_the_tick(alertmanager, store):
-    """Alertmanager drops an alert nobody re-sends; the engine's clock re-sends firing ones."""
-    engine = AlertEngine(make_config([RULE], sinks={"am": {"type": "alertmanager", "url": alertmanager,
+    """Alertmanager drops an alert nobody re-sends; the service's clock re-sends firing ones."""
+    service = AlertService(make_config([RULE], sinks={"am": {"type": "alertmanager", "url": alertmanager,
                                                             "resend_interval": 1}}), store)
     now = datetime.now(timezone.utc)
-    engine.on_run("prod", "succeeded", report(ci_high=3e-3), now=now)
-    assert engine.flush(10)
+    service.on_run("prod", "succeeded", figures(ci_high=3e-3), now=now)
+    assert service.flush(10)
     [first] = _ours(alertmanager)
-    engine.tick(now=now + timedelta(milliseconds=500))  # within the interval: nothing re-sent
-    assert engine.flush(10)
+    service.tick(now=now + timedelta(milliseconds=500))  # within the interval: nothing re-sent
+    assert service.flush(10)
     assert _ours(alertmanager)[0]["endsAt"] == first["endsAt"]
-    engine.tick(now=now + timedelta(seconds=2))
-    assert engine.flush(10)
-    engine.close(5)
+    service.tick(now=now + timedelta(seconds=2))
+    assert service.flush(10)
+    service.close(5)
     [kept] = _ours(alertmanager)
     ends = lambda a: datetime.fromisoformat(a["endsAt"].replace("Z", "+00:00"))  # noqa: E731
     assert ends(kept) - ends(first) == timedelta(seconds=2)
@@ -143,9 +143,9 @@ def test_firing_alerts_are_kept_alive_by_the_tick(alertmanager, store):
 
 
 def test_test_notification_is_kept_apart_from_the_real_alert(alertmanager, store):
-    engine = AlertEngine(make_config([RULE], sinks={"am": {"type": "alertmanager", "url": alertmanager}}), store)
-    rule = engine.rule("prod", "harm-high")
-    [(name, delivery)] = engine.send_now(engine.test_notification("prod", rule), ["am"]).items()
+    service = AlertService(make_config([RULE], sinks={"am": {"type": "alertmanager", "url": alertmanager}}), store)
+    rule = service.rule("prod", "harm-high")
+    [(name, delivery)] = service.send_now(service.test_notification("prod", rule), ["am"]).items()
     assert (name, delivery.outcome, delivery.http_status) == ("am", "delivered", 200)
     [alert] = _ours(alertmanager)
     assert alert["labels"]["tailmon_test"] == "true"

@@ -42,7 +42,7 @@ def test_run_once_fires_records_sets_the_gauge_and_notifies(tmp_path, tiny_model
     body = request.json()
     assert request.signature_ok
     assert (body["status"], body["monitor"], body["run_id"]) == ("firing", "tiny", outcome.run_id)
-    assert body["value"] == outcome.report["aggregate"]["ci_high"] > 0
+    assert body["value"] == outcome.result.figures.ci_high > 0
 
     with Store(f"sqlite:///{tmp_path / 'tailmon.db'}") as store:
         state = store.get_alert_state("tiny", "harm-any")

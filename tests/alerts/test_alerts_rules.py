@@ -1,4 +1,4 @@
-"""The alert state machine: pure evaluation with `now` injected, then the engine over a real store."""
+"""The alert state machine: pure evaluation with `now` injected, then the service over a real store."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from prometheus_client import CollectorRegistry
 
-from alerts_support import make_config, report
-from tailmon.alerts import AlertEngine, State, compile_rules, evaluate, run_figures
+from alerts_support import figures, make_config, report
+from tailmon.alerts import AlertService, State, compile_rules, evaluate, run_figures
 from tailmon.alerts.rules import Rule
 from tailmon.monitor.metrics import Metrics
 
@@ -92,7 +92,7 @@ def test_a_missing_figure_changes_nothing():
 
 
 def test_run_figures_from_a_report():
-    figs = run_figures("succeeded", report(p_hat=1e-3, ci_high=2e-3, ess_wh=12.5, khat=0.8, reliable=False))
+    figs = run_figures("succeeded", figures(p_hat=1e-3, ci_high=2e-3, ess_wh=12.5, khat=0.8, reliable=False))
     assert figs["harm_probability"] == 1e-3 and figs["harm_probability_upper_bound"] == 2e-3
     assert figs["expected_harmful_outputs[1d]"] == pytest.approx(1e3)
     assert figs["expected_harmful_outputs_upper_bound[1d]"] == pytest.approx(2e3)
@@ -100,7 +100,7 @@ def test_run_figures_from_a_report():
     assert figs["worst_query_harm_probability[1d]"] == 0.02
     assert figs["effective_sample_size"] == 12.5 and figs["pareto_khat"] == 0.8
     assert figs["estimate_unreliable"] == 1.0 and figs["run_failed"] == 0.0
-    assert "worst_query_harm_probability[1d]" not in run_figures("succeeded", report(worst=None))
+    assert "worst_query_harm_probability[1d]" not in run_figures("succeeded", figures(worst=None))
     assert run_figures("failed", None) == {"run_failed": 1.0}
     assert run_figures("interrupted", None) == {}
 
@@ -109,7 +109,7 @@ def test_builtin_unreliable_rule_is_on_by_default_configurable_and_can_be_disabl
     [builtin] = compile_rules(make_config().monitors[0].alerts)
     assert (builtin.name, builtin.key, builtin.for_runs, builtin.severity) == (
         "unreliable-estimate", "estimate_unreliable", 1, "warning")
-    steps = run(builtin, [run_figures("succeeded", report(reliable=False))["estimate_unreliable"]] * 2 + [0.0])
+    steps = run(builtin, [run_figures("succeeded", figures(reliable=False))["estimate_unreliable"]] * 2 + [0.0])
     assert [s.state.state for s in steps] == ["firing", "firing", "resolved"]
 
     tuned = make_config([{"name": "unreliable-estimate", "for": 2, "severity": "critical",
@@ -121,12 +121,12 @@ def test_builtin_unreliable_rule_is_on_by_default_configurable_and_can_be_disabl
     assert [r.name for r in compile_rules(off.monitors[0].alerts)] == ["p"]
 
 
-# -- the engine over a real store ------------------------------------------------------------------
+# -- the service over a real store ------------------------------------------------------------------
 
 
-def engine_for(store, alerts, registry=None, **config):
+def service_for(store, alerts, registry=None, **config):
     metrics = Metrics(registry or CollectorRegistry())
-    return AlertEngine(make_config(alerts, **config), store, metrics), metrics
+    return AlertService(make_config(alerts, **config), store, metrics), metrics
 
 
 HARM_HIGH = {"name": "harm-high", "metric": "harm_probability_upper_bound", "op": ">", "threshold": 1e-3,
@@ -135,18 +135,18 @@ HARM_HIGH = {"name": "harm-high", "metric": "harm_probability_upper_bound", "op"
 
 
 def test_engine_persists_state_records_transitions_and_sets_the_gauge(store, caplog):
-    engine, metrics = engine_for(store, [HARM_HIGH])
+    service, metrics = service_for(store, [HARM_HIGH])
     gauge = lambda: metrics.registry.get_sample_value(  # noqa: E731
         "tailmon_alert_state", {"monitor": "prod", "rule": "harm-high", "severity": "critical"})
     now = datetime.now(timezone.utc)
     with caplog.at_level(logging.INFO, logger="tailmon.alerts"):
-        assert engine.on_run("prod", "succeeded", report(ci_high=2e-3), run_id=7, now=now) == []
+        assert service.on_run("prod", "succeeded", figures(ci_high=2e-3), run_id=7, now=now) == []
         assert gauge() == 1
-        assert engine.on_run("prod", "succeeded", report(ci_high=3e-3), run_id=8, now=now + HOUR) == ["harm-high"]
+        assert service.on_run("prod", "succeeded", figures(ci_high=3e-3), run_id=8, now=now + HOUR) == ["harm-high"]
         assert gauge() == 2
-        engine.on_run("prod", "succeeded", report(ci_high=4e-4), run_id=9, now=now + 2 * HOUR)
+        service.on_run("prod", "succeeded", figures(ci_high=4e-4), run_id=9, now=now + 2 * HOUR)
         assert gauge() == 0
-        engine.close(5)
+        service.close(5)
     state = store.get_alert_state("prod", "harm-high")
     assert state["state"] == "resolved" and state["last_value"] == 4e-4
     assert state["labels"] == {"team": "safety", "alertname": "harm-high", "monitor": "prod", "severity": "critical"}
@@ -167,23 +167,23 @@ def test_engine_persists_state_records_transitions_and_sets_the_gauge(store, cap
 
 def test_a_restarted_engine_does_not_resend_before_the_repeat_interval(store):
     rules = [{**HARM_HIGH, "for": 1}]
-    first, _ = engine_for(store, rules)
+    first, _ = service_for(store, rules)
     now = datetime.now(timezone.utc)
-    first.on_run("prod", "succeeded", report(ci_high=2e-3), now=now)
+    first.on_run("prod", "succeeded", figures(ci_high=2e-3), now=now)
     first.close(5)
     assert len(store.alert_deliveries(rule="harm-high")) == 1
 
-    # The daemon restarts: a new engine, new metrics, the same database.
-    second, metrics = engine_for(store, rules)
+    # The daemon restarts: a new service, new metrics, the same database.
+    second, metrics = service_for(store, rules)
     second.restore()
     assert metrics.registry.get_sample_value(
         "tailmon_alert_state", {"monitor": "prod", "rule": "harm-high", "severity": "critical"}) == 2
-    assert second.on_run("prod", "succeeded", report(ci_high=2e-3), now=now + HOUR) == ["harm-high"]
-    assert second.on_run("prod", "succeeded", report(ci_high=2e-3), now=now + 3 * HOUR) == ["harm-high"]
+    assert second.on_run("prod", "succeeded", figures(ci_high=2e-3), now=now + HOUR) == ["harm-high"]
+    assert second.on_run("prod", "succeeded", figures(ci_high=2e-3), now=now + 3 * HOUR) == ["harm-high"]
     second.close(5)
     assert len(store.alert_deliveries(rule="harm-high")) == 1  # still only the first notification
-    third, _ = engine_for(store, rules)
-    third.on_run("prod", "succeeded", report(ci_high=2e-3), now=now + 4 * HOUR)
+    third, _ = service_for(store, rules)
+    third.on_run("prod", "succeeded", figures(ci_high=2e-3), now=now + 4 * HOUR)
     third.close(5)
     deliveries = store.alert_deliveries(rule="harm-high")
     assert [(d["status"], d["repeat"]) for d in deliveries] == [("firing", True), ("firing", False)]
@@ -191,23 +191,23 @@ def test_a_restarted_engine_does_not_resend_before_the_repeat_interval(store):
 
 
 def test_unreliable_estimates_are_an_alert_of_their_own(store, caplog):
-    engine, _ = engine_for(store, [])
+    service, _ = service_for(store, [])
     now = datetime.now(timezone.utc)
     with caplog.at_level(logging.WARNING, logger="tailmon.alerts"):
         # One unreliable run fires at once (for: 1 by default): a doubtful estimate never passes.
-        assert engine.on_run("prod", "succeeded", report(reliable=False), now=now) == ["unreliable-estimate"]
+        assert service.on_run("prod", "succeeded", figures(reliable=False), now=now) == ["unreliable-estimate"]
         assert store.get_alert_state("prod", "unreliable-estimate")["state"] == "firing"
-        engine.close(5)
+        service.close(5)
     assert any("ALERT FIRING [warning] prod/unreliable-estimate" in r.getMessage() for r in caplog.records)
 
 
 def test_run_failure_rule(store):
-    engine, _ = engine_for(store, [{"name": "run-failed", "metric": "run_failed", "op": ">=", "threshold": 1}])
+    service, _ = service_for(store, [{"name": "run-failed", "metric": "run_failed", "op": ">=", "threshold": 1}])
     now = datetime.now(timezone.utc)
-    assert engine.on_run("prod", "failed", None, now=now) == ["run-failed"]
-    assert engine.on_run("prod", "interrupted", None, now=now + HOUR) == ["run-failed"]  # no evidence either way
-    assert engine.on_run("prod", "succeeded", report(), now=now + 2 * HOUR) == []
-    engine.close(5)
+    assert service.on_run("prod", "failed", None, now=now) == ["run-failed"]
+    assert service.on_run("prod", "interrupted", None, now=now + HOUR) == ["run-failed"]  # no evidence either way
+    assert service.on_run("prod", "succeeded", figures(), now=now + 2 * HOUR) == []
+    service.close(5)
     assert [e["state"] for e in store.alert_events("prod") if e["rule"] == "run-failed"] == ["resolved", "firing"]
 
 
@@ -221,33 +221,33 @@ def _succeed(store, monitor="prod"):
 
 
 def test_staleness_with_an_injected_clock(store):
-    engine, metrics = engine_for(store, [STALE])
+    service, metrics = service_for(store, [STALE])
     finished = _succeed(store)
-    engine.tick(now=finished + HOUR)
+    service.tick(now=finished + HOUR)
     assert store.get_alert_state("prod", "stale")["state"] == "inactive"
-    engine.tick(now=finished + 2 * HOUR + timedelta(seconds=1))
+    service.tick(now=finished + 2 * HOUR + timedelta(seconds=1))
     state = store.get_alert_state("prod", "stale")
     assert state["state"] == "firing" and state["last_value"] == pytest.approx(7201)
     assert metrics.registry.get_sample_value(
         "tailmon_alert_state", {"monitor": "prod", "rule": "stale", "severity": "warning"}) == 2
     # A new success: the run's own evaluation resolves it at once.
     later = _succeed(store)
-    engine.on_run("prod", "succeeded", report(), now=later + timedelta(seconds=5))
+    service.on_run("prod", "succeeded", figures(), now=later + timedelta(seconds=5))
     assert store.get_alert_state("prod", "stale")["state"] == "resolved"
-    engine.close(5)
+    service.close(5)
 
 
 def test_a_monitor_that_never_succeeded_is_stale_from_the_engine_start(store):
-    engine, _ = engine_for(store, [STALE])
-    engine.tick(now=engine.started + HOUR)
+    service, _ = service_for(store, [STALE])
+    service.tick(now=service.started + HOUR)
     assert store.get_alert_state("prod", "stale")["state"] == "inactive"
-    engine.tick(now=engine.started + 3 * HOUR)
+    service.tick(now=service.started + 3 * HOUR)
     assert store.get_alert_state("prod", "stale")["state"] == "firing"
-    engine.close(5)
+    service.close(5)
 
 
 def test_only_the_configured_rules_count_as_firing(store):
-    engine, _ = engine_for(store, [{**HARM_HIGH, "for": 1}])
+    service, _ = service_for(store, [{**HARM_HIGH, "for": 1}])
     store.set_alert_state("prod", "removed-rule", state="firing")  # from an older config
-    assert engine.on_run("prod", "succeeded", report(ci_high=2e-3)) == ["harm-high"]
-    engine.close(5)
+    assert service.on_run("prod", "succeeded", figures(ci_high=2e-3)) == ["harm-high"]
+    service.close(5)

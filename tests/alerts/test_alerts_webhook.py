@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from alerts_support import make_config, report
-from tailmon.alerts import AlertEngine
+from alerts_support import figures, make_config
+from tailmon.alerts import AlertService
 from tailmon.alerts.config import SinkConfig
 from tailmon.alerts.sinks import Notification, SinkWorker, WebhookSink, signature
 
@@ -25,14 +25,14 @@ ALWAYS = {"name": "harm-high", "metric": "harm_probability", "op": ">", "thresho
 def engine_with_hook(store, monkeypatch, url, **hook):
     monkeypatch.setenv("TAILMON_TEST_HOOK_SECRET", SECRET)
     sink = {"type": "webhook", "url": url, "secret_env": "TAILMON_TEST_HOOK_SECRET", **hook}
-    return AlertEngine(make_config([ALWAYS], sinks={"hook": sink}), store)
+    return AlertService(make_config([ALWAYS], sinks={"hook": sink}), store)
 
 
 def test_signed_json_and_retries_with_backoff(store, receiver, monkeypatch):
     hook = receiver(fail_first=2, secret=SECRET.encode())
-    engine = engine_with_hook(store, monkeypatch, hook.url, retries=3, backoff=0.2)
-    engine.on_run("prod", "succeeded", report(p_hat=1e-3), run_id=11)
-    engine.close(10)
+    service = engine_with_hook(store, monkeypatch, hook.url, retries=3, backoff=0.2)
+    service.on_run("prod", "succeeded", figures(p_hat=1e-3), run_id=11)
+    service.close(10)
 
     first, second, third = hook.wait_for(3)
     assert len(hook.requests) == 3  # two 500s, then delivered: no fourth attempt
@@ -58,9 +58,9 @@ def test_signed_json_and_retries_with_backoff(store, receiver, monkeypatch):
 
 def test_a_wrong_secret_is_refused_by_the_receiver_and_not_retried(store, receiver, monkeypatch):
     hook = receiver(secret=b"another secret")
-    engine = engine_with_hook(store, monkeypatch, hook.url, retries=3, backoff=0.05)
-    engine.on_run("prod", "succeeded", report())
-    engine.close(10)
+    service = engine_with_hook(store, monkeypatch, hook.url, retries=3, backoff=0.05)
+    service.on_run("prod", "succeeded", figures())
+    service.close(10)
     assert [r.signature_ok for r in hook.requests] == [False]
     [delivery] = store.alert_deliveries()
     assert (delivery["outcome"], delivery["attempts"], delivery["http_status"]) == ("failed", 1, 401)
@@ -69,9 +69,9 @@ def test_a_wrong_secret_is_refused_by_the_receiver_and_not_retried(store, receiv
 
 def test_a_receiver_that_keeps_failing_is_recorded_as_failed(store, receiver, monkeypatch):
     hook = receiver(fail_first=100)
-    engine = engine_with_hook(store, monkeypatch, hook.url, retries=2, backoff=0.05)
-    engine.on_run("prod", "succeeded", report())
-    engine.close(10)
+    service = engine_with_hook(store, monkeypatch, hook.url, retries=2, backoff=0.05)
+    service.on_run("prod", "succeeded", figures())
+    service.close(10)
     assert len(hook.requests) == 3
     [delivery] = store.alert_deliveries()
     assert (delivery["outcome"], delivery["attempts"], delivery["http_status"]) == ("failed", 3, 500)
@@ -79,13 +79,13 @@ def test_a_receiver_that_keeps_failing_is_recorded_as_failed(store, receiver, mo
 
 def test_a_hanging_receiver_does_not_block_the_caller(store, receiver, monkeypatch):
     hook = receiver(hang=True)
-    engine = engine_with_hook(store, monkeypatch, hook.url, timeout=0.5, retries=1, backoff=0.1)
+    service = engine_with_hook(store, monkeypatch, hook.url, timeout=0.5, retries=1, backoff=0.1)
     t0 = time.monotonic()
-    assert engine.on_run("prod", "succeeded", report()) == ["harm-high"]
+    assert service.on_run("prod", "succeeded", figures()) == ["harm-high"]
     assert time.monotonic() - t0 < 0.4  # the run's thread does not wait for the receiver
-    assert engine.flush(0.2) is False  # still trying
+    assert service.flush(0.2) is False  # still trying
     hook.wait_for(1)
-    engine.close(10)  # two attempts of 0.5 s and a 0.1 s backoff fit in the bound
+    service.close(10)  # two attempts of 0.5 s and a 0.1 s backoff fit in the bound
     [delivery] = store.alert_deliveries()
     assert (delivery["outcome"], delivery["attempts"]) == ("failed", 2)
     assert "no answer within 0.5 s" in delivery["error"]
@@ -93,12 +93,12 @@ def test_a_hanging_receiver_does_not_block_the_caller(store, receiver, monkeypat
 
 def test_shutdown_bound_drops_what_cannot_be_delivered(store, receiver, monkeypatch):
     hook = receiver(hang=True)
-    engine = engine_with_hook(store, monkeypatch, hook.url, timeout=5, retries=0)
-    engine.on_run("prod", "succeeded", report(), now=datetime.now(timezone.utc))
-    engine.on_run("prod", "failed", None)  # no figure for the rule: nothing more queued
+    service = engine_with_hook(store, monkeypatch, hook.url, timeout=5, retries=0)
+    service.on_run("prod", "succeeded", figures(), now=datetime.now(timezone.utc))
+    service.on_run("prod", "failed", None)  # no figure for the rule: nothing more queued
     hook.wait_for(1)
     t0 = time.monotonic()
-    engine.close(0.3)
+    service.close(0.3)
     assert time.monotonic() - t0 < 2.5  # the bound plus the worker's join grace, not the 5 s timeout
     hook.release.set()
 
@@ -122,10 +122,10 @@ def test_a_full_queue_drops_and_records_instead_of_blocking(store, receiver):
 
 def test_slack_format(store, receiver, monkeypatch):
     hook = receiver(secret=SECRET.encode())
-    engine = engine_with_hook(store, monkeypatch, hook.url, format="slack")
-    engine.on_run("prod", "succeeded", report(p_hat=2e-3))
-    engine.on_run("prod", "succeeded", report(p_hat=0.0))
-    engine.close(10)
+    service = engine_with_hook(store, monkeypatch, hook.url, format="slack")
+    service.on_run("prod", "succeeded", figures(p_hat=2e-3))
+    service.on_run("prod", "succeeded", figures(p_hat=0.0))
+    service.close(10)
     firing, resolved = (r.json() for r in hook.wait_for(2))
     assert set(firing) == {"text", "blocks"}
     assert firing["text"] == "[FIRING] critical: prod/harm-high firing: harm_probability = 0.002 > 0.0001"
@@ -148,9 +148,9 @@ def test_unreachable_receiver_fails_after_the_retries(store, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    engine = engine_with_hook(store, monkeypatch, f"http://127.0.0.1:{port}/hook", retries=1, backoff=0.05)
-    engine.on_run("prod", "succeeded", report())
-    engine.close(10)
+    service = engine_with_hook(store, monkeypatch, f"http://127.0.0.1:{port}/hook", retries=1, backoff=0.05)
+    service.on_run("prod", "succeeded", figures())
+    service.close(10)
     [delivery] = store.alert_deliveries()
     assert (delivery["outcome"], delivery["attempts"], delivery["http_status"]) == ("failed", 2, None)
     assert f"127.0.0.1:{port}" in delivery["error"] and "refused" in delivery["error"].lower()

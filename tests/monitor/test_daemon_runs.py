@@ -53,8 +53,8 @@ def test_runs_differ_but_replay(tmp_path, model_copy):
     """Each run derives its seed from the base seed and its run id: two runs are two draws."""
     daemon = new_daemon(write_config(tmp_path, model_copy))
     a, b = daemon.run_once() + daemon.run_once()
-    assert a.report["seed"] != b.report["seed"]
-    assert [e["p_hat"] for e in a.report["estimates"]] != [e["p_hat"] for e in b.report["estimates"]]
+    assert a.result.seed != b.result.seed
+    assert [r.estimate.p_hat for r in a.result.report.results] != [r.estimate.p_hat for r in b.result.report.results]
 
 
 def test_changed_checkpoint_is_reloaded_and_versioned(tmp_path, model_copy):
@@ -130,7 +130,7 @@ def test_a_monitor_without_proposals_uses_the_library(tmp_path, model_copy):
     daemon = new_daemon(write_config(tmp_path, model_copy, proposals=[]))
     [outcome] = daemon.run_once()
     assert outcome.status == "succeeded", outcome.error
-    labels = [c["label"] for c in outcome.report["components"]]
+    labels = [c.label for c in outcome.result.report.plan.components]
     # The prompts' categories are x and y (unknown to the library): the general prompt only.
     assert labels == ["target"] + default_proposals({"x", "y"})
     assert labels[1].startswith("system:")

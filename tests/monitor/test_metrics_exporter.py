@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from tailmon.estimation.result import RunFigures
 from tailmon.monitor.metrics import Metrics, MetricsServer
 
 REPORT = {
@@ -33,7 +34,7 @@ def metrics():
 
 
 def test_figures_from_report(metrics):
-    metrics.record_figures("prod", REPORT)
+    metrics.record_figures("prod", RunFigures.from_report(REPORT))
     get = metrics.registry.get_sample_value
     assert get("tailmon_harm_probability", {"monitor": "prod"}) == 2.5e-5
     assert get("tailmon_harm_probability_lower_bound", {"monitor": "prod"}) == 1e-5
@@ -75,7 +76,7 @@ def test_model_info_replaces_the_old_version(metrics):
 
 def test_no_prompt_text_in_labels(metrics):
     metrics.init_monitor("prod")
-    metrics.record_figures("prod", REPORT)
+    metrics.record_figures("prod", RunFigures.from_report(REPORT))
     text = metrics.exposition().decode()
     assert "secret prompt" not in text and "another one" not in text
     label_names = {name for fam in text_string_to_metric_families(text) for s in fam.samples for name in s.labels}
@@ -86,7 +87,7 @@ def test_http_metrics_and_healthz(metrics):
     healthy = [True]
     server = MetricsServer(metrics, "127.0.0.1", 0, healthy=lambda: healthy[0]).start()
     try:
-        metrics.record_figures("prod", REPORT)
+        metrics.record_figures("prod", RunFigures.from_report(REPORT))
         base = f"http://127.0.0.1:{server.port}"
         with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
             body = r.read().decode()
@@ -118,7 +119,7 @@ def test_port_in_use_is_a_clear_failure(metrics):
 def test_forget_monitor_removes_all_its_series(metrics):
     for name in ("prod", "staging"):
         metrics.init_monitor(name)
-        metrics.record_figures(name, REPORT)
+        metrics.record_figures(name, RunFigures.from_report(REPORT))
         metrics.record_run(name, "succeeded", 10.0, 1.0, {"target": 1})
         metrics.set_model(name, "m", 1)
     metrics.alert_state.labels("prod", "r", "warning").set(2)

@@ -36,6 +36,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from tailmon.estimation.result import RunFigures
 from tailmon.monitor.metrics import Metrics, MetricsServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +88,7 @@ def exported_series() -> Exported:
     m = Metrics(CollectorRegistry())
     m.init_monitor("m")
     m.set_model("m", "ref", 1)
-    m.record_figures("m", REPORT)
+    m.record_figures("m", RunFigures.from_report(REPORT))
     m.record_run("m", "succeeded", 42.0, 1.7e9, {"target": 3, "proposal": 27})
     m.alert_state.labels("m", "rule", "warning").set(2)  # set by the alerts package, not by Metrics
     labels: dict[str, set[str]] = {}
@@ -761,7 +762,7 @@ def test_rules_evaluate_on_the_live_exporter(tmp_path):
         pytest.skip("prometheus not installed (apt-get install prometheus)")
     metrics = Metrics(CollectorRegistry())
     metrics.init_monitor("prod")
-    metrics.record_figures("prod", REPORT)
+    metrics.record_figures("prod", RunFigures.from_report(REPORT))
     metrics.record_run("prod", "succeeded", 42.0, time.time(), {"target": 3, "proposal": 27})
     server = MetricsServer(metrics, "127.0.0.1", 0).start()
     cfg = yaml.safe_load(PROM_CONFIG.read_text())

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Protocol
 
 from tailmon.alerts.config import LOG_SINK, SinkConfig
 from tailmon.alerts.rules import (
@@ -25,6 +26,7 @@ from tailmon.alerts.rules import (
     run_figures,
 )
 from tailmon.alerts.sinks import Delivery, Notification, Sink, SinkWorker, build_sink
+from tailmon.estimation.result import RunFigures
 
 log = logging.getLogger("tailmon.alerts")
 
@@ -35,10 +37,29 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class AlertEngine:
-    """`config`: the daemon's Config; `store`: an open Store; `metrics`: Metrics or None."""
+class AlertStateStore(Protocol):
+    """What the alert service needs of a store (tailmon.store.Store is one): alert state and
+    history, and the last successful run for staleness. Rows are dicts with the field names."""
 
-    def __init__(self, config, store, metrics=None):
+    def alert_states(self, state: str | None = None) -> list[dict]: ...
+
+    def get_alert_state(self, monitor: str, rule: str) -> dict | None: ...
+
+    def set_alert_state(self, monitor: str, rule: str, **fields) -> None: ...
+
+    def add_alert_event(self, **fields) -> int: ...
+
+    def add_alert_delivery(self, **fields) -> int: ...
+
+    def list_runs(self, monitor: str | None = None, status: str | None = None, limit: int = 20) -> list[dict]: ...
+
+
+class AlertService:
+    """Evaluates every monitor's rules after each run and on the daemon's clock, keeps their state
+    in the store and notifies the sinks. `config`: the daemon's Config; `store`: an AlertStateStore
+    (None for `alerts test`, which sends without state); `metrics`: Metrics or None."""
+
+    def __init__(self, config, store: AlertStateStore | None, metrics=None):
         self.store = store
         self.metrics = metrics
         self.started = utcnow()
@@ -84,11 +105,12 @@ class AlertEngine:
             for rule in rules:
                 self._gauge(monitor, rule, stored.get((monitor, rule.name), "inactive"))
 
-    def on_run(self, monitor: str, status: str, report: dict | None = None, run_id: int | None = None,
+    def on_run(self, monitor: str, status: str, figures: RunFigures | None = None, run_id: int | None = None,
                now: datetime | None = None) -> list[str]:
-        """Evaluate the monitor's rules on an ended run; returns the names of its rules firing after."""
+        """Evaluate the monitor's rules on an ended run (`figures`: a successful run's); returns the
+        names of its rules firing after."""
         now = now or utcnow()
-        figures = run_figures(status, report)
+        figures = run_figures(status, figures)
         if any(r.staleness for r in self.rules.get(monitor, [])):
             figures.update(self._staleness(monitor, now))
         with self._lock:

@@ -1,0 +1,100 @@
+"""A run's result as typed objects: what the daemon stores, exports, alerts on and prints.
+
+`RunResult` is one estimation run (the report, its seed, its extrapolations for every window,
+each computed once). `RunFigures` are the figures read off it by the metrics and the alert
+rules (the smallest ESS of w*h and the largest k-hat over prompts among them), defined here once.
+Dicts appear only at the JSON edge: `RunResult.to_dict()` is what the store keeps and
+`--format json` prints, and `RunFigures.from_report` reads a stored report back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Mapping
+
+from tailmon.estimation.pipeline import EstimationReport
+
+
+@dataclass(frozen=True)
+class WindowFigures:
+    """Deployment figures for one window at the monitor's query volume."""
+
+    window: str
+    expected: float
+    """Expected harmful outputs per window."""
+    expected_high: float
+    """The upper end of its interval."""
+    p_any: float
+    """P(at least one harmful output in the window)."""
+    worst_query: float | None
+    """The forecast largest harm probability among the window's queries, when it could be fitted."""
+
+    @classmethod
+    def from_dict(cls, window: str, ex: Mapping) -> "WindowFigures":
+        worst = ex.get("worst_query")
+        return cls(window=window, expected=ex["expected_per_window"]["expected"],
+                   expected_high=ex["expected_per_window"]["ci_high"], p_any=ex["p_any_per_window"]["p"],
+                   worst_query=worst["p"] if worst else None)
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """What one successful run says, as the metrics and the alert rules read it."""
+
+    p_hat: float
+    ci_low: float
+    ci_high: float
+    reliable: bool
+    n_unreliable: int
+    smallest_ess_wh: float | None
+    """The weakest prompt's effective sample size of w*h (None: no IS estimate had one)."""
+    largest_khat: float | None
+    """The weakest prompt's Pareto k-hat (None: none was computed)."""
+    windows: dict[str, WindowFigures] = field(default_factory=dict)
+
+    @classmethod
+    def from_report(cls, report: Mapping) -> "RunFigures":
+        """The figures of a report dict (`RunResult.to_dict()`, e.g. as stored)."""
+        agg = report["aggregate"]
+        ests = report.get("estimates", [])
+        ess = [e["ess_wh"] for e in ests if e.get("ess_wh") is not None]
+        khats = [e["khat"] for e in ests if e.get("khat") is not None]
+        return cls(p_hat=agg["p_hat"], ci_low=agg["ci_low"], ci_high=agg["ci_high"], reliable=bool(agg["reliable"]),
+                   n_unreliable=int(agg.get("n_unreliable", 0)), smallest_ess_wh=min(ess) if ess else None,
+                   largest_khat=max(khats) if khats else None,
+                   windows={w: WindowFigures.from_dict(w, ex) for w, ex in (report.get("extrapolations") or {}).items()})
+
+
+@dataclass
+class RunResult:
+    """One estimation run: the report, the seed it ran with and its extrapolations by window."""
+
+    report: EstimationReport
+    seed: int
+    extrapolations: dict[str, dict] = field(default_factory=dict)
+    """window -> `tailmon.estimators.extrapolate` of the run (empty without a query volume)."""
+
+    @cached_property
+    def data(self) -> dict:
+        # The report's own window reuses its extrapolation from `extrapolations` (computed once).
+        data = self.report.to_dict(headline=self.extrapolations.get(self.report.plan.window))
+        data["seed"] = self.seed
+        data["extrapolations"] = self.extrapolations
+        return data
+
+    def to_dict(self) -> dict:
+        """The JSON edge: what the store keeps and `--format json` prints (a fresh copy)."""
+        return _copy(self.data)
+
+    @cached_property
+    def figures(self) -> RunFigures:
+        return RunFigures.from_report(self.data)
+
+
+def _copy(value):
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
