@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from tailmon.store.database import LOCKS
+from tailmon.store.schema import LOCKS
 
 
 def test_only_one_store_holds_a_monitor(make_store):

@@ -13,7 +13,8 @@ from sqlalchemy import MetaData, select
 
 from tailmon.errors import InputError, RuntimeFailure
 from tailmon.redact import redact
-from tailmon.store.database import RUNS, to_jsonable
+from tailmon.store import to_jsonable
+from tailmon.store.schema import RUNS
 
 SETTINGS = {"prompts": "advbench", "samples": 40, "judge": "prefix:Sure"}
 

@@ -1,0 +1,136 @@
+"""The alerts part of the Store: alert events (transitions), per-rule alert state, and the
+delivery of notifications to sinks."""
+
+from __future__ import annotations
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from tailmon.errors import InputError
+from tailmon.redact import redact
+from tailmon.store.base import StoreBase
+from tailmon.store.schema import ALERT_DELIVERIES, ALERT_EVENTS, ALERT_STATE, ALERT_STATES, DELIVERY_OUTCOMES
+from tailmon.store.values import as_aware, as_float, as_int
+
+
+class AlertStore(StoreBase):
+    """Alert history and state; every method runs its own transaction."""
+
+    _EVENT_FIELDS = ("monitor", "rule", "state", "severity", "value", "threshold", "message", "labels", "at",
+                     "run_id")
+    _STATE_FIELDS = ("state", "consecutive", "since", "last_notified", "last_value", "labels")
+
+    def add_alert_event(self, **fields) -> int:
+        """Record one alert transition; `at` defaults to now. Returns the event id."""
+        unknown = set(fields) - set(self._EVENT_FIELDS)
+        if unknown:
+            raise InputError(f"unknown alert event fields {sorted(unknown)}; known: {', '.join(self._EVENT_FIELDS)}")
+        missing = [k for k in ("monitor", "rule", "state") if not fields.get(k)]
+        if missing:
+            raise InputError(f"an alert event needs {', '.join(missing)}")
+        if fields["state"] not in ALERT_STATES:
+            raise InputError(f"alert state must be one of {', '.join(ALERT_STATES)}, got '{fields['state']}'")
+        values = dict(fields, value=as_float(fields.get("value"), "alert value"),
+                      threshold=as_float(fields.get("threshold"), "alert threshold"),
+                      at=as_aware(fields.get("at"), "alert event 'at'"))
+        with self._tx(f"recording an alert event of monitor '{fields['monitor']}'") as conn:
+            if values["at"] is None:
+                values["at"] = self._now(conn)
+            return conn.execute(insert(ALERT_EVENTS).values(**values)).inserted_primary_key[0]
+
+    def alert_events(self, monitor: str | None = None, limit: int = 50) -> list[dict]:
+        """Newest first."""
+        if int(limit) < 1:
+            raise InputError(f"limit must be >= 1, got {limit}")
+        query = select(ALERT_EVENTS).order_by(ALERT_EVENTS.c.at.desc(), ALERT_EVENTS.c.id.desc()).limit(int(limit))
+        if monitor is not None:
+            query = query.where(ALERT_EVENTS.c.monitor == monitor)
+        with self._tx("listing alert events") as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def get_alert_state(self, monitor: str, rule: str) -> dict | None:
+        with self._tx(f"reading alert state {monitor}/{rule}") as conn:
+            row = conn.execute(select(ALERT_STATE).where(ALERT_STATE.c.monitor == monitor,
+                                                         ALERT_STATE.c.rule == rule)).first()
+            return dict(row._mapping) if row else None
+
+    def set_alert_state(self, monitor: str, rule: str, **fields) -> None:
+        """Create or update the (monitor, rule) state with the given fields; a new row starts
+        as state 'inactive', consecutive 0."""
+        unknown = set(fields) - set(self._STATE_FIELDS)
+        if unknown:
+            raise InputError(f"unknown alert state fields {sorted(unknown)}; known: {', '.join(self._STATE_FIELDS)}")
+        if "state" in fields and fields["state"] not in ALERT_STATES:
+            raise InputError(f"alert state must be one of {', '.join(ALERT_STATES)}, got '{fields['state']}'")
+        values = dict(fields)
+        if "consecutive" in values:
+            values["consecutive"] = as_int(values["consecutive"], "consecutive")
+            if values["consecutive"] is None or values["consecutive"] < 0:
+                raise InputError(f"consecutive must be an integer >= 0, got {fields['consecutive']!r}")
+        for key in ("since", "last_notified"):
+            if key in values:
+                as_aware(values[key], key)
+        if "last_value" in values:
+            values["last_value"] = as_float(values["last_value"], "last_value")
+        key = (ALERT_STATE.c.monitor == monitor) & (ALERT_STATE.c.rule == rule)
+        with self._tx(f"writing alert state {monitor}/{rule}") as conn:
+            if values and conn.execute(update(ALERT_STATE).where(key).values(**values)).rowcount == 1:
+                return
+            if not values and conn.execute(select(ALERT_STATE.c.state).where(key)).first() is not None:
+                return
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(ALERT_STATE).values(
+                        **{"state": "inactive", "consecutive": 0, **values, "monitor": monitor, "rule": rule}))
+            except IntegrityError:
+                # A concurrent writer created the row first: ours is an update after all.
+                if values:
+                    conn.execute(update(ALERT_STATE).where(key).values(**values))
+
+    _DELIVERY_FIELDS = ("monitor", "rule", "sink", "status", "repeat", "outcome", "attempts", "http_status", "error",
+                        "event_id", "at")
+
+    def add_alert_delivery(self, **fields) -> int:
+        """Record the outcome of one notification sent to one sink; `at` defaults to now."""
+        unknown = set(fields) - set(self._DELIVERY_FIELDS)
+        if unknown:
+            raise InputError(f"unknown alert delivery fields {sorted(unknown)}; known: "
+                             f"{', '.join(self._DELIVERY_FIELDS)}")
+        missing = [k for k in ("monitor", "rule", "sink", "status", "outcome") if not fields.get(k)]
+        if missing:
+            raise InputError(f"an alert delivery needs {', '.join(missing)}")
+        if fields["outcome"] not in DELIVERY_OUTCOMES:
+            raise InputError(f"delivery outcome must be one of {', '.join(DELIVERY_OUTCOMES)}, "
+                             f"got '{fields['outcome']}'")
+        values = dict(fields, repeat=bool(fields.get("repeat", False)),
+                      attempts=as_int(fields.get("attempts", 0), "attempts"),
+                      http_status=as_int(fields.get("http_status"), "http_status"),
+                      error=redact(fields["error"]) if fields.get("error") is not None else None,
+                      at=as_aware(fields.get("at"), "alert delivery 'at'"))
+        with self._tx(f"recording an alert delivery of monitor '{fields['monitor']}'") as conn:
+            if values["at"] is None:
+                values["at"] = self._now(conn)
+            return conn.execute(insert(ALERT_DELIVERIES).values(**values)).inserted_primary_key[0]
+
+    def alert_deliveries(self, monitor: str | None = None, rule: str | None = None, limit: int = 50) -> list[dict]:
+        """Newest first."""
+        if int(limit) < 1:
+            raise InputError(f"limit must be >= 1, got {limit}")
+        query = (select(ALERT_DELIVERIES).order_by(ALERT_DELIVERIES.c.at.desc(), ALERT_DELIVERIES.c.id.desc())
+                 .limit(int(limit)))
+        if monitor is not None:
+            query = query.where(ALERT_DELIVERIES.c.monitor == monitor)
+        if rule is not None:
+            query = query.where(ALERT_DELIVERIES.c.rule == rule)
+        with self._tx("listing alert deliveries") as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def alert_states(self, state: str | None = None) -> list[dict]:
+        """Every (monitor, rule) state, optionally only those in `state`, ordered by monitor, rule."""
+        if state is not None and state not in ALERT_STATES:
+            raise InputError(f"alert state must be one of {', '.join(ALERT_STATES)}, got '{state}'")
+        query = select(ALERT_STATE).order_by(ALERT_STATE.c.monitor, ALERT_STATE.c.rule)
+        if state is not None:
+            query = query.where(ALERT_STATE.c.state == state)
+        with self._tx("listing alert states") as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
