@@ -11,8 +11,8 @@ PostgreSQL (shared by several daemon instances). The guarantees the daemon relie
   (instance id and a random per-process token) and a heartbeat; `interrupt_stale_runs` only
   touches runs whose heartbeat is stale or whose owner is a previous incarnation of this very
   instance, so a starting instance never interrupts a live peer's run.
-* The schema is versioned: `schema_version` records every applied migration, `migrate.MIGRATIONS`
-  is the ordered list, an upgrade keeps the data, and a database newer than this code is refused.
+* The schema is versioned by Alembic revisions (store/migrations, applied by `migrate`): an
+  upgrade keeps the data, and a database newer than this code is refused.
 * Prompt and response texts go through `redact()` before they are stored.
 
 Times are timezone-aware UTC `datetime`s in and out on both backends. Dicts returned by the
@@ -21,7 +21,7 @@ strings for JSON output. Every database failure surfaces as
 `RuntimeFailure("database <url with password masked>: <what>: <reason>")`.
 
 The modules: `url` (which database), `engine` (how to connect), `schema` (the tables),
-`migrate` (creating and upgrading them), `base` (connection, transactions,
+`migrate` and `migrations` (creating and upgrading them), `base` (connection, transactions,
 ownership), `runs`, `locks` and `alerts` (the Store's parts), `reports` and `values` (what goes in).
 """
 

@@ -1,236 +1,180 @@
-"""Creating and upgrading the store's schema: the ordered, append-only MIGRATIONS, in one transaction.
+"""Creating and upgrading the store's schema with Alembic, in one transaction, under a lock.
 
-The schema is versioned: `schema_version` records every applied migration, an upgrade keeps the
-data, and a database newer than this code is refused.
+`upgrade_schema` brings a database to the head revision of store/migrations:
+
+* a fresh database gets every revision;
+* a database of the release before Alembic (its `schema_version` table, no revision recorded) is
+  stamped at the revision of its schema version, then upgraded;
+* a database newer than this code (a revision it does not know, or a schema version above the
+  number of its revisions) is refused before anything is touched: this code would misread it.
+
+All of it runs in one transaction (both backends have transactional DDL), so a failed upgrade
+leaves the database as it was. Alembic runs programmatically, without alembic.ini or env.py: a
+ScriptDirectory reads the revisions, a MigrationContext on that transaction's connection applies
+them one by one and records each.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import (
-    Boolean,
-    CheckConstraint,
-    Column,
-    Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    func,
-    insert,
-    select,
-)
+from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, func, insert, inspect, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from tailmon.errors import RuntimeFailure
 from tailmon.store.engine import error_reason
-from tailmon.store.schema import UTCDateTime, json_type, utcnow
+from tailmon.store.schema import UTCDateTime, utcnow
 
-SCHEMA_VERSION = 3
-"""The schema this code reads and writes: the last entry of MIGRATIONS."""
+if TYPE_CHECKING:
+    from alembic.script import Script, ScriptDirectory
 
-# Every key of pg_advisory_xact_lock is global to the database: this one serialises schema
-# upgrades when several instances start at once on an empty database.
-_MIGRATION_LOCK_KEY = 0x7461696C6D6F6E  # "tailmon"
+log = logging.getLogger(__name__)
 
-# Bookkeeping of the migrations themselves; it never changes, so it lives outside them.
-SCHEMA_TABLE = Table(
+# Alembic (1.18 and later) logs each autogenerate plugin it registers on import, at INFO: seven
+# lines of noise in the daemon's log, which autogenerates nothing. Hence this level, set before
+# alembic is first imported (the functions below import it). Its migration messages stay.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+# Not Alembic's default `alembic_version`: a PostgreSQL database shared with another application
+# that uses Alembic would mix that application's revisions with ours.
+VERSION_TABLE = "tailmon_alembic_version"
+_VERSIONS = Table(VERSION_TABLE, MetaData(), Column("version_num", String(32), primary_key=True))
+
+# The bookkeeping of the release before Alembic: one row per applied schema version (1..3), and
+# that release refuses a database whose highest version is above its own. This code reads it only
+# while no Alembic revision is recorded, and keeps writing it: one row per applied revision,
+# numbered by its position in the history. So that release still opens a database with its own
+# schema (an instance not yet upgraded, or rolled back, on a database another instance has
+# upgraded) and refuses, with its own "newer than this tailmon supports", one that a later
+# revision changed. Dropping the table would make it fail on "table runs already exists" instead,
+# and leaving it as it is would make it misread a database that revision 0004 has changed.
+LEGACY_TABLE = Table(
     "schema_version", MetaData(),
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("description", String, nullable=False),
     Column("applied_at", UTCDateTime(), nullable=False),
 )
 
+# Every key of pg_advisory_xact_lock is global to the database: this one serialises schema
+# upgrades when several instances start at once on an empty database.
+_MIGRATION_LOCK_KEY = 0x7461696C6D6F6E  # "tailmon"
 
-# --- Migrations ---------------------------------------------------------------------------------
-#
-# Append-only: never edit a migration that has shipped; add the next one. Each creates its tables
-# from a frozen copy of their definition at that version (not from tailmon.store.schema's models).
-
-
-def _migration_1(conn: Connection) -> None:
-    md = MetaData()
-    Table(
-        "runs", md,
-        Column("id", Integer, primary_key=True),
-        Column("monitor", String, nullable=False),
-        Column("model_ref", String, nullable=False),
-        Column("model_version", Integer, nullable=False),
-        Column("config_hash", String, nullable=False),
-        Column("status", String, nullable=False),
-        Column("owner_instance", String, nullable=False),
-        Column("owner_token", String, nullable=False),
-        Column("started_at", UTCDateTime(), nullable=False),
-        Column("heartbeat_at", UTCDateTime(), nullable=False),
-        Column("finished_at", UTCDateTime()),
-        Column("duration_s", Float),
-        Column("error", Text),
-        Column("settings", json_type()),
-        Column("timings", json_type()),
-        Column("report", json_type()),
-        Column("method", String),
-        Column("n_prompts", Integer),
-        Column("n_samples", Integer),
-        Column("n_harmful", Integer),
-        *(Column(name, Float) for name in ("p_hat", "ci_low", "ci_high", "std_error", "ess", "khat")),
-        Column("reliable", Boolean),
-        Column("volume", Float),
-        Column("window", String),
-        *(Column(name, Float) for name in ("expected_per_window", "expected_ci_low", "expected_ci_high",
-                                           "p_any_per_window", "p_any_ci_low", "p_any_ci_high",
-                                           "worst_query_p")),
-        CheckConstraint("status IN ('running', 'succeeded', 'failed', 'interrupted')", name="ck_runs_status"),
-        Index("ix_runs_monitor_started", "monitor", "started_at"),
-        Index("ix_runs_status", "status"),
-    )
-    Table(
-        "estimates", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
-        Column("prompt_index", Integer, nullable=False),
-        Column("prompt", Text, nullable=False),
-        Column("category", String),
-        Column("method", String),
-        Column("n_samples", Integer),
-        *(Column(name, Float) for name in ("p_hat", "ci_low", "ci_high")),
-        Column("n_harmful", Integer),
-        *(Column(name, Float) for name in ("ess", "ess_wh", "khat", "kl")),
-        Column("reliable", Boolean),
-        Column("upper_bound_only", Boolean),
-        Column("warnings", json_type()),
-        UniqueConstraint("run_id", "prompt_index", name="uq_estimates_run_prompt"),
-    )
-    Table(
-        "samples", md,
-        Column("id", Integer, primary_key=True),
-        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
-        Column("prompt_index", Integer, nullable=False),
-        Column("response", Text, nullable=False),
-        Column("score", Float, nullable=False),
-        Column("log_weight", Float),
-        Column("component", Integer),
-        CheckConstraint("score >= 0 AND score <= 1", name="ck_samples_score"),
-        Index("ix_samples_run", "run_id"),
-    )
-    Table(
-        "model_versions", md,
-        Column("id", Integer, primary_key=True),
-        Column("monitor", String, nullable=False),
-        Column("version", Integer, nullable=False),
-        Column("model_ref", String, nullable=False),
-        Column("fingerprint", String, nullable=False),
-        Column("first_seen", UTCDateTime(), nullable=False),
-        Column("last_seen", UTCDateTime(), nullable=False),
-        UniqueConstraint("monitor", "version", name="uq_model_versions_monitor_version"),
-    )
-    Table(
-        "monitor_locks", md,
-        Column("monitor", String, primary_key=True),
-        Column("owner_instance", String, nullable=False),
-        Column("owner_token", String, nullable=False),
-        Column("acquired_at", UTCDateTime(), nullable=False),
-        Column("heartbeat_at", UTCDateTime(), nullable=False),
-    )
-    # checkfirst=False: a database that already has a `runs` table of some other program must
-    # fail loudly, not be adopted.
-    md.create_all(conn, checkfirst=False)
+# alembic.op is a process-wide proxy to the MigrationContext being applied: two threads upgrading
+# two databases at once take turns. Taken after the database's lock, released before its commit.
+_ALEMBIC_OP = threading.Lock()
 
 
-def _migration_2(conn: Connection) -> None:
-    md = MetaData()
-    Table(
-        "alert_events", md,
-        Column("id", Integer, primary_key=True),
-        Column("monitor", String, nullable=False),
-        Column("rule", String, nullable=False),
-        Column("state", String, nullable=False),
-        Column("severity", String),
-        Column("value", Float),
-        Column("threshold", Float),
-        Column("message", Text),
-        Column("labels", json_type()),
-        Column("at", UTCDateTime(), nullable=False),
-        Column("run_id", Integer),
-        Index("ix_alert_events_monitor_at", "monitor", "at"),
-    )
-    Table(
-        "alert_state", md,
-        Column("monitor", String, primary_key=True),
-        Column("rule", String, primary_key=True),
-        Column("state", String, nullable=False),
-        Column("consecutive", Integer, nullable=False),
-        Column("since", UTCDateTime()),
-        Column("last_notified", UTCDateTime()),
-        Column("last_value", Float),
-        Column("labels", json_type()),
-        CheckConstraint("state IN ('inactive', 'pending', 'firing', 'resolved')", name="ck_alert_state_state"),
-    )
-    md.create_all(conn, checkfirst=False)
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(MIGRATIONS_DIR), version_locations=[str(MIGRATIONS_DIR)])
 
 
-def _migration_3(conn: Connection) -> None:
-    md = MetaData()
-    Table(
-        "alert_deliveries", md,
-        Column("id", Integer, primary_key=True),
-        Column("monitor", String, nullable=False),
-        Column("rule", String, nullable=False),
-        Column("sink", String, nullable=False),
-        Column("status", String, nullable=False),
-        Column("repeat", Boolean, nullable=False),
-        Column("outcome", String, nullable=False),
-        Column("attempts", Integer, nullable=False),
-        Column("http_status", Integer),
-        Column("error", Text),
-        Column("event_id", Integer),
-        Column("at", UTCDateTime(), nullable=False),
-        CheckConstraint("outcome IN ('delivered', 'failed', 'dropped')", name="ck_alert_deliveries_outcome"),
-        Index("ix_alert_deliveries_monitor_at", "monitor", "at"),
-    )
-    md.create_all(conn, checkfirst=False)
+@functools.cache
+def history() -> tuple[Script, ...]:
+    """Every revision, the first one first."""
+    return tuple(reversed(list(_scripts().walk_revisions())))
 
 
-MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
-    (1, "runs, estimates, samples, model_versions, monitor_locks", _migration_1),
-    (2, "alert_events, alert_state", _migration_2),
-    (3, "alert_deliveries", _migration_3),
-]
-assert [v for v, _, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+def head_revision() -> str:
+    return history()[-1].revision
 
 
-def upgrade_schema(engine: Engine, target: int = SCHEMA_VERSION, *, display_url: str | None = None) -> int:
-    """Apply the migrations up to `target` that the database lacks; return its version after.
+def recorded_revisions(conn: Connection) -> list[str]:
+    """The revisions in the database's Alembic version table; none before the first upgrade."""
+    if not inspect(conn).has_table(VERSION_TABLE):
+        return []
+    return list(conn.execute(select(_VERSIONS.c.version_num)).scalars())
 
-    All pending migrations run in one transaction (both backends have transactional DDL), so a
-    failed upgrade leaves the database as it was. A database newer than SCHEMA_VERSION is
-    refused before anything is touched: this code would misread it. `display_url` names the
-    database in errors (default: the engine's URL, password masked).
+
+def legacy_version(conn: Connection) -> int:
+    """The highest schema version in the release-before-Alembic bookkeeping; 0 without any."""
+    if not inspect(conn).has_table(LEGACY_TABLE.name):
+        return 0
+    return conn.execute(select(func.max(LEGACY_TABLE.c.version))).scalar() or 0
+
+
+def upgrade_schema(engine: Engine, target: str = "head", *, display_url: str | None = None) -> str:
+    """Apply the revisions up to `target` that the database lacks; return its revision after.
+
+    `display_url` names the database in errors and in the log (default: the engine's URL,
+    password masked).
     """
     where = f"database {display_url or engine.url.render_as_string(hide_password=True)}"
+    revisions = history()
+    position = {script.revision: i for i, script in enumerate(revisions, 1)}
+    target = revisions[-1].revision if target == "head" else target
+    if target not in position:
+        raise ValueError(f"no revision '{target}' in {MIGRATIONS_DIR}")
+
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Two instances starting together on an empty database must not both create tables.
             conn.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
-        SCHEMA_TABLE.create(conn, checkfirst=True)
-        current = conn.execute(select(func.max(SCHEMA_TABLE.c.version))).scalar() or 0
-        if current > SCHEMA_VERSION:
-            raise RuntimeFailure(f"{where}: schema version {current} is newer than this tailmon supports "
-                                 f"({SCHEMA_VERSION}); upgrade tailmon")
-        for version, description, migrate in MIGRATIONS:
-            if current < version <= target:
-                try:
-                    migrate(conn)
-                except DBAPIError as e:
-                    raise RuntimeFailure(f"{where}: migration {version} ({description}) failed: "
-                                         f"{error_reason(e)}") from e
-                conn.execute(insert(SCHEMA_TABLE).values(version=version, description=description,
-                                                         applied_at=utcnow()))
-                current = version
-        return current
+        recorded = recorded_revisions(conn)
+        unknown = [r for r in recorded if r not in position]
+        if unknown:
+            raise RuntimeFailure(f"{where}: schema revision {unknown[0]} is newer than this tailmon supports "
+                                 f"({revisions[-1].revision}); upgrade tailmon")
+        current = max(recorded, key=position.__getitem__, default=None)
+        stamp = None
+        if current is None:
+            legacy = legacy_version(conn)
+            if legacy > len(revisions):
+                raise RuntimeFailure(f"{where}: schema version {legacy} is newer than this tailmon supports "
+                                     f"({len(revisions)}); upgrade tailmon")
+            if legacy:
+                # Its tables are those of revision `legacy`: record that, then upgrade from there.
+                current = stamp = revisions[legacy - 1].revision
+        pending = revisions[position[current] if current else 0:position[target]]
+        if stamp is None and not pending:
+            return current
+        _apply(conn, where, stamp, pending)
+        current = pending[-1].revision if pending else current
+        _record_legacy_versions(conn, revisions[:position[current]])
+
+    # Logged once committed: an upgrade that fails leaves nothing applied, and says so in its error.
+    if stamp is not None:
+        log.info("%s: schema version %d of the release before Alembic recorded as revision %s",
+                 where, position[stamp], stamp)
+    for script in pending:
+        log.info("%s: schema revision %s applied (%s)", where, script.revision, script.doc)
+    return current
+
+
+def _apply(conn: Connection, where: str, stamp: str | None, pending: tuple[Script, ...]) -> None:
+    """Record `stamp` (if any) as the database's revision, then apply and record each pending one."""
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    with _ALEMBIC_OP:
+        # transactional_ddl: on SQLite too, since the engine begins every transaction itself.
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "transactional_ddl": True})
+        if stamp is not None:
+            context.stamp(_scripts(), stamp)
+        for script in pending:
+            try:
+                with Operations.context(context):
+                    script.module.upgrade()
+            except DBAPIError as e:
+                raise RuntimeFailure(f"{where}: migration {script.revision} ({script.doc}) failed: "
+                                     f"{error_reason(e)}") from e
+            context.stamp(_scripts(), script.revision)
+
+
+def _record_legacy_versions(conn: Connection, applied: tuple[Script, ...]) -> None:
+    """One `schema_version` row per applied revision (see LEGACY_TABLE), the missing ones only."""
+    LEGACY_TABLE.create(conn, checkfirst=True)
+    present = set(conn.execute(select(LEGACY_TABLE.c.version)).scalars())
+    rows = [{"version": i, "description": script.doc, "applied_at": utcnow()}
+            for i, script in enumerate(applied, 1) if i not in present]
+    if rows:
+        conn.execute(insert(LEGACY_TABLE), rows)

@@ -1,9 +1,9 @@
 """The schema the store's code reads and writes: its tables as SQLModel models, and their types.
 
-The models describe the schema as of SCHEMA_VERSION. The migrations in tailmon.store.migrate
-create it with their own frozen table definitions, so that migration 1 keeps creating the
-version-1 tables after a later migration alters them; tests/store/test_store_schema.py checks that
-both agree.
+The models describe the schema at the migrations' head revision. The revisions under
+store/migrations create it with their own frozen table definitions, so that revision 0001 keeps
+creating the first tables after a later revision alters them; tests/store/test_store_schema.py
+checks that both agree.
 """
 
 from __future__ import annotations

@@ -1,26 +1,46 @@
-"""Schema versioning, upgrades and refusals of databases newer than this code."""
+"""The schema and its upgrades: Alembic's revisions against the models and against the DDL of the
+release before Alembic, upgrades of that release's databases (tests/store/data), refusals of
+databases newer than this code, and first opens at the same time."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import CheckConstraint, UniqueConstraint, inspect, insert, select
+from sqlalchemy import CheckConstraint, UniqueConstraint, insert, inspect, select, text
 from sqlmodel import SQLModel
 
 from tailmon.errors import RuntimeFailure
-from tailmon.store import Store, safe_url
+from tailmon.store import Store, migrate, safe_url
 from tailmon.store.engine import make_engine
-from tailmon.store.migrate import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION, upgrade_schema
+from tailmon.store.migrate import (
+    LEGACY_TABLE,
+    VERSION_TABLE,
+    head_revision,
+    history,
+    recorded_revisions,
+    upgrade_schema,
+)
 from tailmon.store.schema import ALERT_STATE, ESTIMATES, LOCKS, MODEL_VERSIONS, RUNS
 
 MODEL_TABLES = ["runs", "estimates", "samples", "model_versions", "monitor_locks", "alert_events", "alert_state",
                 "alert_deliveries"]
+BOOKKEEPING = ["schema_version", VERSION_TABLE]
 
 
-def versions(engine):
+def revisions(engine) -> list[str]:
     with engine.connect() as conn:
-        return conn.execute(select(SCHEMA_TABLE.c.version).order_by(SCHEMA_TABLE.c.version)).scalars().all()
+        return recorded_revisions(conn)
+
+
+def legacy_versions(engine) -> list[int]:
+    with engine.connect() as conn:
+        return conn.execute(select(LEGACY_TABLE.c.version).order_by(LEGACY_TABLE.c.version)).scalars().all()
 
 
 def describe_reflected(insp, name):
@@ -49,21 +69,75 @@ def describe_model(table):
     }
 
 
-def test_migrations_build_exactly_the_schema_the_code_uses(store):
-    """The frozen migration DDL and the models the queries use must describe the same tables."""
-    assert [v for v, _, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
-    assert versions(store.engine) == list(range(1, SCHEMA_VERSION + 1))
+def describe_ddl(engine) -> dict[str, list[tuple]]:
+    """Each model table's DDL as the database itself holds it: on SQLite its CREATE statements in
+    sqlite_master, on PostgreSQL every column, constraint and index definition from the catalog."""
+    names = {"names": MODEL_TABLES}
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            rows = conn.execute(text("SELECT tbl_name, type, name, sql FROM sqlite_master "
+                                     f"WHERE tbl_name IN ({', '.join(repr(t) for t in MODEL_TABLES)})")).all()
+        else:
+            rows = conn.execute(text(
+                "SELECT table_name, 'column', column_name, data_type, is_nullable, column_default "
+                "FROM information_schema.columns WHERE table_schema = 'public' AND table_name = ANY(:names)"),
+                names).all()
+            rows += conn.execute(text(
+                "SELECT c.conrelid::regclass::text, 'constraint', c.conname, pg_get_constraintdef(c.oid) "
+                "FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+                "WHERE n.nspname = 'public' AND c.conrelid::regclass::text = ANY(:names)"), names).all()
+            rows += conn.execute(text(
+                "SELECT tablename, 'index', indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = 'public' AND tablename = ANY(:names)"), names).all()
+    described: dict[str, list[tuple]] = {}
+    for table, *definition in rows:
+        described.setdefault(table, []).append(tuple(definition))
+    return {table: sorted(definitions, key=repr) for table, definitions in described.items()}
+
+
+def test_a_fresh_database_is_created_at_head(store):
+    """The frozen revision DDL and the models the queries use must describe the same tables."""
+    assert [s.revision for s in history()] == ["0001", "0002", "0003"]
+    assert revisions(store.engine) == [head_revision()] == ["0003"]
     insp = inspect(store.engine)
-    assert set(insp.get_table_names()) == set(MODEL_TABLES) | {"schema_version"}
+    assert set(insp.get_table_names()) == set(MODEL_TABLES) | set(BOOKKEEPING)
     for name in MODEL_TABLES:
         assert describe_reflected(insp, name) == describe_model(SQLModel.metadata.tables[name]), name
+    # The release before Alembic reads schema_version: it sees its own version 3 and opens this.
+    with store.engine.connect() as conn:
+        assert conn.execute(select(LEGACY_TABLE.c.version, LEGACY_TABLE.c.description)
+                            .order_by(LEGACY_TABLE.c.version)).all() == [
+            (1, "runs, estimates, samples, model_versions, monitor_locks"),
+            (2, "alert_events, alert_state"),
+            (3, "alert_deliveries"),
+        ]
 
 
-def test_upgrade_from_version_1_keeps_the_data(db_url):
-    engine = make_engine(db_url)
-    assert upgrade_schema(engine, target=1) == 1
-    assert versions(engine) == [1]
-    assert "alert_events" not in inspect(engine).get_table_names()
+def test_the_revisions_run_the_ddl_of_the_release_before_alembic(db_url, legacy_database):
+    """Versions 1..3 as that release created them (its recorded SQL) and revisions 0001..0003 as
+    this code creates them leave the same tables, constraints and indexes, to the letter."""
+    engine = legacy_database(db_url, 3)
+    try:
+        legacy = describe_ddl(engine)
+        with engine.begin() as conn:
+            for name in reversed(MODEL_TABLES + ["schema_version"]):
+                conn.exec_driver_sql(f"DROP TABLE {name}")
+        assert inspect(engine).get_table_names() == []
+        assert upgrade_schema(engine) == "0003"
+        assert describe_ddl(engine) == legacy
+        assert sorted(legacy) == sorted(MODEL_TABLES)  # not comparing nothing
+    finally:
+        engine.dispose()
+
+
+def migration_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tailmon.store.migrate"]
+
+
+def test_upgrade_from_version_1_keeps_the_data(db_url, legacy_database, caplog):
+    engine = legacy_database(db_url, 1)
+    assert legacy_versions(engine) == [1]
+    assert {"alert_events", VERSION_TABLE} & set(inspect(engine).get_table_names()) == set()
 
     # A version-1 database in use: a finished run with an estimate, a model version, a lock.
     t0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -81,9 +155,17 @@ def test_upgrade_from_version_1_keeps_the_data(db_url):
                                           acquired_at=t0, heartbeat_at=t0))
     engine.dispose()
 
-    store = Store(db_url).open()
+    with caplog.at_level(logging.INFO, logger="tailmon.store.migrate"):
+        store = Store(db_url).open()
     try:
-        assert versions(store.engine) == [1, 2, 3]
+        where = f"database {safe_url(db_url)}"
+        assert migration_log(caplog) == [
+            f"{where}: schema version 1 of the release before Alembic recorded as revision 0001",
+            f"{where}: schema revision 0002 applied (alert_events, alert_state)",
+            f"{where}: schema revision 0003 applied (alert_deliveries)",
+        ]
+        assert revisions(store.engine) == ["0003"]
+        assert legacy_versions(store.engine) == [1, 2, 3]  # the release before Alembic still reads it
         run = store.get_run(run_id)
         assert run["status"] == "succeeded" and run["started_at"] == t0
         assert run["p_hat"] == 1.5e-5 and run["reliable"] is True
@@ -91,12 +173,12 @@ def test_upgrade_from_version_1_keeps_the_data(db_url):
         assert [(e["prompt"], e["warnings"]) for e in run["estimates"]] == [("hello", ["few hits"])]
         assert store.model_version("m1", "smollm2", "sha-A") == 1  # the version history continues
         assert store.lock_holder("m1")["owner_instance"] == "old-host"
-        # The tables of migration 2 exist and work.
+        # The tables of revision 0002 exist and work.
         event_id = store.add_alert_event(monitor="m1", rule="p_high", state="firing", run_id=run_id)
         assert store.alert_events("m1")[0]["id"] == event_id
         store.set_alert_state("m1", "p_high", state="firing", consecutive=2)
         assert store.get_alert_state("m1", "p_high")["consecutive"] == 2
-        # ... and so does the table of migration 3.
+        # ... and so does the table of revision 0003.
         store.add_alert_delivery(monitor="m1", rule="p_high", sink="oncall", status="firing", outcome="delivered",
                                  attempts=1, http_status=200, event_id=event_id)
         assert store.alert_deliveries("m1")[0]["event_id"] == event_id
@@ -104,12 +186,11 @@ def test_upgrade_from_version_1_keeps_the_data(db_url):
         store.close()
 
 
-def test_upgrade_from_version_2_keeps_the_alert_state(db_url):
-    """A version-2 database with a firing alert: migration 3 adds deliveries, the state stays."""
+def test_upgrade_from_version_2_keeps_the_alert_state(db_url, legacy_database):
+    """A version-2 database with a firing alert: revision 0003 adds deliveries, the state stays."""
     t0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
-    engine = make_engine(db_url)
-    assert upgrade_schema(engine, target=2) == 2
-    assert "alert_deliveries" not in inspect(engine).get_table_names()
+    engine = legacy_database(db_url, 2)
+    assert {"alert_deliveries", VERSION_TABLE} & set(inspect(engine).get_table_names()) == set()
     with engine.begin() as conn:
         conn.execute(insert(ALERT_STATE).values(monitor="m1", rule="harm-high", state="firing", consecutive=3,
                                                 since=t0, last_notified=t0, last_value=2e-4,
@@ -117,7 +198,8 @@ def test_upgrade_from_version_2_keeps_the_alert_state(db_url):
     engine.dispose()
 
     with Store(db_url) as store:
-        assert versions(store.engine) == [1, 2, 3]
+        assert revisions(store.engine) == ["0003"]
+        assert legacy_versions(store.engine) == [1, 2, 3]
         state = store.get_alert_state("m1", "harm-high")
         assert (state["state"], state["consecutive"], state["since"], state["last_notified"]) == ("firing", 3, t0, t0)
         store.add_alert_delivery(monitor="m1", rule="harm-high", sink="log", status="resolved", outcome="failed",
@@ -126,33 +208,158 @@ def test_upgrade_from_version_2_keeps_the_alert_state(db_url):
         assert (row["outcome"], row["attempts"], row["repeat"], row["http_status"]) == ("failed", 4, False, None)
 
 
-def test_reopening_applies_nothing_twice(db_url):
+def test_upgrades_in_steps_record_each_revision(db_url):
+    engine = make_engine(db_url)
+    try:
+        assert upgrade_schema(engine, target="0001") == "0001"
+        assert (revisions(engine), legacy_versions(engine)) == (["0001"], [1])
+        assert "alert_events" not in inspect(engine).get_table_names()
+        assert upgrade_schema(engine, target="0002") == "0002"
+        assert (revisions(engine), legacy_versions(engine)) == (["0002"], [1, 2])
+        assert upgrade_schema(engine, target="0001") == "0002"  # never downwards
+        assert upgrade_schema(engine) == "0003"
+        assert (revisions(engine), legacy_versions(engine)) == (["0003"], [1, 2, 3])
+        with pytest.raises(ValueError, match="no revision '0009'"):
+            upgrade_schema(engine, target="0009")
+    finally:
+        engine.dispose()
+
+
+def test_reopening_applies_nothing_twice(db_url, caplog):
     with Store(db_url) as store:
         run_id = store.start_run("m1", model_ref="r", model_version=1, config_hash="c", settings={})
-    with Store(db_url) as store:
-        assert versions(store.engine) == list(range(1, SCHEMA_VERSION + 1))
+        with store.engine.connect() as conn:
+            bookkeeping = conn.execute(select(LEGACY_TABLE)).all()
+    with caplog.at_level(logging.INFO, logger="tailmon.store.migrate"), Store(db_url) as store:
+        assert migration_log(caplog) == []
+        assert revisions(store.engine) == [head_revision()]
+        with store.engine.connect() as conn:
+            assert conn.execute(select(LEGACY_TABLE)).all() == bookkeeping
         assert store.get_run(run_id)["status"] == "running"
 
 
-def test_newer_schema_is_refused(db_url):
-    with Store(db_url) as store:
-        run_id = store.start_run("m1", model_ref="r", model_version=1, config_hash="c", settings={})
-        with store.engine.begin() as conn:
-            conn.execute(insert(SCHEMA_TABLE).values(version=SCHEMA_VERSION + 1, description="from the future",
-                                                     applied_at=datetime.now(timezone.utc)))
+def _assert_refused_untouched(db_url, message, run_id, tables):
     newer = Store(db_url)
     with pytest.raises(RuntimeFailure) as info:
         newer.open()
-    message = str(info.value)
-    assert message == (f"database {safe_url(db_url)}: schema version {SCHEMA_VERSION + 1} is newer than this "
-                       f"tailmon supports ({SCHEMA_VERSION}); upgrade tailmon")
+    assert str(info.value) == message
     with pytest.raises(RuntimeFailure, match="not open"):
         newer.list_runs()
-    # Refused, not touched: the data and the version record are as they were.
+    # Refused, not touched: the tables and the data are as they were.
     engine = make_engine(db_url)
     try:
-        assert versions(engine)[-1] == SCHEMA_VERSION + 1
+        assert set(inspect(engine).get_table_names()) == tables
         with engine.connect() as conn:
             assert conn.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar() == "running"
     finally:
         engine.dispose()
+
+
+def test_a_newer_schema_version_of_the_release_before_alembic_is_refused(db_url, legacy_database):
+    """Version 4 in schema_version and no Alembic revision: a database this code cannot know."""
+    engine = legacy_database(db_url, 3)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        run_id = conn.execute(insert(RUNS).values(
+            monitor="m1", model_ref="r", model_version=1, config_hash="c", status="running", owner_instance="h",
+            owner_token="t", started_at=now, heartbeat_at=now)).inserted_primary_key[0]
+        conn.execute(insert(LEGACY_TABLE).values(version=4, description="from the future", applied_at=now))
+    engine.dispose()
+    _assert_refused_untouched(
+        db_url, f"database {safe_url(db_url)}: schema version 4 is newer than this tailmon supports (3); "
+                "upgrade tailmon", run_id, set(MODEL_TABLES) | {"schema_version"})
+    engine = make_engine(db_url)
+    try:
+        assert legacy_versions(engine) == [1, 2, 3, 4]
+    finally:
+        engine.dispose()
+
+
+def test_an_unknown_revision_is_refused(db_url):
+    with Store(db_url) as store:
+        run_id = store.start_run("m1", model_ref="r", model_version=1, config_hash="c", settings={})
+        with store.engine.begin() as conn:
+            conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '0004'"))
+    _assert_refused_untouched(
+        db_url, f"database {safe_url(db_url)}: schema revision 0004 is newer than this tailmon supports (0003); "
+                "upgrade tailmon", run_id, set(MODEL_TABLES) | set(BOOKKEEPING))
+    engine = make_engine(db_url)
+    try:
+        assert revisions(engine) == ["0004"]
+    finally:
+        engine.dispose()
+
+
+def test_a_failed_revision_leaves_the_database_as_it_was(db_url):
+    """Another program's `runs` table: revision 0001 fails on it, and nothing of ours stays behind."""
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE runs (id INTEGER PRIMARY KEY, what VARCHAR)")
+            conn.exec_driver_sql("INSERT INTO runs (id, what) VALUES (1, 'not tailmon')")
+        with pytest.raises(RuntimeFailure) as info:
+            Store(db_url).open()
+        message = str(info.value)
+        assert message.startswith(f"database {safe_url(db_url)}: migration 0001 (runs, estimates, samples, "
+                                  "model_versions, monitor_locks) failed: ")
+        assert "already exists" in message and "\n" not in message
+        assert inspect(engine).get_table_names() == ["runs"]
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT id, what FROM runs").all() == [(1, "not tailmon")]
+    finally:
+        engine.dispose()
+
+
+def test_first_opens_at_the_same_time_upgrade_once(postgres_url):
+    """Instances starting together on an empty PostgreSQL database: the advisory lock lets one create
+    the schema while the others wait, then they find it at head. (Not on SQLite: there BEGIN
+    IMMEDIATE serialises the upgrades, but the first connections to a new file may fail at once on
+    `PRAGMA journal_mode=WAL` with "database is locked", with or without Alembic.)"""
+    barrier = threading.Barrier(4)
+    opened, errors = [], []
+
+    def start(i):
+        store = Store(postgres_url, instance_id=f"host-{i}")
+        barrier.wait()
+        try:
+            opened.append(store.open())
+        except Exception as e:  # noqa: BLE001  (reported below, with the others)
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == [] and len(opened) == 4
+        assert revisions(opened[0].engine) == ["0003"]
+        assert legacy_versions(opened[0].engine) == [1, 2, 3]
+    finally:
+        for store in opened:
+            store.close()
+
+
+def test_alembic_operations_are_applied_one_database_at_a_time(tmp_path):
+    """alembic.op is one proxy per process: an upgrade waits while another thread applies revisions."""
+    url = f"sqlite:///{tmp_path / 'tailmon.db'}"
+    done = []
+    with migrate._ALEMBIC_OP:
+        thread = threading.Thread(target=lambda: done.append(Store(url).open()))
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive() and not done
+    thread.join(timeout=30)
+    try:
+        assert revisions(done[0].engine) == ["0003"]
+    finally:
+        done[0].close()
+
+
+def test_importing_the_store_adds_nothing_to_the_log():
+    """The daemon sets up logging (INFO) before it imports the store, which imports alembic: that
+    import must not fill the daemon's log with alembic's plugin registrations."""
+    code = ("import logging; logging.basicConfig(level=logging.INFO); import tailmon.store.migrate as m; "
+            "m.history(); import alembic.operations, alembic.runtime.migration")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, "")
