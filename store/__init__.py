@@ -20,7 +20,7 @@ query methods hold plain values and these datetimes; `to_jsonable()` turns them 
 strings for JSON output. Every database failure surfaces as
 `RuntimeFailure("database <url with password masked>: <what>: <reason>")`.
 
-The modules: `url` (which database), `engine` (how to connect), `schema` (the tables),
+The modules: `url` (which database), `connection` (how to connect), `schema` (the tables),
 `migrate` and `migrations` (creating and upgrading them), `base` (connection, transactions,
 ownership), `runs`, `locks` and `alerts` (the Store's parts), `reports` and `values` (what goes in).
 """

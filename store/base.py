@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from tailmon.errors import InputError, RuntimeFailure
-from tailmon.store.engine import error_reason, make_engine
+from tailmon.store.connection import error_reason, connect_database
 from tailmon.store.migrate import upgrade_schema
 from tailmon.store.schema import utcnow
 from tailmon.store.url import mask_password, safe_url
@@ -62,7 +62,7 @@ class StoreBase:
         """Connect and create or upgrade the schema. Idempotent."""
         if self._engine is not None:
             return self
-        engine = make_engine(self.url)
+        engine = connect_database(self.url)
         try:
             upgrade_schema(engine, display_url=self.safe_url)
         except RuntimeFailure:

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from tailmon.errors import RuntimeFailure
-from tailmon.store.engine import error_reason
+from tailmon.store.connection import error_reason
 from tailmon.store.schema import UTCDateTime, utcnow
 
 if TYPE_CHECKING:

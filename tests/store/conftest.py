@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tailmon.store.engine import make_engine
+from tailmon.store.connection import connect_database
 
 DATA = Path(__file__).with_name("data")
 
@@ -24,7 +24,7 @@ def legacy_database(legacy_ddl):
     schema versions 1..version exactly as that release created them: its recorded SQL, replayed."""
 
     def build(url: str, version: int):
-        engine = make_engine(url)
+        engine = connect_database(url)
         with engine.begin() as conn:
             for v in range(1, version + 1):
                 for statement, parameters in legacy_ddl[conn.dialect.name][str(v)]:

@@ -19,7 +19,7 @@ from sqlalchemy import delete, insert, select, text
 from sqlalchemy.engine import make_url
 
 from tailmon.store import Store, to_jsonable
-from tailmon.store.engine import make_engine
+from tailmon.store.connection import connect_database
 from tailmon.store.migrate import LEGACY_TABLE, legacy_version, recorded_revisions
 from tailmon.store.schema import (
     ALERT_DELIVERIES,
@@ -80,7 +80,7 @@ def legacy_v3_url(db_url, legacy_database):
 
 def test_a_database_of_the_release_before_alembic_upgrades_without_loss(legacy_v3_url):
     api = RECORDED["api"]
-    engine = make_engine(legacy_v3_url)
+    engine = connect_database(legacy_v3_url)
     try:
         with engine.connect() as conn:
             assert (recorded_revisions(conn), legacy_version(conn)) == ([], 3)  # as that release left it

@@ -17,7 +17,7 @@ from sqlmodel import SQLModel
 
 from tailmon.errors import RuntimeFailure
 from tailmon.store import Store, migrate, safe_url
-from tailmon.store.engine import make_engine
+from tailmon.store.connection import connect_database
 from tailmon.store.migrate import (
     LEGACY_TABLE,
     VERSION_TABLE,
@@ -209,7 +209,7 @@ def test_upgrade_from_version_2_keeps_the_alert_state(db_url, legacy_database):
 
 
 def test_upgrades_in_steps_record_each_revision(db_url):
-    engine = make_engine(db_url)
+    engine = connect_database(db_url)
     try:
         assert upgrade_schema(engine, target="0001") == "0001"
         assert (revisions(engine), legacy_versions(engine)) == (["0001"], [1])
@@ -246,7 +246,7 @@ def _assert_refused_untouched(db_url, message, run_id, tables):
     with pytest.raises(RuntimeFailure, match="not open"):
         newer.list_runs()
     # Refused, not touched: the tables and the data are as they were.
-    engine = make_engine(db_url)
+    engine = connect_database(db_url)
     try:
         assert set(inspect(engine).get_table_names()) == tables
         with engine.connect() as conn:
@@ -268,7 +268,7 @@ def test_a_newer_schema_version_of_the_release_before_alembic_is_refused(db_url,
     _assert_refused_untouched(
         db_url, f"database {safe_url(db_url)}: schema version 4 is newer than this tailmon supports (3); "
                 "upgrade tailmon", run_id, set(MODEL_TABLES) | {"schema_version"})
-    engine = make_engine(db_url)
+    engine = connect_database(db_url)
     try:
         assert legacy_versions(engine) == [1, 2, 3, 4]
     finally:
@@ -283,7 +283,7 @@ def test_an_unknown_revision_is_refused(db_url):
     _assert_refused_untouched(
         db_url, f"database {safe_url(db_url)}: schema revision 0004 is newer than this tailmon supports (0003); "
                 "upgrade tailmon", run_id, set(MODEL_TABLES) | set(BOOKKEEPING))
-    engine = make_engine(db_url)
+    engine = connect_database(db_url)
     try:
         assert revisions(engine) == ["0004"]
     finally:
@@ -292,7 +292,7 @@ def test_an_unknown_revision_is_refused(db_url):
 
 def test_a_failed_revision_leaves_the_database_as_it_was(db_url):
     """Another program's `runs` table: revision 0001 fails on it, and nothing of ours stays behind."""
-    engine = make_engine(db_url)
+    engine = connect_database(db_url)
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql("CREATE TABLE runs (id INTEGER PRIMARY KEY, what VARCHAR)")

@@ -1,4 +1,4 @@
-"""The store's SQLAlchemy engine: connection settings per backend, JSON columns, one-line errors."""
+"""Connecting to the database: SQLAlchemy connection settings per backend, JSON columns, one-line errors."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(_finite_only(value), default=_json_default, allow_nan=False)
 
 
-def make_engine(url: str) -> Engine:
+def connect_database(url: str) -> Engine:
     """An SQLAlchemy engine for `url`, set up for the store (used by `Store.open` and by tests).
 
     Bad URLs raise InputError; a SQLite directory that cannot be created raises RuntimeFailure.
