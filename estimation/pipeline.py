@@ -55,7 +55,7 @@ class EstimationPlan:
         if not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
             raise InputError(f"seed must be an integer >= 0, got {self.seed}", setting="seed")  # numpy's SeedSequence needs it
         if int(self.n_samples) != self.n_samples or self.n_samples < 1:
-            raise InputError(f"samples per prompt must be an integer >= 1, got {self.n_samples}", setting="samples")
+            raise InputError(f"samples must be an integer >= 1 (per prompt), got {self.n_samples}", setting="samples")
         if self.volume is not None and not self.volume >= 0:
             raise InputError(f"volume must be >= 0, got {self.volume}", setting="volume")
         parse_window(self.window)

@@ -226,7 +226,7 @@ def tune(engine: Engine, target: Variant, judge, prompts: Sequence[str], templat
     if objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{objective}'", setting="objective")
     if int(samples) != samples or samples < 2:
-        raise InputError(f"pilot samples per prompt must be an integer >= 2, got {samples}")
+        raise InputError(f"samples must be an integer >= 2 (pilot samples per prompt), got {samples}", setting="samples")
     if not prompts:
         raise InputError("tuning needs pilot prompts")
     union, candidates = plan_candidates(templates, weight_grid)

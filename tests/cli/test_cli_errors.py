@@ -38,7 +38,7 @@ def one_error_line(result, *fragments):
         (["--proposal", "bogus:x"], ["unknown proposal"]),
         (["--proposal", "temperature:hot"], ["must be a number"]),
         (["--proposal", "lora:/nonexistent/adapter"], ["no LoRA adapter"]),
-        (["--samples", "0"], ["samples per prompt must be an integer >= 1"]),
+        (["--samples", "0"], ["error: --samples must be an integer >= 1 (per prompt)"]),
         (["--seed", "-1"], ["seed must be an integer >= 0"]),
         (["--temperature", "0"], ["temperature must be > 0"]),
         (["--top-p", "1.5"], ["top_p must be in (0, 1]"]),
