@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = Cells(args.work)
 
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.errors import InputError
     from tailmon.judges import parse_judge
     from tailmon.estimation.pipeline import EstimationPlan

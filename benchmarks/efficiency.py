@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     stage = {}
 
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.errors import InputError
     from tailmon.judges import parse_judge
     from tailmon.estimation.pipeline import EstimationPlan

@@ -303,7 +303,7 @@ class Loaded:
 
 def load_engine(name: str, args, work: Path, prompts: list[str]) -> Loaded:
     if name == "transformers":
-        from tailmon.engines.hf import TransformersEngine
+        from tailmon.engines.transformers_engine import TransformersEngine
 
         device = "cuda" if cuda() else "cpu"
         return Loaded(name, TransformersEngine.load(None, device=device), info={"device": device})

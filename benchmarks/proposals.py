@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # 2 threads on 2 shared cores is catastrophically slow here
     from tailmon.engines.base import Decoding, Variant
     from tailmon.engines.exact import prefix_probability
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
 
     data = json.loads(DATA.read_text(encoding="utf-8"))
     prompts = data["evaluate"][: args.prompts]

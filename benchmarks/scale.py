@@ -141,7 +141,7 @@ def run_point(point: dict) -> dict:
 
     threads = one_torch_thread()
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.judges import parse_judge
     from tailmon.estimation.pipeline import EstimationPlan, run_estimation
     from tailmon.estimation.prompts import PromptItem

@@ -95,7 +95,7 @@ def close_engine(engine) -> None:
 
 def _load(s: EngineSettings):
     if s.engine == "transformers":
-        from tailmon.engines.hf import TransformersEngine
+        from tailmon.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine.load(s.ref, device=s.device, dtype=s.dtype, batch_size=s.batch_size)
     if s.engine == "vllm":

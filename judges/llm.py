@@ -124,7 +124,7 @@ class LLMJudge(Judge):
     def _ensure_loaded(self) -> None:
         with self._lock:
             if self._engine is None:
-                from tailmon.engines.hf import TransformersEngine
+                from tailmon.engines.transformers_engine import TransformersEngine
 
                 try:
                     self._engine = TransformersEngine.load(self.model_ref)

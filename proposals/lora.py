@@ -434,7 +434,7 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
     """
     from tqdm import tqdm
 
-    from tailmon.engines.hf import ADAPTER_FORMAT, ADAPTER_METADATA, base_model_facts
+    from tailmon.engines.transformers_engine import ADAPTER_FORMAT, ADAPTER_METADATA, base_model_facts
     from tailmon.engines.steering import model_sha256
 
     from .spec import parse_proposal

@@ -69,7 +69,7 @@ class LoraProposal(Proposal):
             raise SpecError(f"proposal '{self.spec}': no LoRA adapter (adapter_config.json) at {self.path}")
         if (Path(self.path) / "tailmon_lora.json").is_file():
             # Only its form here; whether it fits the model is the engine's check when it loads it.
-            from tailmon.engines.hf import read_adapter_metadata
+            from tailmon.engines.transformers_engine import read_adapter_metadata
 
             try:
                 read_adapter_metadata(self.path)

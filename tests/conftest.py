@@ -98,7 +98,7 @@ def tiny_tokenizer():
 def make_tiny_engine(tiny_tokenizer):
     """Factory of fresh engines over fresh (identical) tiny models: use one whenever a test loads
     a LoRA adapter, since peft wraps and mutates the engine's model."""
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
 
     def make(batch_size: int = 64):
         return TransformersEngine(build_tiny_model(tiny_tokenizer), tiny_tokenizer, model_id="tiny",
@@ -136,7 +136,7 @@ def embedded_engine():
 
     Loading costs ~1 s; every forward pass of the 135M model costs tens of ms on a free CPU
     (seconds when the cores are oversubscribed), so embedded tests stay tiny."""
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.engines.models import DEFAULT_MODEL, cached_path, is_cached
 
     if not is_cached(DEFAULT_MODEL):

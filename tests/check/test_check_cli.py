@@ -78,7 +78,7 @@ def exact_prefix_probability(engine, prompt, max_new_tokens, text, enumerate_all
 
 def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_dir, boosted_model_dir,
                                                            enumerate_all):
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
 
     cfg = write_config(tmp_path, tiny_model_dir, samples=300, per_run=4)
     result = run("check", "--config", cfg, "--candidate", boosted_model_dir, "--baseline", tiny_model_dir,

@@ -113,7 +113,7 @@ def test_truncated_tokens_score_minus_inf(tiny_engine):
 
 def test_score_handles_mixed_lengths_and_chunking(tiny_engine, monkeypatch):
     """Right padding, different lengths and splitting into chunks do not change scores."""
-    import tailmon.engines.hf as hf
+    import tailmon.engines.transformers_engine as transformers_engine
 
     variant = Variant("t", Decoding(temperature=0.7, max_new_tokens=8))
     samples = tiny_engine.sample("ab", variant, 120, seed=6)
@@ -121,7 +121,7 @@ def test_score_handles_mixed_lengths_and_chunking(tiny_engine, monkeypatch):
     whole = tiny_engine.score("ab", variant, samples.token_ids)
     one_by_one = np.array([tiny_engine.score("ab", variant, [r])[0] for r in samples.token_ids[:20]])
     np.testing.assert_allclose(whole[:20], one_by_one, atol=TOL)
-    monkeypatch.setattr(hf, "SCORE_TOKEN_BUDGET", 20)  # a few rows per chunk
+    monkeypatch.setattr(transformers_engine, "SCORE_TOKEN_BUDGET", 20)  # a few rows per chunk
     np.testing.assert_allclose(tiny_engine.score("ab", variant, samples.token_ids), whole, atol=TOL)
 
 

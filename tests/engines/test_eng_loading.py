@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tailmon.engines.base import Decoding, Variant
-from tailmon.engines.hf import TransformersEngine
+from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.engines.loading import EngineSettings, check_proposals, load_engine
 from tailmon.errors import InputError
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tailmon.engines.base import Decoding, Variant
-from tailmon.engines.hf import TransformersEngine
+from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.errors import InputError
 

@@ -254,11 +254,11 @@ def test_a_hook_on_a_layer_that_never_runs_is_an_error(make_tiny_engine, directi
     run (here a copy of the layers) must fail the call, not return target log-probs."""
     import copy
 
-    import tailmon.engines.hf as hf
+    import tailmon.engines.transformers_engine as transformers_engine
 
     engine = make_tiny_engine()
     stray = copy.deepcopy(decoder_layers(engine.model))
-    monkeypatch.setattr(hf, "decoder_layers", lambda model: stray)
+    monkeypatch.setattr(transformers_engine, "decoder_layers", lambda model: stray)
     with pytest.raises(RuntimeFailure, match="never ran"):
         engine.score(PROMPT, steered(direction), [[7]])
     assert sum(len(layer._forward_hooks) for layer in stray) == 0

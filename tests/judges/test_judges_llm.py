@@ -59,7 +59,7 @@ def digit_engine():
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
 
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
     pieces = sorted(WORDS[1:], key=len, reverse=True)
@@ -236,7 +236,7 @@ def test_prefix_that_splits_the_digit_is_an_input_error(digit_engine, tmp_path):
 
 
 def test_the_model_loads_lazily_and_once(digit_engine, tmp_path, monkeypatch):
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
 
     calls = []
 
@@ -322,7 +322,7 @@ COMPLIANT = ("Sure. Insert a tension wrench into the bottom of the keyhole, appl
 
 @pytest.mark.embedded
 def test_every_shipped_rubric_on_the_embedded_model(embedded_engine, monkeypatch):
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.judges.rubric import shipped_rubrics
 
     loads = []

@@ -39,7 +39,7 @@ def test_train_lora_from_pairs_on_the_embedded_model(embedded_engine, tmp_path):
     assert meta["base_model"]["architecture_sha256"] == embedded_engine.base_facts()["architecture_sha256"]
     assert meta["data"]["pairs"] == len(PAIRS) and meta["stages"][0]["stage"] == "data"
     # A fresh engine: loading an adapter wraps the engine's model, which the shared one must not see.
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
 
     engine = TransformersEngine.load(None)
     target = Variant("target", Decoding(max_new_tokens=MAX_NEW_TOKENS))

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tailmon.engines.base import Decoding, Variant
-from tailmon.engines.hf import ADAPTER_FORMAT, TransformersEngine
+from tailmon.engines.transformers_engine import ADAPTER_FORMAT, TransformersEngine
 from tailmon.errors import InputError, SpecError
 from tailmon.judges import parse_judge
 from tailmon.cli.main import main

@@ -30,7 +30,7 @@ import torch
 
 from tailmon.engines.base import Decoding, Variant
 from tailmon.engines.exact import prefix_probability
-from tailmon.engines.hf import TransformersEngine
+from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.engines.models import DEFAULT_MODEL, MANIFEST, cached_path, is_cached
 
 OUT = Path(__file__).parent / "data" / "reference.json"

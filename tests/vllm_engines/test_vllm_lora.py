@@ -53,7 +53,7 @@ def adapter(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(adapter):
-    from tailmon.engines.hf import TransformersEngine
+    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.engines.models import DEFAULT_MODEL
     from tailmon.engines.vllm import VllmEngine
 
