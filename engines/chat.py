@@ -13,22 +13,6 @@ from typing import Iterable, Sequence
 from tailmon.engines.base import Engine
 from tailmon.errors import InputError
 
-# Seeds of the samples of one draw are SEED_STRIDE * seed + (sample index): distinct draws get
-# disjoint seed ranges as long as n < SEED_STRIDE.
-SEED_STRIDE = 1_000_003
-
-
-def vllm_request_seed(seed: int, start: int) -> int:
-    """The seed of a vLLM request for samples start, start+1, ... of a draw seeded `seed`.
-
-    vLLM gives the j-th of a request's n samples the seed `request seed + j`
-    (vllm/v1/engine/parallel_sampling.py), so requests seeded seed, seed+1, ... would repeat each
-    other's samples shifted by one. Offsetting each request by its first sample's index makes
-    every sample of the draw get a seed of its own: stride * seed + index.
-    """
-    return (int(seed) * SEED_STRIDE + int(start)) % 2**62  # + j stays inside a signed 64-bit seed
-
-
 # Bounded: a daemon renders new production prompts every run, and an LLM judge renders a new
 # prompt per response; an unbounded cache would grow for the life of the process.
 PROMPT_CACHE_SIZE = 1024

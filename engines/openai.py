@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from tailmon.engines.base import Samples, Variant
-from tailmon.engines.chat import ChatEngine, vllm_request_seed
-from tailmon.engines.vllm import vllm_style_processed_logprobs
+from tailmon.engines.chat import ChatEngine
+from tailmon.engines.models import resolve
+from tailmon.engines.vllm_common import generation_eos, vllm_request_seed, vllm_style_processed_logprobs
 from tailmon.errors import InputError, RuntimeFailure
 
 # Samples per completions request (default): large n is split so that the replicas share it.
@@ -109,16 +110,13 @@ class OpenAIEngine(ChatEngine):
         (an embedded model name or a local folder), reading vocabulary size and EOS from its config."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from tailmon.engines.models import resolve
-        from tailmon.engines.vllm import _generation_eos
-
         path = resolve(tokenizer_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             vocab = getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", None)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the tokenizer of '{tokenizer_path}' from {path}: {exc}") from exc
-        kwargs.setdefault("stop_token_ids", _generation_eos(path))
+        kwargs.setdefault("stop_token_ids", generation_eos(path))
         kwargs.setdefault("vocab_size", vocab)
         return cls(base_urls, model, tokenizer, model_id=kwargs.pop("model_id", tokenizer_path), **kwargs)
 

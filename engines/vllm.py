@@ -46,7 +46,9 @@ import numpy as np
 import torch
 
 from tailmon.engines.base import Decoding, Samples, Variant
-from tailmon.engines.chat import ChatEngine, vllm_request_seed
+from tailmon.engines.chat import ChatEngine
+from tailmon.engines.models import DEFAULT_MODEL, resolve
+from tailmon.engines.vllm_common import generation_eos, vllm_request_seed
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -107,8 +109,6 @@ class VllmEngine(ChatEngine):
         import_vllm()
         from vllm import LLM
 
-        from tailmon.engines.models import DEFAULT_MODEL, resolve
-
         path = resolve(ref)
         if enforce_eager is None:
             enforce_eager = not torch.cuda.is_available()
@@ -125,7 +125,7 @@ class VllmEngine(ChatEngine):
             llm = LLM(**kwargs)
         except Exception as exc:  # any failure inside vLLM while building the engine is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load in vLLM from {path}: {exc}") from exc
-        return cls(llm, model_id=str(ref or DEFAULT_MODEL), stop_token_ids=_generation_eos(path))
+        return cls(llm, model_id=str(ref or DEFAULT_MODEL), stop_token_ids=generation_eos(path))
 
     def close(self) -> None:
         """Stop vLLM's engine-core process now. Left to interpreter exit, its shutdown can wait on
@@ -347,44 +347,3 @@ def _flat_lookup(flat, pos: int, token: int) -> float | None:
         return None
     entry = flat[pos]
     return None if entry is None or token not in entry else float(entry[token].logprob)
-
-
-def _generation_eos(path) -> list[int]:
-    """EOS ids of the model's generation_config (as TransformersEngine adds them), when it has one."""
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
-    except (OSError, ValueError):
-        return []
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def vllm_style_processed_logprobs(raw: torch.Tensor, decoding: Decoding) -> torch.Tensor:
-    """`vllm_processed_logprobs` without vLLM installed (for the OpenAI-compatible engine, whose
-    servers sample with vLLM's torch top-k/top-p): the same operations written out after vLLM
-    0.32's `apply_top_k_top_p_pytorch` and `apply_top_k_only` (checked equal, bit for bit, by
-    tests/vllm_engines/test_vllm_engine.py where vLLM is installed): temperature; top-k keeps every token
-    whose value is >= the k-th largest (ties kept); top-p sorts ascending, sums the probabilities
-    in that order and drops the tokens whose cumulative mass is <= 1 - p (never the largest);
-    log_softmax in float32."""
-    logits = raw.float() / decoding.temperature
-    vocab = logits.shape[-1]
-    k = decoding.top_k if 0 < decoding.top_k < vocab else 0
-    if decoding.top_p >= 1.0:
-        if k:
-            kth = logits.topk(k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return logits.log_softmax(dim=-1, dtype=torch.float32)
-    logits_sort, order = logits.sort(dim=-1, descending=False)
-    if k:
-        kth = logits_sort[..., vocab - k: vocab - k + 1]
-        logits_sort = logits_sort.masked_fill(logits_sort < kth, float("-inf"))
-    cumulative = torch.cumsum(logits_sort.softmax(dim=-1), dim=-1)
-    drop = cumulative <= 1 - torch.tensor(decoding.top_p, dtype=torch.float32)
-    drop[..., -1] = False
-    logits_sort = logits_sort.masked_fill(drop, float("-inf"))
-    logits = torch.empty_like(logits).scatter_(-1, order, logits_sort)
-    return logits.log_softmax(dim=-1, dtype=torch.float32)

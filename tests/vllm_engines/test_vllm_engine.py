@@ -88,7 +88,8 @@ def test_sample_logprobs_equal_score(engine, name):
 def test_vllm_style_processing_equals_vllm_bit_for_bit(top_k, top_p):
     """The pure-torch copy of vLLM's truncation (used by the OpenAI engine, which has no vLLM to
     import) is vLLM's own `apply_top_k_top_p`, on realistic logits (a 49k vocabulary, peaked)."""
-    from tailmon.engines.vllm import vllm_processed_logprobs, vllm_style_processed_logprobs
+    from tailmon.engines.vllm import vllm_processed_logprobs
+    from tailmon.engines.vllm_common import vllm_style_processed_logprobs
 
     gen = np.random.default_rng(0)
     raw = np.log(gen.dirichlet(np.full(49152, 0.05), size=6)).astype(np.float32)
