@@ -30,19 +30,19 @@ Grammar (DESIGN section 8)::
 * `judge.spec` is the canonical form (`toxicity:0.5` -> `toxicity>=0.5`, children joined by
   `; `); `parse_judge(judge.spec).spec == judge.spec`.
 
-The registry grows by decorating a factory: `@register_judge("refusal", syntax="refusal",
-description="...")` for `NAME[:ARG]` judges (the factory receives ARG, or None when there is no
-`:`), `@register_combinator("weighted", ...)` for `NAME(A; B)` forms (the factory receives the
-parsed children).
+The registry (`JUDGES`, a `tailmon.registry.Registry`) grows by decorating a factory:
+`@register_judge("refusal", syntax="refusal", description="...")` for `NAME[:ARG]` judges (the
+factory receives ARG, or None when there is no `:`), `@register_combinator("weighted", ...)` for
+`NAME(A; B)` forms (the factory receives the parsed children).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 from tailmon.errors import SpecError
+from tailmon.registry import Registry
 
 from .base import Judge
 from .classifier import ClassifierJudge, split_classifier_arg
@@ -57,41 +57,14 @@ from .toxicity import ToxicityJudge
 
 ArgKind = Literal["none", "optional", "required"]
 
-_NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
 _NUMBER_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*\Z")
 _COMBINATOR_RE = re.compile(r"\s*([a-z][a-z0-9_]*)\s*\(")
 
 
-@dataclass(frozen=True)
-class JudgeType:
-    """A registered `NAME[:ARG]` judge: how to write it, what it does, how to build it."""
-
-    name: str
-    syntax: str
-    description: str
-    factory: Callable[[str | None], Judge]
-    arg: ArgKind = "none"
-
-
-@dataclass(frozen=True)
-class CombinatorType:
-    """A registered `NAME(A; B; ...)` combinator."""
-
-    name: str
-    syntax: str
-    description: str
-    factory: Callable[[Sequence[Judge]], Judge]
-
-
-_JUDGES: dict[str, JudgeType] = {}
-_COMBINATORS: dict[str, CombinatorType] = {}
-
-
-def _check_new_name(name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise ValueError(f"judge name {name!r} must match [a-z][a-z0-9_]*")
-    if name in _JUDGES or name in _COMBINATORS:
-        raise ValueError(f"judge name {name!r} is already registered")
+JUDGES: Registry[Callable] = Registry("judge", error=SpecError)
+"""Every judge name: `NAME[:ARG]` judges (meta `combinator` False, `arg` their argument rule,
+factory(ARG or None) -> Judge) and `NAME(A; B; ...)` combinators (meta `combinator` True,
+factory(children) -> Judge), in one namespace."""
 
 
 def register_judge(
@@ -103,33 +76,22 @@ def register_judge(
     enforces it, and rejects an empty ARG, before calling the factory. The factory raises
     `SpecError` with a short reason for a bad ARG; the parser prefixes the spec.
     """
-
-    def decorate(factory: Callable[[str | None], Judge]) -> Callable[[str | None], Judge]:
-        _check_new_name(name)
-        _JUDGES[name] = JudgeType(name, syntax, description, factory, arg)
-        return factory
-
-    return decorate
+    return JUDGES.register(name, syntax=syntax, description=description, arg=arg, combinator=False)
 
 
 def register_combinator(
     name: str, *, syntax: str, description: str
 ) -> Callable[[Callable[[Sequence[Judge]], Judge]], Callable[[Sequence[Judge]], Judge]]:
     """Decorator registering `factory(children) -> Judge` as the combinator `name(A; B; ...)`."""
-
-    def decorate(factory: Callable[[Sequence[Judge]], Judge]) -> Callable[[Sequence[Judge]], Judge]:
-        _check_new_name(name)
-        _COMBINATORS[name] = CombinatorType(name, syntax, description, factory)
-        return factory
-
-    return decorate
+    return JUDGES.register(name, syntax=syntax, description=description, combinator=True)
 
 
 def describe_judges() -> list[tuple[str, str, str]]:
     """(name, syntax, description) for every judge, then every combinator, then the threshold
     suffix (name `>=`), for listings such as `tailmon judges list`."""
-    rows = [(t.name, t.syntax, t.description) for t in _JUDGES.values()]
-    rows += [(c.name, c.syntax, c.description) for c in _COMBINATORS.values()]
+    entries = list(JUDGES)
+    rows = [(e.name, e.syntax, e.description) for e in entries if not e.meta["combinator"]]
+    rows += [(e.name, e.syntax, e.description) for e in entries if e.meta["combinator"]]
     rows.append(
         (
             ">=",
@@ -178,7 +140,9 @@ def _parse(spec: str) -> Judge:
 
 def _composition_name(spec: str) -> str | None:
     m = _COMBINATOR_RE.match(spec)
-    return m.group(1) if m and m.group(1) in _COMBINATORS else None
+    if m is None or m.group(1) not in JUDGES:
+        return None
+    return m.group(1) if JUDGES.get(m.group(1)).meta["combinator"] else None
 
 
 def _has_arg(spec: str) -> bool:
@@ -211,19 +175,16 @@ def _parse_base(spec: str) -> Judge:
     if ">=" in name:
         got = name.partition(">=")[2].strip()
         raise SpecError(f"threshold must be a number in [0, 1], got {got!r}")
-    if name in _COMBINATORS:
-        raise SpecError(f"{name!r} combines judges: write {_COMBINATORS[name].syntax}")
-    kind = _JUDGES.get(name)
-    if kind is None:
-        known = ", ".join(sorted([*_JUDGES, *_COMBINATORS]))
-        raise SpecError(f"unknown judge {name!r} (known: {known})")
-    if arg is None and kind.arg == "required":
+    kind = JUDGES.get(name)  # unknown: SpecError listing every judge and combinator
+    if kind.meta["combinator"]:
+        raise SpecError(f"{name!r} combines judges: write {kind.syntax}")
+    if arg is None and kind.meta["arg"] == "required":
         raise SpecError(f"{name} needs an argument: {kind.syntax}")
-    if arg is not None and kind.arg == "none":
+    if arg is not None and kind.meta["arg"] == "none":
         raise SpecError(f"{name} takes no argument: {kind.syntax}")
     if arg == "":
         raise SpecError(f"empty argument after ':': {kind.syntax}")
-    return kind.factory(arg)
+    return kind.load()(arg)
 
 
 def _parse_composition(name: str, spec: str) -> Judge:
@@ -265,7 +226,7 @@ def _parse_composition(name: str, spec: str) -> Judge:
         raise SpecError(f"{name}(...) needs at least one judge inside")
     if not all(children):
         raise SpecError(f"empty judge between ';' in {name}(...)")
-    return _COMBINATORS[name].factory([_parse(c) for c in children])
+    return JUDGES.load(name)([_parse(c) for c in children])
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,12 +42,9 @@ def test_threshold_is_inclusive_and_binary():
 
 @pytest.mark.parametrize("t, expected", [("0", [1, 1, 1]), ("1", [0, 0, 0]), (".25", [0, 1, 1])])
 def test_threshold_edges(monkeypatch, t, expected):
-    monkeypatch.setitem(
-        spec_module._JUDGES,
-        "fixed",
-        spec_module.JudgeType(
-            "fixed", "fixed", "test", lambda arg: Fixed({"lo": 0.2, "mid": 0.5, "hi": 0.9})
-        ),
+    monkeypatch.setattr(spec_module, "JUDGES", spec_module.JUDGES.copy())
+    spec_module.register_judge("fixed", syntax="fixed", description="test")(
+        lambda arg: Fixed({"lo": 0.2, "mid": 0.5, "hi": 0.9})
     )
     assert score(f"fixed>={t}", ["lo", "mid", "hi"]) == expected
 
@@ -111,7 +108,7 @@ def test_any_max_mean_on_graded_children():
     a = Fixed({"r1": 0.2, "r2": 0.0, "r3": 0.6}, "a")
     b = Fixed({"r1": 0.4, "r2": 0.0, "r3": 1.0}, "b")
     responses = ["r1", "r2", "r3"]
-    factories = {name: c.factory for name, c in spec_module._COMBINATORS.items()}
+    factories = {e.name: e.load() for e in spec_module.JUDGES if e.meta["combinator"]}
     np.testing.assert_array_equal(factories["any"]([a, b]).score(["p"] * 3, responses), [1, 0, 1])
     np.testing.assert_allclose(factories["max"]([a, b]).score(["p"] * 3, responses), [0.4, 0, 1])
     np.testing.assert_allclose(factories["mean"]([a, b]).score(["p"] * 3, responses), [0.3, 0, 0.8])
@@ -234,7 +231,7 @@ def test_describe_judges_lists_every_name_with_syntax_and_description():
 
 
 def test_registry_extends_with_a_decorated_factory(monkeypatch):
-    monkeypatch.setattr(spec_module, "_JUDGES", dict(spec_module._JUDGES))
+    monkeypatch.setattr(spec_module, "JUDGES", spec_module.JUDGES.copy())
 
     @spec_module.register_judge("length", syntax="length:N", description="test", arg="required")
     def _length(arg):
@@ -252,7 +249,7 @@ def test_registry_extends_with_a_decorated_factory(monkeypatch):
 
 
 def test_argument_rules_of_the_registry(monkeypatch):
-    monkeypatch.setattr(spec_module, "_JUDGES", dict(spec_module._JUDGES))
+    monkeypatch.setattr(spec_module, "JUDGES", spec_module.JUDGES.copy())
     spec_module.register_judge("plain", syntax="plain", description="test")(lambda arg: Fixed({}))
     assert parse_judge("plain").spec == "fixed"
     with pytest.raises(SpecError, match="plain takes no argument: plain"):
@@ -265,7 +262,7 @@ def test_importing_judges_stays_light():
         "heavy = [m for m in ('torch', 'click', 'sklearn', 'profanity_check', 'transformers')"
         " if m in sys.modules]\n"
         "others = [m for m in sys.modules if m.startswith('tailmon.')"
-        " and not m.startswith(('tailmon.judges', 'tailmon.errors'))]\n"
+        " and not m.startswith(('tailmon.judges', 'tailmon.errors', 'tailmon.registry'))]\n"
         "print(heavy, others)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
