@@ -33,9 +33,9 @@ def proposals_list():
     """
     from tailmon.proposals import PROPOSALS
 
-    width = max(len(syntax) for syntax, _, _ in PROPOSALS.values())
-    for syntax, description, _ in PROPOSALS.values():
-        click.echo(f"{syntax:<{width}}  {description}")
+    width = max(len(kind.syntax) for kind in PROPOSALS)
+    for kind in PROPOSALS:
+        click.echo(f"{kind.syntax:<{width}}  {kind.description}")
 
 
 @proposals.command("steer")

@@ -1,5 +1,10 @@
 """Proposal spec strings (DESIGN section 8): `system:TEXT`, `temperature:T`, `lora:PATH[@SCALE]`,
-`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`."""
+`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`.
+
+Every kind is an entry of `PROPOSALS` (a `tailmon.registry.Registry`): `NAME:ARG` is built by the
+factory registered under NAME, `factory(spec, ARG) -> Proposal`, which raises SpecError naming the
+spec for a bad ARG. A new kind registers with `@PROPOSALS.register(NAME, syntax=..., description=...)`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,15 @@ import re
 from typing import Callable
 
 from tailmon.errors import SpecError
+from tailmon.registry import Registry
 
 from .base import Proposal
 from .variants import LoraProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
 
 _LAYERS = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+# An unknown kind lists the syntaxes: a bare name does not say how to write its argument.
+PROPOSALS: Registry[Callable[[str, str], Proposal]] = Registry("proposal", error=SpecError, known="syntaxes")
 
 
 def _number(spec: str, text: str, what: str) -> float:
@@ -22,14 +31,19 @@ def _number(spec: str, text: str, what: str) -> float:
         raise SpecError(f"proposal '{spec}': {what} must be a number, got '{text}'") from None
 
 
+@PROPOSALS.register("system", syntax="system:TEXT",
+                    description="the target with another (adversarial) system prompt")
 def _system(spec: str, arg: str) -> Proposal:
     return SystemPromptProposal(arg)
 
 
+@PROPOSALS.register("temperature", syntax="temperature:T", description="the target at temperature T")
 def _temperature(spec: str, arg: str) -> Proposal:
     return TemperatureProposal(_number(spec, arg, "temperature"))
 
 
+@PROPOSALS.register("lora", syntax="lora:PATH[@SCALE]",
+                    description="the target with a peft LoRA adapter, optionally scaled")
 def _lora(spec: str, arg: str) -> Proposal:
     path, scale = arg, 1.0
     head, sep, tail = arg.rpartition("@")
@@ -73,7 +87,7 @@ def _steering(kind: str, what: str) -> Callable[[str, str], Proposal]:
         elif len(parts) >= 2 and _finite(parts[-1]):
             path, coef, layers = "@".join(parts[:-1]), float(parts[-1]), None
         else:
-            syntax = PROPOSALS["steer" if kind == "add" else "ablate"][0]
+            syntax = PROPOSALS.get("steer" if kind == "add" else "ablate").syntax
             raise SpecError(f"proposal '{spec}' needs a numeric {what} after the path: {syntax}")
         if not path:
             raise SpecError(f"proposal '{spec}': steering needs the path of a direction file")
@@ -82,25 +96,17 @@ def _steering(kind: str, what: str) -> Callable[[str, str], Proposal]:
     return parse
 
 
-PROPOSALS: dict[str, tuple[str, str, Callable[[str, str], Proposal]]] = {
-    "system": ("system:TEXT", "the target with another (adversarial) system prompt", _system),
-    "temperature": ("temperature:T", "the target at temperature T", _temperature),
-    "lora": ("lora:PATH[@SCALE]", "the target with a peft LoRA adapter, optionally scaled", _lora),
-    "steer": ("steer:PATH@COEF[@LAYERS]",
-              "the target with COEF times a saved direction added to the residual stream at LAYERS "
-              "(default: the file's layer)", _steering("add", "COEF")),
-    "ablate": ("ablate:PATH@ALPHA[@LAYERS]",
-               "the target with ALPHA times a saved direction's component removed at LAYERS "
-               "(1: all of it)", _steering("ablate", "ALPHA")),
-}
+PROPOSALS.register("steer", syntax="steer:PATH@COEF[@LAYERS]",
+                   description="the target with COEF times a saved direction added to the residual stream at LAYERS "
+                   "(default: the file's layer)")(_steering("add", "COEF"))
+PROPOSALS.register("ablate", syntax="ablate:PATH@ALPHA[@LAYERS]",
+                   description="the target with ALPHA times a saved direction's component removed at LAYERS "
+                   "(1: all of it)")(_steering("ablate", "ALPHA"))
 
 
 def parse_proposal(spec: str) -> Proposal:
     name, sep, arg = spec.partition(":")
-    name = name.strip()
-    if name not in PROPOSALS:
-        known = ", ".join(s for s, _, _ in PROPOSALS.values())
-        raise SpecError(f"unknown proposal '{spec}': known kinds are {known}")
+    kind = PROPOSALS.get(name.strip(), subject=spec)  # unknown: SpecError listing every kind's syntax
     if not sep or not arg:
-        raise SpecError(f"proposal '{spec}' needs an argument: {PROPOSALS[name][0]}")
-    return PROPOSALS[name][2](spec, arg)
+        raise SpecError(f"proposal '{spec}' needs an argument: {kind.syntax}")
+    return kind.load()(spec, arg)

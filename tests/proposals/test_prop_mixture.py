@@ -35,6 +35,34 @@ def test_bad_specs(spec):
         parse_proposal(spec)
 
 
+def test_an_unknown_kind_lists_every_kind_by_its_syntax():
+    with pytest.raises(SpecError, match=r"^unknown proposal 'bogus:x' \(known: system:TEXT, temperature:T, "
+                                        r"lora:PATH\[@SCALE\], steer:PATH@COEF\[@LAYERS\], ablate:PATH@ALPHA"):
+        parse_proposal("bogus:x")
+
+
+def test_a_registered_proposal_kind_is_parsed_and_listed(monkeypatch):
+    from click.testing import CliRunner
+
+    import tailmon.proposals
+    from tailmon.cli.main import main
+    from tailmon.proposals import spec as spec_module
+
+    registry = spec_module.PROPOSALS.copy()  # the real registry stays as it was
+    monkeypatch.setattr(spec_module, "PROPOSALS", registry)
+    monkeypatch.setattr(tailmon.proposals, "PROPOSALS", registry)
+
+    @registry.register("hotter", syntax="hotter:DT", description="the target DT degrees hotter")
+    def _hotter(spec, arg):
+        return TemperatureProposal(TARGET.decoding.temperature + float(arg))
+
+    assert parse_proposal("hotter:0.5").temperature == pytest.approx(1.2)
+    with pytest.raises(SpecError, match=r"proposal 'hotter' needs an argument: hotter:DT"):
+        parse_proposal("hotter")
+    listed = CliRunner().invoke(main, ["proposals", "list"]).output.splitlines()
+    assert listed[-1].split() == ["hotter:DT", "the", "target", "DT", "degrees", "hotter"]
+
+
 def test_variants_keep_the_deployed_settings():
     s = SystemPromptProposal("be bad").variant(TARGET)
     assert s.system_prompt == "be bad" and s.decoding == TARGET.decoding and s.adapter is None
