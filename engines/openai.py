@@ -52,7 +52,8 @@ import torch
 
 from tailmon.engines.base import Samples, Variant
 from tailmon.engines.chat import ChatEngine
-from tailmon.engines.models import resolve
+from tailmon.engines.loading import EngineSettings
+from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.engines.vllm_common import generation_eos, vllm_request_seed, vllm_style_processed_logprobs
 from tailmon.errors import InputError, RuntimeFailure
 
@@ -119,6 +120,22 @@ class OpenAIEngine(ChatEngine):
         kwargs.setdefault("stop_token_ids", generation_eos(path))
         kwargs.setdefault("vocab_size", vocab)
         return cls(base_urls, model, tokenizer, model_id=kwargs.pop("model_id", tokenizer_path), **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> "OpenAIEngine":
+        """The engine `settings` describe (its loader in `tailmon.engines.loading.ENGINES`), every
+        replica checked: one in raw log-prob mode, or none answering, fails here, not mid-run."""
+        ref = settings.ref or DEFAULT_MODEL
+        engine = cls.connect(list(settings.base_urls), settings.served_model or ref, ref, model_id=ref,
+                             adapters=dict(settings.served_adapters), api_key=settings.api_key,
+                             max_concurrency=settings.max_concurrency, timeout=settings.timeout,
+                             retries=settings.retries)
+        try:
+            engine.check_replicas()
+        except BaseException:
+            engine.close()
+            raise
+        return engine
 
     def close(self):
         self._pool.shutdown(wait=False)

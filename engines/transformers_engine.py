@@ -22,6 +22,7 @@ import torch
 
 from tailmon.engines.base import Decoding, Samples, Steering, Variant
 from tailmon.engines.chat import ChatEngine
+from tailmon.engines.loading import EngineSettings
 from tailmon.engines.processing import processed_logprobs
 from tailmon.engines.steering import DirectionFile, decoder_layers, load_direction, steering_hooks
 from tailmon.errors import InputError, RuntimeFailure
@@ -188,6 +189,11 @@ class TransformersEngine(ChatEngine):
         except Exception as exc:  # any failure inside transformers while loading is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
         return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size)
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> "TransformersEngine":
+        """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
+        return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size)
 
     # -- facts -----------------------------------------------------------------------------
 

