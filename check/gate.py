@@ -88,7 +88,7 @@ from scipy import stats
 
 from tailmon import __version__
 from tailmon.check.sensitivity import run_sensitivity
-from tailmon.engines.loading import close_engine, load_engine
+from tailmon.engines.loading import load_engine
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError
 from tailmon.estimation.pipeline import EstimationReport, PromptResult, estimate_role
@@ -616,7 +616,7 @@ def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candida
         return result
     finally:
         for engine in engines.values():
-            close_engine(engine)  # vLLM's engine-core process does not outlive the check
+            engine.close()  # vLLM's engine-core process does not outlive the check
 
 
 def _num(x):

@@ -195,7 +195,7 @@ class Paraphraser:
         if max_new_tokens < 1:
             raise InputError(f"paraphrase max_new_tokens must be >= 1, got {max_new_tokens}")
         self.engine = engine
-        self.model_ref = model_ref or getattr(engine, "model_id", "engine")
+        self.model_ref = model_ref or engine.model_id
         # No system prompt of our own: the instruction says it all, and a model without a chat
         # template (which cannot take one) paraphrases too.
         self.variant = Variant("paraphraser", Decoding(temperature=temperature, top_p=top_p,
@@ -461,7 +461,7 @@ def run_sensitivity(engine, plan, prompts: Sequence[PromptItem], options: Pertur
     if add_total is not None:
         add_total(len(todo) * plan.n_samples)
     results = estimate_role(engine, plan, todo, f"{role} (perturbed prompts)", progress).results if todo else []
-    out = Sensitivity(getattr(engine, "model_id", "model"), options,
+    out = Sensitivity(engine.model_id, options,
                       paraphraser.model_ref if "paraphrase" in options.kinds else None)
     it = iter(results)
     for i, (p, vs) in enumerate(zip(prompts, per_prompt)):

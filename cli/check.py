@@ -262,7 +262,6 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
         write_sensitivity_reports,
     )
     from tailmon.check.sensitivity import run_sensitivity
-    from tailmon.engines.loading import close_engine
     from tailmon.estimation.plan import plan_for_monitor
     from tailmon.monitor.config import load_config
 
@@ -279,7 +278,7 @@ def sensitivity(config_path, monitor_name, model_ref, system_prompt, prompts_fil
     prompts, _ = _prompts(loaded, mon, prompts_file, seed)
     plan = plan_for_monitor(mon, seed, prompts, model=mc)
     engine = load_model(mc, "model", enable_lora=mon.engine_settings().enable_lora)
-    click.get_current_context().call_on_close(lambda: close_engine(engine))
+    click.get_current_context().call_on_close(engine.close)
     popts = _with_paraphraser(popts, paraphraser_ref, mon)
     with _bar(0, "sensitivity", quiet) as bar:
         sens = run_sensitivity(engine, plan, prompts, popts, progress=bar.update, add_total=_grow(bar))

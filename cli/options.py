@@ -45,12 +45,12 @@ def deployed_target(system_prompt, temperature, top_p, top_k, max_new_tokens):
 def load_model(settings, quiet: bool):
     """The engine `settings` (an EngineSettings) names, through the one loader, closed when the
     command ends."""
-    from tailmon.engines.loading import close_engine, load_engine
+    from tailmon.engines.loading import load_engine
 
     if not quiet:
         click.echo(f"loading {settings.ref or 'smollm2-135m-instruct'} ({settings.engine}) ...", err=True)
     engine = load_engine(settings)
-    click.get_current_context().call_on_close(lambda: close_engine(engine))
+    click.get_current_context().call_on_close(engine.close)
     return engine
 
 

@@ -158,3 +158,32 @@ class Engine(ABC):
     def model_id(self) -> str:
         """What a report should call the model."""
         return self.name
+
+    # -- optional abilities ------------------------------------------------------------------
+    # Every engine has these, with the defaults below for one that lacks the ability, so that
+    # callers call them rather than probe with hasattr/getattr.
+
+    tokenizer = None
+    """The transformers tokenizer prompts are rendered with (every `ChatEngine` has one); None
+    for an engine that has none."""
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process's memory (vLLM's engine-core
+        process, the openai engine's connection pool). Every owner of an engine calls it when it
+        is done with the engine. The default: nothing is held, nothing is done."""
+
+    def adapter_note(self, path: str) -> str | None:
+        """Check the LoRA adapter at `path` against this engine's model now, before any sampling:
+        raise InputError for one that cannot apply (another architecture or tokenizer), and return
+        the warning a run should record for one trained on another checkpoint, else None.
+
+        The default checks nothing and returns None: such an engine meets the adapter when a
+        variant first uses it (vLLM loads served or requested adapters itself)."""
+        return None
+
+    def base_facts(self) -> dict | None:
+        """What a LoRA adapter trained on this engine's model must agree with: hashes of the
+        architecture, tokenizer, chat template and a fingerprint of the weights
+        (`tailmon.engines.transformers_engine.base_model_facts`), as adapter metadata records them.
+        The default, for an engine that cannot read its model's weights: None."""
+        return None

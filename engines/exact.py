@@ -10,18 +10,21 @@ are the engine's processed ones, so temperature and truncation are honoured.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from tailmon.engines.base import Engine, Variant
 from tailmon.errors import InputError
 
+# Text of every token, per engine: computed once (a whole vocabulary of decodes), dropped with it.
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary[Engine, list[str]]" = weakref.WeakKeyDictionary()
+
 
 def token_texts(engine: Engine) -> list[str]:
-    cached = getattr(engine, "_tailmon_token_texts", None)
-    if cached is None:
-        cached = [engine.token_text(t) for t in range(engine.vocab_size)]
-        engine._tailmon_token_texts = cached
-    return cached
+    if engine not in _TOKEN_TEXTS:
+        _TOKEN_TEXTS[engine] = [engine.token_text(t) for t in range(engine.vocab_size)]
+    return _TOKEN_TEXTS[engine]
 
 
 def prefix_probability(engine: Engine, prompt: str, variant: Variant, text: str, max_nodes: int = 20000) -> float:

@@ -100,11 +100,3 @@ def load_engine(settings: EngineSettings, *, role: str = "") -> Engine:
         raise RuntimeFailure(f"{role} {' '.join(str(exc).split())}".strip()) from exc
     except InputError as exc:
         raise InputError(f"{role} model: {' '.join(str(exc).split())}".strip()) from exc
-
-
-def close_engine(engine) -> None:
-    """Release what an engine holds outside this process's memory: vLLM's engine-core process,
-    the openai engine's connection pool (the transformers engine has nothing to close)."""
-    close = getattr(engine, "close", None)
-    if close is not None:
-        close()

@@ -137,7 +137,8 @@ class OpenAIEngine(ChatEngine):
             raise
         return engine
 
-    def close(self):
+    def close(self) -> None:
+        """Stop the connection pool's threads (requests in flight finish on their own)."""
         self._pool.shutdown(wait=False)
 
     # -- facts -------------------------------------------------------------------------------

@@ -167,11 +167,9 @@ def attach_adapter_warnings(engine: Engine, plan: EstimationPlan) -> list[str]:
     trained on another checkpoint of the same loads (its weights stay exact, since p is always
     scored under the current target) with a warning, which this adds to the component's note, so
     that `estimate_prompt` puts it in each estimate's warnings. Returns the warnings. Engines
-    without adapter checks (no `adapter_note`) are left alone.
+    without adapter checks (`Engine.adapter_note`'s default) note nothing.
     """
     notes = []
-    if not hasattr(engine, "adapter_note"):
-        return notes
     for i, comp in enumerate(plan.components):
         if comp.variant.adapter is None:
             continue

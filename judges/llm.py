@@ -131,7 +131,7 @@ class LLMJudge(Judge):
                 except TailmonError as exc:
                     raise type(exc)(f"judge {self.spec!r}: {exc}") from exc
             if self._reads is None:
-                tokenizer = getattr(self._engine, "tokenizer", None)
+                tokenizer = self._engine.tokenizer
                 if tokenizer is None:
                     raise InputError(f"judge {self.spec!r}: the judge engine has no tokenizer "
                                      "(the LLM judge needs a transformers engine)")

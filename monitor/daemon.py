@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tailmon.alerts import AlertService
-from tailmon.engines.loading import EngineSettings, close_engine, load_engine
+from tailmon.engines.loading import EngineSettings, load_engine
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError, TailmonError
 from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
@@ -89,7 +89,7 @@ class ModelPool:
                 if loaded is not None:
                     log.info("model %s changed on disk (fingerprint %s -> %s): reloading", settings.ref,
                              loaded.fingerprint, fingerprint)
-                    close_engine(self._engines.pop(settings).engine)
+                    self._engines.pop(settings).engine.close()
                 engine = load_engine(settings)
                 loaded = self._engines[settings] = _Loaded(engine, fingerprint)
             return loaded.engine
@@ -98,14 +98,14 @@ class ModelPool:
         """Close every engine (vLLM's engine-core process, the openai engine's connections)."""
         with self._lock:
             for key in list(self._engines):
-                close_engine(self._engines.pop(key).engine)
+                self._engines.pop(key).engine.close()
 
     def keep_only(self, settings) -> None:
         """Drop engines no monitor uses any more (after a config reload)."""
         keep = set(settings)
         with self._lock:
             for key in [k for k in self._engines if k not in keep]:
-                close_engine(self._engines.pop(key).engine)
+                self._engines.pop(key).engine.close()
 
 
 class _SampleCounter:

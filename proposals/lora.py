@@ -434,7 +434,7 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
     """
     from tqdm import tqdm
 
-    from tailmon.engines.transformers_engine import ADAPTER_FORMAT, ADAPTER_METADATA, base_model_facts
+    from tailmon.engines.transformers_engine import ADAPTER_FORMAT, ADAPTER_METADATA
     from tailmon.engines.steering import model_sha256
 
     from .spec import parse_proposal
@@ -454,7 +454,10 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
         raise InputError(f"output {out} exists and is not a directory", setting="output")
     stages_dir = out / STAGES_DIR
 
-    facts = engine.base_facts() if hasattr(engine, "base_facts") else base_model_facts(engine.model, engine.tokenizer)
+    facts = engine.base_facts()
+    if facts is None:
+        raise InputError(f"LoRA training needs an engine that reads its model's weights (the transformers engine), "
+                         f"not the {engine.name} engine")
     d = target.decoding
     identity = {
         "base_model": {k: facts[k] for k in ("architecture_sha256", "tokenizer_sha256", "chat_template_sha256",
