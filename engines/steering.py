@@ -29,12 +29,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from tailmon import __version__
 from tailmon.errors import InputError, RuntimeFailure
+
+if TYPE_CHECKING:
+    # torch is imported where a function needs it: proposals import this module to read direction
+    # files when a spec is parsed, and `import tailmon.proposals` must not import torch.
+    import torch
 
 FORMAT = "tailmon-steering/1"
 METADATA_KEY = "tailmon"
@@ -68,6 +71,7 @@ class DirectionFile:
 
 def load_direction(path: str | os.PathLike) -> DirectionFile:
     """Read a direction file written by `save_direction`; InputError (one line) when it is not one."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     path = str(path)
@@ -114,6 +118,8 @@ def save_direction(path: str | os.PathLike, directions: torch.Tensor, metadata: 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's decoder layers, whose outputs are the residual stream (peft wrappers seen through)."""
+    import torch
+
     n = getattr(model.config, "num_hidden_layers", None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None

@@ -20,9 +20,11 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from tailmon.engines.adapters import adapter_compatibility, read_adapter_metadata
 from tailmon.engines.base import Decoding, Samples, Steering, Variant
 from tailmon.engines.chat import ChatEngine
 from tailmon.engines.loading import EngineSettings
+from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.engines.processing import processed_logprobs
 from tailmon.engines.steering import DirectionFile, decoder_layers, load_direction, steering_hooks
 from tailmon.errors import InputError, RuntimeFailure
@@ -36,10 +38,6 @@ SCORE_MIN_CHUNK = 256
 
 log = logging.getLogger(__name__)
 
-# The metadata file `tailmon proposals train-lora` writes next to a peft adapter (see
-# tailmon.proposals.lora); adapters without it (trained elsewhere) load unchecked, as peft allows.
-ADAPTER_METADATA = "tailmon_lora.json"
-ADAPTER_FORMAT = "tailmon-lora/1"
 # Values sampled from each weight tensor for the checkpoint fingerprint.
 _FINGERPRINT_VALUES = 64
 
@@ -92,52 +90,6 @@ def base_model_facts(model, tokenizer) -> dict:
     }
 
 
-def read_adapter_metadata(path: str) -> dict | None:
-    """The tailmon metadata of an adapter folder; None when it has none (trained elsewhere)."""
-    file = Path(path) / ADAPTER_METADATA
-    if not file.is_file():
-        return None
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"LoRA adapter '{path}': cannot read {ADAPTER_METADATA}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT or not isinstance(meta.get("base_model"), dict):
-        raise InputError(f"LoRA adapter '{path}': {ADAPTER_METADATA} is not '{ADAPTER_FORMAT}' metadata")
-    return meta
-
-
-def adapter_compatibility(meta: dict, facts: dict, path: str, model_id: str) -> str | None:
-    """Refuse an adapter trained on another architecture or tokenizer (InputError); return the
-    warning for one trained on another checkpoint or chat template of the same, else None.
-
-    Weights stay exact either way: p is always scored under the current target and q under the
-    current target plus the adapter, sampling and scoring alike. A mismatch of architecture or
-    tokenizer is refused because the adapter would then be meaningless (or not load at all).
-    """
-    base = meta["base_model"]
-    trained_on = base.get("ref", "?")
-    if base.get("architecture_sha256") != facts["architecture_sha256"]:
-        raise InputError(
-            f"LoRA adapter '{path}' was trained on {trained_on} ({base.get('model_type')}, hidden "
-            f"{base.get('hidden_size')}, {base.get('num_hidden_layers')} layers), whose architecture differs from "
-            f"model {model_id} ({facts['model_type']}, hidden {facts['hidden_size']}, "
-            f"{facts['num_hidden_layers']} layers): retrain it on this model")
-    if base.get("tokenizer_sha256") != facts["tokenizer_sha256"]:
-        raise InputError(
-            f"LoRA adapter '{path}' was trained on {trained_on}, whose tokenizer differs from model {model_id}'s "
-            f"(vocabulary {base.get('vocab_size')} vs {facts['vocab_size']} tokens, or other special tokens): "
-            "retrain it on this model")
-    changed = []
-    if base.get("weights_fingerprint") != facts["weights_fingerprint"]:
-        changed.append("another checkpoint")
-    if base.get("chat_template_sha256") != facts["chat_template_sha256"]:
-        changed.append("another chat template")
-    if not changed:
-        return None
-    return (f"LoRA adapter '{path}' was trained on {' and '.join(changed)} ({trained_on}) than model {model_id}: "
-            "the weights stay exact, but the proposal may be less efficient (retrain it on this checkpoint)")
-
-
 class _Steer(NamedTuple):
     """A variant's steering resolved against the model: the arguments of `steering_hooks`."""
 
@@ -176,8 +128,6 @@ class TransformersEngine(ChatEngine):
     def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
         """Load a model reference (embedded name, local folder or hub id)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from tailmon.engines.models import DEFAULT_MODEL, resolve
 
         path = resolve(ref)
         torch_dtype = getattr(torch, dtype, None)

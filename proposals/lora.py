@@ -57,10 +57,15 @@ import numpy as np
 import torch
 
 from tailmon import __version__
+from tailmon.engines.adapters import ADAPTER_FORMAT, ADAPTER_METADATA
 from tailmon.engines.base import Variant
+from tailmon.engines.steering import model_sha256
 from tailmon.errors import InputError
+from tailmon.estimators import importance_sampling
 
 from .sampling import derive_seed, draw
+from .spec import parse_proposal
+from .variants import LoraProposal
 
 STATE_FORMAT = "tailmon-lora-train/1"
 STATE_FILE = "train_state.json"
@@ -403,8 +408,6 @@ def _examples_from_pairs(engine, target: Variant, pairs: Sequence[Pair]) -> list
 def pilot_figures(draws) -> dict:
     """IS figures of a pilot set: the variance of the mean over prompts, Var = sum_i SE_i^2 / m^2, its
     per-sample form (times the samples per prompt), mean p_hat, mean and smallest ESS of w h."""
-    from tailmon.estimators import importance_sampling
-
     ests = [importance_sampling(d.log_w, d.scores, component=d.drawn, defensive=float(d.shares[0])) for d in draws]
     m = len(ests)
     n = ests[0].n_samples
@@ -433,12 +436,6 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
     called after each stage is saved (an exception there leaves a resumable run).
     """
     from tqdm import tqdm
-
-    from tailmon.engines.transformers_engine import ADAPTER_FORMAT, ADAPTER_METADATA
-    from tailmon.engines.steering import model_sha256
-
-    from .spec import parse_proposal
-    from .variants import LoraProposal
 
     if not pairs and cem is None:
         raise InputError("nothing to train: give training pairs, or CEM rounds with a judge and prompts")

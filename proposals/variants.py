@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tailmon.engines.adapters import ADAPTER_METADATA, read_adapter_metadata
 from tailmon.engines.base import STEERING_KINDS, Steering, Variant
+from tailmon.engines.steering import load_direction
 from tailmon.errors import InputError, SpecError
 
 from .base import Proposal
@@ -67,10 +69,8 @@ class LoraProposal(Proposal):
     def variant(self, target: Variant) -> Variant:
         if not (Path(self.path) / "adapter_config.json").is_file():
             raise SpecError(f"proposal '{self.spec}': no LoRA adapter (adapter_config.json) at {self.path}")
-        if (Path(self.path) / "tailmon_lora.json").is_file():
+        if (Path(self.path) / ADAPTER_METADATA).is_file():
             # Only its form here; whether it fits the model is the engine's check when it loads it.
-            from tailmon.engines.transformers_engine import read_adapter_metadata
-
             try:
                 read_adapter_metadata(self.path)
             except InputError as exc:
@@ -117,8 +117,6 @@ class SteeringProposal(Proposal):
         return f"{name}:{self.path}@{self.coef:g}" + (f"@{format_layers(self.layers)}" if self.layers else "")
 
     def variant(self, target: Variant) -> Variant:
-        from tailmon.engines.steering import load_direction
-
         try:
             file = load_direction(self.path)
             steering = Steering(self.kind, self.path, self.coef, self.layers or (file.layer,))

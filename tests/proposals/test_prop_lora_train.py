@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tailmon.engines.adapters import ADAPTER_FORMAT
 from tailmon.engines.base import Decoding, Variant
-from tailmon.engines.transformers_engine import ADAPTER_FORMAT, TransformersEngine
+from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.errors import InputError, SpecError
 from tailmon.judges import parse_judge
 from tailmon.cli.main import main

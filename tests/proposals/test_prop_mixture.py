@@ -131,3 +131,17 @@ def test_build_mixture_errors(args):
     proposals, defensive, weights = args
     with pytest.raises(InputError):
         build_mixture(TARGET, proposals, defensive, weights)
+
+
+def test_importing_proposals_and_parsing_specs_stays_free_of_torch(lora_adapter):
+    import subprocess
+    import sys
+
+    # LoRA metadata and steering direction files are read when a proposal is parsed: their modules
+    # are imported with tailmon.proposals, and must not bring torch with them.
+    code = ("import sys, tailmon.proposals as p\n"
+            "from tailmon.engines.base import Variant\n"
+            f"p.parse_proposal('lora:{lora_adapter}').variant(Variant('t'))\n"
+            "print([m for m in ('torch', 'vllm', 'transformers', 'peft') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
