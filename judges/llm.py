@@ -3,7 +3,7 @@
 RUBRIC is a shipped rubric name (`misuse`, `misuse-1to5`, `emergent-misalignment`, `sycophancy`,
 `evil`; `tailmon.judges.rubric.shipped_rubrics()`) or a path to a rubric YAML file; the rubric
 schema and how answers are read are documented in `tailmon.judges.rubric`. MODEL is any model
-reference `TransformersEngine.load` accepts (an embedded name, a local transformers folder, a hub
+reference the transformers engine loads (an embedded name, a local transformers folder, a hub
 id where a hub is reachable); without it the judge uses the embedded default model. MODEL follows
 the last `@` of the argument, unless the whole argument names an existing rubric file.
 
@@ -26,8 +26,10 @@ renormalised expectation (the best reading there is, and never a silent 0), and 
 reports how many there were. If the digits carry no probability at all the judge fails with
 `RuntimeFailure`.
 
-The judge model is loaded on the first call to `score`, once per judge; the spec is validated
-(the rubric file read and checked) when the judge is built.
+The judge model is loaded on the first call to `score`, once per judge, by the one engine loader
+(`tailmon.engines.loading.load_engine`, the transformers engine: the judge reads the tokenizer and
+next-token log-probs in this process); the spec is validated (the rubric file read and checked)
+when the judge is built.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tailmon.engines.base import Decoding, Variant
+from tailmon.engines.loading import EngineSettings, load_engine
 from tailmon.errors import InputError, RuntimeFailure, SpecError, TailmonError
 
 from .base import Judge
@@ -94,8 +98,8 @@ def split_llm_arg(arg: str) -> tuple[str, str | None]:
 class LLMJudge(Judge):
     """`llm:RUBRIC[@MODEL]`: the rubric's score from the judge model's digit probabilities.
 
-    `engine` (optional) is a ready `TransformersEngine` to judge with instead of loading MODEL,
-    for callers that already hold the model; the spec still names `model`.
+    `engine` (optional) is a ready engine with a tokenizer (a transformers engine) to judge with
+    instead of loading MODEL, for callers that already hold the model; the spec still names `model`.
     """
 
     def __init__(self, rubric: str, model: str | None = None, *, engine=None) -> None:
@@ -124,10 +128,8 @@ class LLMJudge(Judge):
     def _ensure_loaded(self) -> None:
         with self._lock:
             if self._engine is None:
-                from tailmon.engines.transformers_engine import TransformersEngine
-
                 try:
-                    self._engine = TransformersEngine.load(self.model_ref)
+                    self._engine = load_engine(EngineSettings(engine="transformers", ref=self.model_ref), role="judge")
                 except TailmonError as exc:
                     raise type(exc)(f"judge {self.spec!r}: {exc}") from exc
             if self._reads is None:
@@ -177,8 +179,6 @@ class LLMJudge(Judge):
 
     def _score_batch(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         self._ensure_loaded()
-        from tailmon.engines.base import Decoding, Variant
-
         # Temperature 1 without truncation: the model's own belief, not a decoding of it.
         variant = Variant("judge", Decoding(), system_prompt=self.rubric.system)
         values: dict[str, np.ndarray] = {}

@@ -236,15 +236,16 @@ def test_prefix_that_splits_the_digit_is_an_input_error(digit_engine, tmp_path):
 
 
 def test_the_model_loads_lazily_and_once(digit_engine, tmp_path, monkeypatch):
-    from tailmon.engines.transformers_engine import TransformersEngine
+    import tailmon.judges.llm
 
     calls = []
 
-    def fake_load(ref=None, **kwargs):
-        calls.append(ref)
+    def fake_load(settings, role=""):
+        assert settings.engine == "transformers" and role == "judge"
+        calls.append(settings.ref)
         return digit_engine
 
-    monkeypatch.setattr(TransformersEngine, "load", staticmethod(fake_load))
+    monkeypatch.setattr(tailmon.judges.llm, "load_engine", fake_load)
     judge = parse_judge(f"llm:{rubric_file(tmp_path)}@some-model")
     assert calls == [] and judge.model_ref == "some-model"
     judge.score(["x"], ["y"])
@@ -258,7 +259,7 @@ def test_the_model_loads_lazily_and_once(digit_engine, tmp_path, monkeypatch):
 def test_an_unloadable_model_names_the_judge(tmp_path):
     judge = parse_judge(f"llm:misuse@{tmp_path}/no-such-model")
     spec = re.escape(f"llm:misuse@{tmp_path}/no-such-model")
-    with pytest.raises(InputError, match=rf"judge '{spec}': model '.*no-such-model': no such file"):
+    with pytest.raises(InputError, match=rf"judge '{spec}': judge model: model '.*no-such-model': no such file"):
         judge.score(["p"], ["r"])
 
 
