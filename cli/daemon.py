@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -62,11 +63,15 @@ def run(config_path, once, monitor_names, fmt, log_level):
             sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
+    # SIGTERM ends a one-shot run as Ctrl-C does: the run is recorded as interrupted (not left
+    # 'running' for the next start to clean up) and the process exits 130.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     outcomes = daemon.run_once(list(monitor_names) or None)
     print_outcomes(outcomes, fmt)
-    failed = [o for o in outcomes if o.status not in ("succeeded", "skipped")]
+    # A monitor another process held ran nowhere here: --once was asked for a run, so that fails.
+    failed = [o for o in outcomes if o.status != "succeeded"]
     if failed:
-        raise RuntimeFailure("; ".join(f"monitor {o.monitor}: run {o.run_id} {o.status}: {o.error}" for o in failed))
+        raise RuntimeFailure("; ".join(f"monitor {o.monitor}: {_which_run(o)}{o.status}: {o.error}" for o in failed))
     firing = [f"{o.monitor}/{rule}" for o in outcomes for rule in o.firing]
     if firing:
         click.echo(f"alert firing: {', '.join(firing)} (tailmon alerts list --state firing)", err=True)
@@ -89,10 +94,15 @@ def print_outcomes(outcomes, fmt) -> None:
                               indent=2, allow_nan=False))
         return
     for o in outcomes:
-        click.echo(f"== monitor {o.monitor}: run {o.run_id} {o.status}" + (f": {o.error}" if o.error else ""))
+        click.echo(f"== monitor {o.monitor}: {_which_run(o)}{o.status}" + (f": {o.error}" if o.error else ""))
         report = reports[id(o)]
         if report:
             click.echo(estimates_table(report))
             click.echo(extrapolation_lines(report))
         if o.firing:
             click.echo(f"alerts firing: {', '.join(o.firing)}")
+
+
+def _which_run(outcome) -> str:
+    """'run 12 ' for a stored run; nothing when it never started (no 'run None')."""
+    return f"run {outcome.run_id} " if outcome.run_id is not None else ""

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success (a gate passed); 1 a gate failed or an alert fires after the run; 2 usage,
 input or config error (one line, no traceback); 3 runtime failure (a model, database or endpoint
-failed, or tailmon itself is inconsistent: a bug); 130 interrupted (Ctrl-C).
+failed, or tailmon itself is inconsistent: a bug); 130 interrupted (Ctrl-C); 141 the reader of
+stdout went away (`| head`), as for other Unix tools.
 
 Library errors speak the library's words ("rank must be an integer >= 1") and may name the
 setting they are about (`InputError(..., setting="rank")`). A command run from here knows its
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import click
 
@@ -23,6 +25,8 @@ EXIT_FAILED = 1
 EXIT_INPUT = 2
 EXIT_RUNTIME = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: the reader of stdout closed it early (`| head`), as other Unix tools exit."""
 
 
 def flag_for(ctx: click.Context, setting: str) -> str | None:
@@ -113,6 +117,16 @@ class RootGroup(Group):
         except RuntimeFailure as exc:
             click.echo(f"runtime failure: {exc}", err=True)
             ctx.exit(EXIT_RUNTIME)
+        except KeyboardInterrupt:  # Ctrl-C (and SIGTERM where a command maps it to the same)
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`tailmon runs list | head`): nothing is wrong with tailmon.
+            # Exit as a process killed by SIGPIPE does, like other Unix tools, without a message;
+            # stdout points at /dev/null so that the interpreter's final flush cannot fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(EXIT_BROKEN_PIPE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a failure nobody anticipated: still exit 3, traceback on request

@@ -178,6 +178,9 @@ def _jsonl(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptItem | 
             except json.JSONDecodeError as exc:
                 yield RecordError(f"{at}: not valid JSON ({exc.msg})", torn=torn)
                 continue
+            except RecursionError:  # the user's file, not a bug: arrays nested thousands deep
+                yield RecordError(f"{at}: JSON nested too deeply to be a prompt record")
+                continue
             try:
                 item = parse_record(value, at, **fields)
             except RecordError as exc:
@@ -243,6 +246,9 @@ def _json_list(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptIte
         return
     except json.JSONDecodeError as exc:
         yield RecordError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); use .jsonl or .csv for other formats")
+        return
+    except RecursionError:  # the user's file, not a bug: arrays nested thousands deep
+        yield RecordError(f"{where}: JSON nested too deeply to be a list of prompts")
         return
     if not isinstance(data, list):
         yield RecordError(f"{where}: expected a JSON list of prompts")

@@ -109,7 +109,10 @@ def parse_judge(spec: str) -> Judge:
     """
     if not isinstance(spec, str):
         raise SpecError(f"judge spec must be a string, got {type(spec).__name__}")
-    return _parse(spec)
+    try:
+        return _parse(spec)
+    except RecursionError:  # the user's spec, not a bug: compositions nested thousands deep
+        raise SpecError(f"judge spec nested too deeply ({len(spec)} characters): compose fewer levels") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -176,8 +176,11 @@ class Daemon:
         mon = self.config.monitor(name)
         try:
             if not self.store.try_lock(name):
-                log.info("monitor %s: skipped, another instance is running it", name)
-                return RunOutcome(name, None, "skipped")
+                holder = self.store.lock_holder(name)
+                who = (f"instance {holder['owner_instance']}, since {holder['acquired_at']}" if holder
+                       else "its holder has just released it")
+                log.info("monitor %s: skipped, another process holds its lock (%s)", name, who)
+                return RunOutcome(name, None, "skipped", error=f"not run: another process holds its lock ({who})")
         except TailmonError as exc:
             log.error("monitor %s: run failed before it started: %s", name, exc)
             self._count_run(name, "failed", 0.0)
@@ -256,6 +259,12 @@ class Daemon:
         except RunCancelled:
             return self._close(name, run_id, "interrupted", started, counter, timings,
                                error="the daemon stopped during the run")
+        except KeyboardInterrupt:
+            # Ctrl-C, or SIGTERM during `run --once` (which raises the same): the run is over,
+            # recorded as such, and the interrupt goes on to end the process (exit 130).
+            self._close(name, run_id, "interrupted", started, counter, timings,
+                        error="interrupted by a signal (SIGINT or SIGTERM)")
+            raise
         except Exception as exc:  # any failure ends this run, never the daemon
             kind = "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: "
             log.error("monitor %s: run %d failed: %s%s", name, run_id, kind, exc,

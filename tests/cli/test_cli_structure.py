@@ -110,3 +110,45 @@ def test_an_internal_error_is_not_blamed_on_the_user():
 ])
 def test_with_flag(message, setting, flag, expected):
     assert with_flag(message, setting, flag) == expected
+
+
+def test_a_reader_that_goes_away_is_not_a_failure(tmp_path):
+    """`tailmon runs list | head -1`: before, exit 3 and a BrokenPipeError line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tailmon.store import Store
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    store = Store(url).open()
+    try:  # far more output (about 1,500 lines of 100 bytes) than a pipe holds (64 KiB), so the
+        # writer meets the closed pipe
+        for i in range(1500):
+            store.start_run("m", model_ref="x", model_version=1, config_hash="c", settings={})
+    finally:
+        store.close()
+    tailmon = str(Path(sys.executable).with_name("tailmon"))
+    proc = subprocess.Popen([tailmon, "runs", "list", "--limit", "1500"],
+                            env={**os.environ, "TAILMON_DATABASE_URL": url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().split()[:2] == [b"id", b"monitor"]
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("kind", ["judge", "prompts"])
+def test_input_nested_thousands_deep_is_an_input_error(kind, tmp_path):
+    # Before: RecursionError, exit 3 as if tailmon had failed.
+    args = ["estimate", "--judge", "prefix:Sure", "--prompt", "hi", "--proposal", "temperature:2"]
+    if kind == "judge":
+        args[2] = "any(" * 5000 + "prefix:a" + ")" * 5000
+    else:
+        nested = tmp_path / "p.json"
+        nested.write_text("[" * 100000 + "]" * 100000)
+        args[3:5] = ["--prompts", str(nested)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == EXIT_INPUT, result.output
+    assert "nested too deeply" in result.stderr and "Traceback" not in result.output

@@ -232,3 +232,42 @@ def test_prometheus_scrapes_the_daemon(tmp_path, tiny_model_dir, prometheus_bina
             prom.wait(timeout=30)
         d.proc.send_signal(signal.SIGTERM)
         d.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_run_once_exits_130_and_records_the_run_interrupted(tmp_path, slow_config, sig):
+    # Before: Ctrl-C exited 1 (the code of a failed gate or a firing alert) and both signals left
+    # the run 'running' until the next start cleaned it up.
+    d = DaemonProcess(slow_config, tmp_path, "--once")
+    try:
+        running = wait_for_run(sqlite_url(tmp_path), "running")
+        time.sleep(0.5)  # inside the estimation, past the store's writes
+        d.proc.send_signal(sig)
+        assert d.proc.wait(timeout=60) == 130
+    finally:
+        d.stop()
+    d._reader.join(timeout=10)
+    assert "interrupted" in "".join(d.lines) and "Traceback" not in "".join(d.lines)
+    store = Store(sqlite_url(tmp_path)).open()
+    try:
+        run = store.get_run(running["id"])
+    finally:
+        store.close()
+    assert run["status"] == "interrupted" and "signal" in run["error"]
+    assert run["report"] is None and run["estimates"] == []
+
+
+def test_run_once_on_a_monitor_another_process_holds_exits_3_naming_the_holder(tmp_path, tiny_model_dir):
+    # Before: exit 0 with nothing run, and 'run None' in the output.
+    config = write_config(tmp_path, tiny_model_dir)
+    holder = Store(sqlite_url(tmp_path), instance_id="gpu-box-7").open()
+    try:
+        assert holder.try_lock("tiny")
+        done = subprocess.run([TAILMON, "run", "--config", str(config), "--once"],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.close()
+    assert done.returncode == 3, done.stderr
+    assert "gpu-box-7" in done.stderr and "another process holds its lock" in done.stderr
+    assert "None" not in done.stdout + done.stderr
