@@ -85,11 +85,13 @@ class Metrics:
         self._model_labels: dict[str, tuple] = {}
 
     def init_monitor(self, monitor: str) -> None:
-        """Make the counters of a configured monitor exist at 0 before its first run (rate() needs them)."""
+        """Make the counters of a configured monitor exist at 0 before its first run: rate() and
+        increase() need a sample before the first increment, or they never see it."""
         for status in ("succeeded", "failed", "interrupted"):
             self.runs.labels(monitor, status)
         for role in ("target", "proposal"):
             self.samples.labels(monitor, role)
+        self.run_duration.labels(monitor)  # its _count and _sum are counters too
         self.running.labels(monitor).set(0)
 
     def forget_monitor(self, monitor: str) -> None:

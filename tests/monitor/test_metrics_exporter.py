@@ -55,6 +55,8 @@ def test_run_counters_and_timestamps(metrics):
     get = metrics.registry.get_sample_value
     # Counters exist at 0 before any run, so rate() and increase() work from the first scrape.
     assert get("tailmon_runs_total", {"monitor": "prod", "status": "failed"}) == 0
+    # the duration histogram too: increase(..._count) never saw the first run after a start
+    assert get("tailmon_run_duration_seconds_count", {"monitor": "prod"}) == 0
     metrics.record_run("prod", "succeeded", 42.0, 1_700_000_000.0, {"target": 30, "proposal": 270})
     metrics.record_run("prod", "failed", 3.0, 1_700_000_100.0)
     assert get("tailmon_runs_total", {"monitor": "prod", "status": "succeeded"}) == 1
