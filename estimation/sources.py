@@ -22,6 +22,7 @@ import hashlib
 import heapq
 import logging
 import math
+import sqlite3
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -291,7 +292,8 @@ class SqlSource(PromptSource):
         self.category_field = category_field
         self.batch_size = batch_size
         try:
-            self._engine = sqlalchemy.create_engine(parsed, poolclass=NullPool)
+            self._engine = sqlalchemy.create_engine(_read_only(parsed), poolclass=NullPool,
+                                                    connect_args=_read_only_connect_args(parsed))
         except (ArgumentError, ImportError, TypeError, ValueError) as exc:  # unknown dialect, missing driver, bad option
             raise InputError(f"cannot use database URL {self.describe_url()}: {_first_line(exc)}") from None
 
@@ -317,8 +319,13 @@ class SqlSource(PromptSource):
             raise SourceError(self._scrub(f"{self.describe()}: cannot connect: {_first_line(exc)}")) from None
         with connection:
             try:
-                result = connection.execution_options(stream_results=True, yield_per=self.batch_size).execute(
-                    sqlalchemy.text(self.query))
+                driver = connection.connection.driver_connection
+                if isinstance(driver, sqlite3.Connection):
+                    driver.set_authorizer(_select_only)
+                options = {"stream_results": True, "yield_per": self.batch_size}
+                if self.url.get_backend_name() == "postgresql":
+                    options["postgresql_readonly"] = True  # this transaction: SET TRANSACTION READ ONLY
+                result = connection.execution_options(**options).execute(sqlalchemy.text(self.query))
                 columns = list(result.keys())
                 text_index, category_index = self._columns(columns)
                 for row in result:
@@ -354,6 +361,32 @@ class SqlSource(PromptSource):
         name = self.category_field or "category"
         category_index = columns.index(name) if name in columns and columns.index(name) != text_index else None
         return text_index, category_index
+
+
+# The SQL source reads production logs: the query is run read-only, so that a mistake (or a
+# hostile config) cannot change or create anything. SQLite: the file is opened with mode=ro and
+# an authorizer allows reading statements only (mode=ro alone still lets ATTACH create files);
+# PostgreSQL: the session's transactions default to read-only and the query's own transaction is
+# READ ONLY. A role that may only SELECT is still the database's own guarantee: give tailmon one.
+_SQLITE_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
+
+def _select_only(action: int, *_args) -> int:
+    return sqlite3.SQLITE_OK if action in _SQLITE_READING else sqlite3.SQLITE_DENY
+
+
+def _read_only(url):
+    """The URL opened read-only where the URL can say so (SQLite files: mode=ro)."""
+    if not url.drivername.startswith("sqlite") or not url.database or url.database == ":memory:":
+        return url
+    database = url.database if url.database.startswith("file:") else f"file:{url.database}"
+    return url.set(database=database).update_query_dict({"mode": "ro", "uri": "true"})
+
+
+def _read_only_connect_args(url) -> dict:
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
+        return {"options": "-c default_transaction_read_only=on"}
+    return {}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -114,3 +114,55 @@ def test_config_resolves_a_relative_sqlite_path_and_samples_by_category(database
     # 300 'a' and 100 'b' rows: quotas 6 and 2 exactly.
     assert collections.Counter(i.category for i in drawn) == {"a": 6, "b": 2}
     assert drawn == sample_prompts(source, config.per_run, seed=11)
+
+
+@pytest.mark.parametrize("query", [
+    "DROP TABLE requests",
+    "DELETE FROM requests",
+    "INSERT INTO requests (ts, prompt) VALUES (1, 'x') RETURNING prompt",
+    "ATTACH DATABASE '{attach}' AS other",
+    "PRAGMA query_only = OFF",
+])
+def test_the_sqlite_source_is_read_only(database, tmp_path, query):
+    # Before: DROP TABLE dropped the production table and ATTACH created files.
+    attach = tmp_path / "created-by-attach.db"
+    source = SqlSource(f"sqlite:///{database}", query.format(attach=attach))
+    with pytest.raises(SourceError, match="the query failed"):
+        list(source.records())
+    assert not attach.exists()
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT count(*) FROM requests").fetchone() == (6,)
+    db.close()
+    # and reading still works, with joins, CTEs and functions
+    ok = SqlSource(f"sqlite:///{database}", "WITH r AS (SELECT lower(prompt) AS p FROM requests WHERE ts = 104) "
+                                            "SELECT p FROM r")
+    assert list(ok.records()) == [PromptItem("third")]
+
+
+@pytest.mark.parametrize("query", [
+    "DROP TABLE requests",
+    "DELETE FROM requests RETURNING prompt",
+    "SELECT prompt FROM requests; DROP TABLE requests",
+    "COMMIT; DROP TABLE requests",
+])
+def test_the_postgresql_source_is_read_only(postgres_url, query):
+    import psycopg
+
+    libpq = sqlalchemy.engine.make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute("CREATE TABLE requests (id serial PRIMARY KEY, prompt text)")
+        conn.execute("INSERT INTO requests (prompt) VALUES ('first'), ('second')")
+    url = sqlalchemy.engine.make_url(postgres_url).set(drivername="postgresql+psycopg").render_as_string(
+        hide_password=False)
+    # (the streaming cursor already refuses most of these: the read-only settings below hold
+    # whatever way a driver runs the query)
+    with pytest.raises(SourceError, match="the query failed"):
+        list(SqlSource(url, query).records())
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM requests").fetchone() == (2,)
+    ok = SqlSource(url, "SELECT prompt FROM requests ORDER BY id")
+    assert list(ok.records()) == [PromptItem("first"), PromptItem("second")]
+    # the query's own transaction is read-only, and so is any transaction of its session
+    assert list(SqlSource(url, "SELECT current_setting('transaction_read_only')").records()) == [PromptItem("on")]
+    assert list(SqlSource(url, "SELECT current_setting('default_transaction_read_only')").records()) == \
+        [PromptItem("on")]
