@@ -96,7 +96,21 @@ def parse_record(value, where: str, *, text_field: str | None = None,
         raise RecordError(f"{where}: expected a string or an object, got {type(value).__name__}")
     if not isinstance(text, str) or not text.strip():
         raise RecordError(f"{where}: the prompt text is empty or not a string")
-    return PromptItem(text, None if category is None else str(category))
+    category = None if category is None else str(category)
+    for what, value in (("prompt text", text), ("category", category)):
+        # JSON may escape lone surrogates ("\ud83d"), which no UTF-8 text holds: such a record
+        # would fail later, at the seed, in the tokenizer or in the store, and with it the run.
+        if value is not None and not _encodable(value):
+            raise RecordError(f"{where}: the {what} is not valid Unicode (a lone surrogate)")
+    return PromptItem(text, category)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def file_format(path: str | Path, default: str = "json") -> str:

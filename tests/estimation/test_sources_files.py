@@ -214,3 +214,20 @@ def test_sampling_a_log_directory_through_the_config(log_dir, tmp_path):
                            max_chars=config.max_chars, stratify=config.stratify)
     assert len(drawn) == 3
     assert {i.text for i in drawn} <= {"today 1", "today 2", "yesterday", "two days ago"}
+
+
+def test_a_record_with_a_lone_surrogate_is_skipped_and_counted(tmp_path):
+    # Valid JSON, not valid Unicode: before, the run failed with a traceback at the seed (the
+    # text cannot be encoded), so one bad log record stopped every run.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud83d here"}\n'
+                                    '{"prompt": "ok", "category": "\\udc00"}\n{"prompt": "also fine"}\n',
+                                    encoding="utf-8")
+    source = LogDirectorySource(logs)
+    assert [p.text for p in source.records()] == ["fine", "also fine"]
+    assert source.stats.skipped == 2
+    for prompt in sample_prompts(LogDirectorySource(logs), 2, seed=3):
+        prompt.text.encode("utf-8")  # what the seed, the tokenizer and the store do with it
+    with pytest.raises(InputError, match="lone surrogate"):
+        list(FileSource(logs / "app.jsonl").records())  # a curated prompts file is refused whole
