@@ -7,6 +7,7 @@ weight by the balance heuristic, judge, estimate. Then aggregate over prompts an
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -56,8 +57,8 @@ class EstimationPlan:
             raise InputError(f"seed must be an integer >= 0, got {self.seed}", setting="seed")  # numpy's SeedSequence needs it
         if int(self.n_samples) != self.n_samples or self.n_samples < 1:
             raise InputError(f"samples must be an integer >= 1 (per prompt), got {self.n_samples}", setting="samples")
-        if self.volume is not None and not self.volume >= 0:
-            raise InputError(f"volume must be >= 0, got {self.volume}", setting="volume")
+        if self.volume is not None and not (math.isfinite(self.volume) and self.volume >= 0):
+            raise InputError(f"volume must be a finite number >= 0, got {self.volume}", setting="volume")
         parse_window(self.window)
         if self.method == "is":
             self.components = build_mixture(self.target, list(self.proposals), self.defensive, self.weights)

@@ -151,7 +151,7 @@ class EstimatorConfig(Strict):
 
 
 class VolumeConfig(Strict):
-    per_day: float = Field(ge=0)
+    per_day: float = Field(ge=0, allow_inf_nan=False)
     """Queries per day the deployed model answers (the monitor's traffic)."""
     windows: tuple[str, ...] = ("1h", "1d", "7d")
 
@@ -201,6 +201,11 @@ class EstimationSettings(Strict):
             raise ValueError("estimator.method 'mc' samples the target only: remove the proposals")
         try:
             check_proposals(self.model.engine, [p.spec for p in self.proposals])
+            # Each proposal as a run builds it (a LoRA folder that is not there, a proposal that
+            # would truncate where the target does not): a config that validates must run.
+            target = self.model.target()
+            for p in self.proposals:
+                parse_proposal(p.spec).variant(target)
         except InputError as exc:
             raise ValueError(str(exc)) from None
         return self

@@ -46,7 +46,8 @@ def one_error_line(result, *fragments):
         (["--max-new-tokens", "0"], ["max_new_tokens must be an integer >= 1"]),
         (["--defensive", "1"], ["defensive share must be in [0, 1)"]),
         (["--window", "soon"], ["window"]),
-        (["--volume", "-5"], ["--volume must be >= 0"]),
+        (["--volume", "-5"], ["--volume must be a finite number >= 0"]),
+        (["--volume", "inf"], ["--volume must be a finite number >= 0"]),  # was refused after the estimate
         (["--engine", "openai"], ["the openai engine needs the servers' base URLs"]),
         (["--base-url", "http://gpu1:8000"], ["base URLs, served_model and served_adapters are for the openai engine"]),
         (["--engine", "vllm", "--proposal", "steer:d.safetensors@1"], ["use engine 'transformers'"]),

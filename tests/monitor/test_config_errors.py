@@ -68,6 +68,10 @@ def test_example_config_is_valid():
     ("monitors.0.schedule", {"every": "6h", "timezone": "Mars/Olympus"}, "t.yaml: monitors[0].schedule: "),
     ("monitors.0.volume.windows", ["1 day"], "t.yaml: monitors[0].volume.windows: a window must be"),
     ("monitors.0.volume.per_day", -1, "t.yaml: monitors[0].volume.per_day: "),
+    # validated but could not run (every run then failed): an infinite volume, a missing adapter
+    ("monitors.0.volume.per_day", float("inf"), "t.yaml: monitors[0].volume.per_day: "),
+    ("monitors.0.proposals.0", "lora:/nonexistent/adapter",
+     "t.yaml: monitors[0]: proposal 'lora:/nonexistent/adapter': no LoRA adapter"),
     ("monitors.0.name", "Prod Model", "t.yaml: monitors[0].name: must be lower-case"),
     ("monitors.0.judge", DELETE, "t.yaml: monitors[0].judge: required key is missing"),
     ("monitors.0.tresholds", 3, "t.yaml: monitors[0].tresholds: unknown key (a typo?)"),
@@ -92,18 +96,22 @@ def test_each_mistake_names_file_and_key(path, value, expected):
     assert "\n" not in message
 
 
-def test_engines_in_the_config(monkeypatch):
+def test_engines_in_the_config(monkeypatch, tmp_path):
+    # the served adapter's local copy (the proposal's weights are checked against it at load)
+    adapter = tmp_path / "adapters" / "unsafe-v1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
     fleet = {"engine": "openai", "base_urls": ["http://gpu1:8000", "http://gpu2:8000/v1"], "served_model": "prod",
-             "served_adapters": {"unsafe-v1": "/adapters/unsafe-v1"}, "api_key_env": "FLEET_KEY"}
+             "served_adapters": {"unsafe-v1": str(adapter)}, "api_key_env": "FLEET_KEY"}
     monkeypatch.setenv("FLEET_KEY", "s3cret")
     cfg = yaml.safe_load(yaml.safe_dump(GOOD))
     cfg["monitors"][0]["model"] = fleet
-    cfg["monitors"][0]["proposals"].append("lora:/adapters/unsafe-v1")
+    cfg["monitors"][0]["proposals"].append(f"lora:{adapter}")
     mon = parse_config(yaml.safe_dump(cfg), "t.yaml").monitors[0]
     settings = mon.engine_settings()
     assert settings.engine == "openai" and settings.base_urls == ("http://gpu1:8000", "http://gpu2:8000/v1")
     assert settings.api_key == "s3cret" and "s3cret" not in str(mon.model_dump())  # never stored with a run
-    assert settings.served_adapters == (("unsafe-v1", "/adapters/unsafe-v1"),) and settings.enable_lora
+    assert settings.served_adapters == (("unsafe-v1", str(adapter)),) and settings.enable_lora
     # steering needs the transformers engine: refused when the config is read, not mid-run
     cfg["monitors"][0]["model"] = {"engine": "vllm"}
     cfg["monitors"][0]["proposals"] = ["steer:dir.safetensors@2"]
