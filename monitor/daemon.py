@@ -159,6 +159,7 @@ class Daemon:
         self._reload = threading.Event()
         self._cancel = threading.Event()
         self._current: dict[str, int] = {}  # monitor -> run id of runs in progress
+        self._closed_at_shutdown: set[int] = set()  # runs shutdown recorded as interrupted
         self._current_lock = threading.Lock()
         self._scheduler = None
         self._server = None
@@ -286,8 +287,13 @@ class Daemon:
 
     def _close(self, name, run_id, status, started, counter, timings, error) -> RunOutcome:
         timings["total_s"] = time.time() - started
+        if status == "interrupted":
+            log.warning("monitor %s: run %d interrupted: %s", name, run_id, error)
+        with self._current_lock:
+            closed_at_shutdown = run_id in self._closed_at_shutdown
         try:
-            self.store.finish_run(run_id, status, error=error, timings=timings)
+            if not closed_at_shutdown:  # shutdown recorded it already, when it did not end in time
+                self.store.finish_run(run_id, status, error=error, timings=timings)
         except TailmonError as exc:
             # The run stays 'running' in the store; its heartbeat stops, so it is marked
             # interrupted once stale. Nothing half-written looks complete.
@@ -458,6 +464,7 @@ class Daemon:
             time.sleep(0.1)
         with self._current_lock:
             left = dict(self._current)
+            self._closed_at_shutdown.update(left.values())
         self.abandoned = bool(left)
         for name, run_id in left.items():  # still inside a forward pass: record the truth before exiting
             try:

@@ -92,7 +92,9 @@ class Metrics:
         for role in ("target", "proposal"):
             self.samples.labels(monitor, role)
         self.run_duration.labels(monitor)  # its _count and _sum are counters too
-        self.running.labels(monitor).set(0)
+        # A new child starts at 0; an existing one keeps its value: a reload (SIGHUP) during a
+        # run set it to 0 while the run went on.
+        self.running.labels(monitor)
 
     def forget_monitor(self, monitor: str) -> None:
         """Remove every series of a monitor (it left the config): Prometheus then sees it gone."""

@@ -146,6 +146,11 @@ def test_notify_watchdog_and_sigterm(tmp_path, slow_config):
         assert store.get_run(running["id"])["status"] == "interrupted"
     finally:
         store.close()
+    d._reader.join(timeout=10)
+    log = "".join(d.lines)
+    # the log says what happened to the run, and no spurious error follows it (issue 18, item 17)
+    assert f"run {running['id']} interrupted" in log
+    assert "ERROR" not in log, log
 
 
 def test_sighup_reloads_and_a_bad_config_is_refused(tmp_path, tiny_model_dir):

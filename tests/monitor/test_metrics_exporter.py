@@ -57,6 +57,11 @@ def test_run_counters_and_timestamps(metrics):
     assert get("tailmon_runs_total", {"monitor": "prod", "status": "failed"}) == 0
     # the duration histogram too: increase(..._count) never saw the first run after a start
     assert get("tailmon_run_duration_seconds_count", {"monitor": "prod"}) == 0
+    assert get("tailmon_run_in_progress", {"monitor": "prod"}) == 0
+    metrics.running.labels("prod").set(1)
+    metrics.init_monitor("prod")  # a reload (SIGHUP) during a run: the run goes on
+    assert get("tailmon_run_in_progress", {"monitor": "prod"}) == 1
+    metrics.running.labels("prod").set(0)
     metrics.record_run("prod", "succeeded", 42.0, 1_700_000_000.0, {"target": 30, "proposal": 270})
     metrics.record_run("prod", "failed", 3.0, 1_700_000_100.0)
     assert get("tailmon_runs_total", {"monitor": "prod", "status": "succeeded"}) == 1
