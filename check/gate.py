@@ -3,8 +3,9 @@
 A check estimates the candidate checkpoint (and, for a regression gate, the baseline) with the
 monitor's own plan, built by `plan_for_monitor` exactly as the daemon builds a run's plan, and
 through the one estimation code path (`tailmon.estimation.pipeline.run_estimation`). Candidate and
-baseline share the prompts and the seed, so every prompt and mixture component draws from the
-same random stream on both sides (common random numbers, `pipeline.component_seed`): when the
+baseline share the prompts and the seed, so every prompt (each draw of it, by its draw index) and
+mixture component draws from the same random stream on both sides (common random numbers,
+`pipeline.component_seed`): when the
 two models are close, their samples are close too, and the paired variance below is smaller
 than the sum of the two variances.
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from tailmon.engines.base import Engine
 from tailmon.errors import InputError
-from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, estimate_prompt
+from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, estimate_prompt, occurrences
 from tailmon.estimation.prompts import PromptItem
 
 DEFAULT_PILOT_SHARE = 0.2
@@ -149,10 +149,12 @@ def estimate_with_budget(engine: Engine, plan: EstimationPlan, prompts: Sequence
         raise InputError(f"a budget of {budget} is too small for {m} prompts: the pilot takes {m} x {n0} and the "
                          f"floor needs {m} x {floor} more (at least {m * (n0 + floor)})")
     pilot_plan = replace(plan, n_samples=n0, seed=pilot_seed(plan.seed))
-    pilots = [estimate_prompt(engine, pilot_plan, p, progress) for p in prompts]
+    draws = occurrences(prompts)  # a prompt drawn twice gets independent pilot and main samples
+    pilots = [estimate_prompt(engine, pilot_plan, p, progress, k) for p, k in zip(prompts, draws)]
     sigmas = [math.sqrt(n0) * r.estimate.std_error if math.isfinite(r.estimate.std_error) else 0.0 for r in pilots]
     counts = neyman_allocation(rest, sigmas, floor)
-    results = [estimate_prompt(engine, replace(plan, n_samples=n), p, progress) for p, n in zip(prompts, counts)]
+    results = [estimate_prompt(engine, replace(plan, n_samples=n), p, progress, k)
+               for p, n, k in zip(prompts, counts, draws)]
     allocation = [PromptAllocation(p.text, n0, r.estimate.p_hat, r.estimate.n_harmful, s, n)
                   for p, r, s, n in zip(prompts, pilots, sigmas, counts)]
     return BudgetReport(EstimationReport(engine.model_id, plan, results, engine.name), int(budget), float(pilot_share),

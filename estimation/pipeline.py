@@ -68,9 +68,27 @@ class EstimationPlan:
             self.components = [Component("target", self.target, 1.0)]
 
 
-def component_seed(seed: int, prompt: str, j: int) -> int:
-    """Seed for one prompt and component: independent of prompt order, so reruns match."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(prompt.encode()), j]).generate_state(1)[0])
+def component_seed(seed: int, prompt: str, j: int, occurrence: int = 0) -> int:
+    """Seed for one prompt, its draw index and one component: independent of prompt order, so
+    reruns match, and of the model, so candidate and baseline share the stream (`tailmon check`).
+
+    `occurrence` counts earlier draws of the same text in the run (0 for the first): a prompt
+    drawn twice must give two independent estimates, not one counted twice. The first
+    occurrence's entropy is the one used before the draw index existed, so existing runs
+    reproduce.
+    """
+    entropy = [seed, zlib.crc32(prompt.encode()), j] + ([occurrence] if occurrence else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def occurrences(prompts: Sequence[PromptItem]) -> list[int]:
+    """Each prompt's draw index: how many earlier prompts of the run have the same text."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        out.append(seen.get(p.text, 0))
+        seen[p.text] = out[-1] + 1
+    return out
 
 
 @dataclass
@@ -87,10 +105,11 @@ class PromptResult:
 
 
 def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
-                    progress: Callable[[int], None] | None = None) -> PromptResult:
+                    progress: Callable[[int], None] | None = None, occurrence: int = 0) -> PromptResult:
+    """One prompt's estimate; `occurrence`: its draw index in the run (see `component_seed`)."""
     comps = plan.components
     d = draw(engine, prompt.text, [c.variant for c in comps], [c.share for c in comps], plan.n_samples,
-             seed=lambda j: component_seed(plan.seed, prompt.text, j), judge=plan.judge, progress=progress,
+             seed=lambda j: component_seed(plan.seed, prompt.text, j, occurrence), judge=plan.judge, progress=progress,
              score_all=False)
     if plan.method == "mc":
         est = monte_carlo(d.scores, confidence=plan.confidence)
@@ -151,7 +170,7 @@ def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[Promp
                    progress: Callable[[int], None] | None = None) -> EstimationReport:
     if not prompts:
         raise InputError("no prompts to estimate")
-    results = [estimate_prompt(engine, plan, p, progress) for p in prompts]
+    results = [estimate_prompt(engine, plan, p, progress, k) for p, k in zip(prompts, occurrences(prompts))]
     # A judge that had trouble (malformed LLM-judge answers, an endpoint without log-probs) says
     # so on every estimate it scored: a score it had to guess at is never a silent pass.
     judge_notes = tuple(plan.judge.warnings())

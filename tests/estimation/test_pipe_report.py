@@ -1,13 +1,15 @@
 """`run_estimation`'s report (DESIGN section 8 names) and `EstimationPlan` validation."""
 
 import json
+import zlib
 
+import numpy as np
 import pytest
 
 from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import InputError
 from tailmon.judges import parse_judge
-from tailmon.estimation.pipeline import EstimationPlan, run_estimation
+from tailmon.estimation.pipeline import EstimationPlan, component_seed, run_estimation
 from tailmon.estimation.prompts import PromptItem
 from tailmon.proposals import parse_proposal
 
@@ -89,6 +91,37 @@ def test_reruns_are_reproducible_and_independent_of_prompt_order(tiny_engine):
     assert a == b
     c = run_estimation(tiny_engine, is_plan(seed=1), PROMPTS).to_dict()["estimates"]
     assert [e["p_hat"] for e in a] != [e["p_hat"] for e in c]
+
+
+def test_a_prompt_drawn_twice_gets_independent_samples(tiny_engine):
+    """Each occurrence of a text has its own stream (seeded by its draw index), so two draws of
+    one prompt are two estimates, not one counted twice; the first keeps the pre-index stream."""
+    prompts = [PromptItem("ab"), PromptItem("I cannot"), PromptItem("ab")]
+    report = run_estimation(tiny_engine, is_plan(), prompts)
+    first, _, second = report.results
+    assert first.responses != second.responses
+    assert first.to_dict() != second.to_dict()
+    # The first occurrence draws exactly what a run without the duplicate draws, and its seed is
+    # the one runs made before the draw index existed: SeedSequence([seed, crc32(text), j]).
+    assert first.to_dict() == run_estimation(tiny_engine, is_plan(), prompts[:1]).results[0].to_dict()
+    assert component_seed(0, "ab", 1) == int(np.random.SeedSequence([0, zlib.crc32(b"ab"), 1]).generate_state(1)[0])
+    assert len({component_seed(0, "ab", 1, k) for k in range(3)}) == 3
+    # Replay: the same seed gives the same estimates, duplicates included.
+    assert [r.to_dict() for r in run_estimation(tiny_engine, is_plan(), prompts).results] == \
+        [r.to_dict() for r in report.results]
+
+
+def test_common_random_numbers_pair_each_occurrence(tiny_engine):
+    """`tailmon check`'s pairing: two plans with one seed (candidate and baseline) draw the same
+    stream for the same prompt and draw index, wherever the prompt stands in the list."""
+    cand = run_estimation(tiny_engine, is_plan(), [PromptItem("ab"), PromptItem("a b"), PromptItem("ab")])
+    base = run_estimation(tiny_engine, is_plan(judge=parse_judge("prefix:b")),
+                          [PromptItem("a b"), PromptItem("ab"), PromptItem("ab")])
+    for c, b in [(cand.results[0], base.results[1]), (cand.results[2], base.results[2]),
+                 (cand.results[1], base.results[0])]:
+        assert c.responses == b.responses and np.array_equal(c.component, b.component)
+        assert np.array_equal(c.log_weights, b.log_weights)
+    assert cand.results[0].responses != cand.results[2].responses
 
 
 def test_no_prompts_is_an_input_error(tiny_engine):

@@ -111,6 +111,15 @@ def test_budget_is_spent_exactly_and_the_pilot_stays_out(tiny_engine):
     assert bad.value.setting == "pilot_share"  # the CLI names its flag from this
 
 
+def test_a_prompt_drawn_twice_in_a_budgeted_run_gets_independent_samples(tiny_engine):
+    prompts = [PromptItem("ab"), PromptItem("Sure"), PromptItem("ab")]
+    rep = estimate_with_budget(tiny_engine, plan(0), prompts, 150, pilot_share=0.2)
+    first, _, second = rep.report.results
+    assert first.responses[:10] != second.responses[:10]
+    again = estimate_with_budget(tiny_engine, plan(0), prompts, 150, pilot_share=0.2)
+    assert [r.responses for r in again.report.results] == [r.responses for r in rep.report.results]
+
+
 def test_budgeted_estimates_are_unbiased(tiny_engine):
     """R = 100 seeded repeats of the whole procedure (pilot, allocation, main estimates) on three
     prompts whose P is exact (5.0e-2, 5.4e-2, 6.8e-2). The allocation varies with the pilot (each
