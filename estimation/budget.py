@@ -34,14 +34,14 @@ how samples are spread.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from tailmon.engines.base import Engine
 from tailmon.errors import InputError
-from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, estimate_prompt, occurrences
+from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, estimate_prompt, occurrences, with_samples
 from tailmon.estimation.prompts import PromptItem
 
 DEFAULT_PILOT_SHARE = 0.2
@@ -148,12 +148,12 @@ def estimate_with_budget(engine: Engine, plan: EstimationPlan, prompts: Sequence
     if rest < m * floor:
         raise InputError(f"a budget of {budget} is too small for {m} prompts: the pilot takes {m} x {n0} and the "
                          f"floor needs {m} x {floor} more (at least {m * (n0 + floor)})")
-    pilot_plan = replace(plan, n_samples=n0, seed=pilot_seed(plan.seed))
+    pilot_plan = with_samples(plan, n0, pilot_seed(plan.seed))
     draws = occurrences(prompts)  # a prompt drawn twice gets independent pilot and main samples
     pilots = [estimate_prompt(engine, pilot_plan, p, progress, k) for p, k in zip(prompts, draws)]
     sigmas = [math.sqrt(n0) * r.estimate.std_error if math.isfinite(r.estimate.std_error) else 0.0 for r in pilots]
     counts = neyman_allocation(rest, sigmas, floor)
-    results = [estimate_prompt(engine, replace(plan, n_samples=n), p, progress, k)
+    results = [estimate_prompt(engine, with_samples(plan, n), p, progress, k)
                for p, n, k in zip(prompts, counts, draws)]
     allocation = [PromptAllocation(p.text, n0, r.estimate.p_hat, r.estimate.n_harmful, s, n)
                   for p, r, s, n in zip(prompts, pilots, sigmas, counts)]

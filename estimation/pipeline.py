@@ -68,6 +68,14 @@ class EstimationPlan:
             self.components = [Component("target", self.target, 1.0)]
 
 
+def with_samples(plan: EstimationPlan, n_samples: int, seed: int | None = None) -> EstimationPlan:
+    """`plan` with another sample count (and seed), its components kept as they are: rebuilding
+    them (`replace` runs `__post_init__`) would drop the notes `attach_adapter_warnings` put there."""
+    new = replace(plan, n_samples=n_samples, seed=plan.seed if seed is None else seed)
+    new.components = list(plan.components)
+    return new
+
+
 def component_seed(seed: int, prompt: str, j: int, occurrence: int = 0) -> int:
     """Seed for one prompt, its draw index and one component: independent of prompt order, so
     reruns match, and of the model, so candidate and baseline share the stream (`tailmon check`).

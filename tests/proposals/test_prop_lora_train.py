@@ -15,7 +15,8 @@ from tailmon.engines.transformers_engine import TransformersEngine
 from tailmon.errors import InputError, SpecError
 from tailmon.judges import parse_judge
 from tailmon.cli.main import main
-from tailmon.estimation.pipeline import EstimationPlan, attach_adapter_warnings, estimate_prompt
+from tailmon.estimation.budget import estimate_with_budget
+from tailmon.estimation.pipeline import EstimationPlan, attach_adapter_warnings, estimate_prompt, run_estimation
 from tailmon.estimation.prompts import PromptItem
 from tailmon.proposals import LoraProposal, parse_proposal
 from tailmon.proposals.lora import LoraSettings, Pair, _examples_from_pairs, load_pairs, train_lora
@@ -192,6 +193,25 @@ def test_a_new_checkpoint_loads_with_a_warning_that_the_run_records(data_adapter
     lora = LoraProposal(out).variant(TARGET)
     samples = engine.sample("ab", lora, 30, seed=1)
     np.testing.assert_allclose(samples.logprobs, engine.score("ab", lora, samples.token_ids), atol=1e-4)
+
+
+def test_a_budgeted_run_records_the_adapter_warning_as_an_unbudgeted_one(data_adapter, make_tiny_engine,
+                                                                         tiny_tokenizer):
+    """`--budget` re-sizes the plan per prompt; every estimate must still carry the note, once."""
+    _, lora_adapter, _ = data_adapter
+    engine = engine_on(fresh_model(make_tiny_engine, perturb=True), tiny_tokenizer)
+    plan = EstimationPlan(target=TARGET, judge=parse_judge("prefix:Sure"),
+                          proposals=[parse_proposal(f"lora:{lora_adapter}")], defensive=0.1, n_samples=20)
+    [note] = attach_adapter_warnings(engine, plan)
+    prompts = [PromptItem("ab"), PromptItem("a b")]
+    plain = run_estimation(engine, plan, prompts)
+    budgeted = estimate_with_budget(engine, plan, prompts, 60)
+    for r in plain.results + budgeted.report.results:
+        assert r.estimate.warnings.count(note) == 1, r.estimate.warnings
+    def adapter_notes(report):  # the diagnostics differ with the sample counts; the notes must not
+        return [[w for w in r.estimate.warnings if "LoRA adapter" in w] for r in report.results]
+
+    assert adapter_notes(budgeted.report) == adapter_notes(plain) == [[note], [note]]
 
 
 def test_the_same_checkpoint_loads_silently(data_adapter, make_tiny_engine):
