@@ -378,10 +378,8 @@ def plot_p_any(data: dict, path: Path, volume_per_window: float | None = None) -
     fig = _figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for side, color in [(cand, "tab:red")] + ([(base, "tab:blue")] if base else []):
-        ests = side["estimates"]
-        p = np.clip([e["p_hat"] for e in ests], 0, 1)
-        lo = np.clip([e["ci_low"] for e in ests], 0, 1)
-        hi = np.clip([e["ci_high"] for e in ests], 0, 1)
+        agg = side["aggregate"]  # from P_query and its interval, as the reports' figure
+        p, lo, hi = (min(max(agg[k], 0.0), 1.0) for k in ("p_hat", "ci_low", "ci_high"))
         mid = [p_any_per_window(p, v) for v in volumes]
         band_lo = [p_any_per_window(lo, v) for v in volumes]
         band_hi = [p_any_per_window(hi, v) for v in volumes]

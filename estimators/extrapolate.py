@@ -45,19 +45,23 @@ def expected_per_window(agg: Aggregate, volume: float) -> dict:
     }
 
 
-def p_any_per_window(p_values, volume: float) -> float:
-    """P(at least one harmful output) among `volume` queries spread uniformly over the m prompts.
+def p_any_per_window(p_query: float, volume: float) -> float:
+    """P(at least one harmful output) among `volume` independent queries from the prompt
+    distribution, each harmful with probability `p_query` (the aggregate P_query):
+    1 - (1 - p_query)^volume = -expm1(volume log1p(-p_query)), stable for tiny P and huge volumes.
 
-    1 - prod_i (1 - P_i)^(volume/m) = -expm1((volume/m) sum_i log1p(-P_i)), stable for tiny P_i
-    and huge volumes alike.
+    Each query is a fresh draw from D, so given P_query its harm is a Bernoulli(P_query)
+    independent of the others: the m estimated prompts are a sample of D, not the population.
+    The map is increasing in p_query, so applied to the ends of P_query's interval it gives an
+    interval with the same coverage.
     """
-    p = check_probabilities(p_values, "p_values")
+    p = check_fraction(p_query, "p_query")
     v = check_volume(volume)
-    if v == 0.0:
+    if v == 0.0 or p == 0.0:
         return 0.0
-    with np.errstate(divide="ignore"):
-        log_none = float(np.sum(np.log1p(-p)))  # -inf when some P_i = 1
-    return float(-math.expm1(v / p.size * log_none)) + 0.0  # + 0.0: never "-0" when all P_i = 0
+    if p == 1.0:
+        return 1.0
+    return float(-math.expm1(v * math.log1p(-p)))
 
 
 def worst_query_forecast(p_values, volume: float, top_fraction: float = 0.25, min_points: int = 3) -> dict | None:
@@ -105,8 +109,9 @@ def worst_query_forecast(p_values, volume: float, top_fraction: float = 0.25, mi
 def extrapolate(estimates: Sequence[Estimate], agg: Aggregate, volume: float, window: str) -> dict:
     """Deployment figures for `volume` queries in one `window` (use scale_volume for per-day volumes).
 
-    p_any_per_window's interval puts every prompt at its ci_low (resp. ci_high). Per-prompt
-    IS estimates can exceed 1 when weights misbehave; they are clipped to [0, 1] here.
+    p_any_per_window comes from the aggregate P_query and its interval (see `p_any_per_window`);
+    the worst-query forecast from the per-prompt estimates. IS estimates can exceed 1 when
+    weights misbehave; they are clipped to [0, 1] here.
     """
     parse_window(window)
     v = check_volume(volume)
@@ -114,18 +119,16 @@ def extrapolate(estimates: Sequence[Estimate], agg: Aggregate, volume: float, wi
     if not ests:
         raise InputError("estimates must not be empty")
     p = np.clip([e.p_hat for e in ests], 0.0, 1.0)
-    lo = np.clip([e.ci_low for e in ests], 0.0, 1.0)
-    hi = np.clip([e.ci_high for e in ests], 0.0, 1.0)
     expected = expected_per_window(agg, v)
     del expected["volume"]
+
+    def p_any(x: float) -> float:
+        return p_any_per_window(min(max(float(x), 0.0), 1.0), v)
+
     return {
         "window": window,
         "volume": v,
         "expected_per_window": expected,
-        "p_any_per_window": {
-            "p": p_any_per_window(p, v),
-            "ci_low": p_any_per_window(lo, v),
-            "ci_high": p_any_per_window(hi, v),
-        },
+        "p_any_per_window": {"p": p_any(agg.p_hat), "ci_low": p_any(agg.ci_low), "ci_high": p_any(agg.ci_high)},
         "worst_query": worst_query_forecast(p, v) if v > 0 else None,
     }

@@ -2,6 +2,7 @@
 
 import json
 import math
+from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
@@ -19,30 +20,48 @@ from tailmon.estimators import (
 )
 
 
-def test_p_any_against_direct_product():
-    p = np.random.default_rng(0).uniform(0, 0.01, 50)
-    V = 1000.0
-    direct = 1 - np.prod((1 - p) ** (V / p.size))
-    assert p_any_per_window(p, V) == pytest.approx(direct, rel=1e-12)
+def exact_p_any(p: str, V: int) -> float:
+    """1 - (1 - P)^V in 60-digit decimal arithmetic (V an integer: exact repeated squaring)."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return float(1 - (1 - Decimal(p)) ** V)
 
 
-def test_p_any_is_stable_for_tiny_probabilities():
-    # 1 - (1 - 1e-12)^(1e6/2) ~ 5e-7 with relative error ~ V P / 2 = 2.5e-7 from the first-order
-    # term; the naive product would lose about 4 of its 16 digits to cancellation
-    p = np.array([1e-12, 0.0])
-    assert p_any_per_window(p, 1e6) == pytest.approx(1e6 / 2 * 1e-12, rel=1e-6)
+@pytest.mark.parametrize("p, V", [("0.01", 1000), ("1e-9", 10 ** 9), ("1e-12", 10 ** 6), ("0.3", 7),
+                                  ("1e-15", 10 ** 12), ("0", 10 ** 12)])
+def test_p_any_is_one_minus_the_chance_that_no_query_is_harmful(p, V):
+    # log1p and expm1 are each within an ulp or two, and V log1p(-P) keeps that relative error
+    # (|V log1p(-P)| <= 1e3 here, so the exponent is off by at most ~1e3 x 2e-16 absolutely, a
+    # relative error below 1e-12 after expm1). The naive 1 - (1 - P)**V fails it: rounding 1 - P
+    # to a double costs P's relative precision ~1e-16 / P (1e-4 at P = 1e-12).
+    assert p_any_per_window(float(p), V) == pytest.approx(exact_p_any(p, V), rel=1e-12, abs=0)
 
 
 def test_p_any_edge_cases():
-    assert p_any_per_window([1.0, 0.0], 10) == 1.0
-    assert p_any_per_window([0.5, 0.5], 0) == 0.0
-    assert p_any_per_window([0.0, 0.0], 1e12) == 0.0
+    assert p_any_per_window(0.0, 1e12) == 0.0
+    assert p_any_per_window(1.0, 10) == 1.0
+    assert p_any_per_window(0.5, 0) == 0.0 and p_any_per_window(1.0, 0) == 0.0
     with pytest.raises(InputError):
-        p_any_per_window([1.5], 10)
+        p_any_per_window(1.5, 10)
     with pytest.raises(InputError):
-        p_any_per_window([], 10)
-    with pytest.raises(InputError):
-        p_any_per_window([0.1], -1)
+        p_any_per_window(0.1, -1)
+
+
+def test_p_any_per_window_comes_from_the_aggregate_and_its_interval():
+    """The figure and both ends come from P_query's interval, not from the prompts' own ones."""
+    ests = [monte_carlo(np.r_[np.ones(k), np.zeros(200 - k)]) for k in (0, 1, 3, 8, 20, 50)]
+    a = aggregate(ests)
+    V = 1e4
+    pa = extrapolate(ests, a, V, "1d")["p_any_per_window"]
+    assert a.ci_low < a.p_hat < a.ci_high < 1
+    for key, x in [("p", a.p_hat), ("ci_low", a.ci_low), ("ci_high", a.ci_high)]:
+        assert pa[key] == pytest.approx(-math.expm1(V * math.log1p(-x)), rel=1e-12), key
+    # V = 1e4 puts P(any) near 1 whatever P is; a small V keeps the ends apart.
+    V = 10
+    pa = extrapolate(ests, a, V, "1h")["p_any_per_window"]
+    assert pa["ci_low"] < pa["p"] < pa["ci_high"]
+    assert pa["ci_high"] == pytest.approx(1 - (1 - a.ci_high) ** V, rel=1e-9)
+    assert pa["ci_low"] == pytest.approx(1 - (1 - a.ci_low) ** V, rel=1e-9)
 
 
 def test_expected_per_window():
@@ -108,7 +127,7 @@ def test_extrapolate_structure():
     assert e["expected"] == pytest.approx(1e5 * a.p_hat)
     pa = out["p_any_per_window"]
     assert pa["ci_low"] <= pa["p"] <= pa["ci_high"]
-    assert pa["p"] == pytest.approx(p_any_per_window([e_.p_hat for e_ in ests], 1e5))
+    assert pa["p"] == pytest.approx(p_any_per_window(a.p_hat, 1e5))
     assert set(out["worst_query"]) == {"p", "psi", "slope", "intercept", "n_points"}
     with pytest.raises(InputError):
         extrapolate(ests, a, 10, "1y")
