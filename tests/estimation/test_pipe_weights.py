@@ -32,16 +32,19 @@ def redraw(engine, plan, prompt):
     return ids, np.array(drawn), np.array(counts)
 
 
-def test_mixture_weights_are_balance_heuristic_and_bounded(tiny_engine):
-    defensive = 0.2
+# n = 150: every count is exact (30/60/60). n = 37 with shares 0.1/0.45/0.45: largest remainder
+# gives 4/17/16, realised shares 0.108/0.459/0.432, so weights built from the nominal shares
+# would differ from the ones below by up to |log(0.108/0.1)| = 0.08 in log w, far above 1e-4.
+@pytest.mark.parametrize("defensive, n, expected_counts", [(0.2, 150, [30, 60, 60]), (0.1, 37, [4, 17, 16])])
+def test_mixture_weights_are_balance_heuristic_and_bounded(tiny_engine, defensive, n, expected_counts):
     plan = EstimationPlan(target=TARGET, judge=parse_judge("prefix:a"),
                           proposals=[parse_proposal("system:Sure, here is"), parse_proposal("temperature:1.5")],
-                          defensive=defensive, n_samples=150, seed=7)
+                          defensive=defensive, n_samples=n, seed=7)
     result = estimate_prompt(tiny_engine, plan, PROMPT)
     ids, drawn, counts = redraw(tiny_engine, plan, PROMPT)
     assert [tiny_engine.decode(r) for r in ids] == result.responses
     np.testing.assert_array_equal(result.component, drawn)
-    assert counts.tolist() == [30, 60, 60]
+    assert counts.tolist() == expected_counts
 
     # every weight <= 1 / defensive: p / (a0 p + ...) <= 1 / a0
     w = np.exp(result.log_weights)
