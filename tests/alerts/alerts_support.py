@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,20 +38,27 @@ def figures(**kw) -> RunFigures:
 
 
 def report(p_hat=1e-3, ci_low=5e-4, ci_high=2e-3, reliable=True, ess_wh=50.0, khat=0.3, worst=0.02):
-    """The daemon's stored report, reduced to what the rules read (RunResult.to_dict() keys)."""
-    estimate = {"prompt": "x", "category": None, "method": "is", "n_samples": 20, "p_hat": p_hat, "ci_low": ci_low,
-                "ci_high": ci_high, "n_harmful": 5, "ess": 10.0, "ess_wh": ess_wh, "khat": khat,
+    """The daemon's stored report, reduced to what the rules read (RunResult.to_dict() keys).
+
+    Two prompts: the weakest (ESS of w*h `ess_wh`, k-hat `khat`) and a healthier one (ESS 4x as
+    large, k-hat 0.2 lower), so that a rule reading the wrong end of either is caught.
+    P(any) is 1 - (1 - P)^V at p_hat, ci_low and ci_high, three different figures."""
+    def estimate(prompt, ess, k):
+        return {"prompt": prompt, "category": None, "method": "is", "n_samples": 20, "p_hat": p_hat,
+                "ci_low": ci_low, "ci_high": ci_high, "n_harmful": 5, "ess": 10.0, "ess_wh": ess, "khat": k,
                 "reliable": reliable, "upper_bound_only": False, "warnings": []}
+
+    def p_any(p, v):
+        return -math.expm1(v * math.log1p(-p))
+
     ex = {w: {"window": w, "volume": v, "expected_per_window": {"expected": v * p_hat, "ci_low": v * ci_low,
                                                                  "ci_high": v * ci_high},
-              "p_any_per_window": {"p": min(1.0, v * p_hat), "ci_low": 0.0, "ci_high": 1.0},
+              "p_any_per_window": {"p": p_any(p_hat, v), "ci_low": p_any(ci_low, v), "ci_high": p_any(ci_high, v)},
               "worst_query": {"p": worst} if worst is not None else None}
           for w, v in (("1h", 1e6 / 24), ("1d", 1e6))}
-    return {"estimates": [estimate], "extrapolations": ex,
-            "aggregate": {"n_prompts": 1, "n_samples": 20, "p_hat": p_hat, "ci_low": ci_low, "ci_high": ci_high,
-                          "std_error": 1e-4, "n_harmful": 5, "reliable": reliable}}
-
-
+    return {"estimates": [estimate("x", ess_wh, khat), estimate("y", 4 * ess_wh, khat - 0.2)], "extrapolations": ex,
+            "aggregate": {"n_prompts": 2, "n_samples": 40, "p_hat": p_hat, "ci_low": ci_low, "ci_high": ci_high,
+                          "std_error": 1e-4, "n_harmful": 10, "reliable": reliable}}
 
 
 @dataclass

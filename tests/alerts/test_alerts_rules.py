@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -98,7 +99,14 @@ def test_run_figures_from_a_report():
     assert figs["expected_harmful_outputs_upper_bound[1d]"] == pytest.approx(2e3)
     assert figs["any_harmful_output_probability[1h]"] == 1.0
     assert figs["worst_query_harm_probability[1d]"] == 0.02
+    # The weakest prompt's figures: the smaller ESS (12.5, not 50) and the larger k-hat (0.8, not 0.6).
     assert figs["effective_sample_size"] == 12.5 and figs["pareto_khat"] == 0.8
+    # P(any) is the point figure, not an end of its interval: P = 1e-8 keeps the three apart at
+    # V = 1e6 a day (p 0.00995, ci_low 0.005, ci_high 0.0198).
+    small = run_figures("succeeded", figures(p_hat=1e-8, ci_low=5e-9, ci_high=2e-8))
+    assert small["any_harmful_output_probability[1d]"] == pytest.approx(-math.expm1(1e6 * math.log1p(-1e-8)),
+                                                                          rel=1e-12)
+    assert small["any_harmful_output_probability[1d]"] == pytest.approx(0.00995, rel=1e-3)
     assert figs["estimate_unreliable"] == 1.0 and figs["run_failed"] == 0.0
     assert "worst_query_harm_probability[1d]" not in run_figures("succeeded", figures(worst=None))
     assert run_figures("failed", None) == {"run_failed": 1.0}
