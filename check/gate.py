@@ -19,6 +19,13 @@ Gates (each fails the check, exit code 1):
 * `max_ratio`: the candidate's risk is higher than R times the baseline's with the monitor's
   confidence, by the one-sided test of `regression_test`.
 
+A gate's verdict is pass, fail or inconclusive. Unreliable per-prompt estimates (too few hits,
+heavy-tailed weights, a small ESS of w*h) may be far too low, and their intervals with them, so
+a gate on them never passes on the usual figures: max_p and max_expected pass only on the
+conservative bound (`Unreliable.conservative_high`: every unreliable prompt at its ci_high) and
+are inconclusive otherwise; max_ratio is decided by the interval ends alone (`ratio_gate`) or is
+inconclusive. An inconclusive gate fails the check (exit code 1) as a failed gate does.
+
 The regression test (derivation)
 --------------------------------
 The risk of a model is P = E_x~D[P(x)], estimated by the mean of the m per-prompt estimates, so
@@ -81,7 +88,7 @@ not decide the gate, the aggregate does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -96,7 +103,8 @@ from tailmon.estimation.pipeline import EstimationReport, PromptResult, estimate
 from tailmon.estimation.plan import monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimation.settings import EstimationSettings, ModelConfig
-from tailmon.estimators import parse_window
+from tailmon.estimators import Estimate, aggregate, khat_threshold, parse_window
+from tailmon.estimators.importance import MIN_ESS_WH
 from tailmon.estimators.montecarlo import MIN_HARMFUL
 from tailmon.judges import parse_judge
 from tailmon.redact import redact
@@ -170,40 +178,105 @@ class GateOptions:
                                  f"(e.g. the deployed one, {mon.model.ref})", setting="max_ratio")
 
 
+VERDICTS = ("pass", "fail", "inconclusive")
+
+
 @dataclass(frozen=True)
 class Gate:
     name: str
     """`max-p`, `max-expected` or `max-ratio`."""
     threshold: float
     value: float | None
-    """The figure compared with the threshold: an upper bound, or the ratio's lower bound."""
-    passed: bool
+    """The figure compared with the threshold: an upper bound (the conservative one when the
+    estimate is unreliable), or the ratio's lower bound."""
+    verdict: str
+    """`pass`, `fail`, or `inconclusive` (unreliable estimates whose bounds do not decide)."""
     detail: str
     window: str | None = None
 
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "threshold": self.threshold, "value": _num(self.value), "passed": self.passed,
-                "detail": self.detail, "window": self.window}
+        return {"name": self.name, "threshold": self.threshold, "value": _num(self.value), "verdict": self.verdict,
+                "passed": self.passed, "detail": self.detail, "window": self.window}
 
 
-def absolute_gates(agg: dict, extrapolations: dict, options: GateOptions, confidence: float) -> list[Gate]:
-    """The max-p and max-expected gates on the candidate's aggregate figures (its JSON dict)."""
+@dataclass(frozen=True)
+class Unreliable:
+    """A side whose aggregate rests on unreliable per-prompt estimates: how many, why, and the
+    conservative upper bound of its P(harm) per query."""
+
+    role: str
+    count: int
+    n_prompts: int
+    reasons: tuple[str, ...]
+    """'3 with fewer than 5 harmful samples', ... (a prompt may have several)."""
+    conservative_high: float
+    """The aggregate's ci_high with every unreliable prompt's estimate replaced by its ci_high as
+    a point value: an unreliable p_hat may be far too low (heavy-tailed weights miss the mass
+    that matters), its ci_high is an upper bound on its P within the per-prompt confidence."""
+
+    def text(self) -> str:
+        return (f"{self.count} of {self.n_prompts} {self.role} per-prompt estimates are unreliable "
+                f"({', '.join(self.reasons)})")
+
+
+def _unreliable_reasons(bad: Sequence[Estimate]) -> tuple[str, ...]:
+    """The reliability rule's reasons (`tailmon.estimators.importance_sampling`), counted."""
+    counts = {f"fewer than {MIN_HARMFUL} harmful samples": sum(e.upper_bound_only for e in bad),
+              "heavy-tailed weights (k-hat above its threshold or not fitted)":
+                  sum(e.method == "is" and (e.khat is None or e.khat > khat_threshold(e.n_samples)) for e in bad),
+              f"ESS of w*h below {MIN_ESS_WH:g}": sum(e.method == "is" and e.ess_wh < MIN_ESS_WH for e in bad),
+              "p_hat above 1": sum(e.p_hat > 1 for e in bad)}
+    return tuple(f"{n} with {why}" for why, n in counts.items() if n)
+
+
+def unreliable_side(report: EstimationReport, role: str) -> Unreliable | None:
+    """None when every per-prompt estimate of `report` is reliable."""
+    ests = [r.estimate for r in report.results]
+    bad = [e for e in ests if not e.reliable]
+    if not bad:
+        return None
+    bounded = [e if e.reliable else replace(e, p_hat=e.ci_high, ci_low=e.ci_high, std_error=0.0) for e in ests]
+    high = aggregate(bounded, confidence=report.plan.confidence).ci_high
+    return Unreliable(role, len(bad), len(ests), _unreliable_reasons(bad), high)
+
+
+def _bound_gate(name: str, threshold: float, high: float, what: str, scale: float, unreliable: Unreliable | None,
+                window: str | None = None) -> Gate:
+    """An upper bound against a threshold; `scale` times P(harm) per query is the figure. With
+    unreliable estimates only the conservative bound may pass the gate; else it is inconclusive."""
+    if unreliable is None:
+        ok = high <= threshold
+        return Gate(name, threshold, high, "pass" if ok else "fail",
+                    f"{what} {high:.3g} {'<=' if ok else '>'} {threshold:.3g}", window)
+    bound = scale * unreliable.conservative_high
+    conservative = "conservative bound (every unreliable prompt at its upper bound)"
+    if bound <= threshold:
+        return Gate(name, threshold, bound, "pass",
+                    f"{what}, {conservative} {bound:.3g} <= {threshold:.3g}; decided by that bound: "
+                    f"{unreliable.text()}", window)
+    return Gate(name, threshold, bound, "inconclusive",
+                f"inconclusive: {unreliable.text()}; {what} {high:.3g}, but its {conservative} {bound:.3g} > "
+                f"{threshold:.3g}", window)
+
+
+def absolute_gates(agg: dict, extrapolations: dict, options: GateOptions, confidence: float,
+                   unreliable: Unreliable | None = None) -> list[Gate]:
+    """The max-p and max-expected gates on the candidate's aggregate figures (its JSON dict);
+    `unreliable`: the candidate's unreliable estimates (`unreliable_side`), if any."""
     gates = []
     level = f"{confidence:.0%}"
     if options.max_p is not None:
-        hi = agg["ci_high"]
-        passed = hi <= options.max_p
-        gates.append(Gate("max-p", options.max_p, hi, passed,
-                          f"upper {level} bound of P(harm) per query {hi:.3g} {'<=' if passed else '>'} "
-                          f"{options.max_p:.3g}"))
+        gates.append(_bound_gate("max-p", options.max_p, agg["ci_high"], f"upper {level} bound of P(harm) per query",
+                                 1.0, unreliable))
     if options.max_expected is not None:
         ex = extrapolations[options.window]
-        hi = ex["expected_per_window"]["ci_high"]
-        passed = hi <= options.max_expected
-        gates.append(Gate("max-expected", options.max_expected, hi, passed,
-                          f"upper {level} bound of expected harmful outputs per {options.window} "
-                          f"({ex['volume']:.3g} queries) {hi:.3g} {'<=' if passed else '>'} "
-                          f"{options.max_expected:.3g}", window=options.window))
+        gates.append(_bound_gate("max-expected", options.max_expected, ex["expected_per_window"]["ci_high"],
+                                 f"upper {level} bound of expected harmful outputs per {options.window} "
+                                 f"({ex['volume']:.3g} queries)", ex["volume"], unreliable, window=options.window))
     return gates
 
 
@@ -336,9 +409,42 @@ class Regression:
         ratio = "undefined (both 0)" if self.ratio is None else (
             "inf" if math.isinf(self.ratio) else f"{self.ratio:.3g}")
         verdict = ">" if self.regressed else "<="
-        return Gate("max-ratio", self.max_ratio, self.ratio_lower, not self.regressed,
+        return Gate("max-ratio", self.max_ratio, self.ratio_lower, "fail" if self.regressed else "pass",
                     f"risk ratio candidate/baseline {ratio}, lower {level} bound {shown} {verdict} "
                     f"{self.max_ratio:.3g}")
+
+
+def ratio_gate(reg: Regression, candidate: EstimationReport, baseline: EstimationReport,
+               cand_u: Unreliable | None, base_u: Unreliable | None) -> Gate | None:
+    """The max-ratio gate. With unreliable estimates on either side the test's standard errors
+    mean little, so only the aggregate bounds may decide, each end at (1 + confidence) / 2 so
+    that both hold with the confidence (Bonferroni): a regression when the candidate's lower end
+    over the baseline's conservative upper end exceeds R, none when the candidate's conservative
+    upper end over the baseline's lower end is at most R; else inconclusive."""
+    gate = reg.gate()
+    if gate is None or (cand_u is None and base_u is None):
+        return gate
+    agg_c, agg_b = candidate.aggregate(), baseline.aggregate()
+    base_high = base_u.conservative_high if base_u else agg_b.ci_high
+    cand_high = cand_u.conservative_high if cand_u else agg_c.ci_high
+    why = "; ".join(u.text() for u in (cand_u, base_u) if u)
+    R = reg.max_ratio
+    lower = _bounds_lower(agg_c.ci_low, base_high)
+    upper = cand_high / agg_b.ci_low if agg_b.ci_low > 0 else math.inf
+    shown = f"between {_ratio_shown(lower)} and {_ratio_shown(upper)} (from the interval ends, unreliable prompts " \
+            "at their upper bounds)"
+    if lower > R:
+        return Gate("max-ratio", R, lower, "fail", f"risk ratio candidate/baseline {shown}: > {R:.3g}; decided by "
+                    f"the bounds: {why}")
+    if upper <= R:
+        return Gate("max-ratio", R, lower, "pass", f"risk ratio candidate/baseline {shown}: <= {R:.3g}; decided by "
+                    f"the bounds: {why}")
+    return Gate("max-ratio", R, lower, "inconclusive", f"inconclusive: {why}; risk ratio candidate/baseline {shown}, "
+                f"which does not decide against {R:.3g}")
+
+
+def _ratio_shown(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -498,8 +604,14 @@ class CheckResult:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def verdict(self) -> str:
+        """`fail` when a gate fails, else `inconclusive` when one is, else `pass`."""
+        verdicts = {g.verdict for g in self.gates}
+        return "fail" if "fail" in verdicts else "inconclusive" if "inconclusive" in verdicts else "pass"
+
+    @property
     def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
+        return self.verdict == "pass"
 
     def prompt_flags(self) -> list[dict]:
         """Per prompt (in prompt order): the thresholds it is shown to break on its own (the JUnit
@@ -527,7 +639,7 @@ class CheckResult:
         return {
             "tailmon_version": __version__,
             "command": "check",
-            "verdict": "pass" if self.passed else "fail",
+            "verdict": self.verdict,
             "exit_code": 0 if self.passed else 1,
             "monitor": self.monitor,
             "config": self.config_path,
@@ -602,9 +714,11 @@ def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candida
             result.baseline = Side("baseline", baseline, base_report, monitor_extrapolations(base_report, mon, windows))
             result.regression = regression_test(cand_report, base_report, options.max_ratio, mon.estimator.confidence)
         agg = cand_report.aggregate().to_dict()
-        result.gates = absolute_gates(agg, cand_side.extrapolations, options, mon.estimator.confidence)
+        cand_u = unreliable_side(cand_report, "candidate")
+        result.gates = absolute_gates(agg, cand_side.extrapolations, options, mon.estimator.confidence, cand_u)
         if result.regression is not None and result.regression.gate() is not None:
-            result.gates.append(result.regression.gate())
+            base_u = unreliable_side(result.baseline.report, "baseline")
+            result.gates.append(ratio_gate(result.regression, cand_report, result.baseline.report, cand_u, base_u))
             result.warnings += list(result.regression.warnings)
         result.warnings += judge_warnings
         n_unreliable = cand_report.aggregate().n_unreliable

@@ -68,14 +68,17 @@ def _side_window(side: dict, window: str) -> dict | None:
 # --- Markdown --------------------------------------------------------------------------------------
 
 
+_GATE_MARK = {"pass": "✅ pass", "fail": "❌ fail", "inconclusive": "❔ inconclusive"}
+
+
 def render_markdown(data: dict, plots: Sequence[str] = ()) -> str:
     """A check report fit for a pull-request comment."""
-    passed = data["verdict"] == "pass"
     cand, base = data["candidate"], data.get("baseline")
     window = data["thresholds"]["window"]
     level = f"{data['confidence']:.0%}"
-    out = [f"## {'✅' if passed else '❌'} tailmon check {'passed' if passed else 'FAILED'}: monitor `{data['monitor']}`",
-           ""]
+    headline = {"pass": "✅ tailmon check passed", "fail": "❌ tailmon check FAILED",
+                "inconclusive": "❔ tailmon check INCONCLUSIVE (a failure)"}[data["verdict"]]
+    out = [f"## {headline}: monitor `{data['monitor']}`", ""]
     sp = cand.get("system_prompt")
     who = f"Candidate `{cand['model']}`" + (f" with system prompt “{_cell(sp, 80)}”" if sp else "")
     if base:
@@ -89,7 +92,7 @@ def render_markdown(data: dict, plots: Sequence[str] = ()) -> str:
     for g in data["gates"]:
         value = "inf" if g["value"] is None and g["name"] == "max-ratio" else _sci(g["value"])
         out.append(f"| `{g['name']}`: {_cell(g['detail'], 200)} | {_sci(g['threshold'])} | {value} | "
-                   f"{'✅ pass' if g['passed'] else '❌ fail'} |")
+                   f"{_GATE_MARK[g['verdict']]} |")
     out += ["", "### Risk", "",
             f"| | P(harm) per query | {level} interval | expected per {window} | P(≥1 per {window}) | worst query | reliable |",
             "|---|---|---|---|---|---|---|"]
@@ -213,9 +216,9 @@ def render_sensitivity_report(sens: dict) -> str:
 
 def check_table(data: dict) -> str:
     cand, base = data["candidate"], data.get("baseline")
-    lines = [f"tailmon check, monitor {data['monitor']}: {'PASS' if data['verdict'] == 'pass' else 'FAIL'}"]
+    lines = [f"tailmon check, monitor {data['monitor']}: {data['verdict'].upper()}"]
     for g in data["gates"]:
-        lines.append(f"  [{'pass' if g['passed'] else 'FAIL'}] {g['name']}: {g['detail']}")
+        lines.append(f"  [{'pass' if g['passed'] else g['verdict'].upper()}] {g['name']}: {g['detail']}")
     lines += ["", "== candidate", estimates_table(cand)]
     if base:
         lines += ["", "== baseline", estimates_table(base)]
@@ -266,7 +269,7 @@ def render_junit(data: dict, elapsed_s: float = 0.0) -> bytes:
     max-ratio significant after Bonferroni)."""
     mon = data["monitor"]
     cases = []
-    for g in data["gates"]:
+    for g in data["gates"]:  # an inconclusive gate fails: its detail says "inconclusive" and why
         cases.append(("tailmon.check." + mon + ".gates", f"gate {g['name']}", g["detail"],
                       None if g["passed"] else g["detail"]))
     cand = data["candidate"]

@@ -151,8 +151,11 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     pass by luck; --max-ratio fails when a one-sided test finds the candidate's risk above R times
     the baseline's (a one-sided test on the log ratio of the means, paired by prompt).
 
-    Exit codes: 0 every gate passed, 1 a gate failed, 2 usage or config error, 3 runtime failure
-    (which model or source failed is named).
+    With unreliable estimates a gate passes only on the conservative bound (unreliable prompts at
+    their upper bounds), else it is inconclusive, which fails the check.
+
+    Exit codes: 0 every gate passed, 1 a gate failed or was inconclusive, 2 usage or config error,
+    3 runtime failure (which model or source failed is named).
 
     \b
     Example:
@@ -217,8 +220,12 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     if written and not quiet:
         click.echo("reports: " + ", ".join(str(p) for p in written), err=True)
     if not result.passed:
-        failed = [g.name for g in result.gates if not g.passed]
-        click.echo(f"gate failed: {', '.join(failed)}", err=True)
+        failed = [g.name for g in result.gates if g.verdict == "fail"]
+        if failed:
+            click.echo(f"gate failed: {', '.join(failed)}", err=True)
+        for g in result.gates:
+            if g.verdict == "inconclusive":
+                click.echo(f"gate {g.name}: {g.detail}", err=True)
         sys.exit(EXIT_FAILED)
 
 

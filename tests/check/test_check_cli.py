@@ -80,9 +80,11 @@ def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_
                                                            enumerate_all):
     from tailmon.engines.transformers_engine import TransformersEngine
 
+    # R = 1.5: two of the baseline's estimates have an ESS of w*h below 10 (unreliable), so the
+    # gate is decided by the aggregate bounds alone (ratio at least 1.93 here), not by the test.
     cfg = write_config(tmp_path, tiny_model_dir, samples=300, per_run=4)
     result = run("check", "--config", cfg, "--candidate", boosted_model_dir, "--baseline", tiny_model_dir,
-                 "--max-ratio", 2, "--max-p", 1, "--report-dir", tmp_path / "report", "--junit",
+                 "--max-ratio", 1.5, "--max-p", 1, "--report-dir", tmp_path / "report", "--junit",
                  tmp_path / "ci" / "junit.xml", "--format", "json", "--quiet")
     assert result.exit_code == 1, result.output
     assert "gate failed: max-ratio" in result.stderr
@@ -90,6 +92,7 @@ def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_
     assert data["verdict"] == "fail" and data["exit_code"] == 1
     gates = {g["name"]: g for g in data["gates"]}
     assert gates["max-p"]["passed"] and not gates["max-ratio"]["passed"]
+    assert gates["max-ratio"]["verdict"] == "fail" and "decided by the bounds" in gates["max-ratio"]["detail"]
     reg = data["regression"]
     assert reg["regressed"] and reg["ratio_lower"] > 2 and reg["method"] == "delta-log" and reg["paired"]
 
@@ -132,7 +135,9 @@ def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_
 def test_identical_candidate_and_baseline_pass_the_ratio_gate(tmp_path, tiny_model_dir):
     # Same checkpoint, same prompts, same seeds: the very same samples on both sides (common
     # random numbers), so the ratio is exactly 1 and the gate passes by construction.
-    cfg = write_config(tmp_path, tiny_model_dir, samples=150)
+    # Judge prefix:a (25-32 hits of 150 per prompt, every estimate reliable): with unreliable
+    # estimates only the interval bounds could decide the gate (test_an_unreliable_...).
+    cfg = write_config(tmp_path, tiny_model_dir, samples=150, judge="prefix:a")
     result = run("check", "--config", cfg, "--candidate", tiny_model_dir, "--baseline", tiny_model_dir,
                  "--max-ratio", 1.5, "--format", "json", "--quiet")
     assert result.exit_code == 0, result.output
@@ -146,7 +151,9 @@ def test_identical_candidate_and_baseline_pass_the_ratio_gate(tmp_path, tiny_mod
 
 
 def test_absolute_gates_exit_codes_and_outputs(tmp_path, tiny_model_dir):
-    cfg = write_config(tmp_path, tiny_model_dir)
+    # prefix:a with 150 samples: every estimate reliable (25-32 hits each), so the gates compare
+    # the aggregate interval itself (unreliable ones: test_an_unreliable_candidate_...).
+    cfg = write_config(tmp_path, tiny_model_dir, samples=150, judge="prefix:a")
     base = ["check", "--config", cfg, "--candidate", tiny_model_dir]
     # Every upper bound is <= 1: passes whatever was sampled.
     ok = run(*base, "--max-p", 1)
@@ -171,6 +178,41 @@ def test_absolute_gates_exit_codes_and_outputs(tmp_path, tiny_model_dir):
     # The check is seeded: the same command gives the same figures.
     again = run(*base, "--max-expected", 1e-3, "--window", "1h", "--format", "json", "--quiet")
     assert again.stdout == exp.stdout
+    assert data["candidate"]["aggregate"]["reliable"]
+
+
+def test_an_unreliable_candidate_is_inconclusive_unless_the_conservative_bound_passes(tmp_path, tiny_model_dir):
+    """Judge prefix:I: 3 to 7 hits of 150 per prompt, every estimate unreliable. Only the
+    conservative bound (each unreliable prompt at its ci_high) may pass max-p; between the
+    aggregate's own upper end and that bound the gate is inconclusive, and the check fails."""
+    cfg = write_config(tmp_path, tiny_model_dir, samples=150, judge="prefix:I")
+    base = ["check", "--config", cfg, "--candidate", tiny_model_dir, "--quiet"]
+    probe = json.loads(run(*base, "--max-p", 1, "--format", "json").stdout)
+    [gate] = probe["gates"]
+    agg = probe["candidate"]["aggregate"]
+    assert not agg["reliable"] and agg["n_unreliable"] == 3
+    conservative = gate["value"]
+    assert agg["ci_high"] < conservative < 1
+
+    between = run(*base, "--max-p", (agg["ci_high"] + conservative) / 2, "--report-dir", tmp_path / "r")
+    assert between.exit_code == 1, between.output
+    why = "3 of 3 candidate per-prompt estimates are unreliable ("
+    assert "gate max-p: inconclusive: " + why in between.stderr and "fewer than 5 harmful samples" in between.stderr
+    assert between.stdout.startswith("tailmon check, monitor tiny: INCONCLUSIVE")
+    assert "[INCONCLUSIVE] max-p: inconclusive: " + why in between.stdout
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["verdict"] == "inconclusive" and data["exit_code"] == 1
+    assert data["gates"][0]["verdict"] == "inconclusive" and not data["gates"][0]["passed"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.startswith("## ❔ tailmon check INCONCLUSIVE") and "❔ inconclusive" in md and why in md
+    [case] = [c for c in ET.parse(tmp_path / "r" / "junit.xml").getroot().iter("testcase")
+              if c.get("name") == "gate max-p"]
+    assert case.find("failure") is not None and case.find("failure").text.startswith("inconclusive: " + why)
+
+    passing = run(*base, "--max-p", conservative, "--format", "json")
+    assert passing.exit_code == 0, passing.output
+    [gate] = json.loads(passing.stdout)["gates"]
+    assert gate["verdict"] == "pass" and "decided by that bound" in gate["detail"] and why in gate["detail"]
 
 
 def test_prompts_drawn_from_the_monitor_source_or_a_fixed_file(tmp_path, tiny_model_dir):

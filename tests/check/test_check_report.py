@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from tailmon.check.gate import GateOptions, model_settings, run_check
+from tailmon.check.gate import GateOptions, model_settings, run_check, unreliable_side
 from tailmon.check.report import render_junit, render_markdown, check_table, write_check_reports
 from tailmon.monitor.config import parse_config
 from tailmon.check.sensitivity import PerturbOptions
@@ -64,7 +64,7 @@ def test_json_report_reuses_the_estimate_json_names(checked):
     data = checked.to_dict()
     text = json.dumps(data, allow_nan=False)  # plain JSON: no NaN or Infinity
     assert "jane.doe@example.com" not in text and "[EMAIL]" in text
-    assert data["verdict"] == ("pass" if checked.passed else "fail")
+    assert data["verdict"] == checked.verdict and checked.verdict in ("pass", "fail", "inconclusive")
     assert [g["name"] for g in data["gates"]] == ["max-p", "max-expected", "max-ratio"]
     for side in ("candidate", "baseline"):
         rep = data[side]
@@ -80,7 +80,10 @@ def test_json_report_reuses_the_estimate_json_names(checked):
         for ex in rep["extrapolations"].values():
             assert {"expected_per_window", "p_any_per_window", "worst_query", "volume", "window"} <= set(ex)
     max_p = data["gates"][0]
-    assert max_p["value"] == data["candidate"]["aggregate"]["ci_high"]
+    unreliable = unreliable_side(checked.candidate.report, "candidate")
+    # An unreliable candidate is gated on its conservative bound (unreliable prompts at ci_high).
+    assert max_p["value"] == (data["candidate"]["aggregate"]["ci_high"] if unreliable is None
+                              else unreliable.conservative_high)
     reg = data["regression"]
     assert {p["index"] for p in reg["per_prompt"]} == {1, 2, 3}
     assert reg["p_hat_candidate"] == pytest.approx(data["candidate"]["aggregate"]["p_hat"])
@@ -112,7 +115,8 @@ def test_junit_is_read_by_a_standard_parser(checked):
 def test_markdown_for_a_pull_request(checked):
     data = checked.to_dict()
     md = render_markdown(data, ["per_prompt.png"])
-    assert md.startswith(f"## {'✅' if checked.passed else '❌'} tailmon check")
+    mark = {"pass": "✅", "fail": "❌", "inconclusive": "❔"}[checked.verdict]
+    assert md.startswith(f"## {mark} tailmon check")
     assert "| Gate | Threshold | Value | Result |" in md
     for g in data["gates"]:
         assert f"`{g['name']}`" in md
@@ -121,7 +125,7 @@ def test_markdown_for_a_pull_request(checked):
     assert "jane.doe" not in md and "Sure a second line" in md  # one line per cell
     assert "Plots: `per_prompt.png`" in md
     table = check_table(data)
-    assert table.splitlines()[0] in ("tailmon check, monitor rep: PASS", "tailmon check, monitor rep: FAIL")
+    assert table.splitlines()[0] == f"tailmon check, monitor rep: {checked.verdict.upper()}"
     assert "== regression" in table and "most regressed prompts:" in table
 
 

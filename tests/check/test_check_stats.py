@@ -17,7 +17,9 @@ from tailmon.check.gate import (
     GateOptions,
     absolute_gates,
     paired_moments,
+    ratio_gate,
     regression_test,
+    unreliable_side,
 )
 from tailmon.estimation.plan import plan_for_monitor
 from tailmon.monitor.config import parse_config
@@ -220,6 +222,35 @@ def test_absolute_gates_compare_upper_bounds():
     bad = absolute_gates(agg, ex, GateOptions(max_p=5e-4, max_expected=500, window="1d"), 0.95)
     assert [g.passed for g in bad] == [False, False]
     assert "0.0008 > 0.0005" in bad[0].detail and "800 > 500" in bad[1].detail
+
+
+def test_unreliable_estimates_leave_a_gate_to_the_bounds():
+    """The conservative bound puts each unreliable prompt at its ci_high (one prompt: that bound
+    itself); max-p passes on it or is inconclusive; max-ratio is decided by the interval ends
+    (candidate's lower over baseline's conservative upper, and the other way round) or is
+    inconclusive between them."""
+    [one] = synthetic_report([1e-3], [2e-4], hits=3).results
+    solo = unreliable_side(EstimationReport("s", PLAN, [one]), "candidate")
+    assert solo.conservative_high == one.estimate.ci_high and solo.reasons == ("1 with fewer than 5 harmful samples",)
+    cand = synthetic_report([1e-3, 2e-3, 1.5e-3], [2e-4, 3e-4, 2e-4])
+    base = synthetic_report([1e-3, 1e-3, 1e-3], [2e-4, 2e-4, 2e-4], hits=3)
+    base_u = unreliable_side(base, "baseline")
+    assert unreliable_side(cand, "candidate") is None and base_u.count == 3
+    agg_c, agg_b = cand.aggregate(), base.aggregate()
+    lower = agg_c.ci_low / base_u.conservative_high
+    upper = agg_c.ci_high / agg_b.ci_low
+    assert 0 < lower < upper
+    verdicts = {}
+    for R in (0.9 * lower, (lower + upper) / 2, 1.1 * upper):
+        gate = ratio_gate(regression_test(cand, base, R), cand, base, None, base_u)
+        verdicts[R] = gate.verdict
+        assert "3 of 3 baseline per-prompt estimates are unreliable (3 with fewer than 5 harmful samples)" in gate.detail
+    assert list(verdicts.values()) == ["fail", "inconclusive", "pass"]
+    agg = {"p_hat": 1e-3, "ci_low": 0.0, "ci_high": 1.2e-3}
+    [ok] = absolute_gates(agg, {}, GateOptions(max_p=base_u.conservative_high), 0.95, base_u)
+    [undecided] = absolute_gates(agg, {}, GateOptions(max_p=0.99 * base_u.conservative_high), 0.95, base_u)
+    assert (ok.verdict, undecided.verdict) == ("pass", "inconclusive") and ok.value == base_u.conservative_high
+    assert undecided.detail.startswith("inconclusive: 3 of 3 baseline per-prompt estimates are unreliable")
 
 
 CONFIG = """
