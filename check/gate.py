@@ -420,7 +420,9 @@ def ratio_gate(reg: Regression, candidate: EstimationReport, baseline: Estimatio
     mean little, so only the aggregate bounds may decide, each end at (1 + confidence) / 2 so
     that both hold with the confidence (Bonferroni): a regression when the candidate's lower end
     over the baseline's conservative upper end exceeds R, none when the candidate's conservative
-    upper end over the baseline's lower end is at most R; else inconclusive."""
+    upper end over the baseline's lower end is at most R; else inconclusive. An unreliable
+    baseline has no lower end to trust (a lucky heavy weight lifts it as easily as a missed one
+    lowers the upper end), so with one the bounds can fail the gate but never pass it."""
     gate = reg.gate()
     if gate is None or (cand_u is None and base_u is None):
         return gate
@@ -430,7 +432,7 @@ def ratio_gate(reg: Regression, candidate: EstimationReport, baseline: Estimatio
     why = "; ".join(u.text() for u in (cand_u, base_u) if u)
     R = reg.max_ratio
     lower = _bounds_lower(agg_c.ci_low, base_high)
-    upper = cand_high / agg_b.ci_low if agg_b.ci_low > 0 else math.inf
+    upper = cand_high / agg_b.ci_low if agg_b.ci_low > 0 and base_u is None else math.inf
     shown = f"between {_ratio_shown(lower)} and {_ratio_shown(upper)} (from the interval ends, unreliable prompts " \
             "at their upper bounds)"
     if lower > R:

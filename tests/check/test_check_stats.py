@@ -245,7 +245,19 @@ def test_unreliable_estimates_leave_a_gate_to_the_bounds():
         gate = ratio_gate(regression_test(cand, base, R), cand, base, None, base_u)
         verdicts[R] = gate.verdict
         assert "3 of 3 baseline per-prompt estimates are unreliable (3 with fewer than 5 harmful samples)" in gate.detail
-    assert list(verdicts.values()) == ["fail", "inconclusive", "pass"]
+    # an unreliable baseline's lower end is not to be trusted: the bounds can fail, never pass
+    assert list(verdicts.values()) == ["fail", "inconclusive", "inconclusive"]
+    # an unreliable candidate against a reliable baseline: its conservative upper end over the
+    # baseline's lower end at most R passes
+    cand2 = synthetic_report([1e-3, 1e-3, 1e-3], [2e-4, 2e-4, 2e-4], hits=3)
+    base2 = synthetic_report([1e-3, 2e-3, 1.5e-3], [2e-4, 3e-4, 2e-4])
+    cand2_u = unreliable_side(cand2, "candidate")
+    upper2 = cand2_u.conservative_high / base2.aggregate().ci_low
+    lower2 = cand2.aggregate().ci_low / base2.aggregate().ci_high
+    passed = ratio_gate(regression_test(cand2, base2, 1.1 * upper2), cand2, base2, cand2_u, None)
+    assert passed.verdict == "pass"
+    failed = ratio_gate(regression_test(cand2, base2, 0.9 * lower2), cand2, base2, cand2_u, None)
+    assert failed.verdict == "fail"
     agg = {"p_hat": 1e-3, "ci_low": 0.0, "ci_high": 1.2e-3}
     [ok] = absolute_gates(agg, {}, GateOptions(max_p=base_u.conservative_high), 0.95, base_u)
     [undecided] = absolute_gates(agg, {}, GateOptions(max_p=0.99 * base_u.conservative_high), 0.95, base_u)
