@@ -11,12 +11,30 @@ from tailmon.store.values import as_bool, as_float, as_int
 
 
 def redacted_report(report: dict) -> dict:
-    """The report to store: per-prompt texts and the system prompt through redact()."""
+    """The report to store: per-prompt texts and categories and the system prompt through redact()."""
     out = dict(report)
-    out["estimates"] = [{**e, "prompt": redact(e["prompt"])} for e in report["estimates"]]
+    out["estimates"] = [{**e, "prompt": redact(e["prompt"]), "category": _redacted(e.get("category"))}
+                        for e in report["estimates"]]
     if isinstance(report.get("system_prompt"), str):
         out["system_prompt"] = redact(report["system_prompt"])
+    agg = report.get("aggregate")
+    if isinstance(agg, dict) and isinstance(agg.get("by_category"), dict):
+        out["aggregate"] = {**agg, "by_category": {_redacted(k): v for k, v in agg["by_category"].items()}}
     return out
+
+
+def redacted_settings(settings: dict) -> dict:
+    """A run's settings to store: the deployed system prompt through redact() (it may carry the
+    operator's contact details as production serves them)."""
+    model = settings.get("model") if isinstance(settings, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("system_prompt"), str):
+        return {**settings, "model": {**model, "system_prompt": redact(model["system_prompt"])}}
+    return settings
+
+
+def _redacted(value):
+    # A category comes from the source's own field: free text, as personal as the prompt.
+    return redact(value) if isinstance(value, str) else value
 
 
 def report_rows(run_id: int, report: dict) -> tuple[dict, list[dict]]:
@@ -31,7 +49,7 @@ def report_rows(run_id: int, report: dict) -> tuple[dict, list[dict]]:
             raise InputError(f"report estimate {i} must be a dict with a 'prompt' string")
         rows.append({
             "run_id": run_id, "prompt_index": i, "prompt": redact(e["prompt"]),
-            "category": e.get("category"), "method": e.get("method"),
+            "category": _redacted(e.get("category")), "method": e.get("method"),
             "n_samples": as_int(e.get("n_samples"), f"estimate {i} n_samples"),
             "n_harmful": as_int(e.get("n_harmful"), f"estimate {i} n_harmful"),
             **{k: as_float(e.get(k), f"estimate {i} {k}") for k in ("p_hat", "ci_low", "ci_high", "ess",

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from tailmon.errors import InputError, RuntimeFailure
 from tailmon.redact import redact
 from tailmon.store.base import StoreBase
-from tailmon.store.reports import SAMPLE_KEYS, report_rows, sample_rows
+from tailmon.store.reports import SAMPLE_KEYS, redacted_settings, report_rows, sample_rows
 from tailmon.store.schema import ESTIMATES, FINAL_STATUSES, MODEL_VERSIONS, RUN_STATUSES, RUNS, SAMPLES
 
 
@@ -54,7 +54,7 @@ class RunStore(StoreBase):
             result = conn.execute(insert(RUNS).values(
                 monitor=monitor, model_ref=model_ref, model_version=int(model_version), config_hash=config_hash,
                 status="running", owner_instance=self.instance_id, owner_token=self.token,
-                started_at=now, heartbeat_at=now, settings=settings))
+                started_at=now, heartbeat_at=now, settings=redacted_settings(settings)))
             return result.inserted_primary_key[0]
 
     def heartbeat(self, run_id: int) -> bool:

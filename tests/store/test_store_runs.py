@@ -294,11 +294,12 @@ def test_model_version_increments_only_on_a_changed_fingerprint(store):
 def test_prompts_responses_and_errors_are_stored_redacted(store, build_report):
     prompt = "Email jane.doe@example.com or call +44 20 7946 0958 about the 2024-05-01 invoice"
     response = "Sure, write to bob@corp.io or ring (555) 123-4567"
-    report, samples = build_report([prompt], n=10, responses=[response])
+    # a category is the source's free text; the deployed system prompt is in the run's settings
+    report, samples = build_report([(prompt, "tickets of ops@corp.io")], n=10, responses=[response])
     report["system_prompt"] = "You are the helpdesk of help@shop.example"
     assert redact(prompt) != prompt and redact(response) != response  # the texts carry personal data
 
-    run_id = start(store)
+    run_id = start(store, settings={"model": {"ref": "m", "system_prompt": "Escalate to lead@shop.example"}})
     store.finish_run(run_id, "succeeded", report=report, samples=samples)
     failed = start(store)
     store.finish_run(failed, "failed", error=f"judge crashed on prompt {prompt!r}")
@@ -318,5 +319,8 @@ def test_prompts_responses_and_errors_are_stored_redacted(store, build_report):
         dump = " ".join(str(tuple(row)) for table in tables.sorted_tables
                         for row in conn.execute(select(table)))
     assert "Sure, write to" in dump  # the dump does contain the stored texts
-    for secret in ("jane.doe@example.com", "7946 0958", "bob@corp.io", "123-4567", "help@shop.example"):
+    for secret in ("jane.doe@example.com", "7946 0958", "bob@corp.io", "123-4567", "help@shop.example",
+                   "ops@corp.io", "lead@shop.example"):
         assert secret not in dump
+    assert run["estimates"][0]["category"] == "tickets of [EMAIL]"
+    assert run["settings"]["model"]["system_prompt"] == "Escalate to [EMAIL]"
