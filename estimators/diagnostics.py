@@ -75,6 +75,32 @@ def pareto_khat(weights) -> float | None:
     return _khat(w)
 
 
+# The fewest draws whose PSIS tail, M = ceil(min(0.2 n, 3 sqrt n)), holds the 5 points the GPD fit
+# needs (`_khat` returns None below that, as R `loo` refuses a tail shorter than 5): M reaches 5
+# at n = 21. The k-hat of w*h is fitted only from at least this many hits.
+MIN_HITS_KHAT = 21
+
+
+def khat_of_hits(wh) -> float | None:
+    """PSIS k-hat of the products w*h over the samples with w*h > 0 (the hits).
+
+    The weights' k-hat is fitted on all draws, so with a defensive share it describes the
+    non-hits and stays near 0 whatever the hits' weights do; the estimate mean(w h) is carried
+    by the hits alone, and this checks their tail. The non-hits are left out: they are all 0,
+    not a tail. None when fewer than MIN_HITS_KHAT hits (too few for the tail fit); otherwise
+    as `pareto_khat` on the hits.
+    """
+    x = _check_weights(wh)
+    return _khat_of_hits(x)
+
+
+def _khat_of_hits(wh: np.ndarray) -> float | None:
+    hits = wh[wh > 0]
+    if hits.size < MIN_HITS_KHAT:
+        return None
+    return _khat(hits)
+
+
 def _khat(w: np.ndarray) -> float | None:
     n = w.size
     if n < 10:

@@ -16,9 +16,9 @@ from scipy.special import logsumexp
 from tailmon.errors import InputError, InternalError
 
 from ._checks import as_1d, check_confidence, check_fraction, check_scores
-from .diagnostics import _ess, _khat, khat_threshold
+from .diagnostics import _ess, _khat, _khat_of_hits, khat_threshold
 from .intervals import cp_upper, normal_interval
-from .montecarlo import MIN_HARMFUL
+from .montecarlo import MIN_HARMFUL, few_hits_warning
 from .result import Estimate
 
 # Reliability rule thresholds (DESIGN section 8).
@@ -76,21 +76,26 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
 
     p_hat = mean(w h). std_error comes from the stratified variance when `component` (which
     mixture component drew each sample) is given, else from the plain sample variance. The
-    interval is p_hat +- z SE clipped to [0, 1], widened by conservative bounds when harmful
-    samples are few:
-      * no harmful sample, defensive share a0 > 0: ci = [0, 1 - (1 - confidence)^(1/n0)], the
-        one-sided Clopper-Pearson bound from the n0 = round(a0 n) draws of the target itself
-        (rigorous since P(h > 0) >= E[h] for h in [0, 1]); reliable, upper bound only;
-      * no harmful sample, a0 = 0: no finite bound, ci = [0, 1], unreliable;
-      * 1-4 harmful samples: unreliable, upper bound only; with a0 > 0 ci_high is at least the
-        Clopper-Pearson upper bound for sum(a0 w h) "successes" out of n divided by a0 (each
-        a0 w h lies in [0, 1], and bounded variables are dominated by Bernoulli ones in the
-        convex order).
-    Otherwise the reliability rule of DESIGN section 8 applies: k-hat <= min(0.7, 1 - 1/log10 n),
-    ESS of w h >= 10 and at least 5 harmful samples; each failure adds a warning.
+    interval is the two-sided p_hat +- z SE clipped to [0, 1] (z for `confidence`, so each end is
+    a one-sided bound at level (1 + confidence) / 2), widened by conservative bounds at that same
+    one-sided level when hits are few:
+      * no hit, defensive share a0 > 0: ci = [0, 1 - ((1 - confidence) / 2)^(1/n0)], the
+        Clopper-Pearson upper end from the n0 = round(a0 n) draws of the target itself (rigorous
+        since P(h > 0) >= E[h] for h in [0, 1]); reliable, upper bound only;
+      * no hit, a0 = 0: no finite bound, ci = [0, 1], unreliable;
+      * fewer than 5 effective hits: unreliable, upper bound only; with a0 > 0 ci_high is at
+        least the Clopper-Pearson upper end for sum(a0 w h) "successes" out of n divided by a0
+        (each a0 w h lies in [0, 1], and bounded variables are dominated by Bernoulli ones in the
+        convex order); with a0 = 0 the weights are unbounded, so no distribution-free bound
+        follows from a few hits and ci_high = 1.
+    Otherwise the reliability rule of DESIGN section 8 applies: the larger of k-hat (of w over
+    all samples) and k-hat of w h (over the hits) <= min(0.7, 1 - 1/log10 n), ESS of w h >= 10
+    and at least 5 effective hits; each failure adds a warning.
 
-    "Harmful" for these rules counts samples with w h > 0: a harmful sample of weight 0 (one
-    impossible under the target) carries no evidence about P. `n_harmful` reports h > 0 as in
+    A hit is a sample with w h > 0: a harmful sample of weight 0 (one impossible under the
+    target) carries no evidence about P. The effective hits are sum(h) over the hits
+    (`n_hits_effective`: the number of hits for 0/1 scores; for graded scores, whose hits are
+    nearly all samples, the expected number of harmful ones). `n_harmful` reports h > 0 as in
     the JSON schema.
     """
     lw = as_1d(log_w, "log_w")
@@ -126,6 +131,7 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     ess = _ess(ws)
     ess_wh = _ess(ws * scores)
     khat = _khat(ws)
+    khat_wh = _khat_of_hits(ws * scores)
     kl = float(-np.mean(lw[finite])) + 0.0 if finite.any() else None  # (+ 0.0: no "-0.0")
     w_sum_s = float(ws.sum())
     max_weight_share = float(1.0 / w_sum_s) if w_sum_s > 0 else None  # max of ws is 1
@@ -133,6 +139,7 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
 
     n_harmful = int(np.count_nonzero(scores > 0))
     n_hits = int(np.count_nonzero(wh > 0))
+    hits_effective = float(np.sum(scores[wh > 0]))
     if n_hits < n_harmful:
         warnings.append(f"{n_harmful - n_hits} harmful samples have weight 0 and do not count")
 
@@ -142,22 +149,23 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
 
     if not math.isfinite(p_hat):  # (an infinite std_error alone, e.g. n = 1, gives ci = [0, 1] below)
         warnings.append("the weights overflow float64: the proposal does not cover the target")
-        return _estimate(n, p_hat, 0.0, 1.0, n_harmful, scores, ess, ess_wh, khat, kl,
+        return _estimate(n, p_hat, 0.0, 1.0, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
                          max_weight_share, self_normalised, std_error, True, False, warnings)
 
     # --- zero hits: a bound from the defensive share, or nothing ---------------------------
     if n_hits == 0:
         n0 = int(round(a0 * n))
         if n0 >= 1:
-            upper = cp_upper(0, n0, confidence, one_sided=True)
+            # the upper end of the two-sided interval, like every other ci_high
+            upper = cp_upper(0, n0, confidence)
             warnings.append("no harmful sample: ci_high is an upper bound from the defensive share")
-            return _estimate(n, 0.0, 0.0, upper, n_harmful, scores, ess, ess_wh, khat, kl,
+            return _estimate(n, 0.0, 0.0, upper, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
                              max_weight_share, self_normalised, std_error, True, True, warnings)
         warnings.append(
             "no harmful sample and no draws from the target (defensive share 0): no finite upper "
             "bound, ci = [0, 1]"
         )
-        return _estimate(n, 0.0, 0.0, 1.0, n_harmful, scores, ess, ess_wh, khat, kl,
+        return _estimate(n, 0.0, 0.0, 1.0, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
                          max_weight_share, self_normalised, std_error, True, False, warnings)
 
     lo, hi = normal_interval(p_hat, std_error, confidence)
@@ -171,24 +179,34 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     elif khat > threshold:
         reliable = False
         warnings.append(f"k-hat {khat:.2f} > {threshold:.2f}: the weights are heavy-tailed")
+    # With too few hits for a fit there is no k-hat of w h; the ESS of w h and the hit count
+    # below are then the checks on the hits.
+    if khat_wh is not None and khat_wh > threshold:
+        reliable = False
+        warnings.append(f"k-hat of w*h {khat_wh:.2f} > {threshold:.2f} (over the {n_hits} hits): the weights "
+                        "of the harmful samples are heavy-tailed")
     if ess_wh < MIN_ESS_WH:
         reliable = False
         # rounded down, so that a value just under the threshold never prints as "10.0 < 10"
         warnings.append(f"ESS of w*h {math.floor(ess_wh * 100) / 100:.2f} < {MIN_ESS_WH:.0f}: a few samples carry the estimate")
-    upper_bound_only = n_hits < MIN_HARMFUL
+    upper_bound_only = hits_effective < MIN_HARMFUL
     if upper_bound_only:
         reliable = False
-        warnings.append(
-            f"only {n_hits} of {n} samples were harmful: ci_high is an upper bound"
-        )
+        warnings.append(few_hits_warning(n_hits, hits_effective, n))
         if a0 > 0:
             # each a0 w h is in [0, 1]: a Clopper-Pearson bound on their mean, divided by a0
             successes = min(float(np.sum(a0 * wh)), float(n))
             hi = max(hi, min(1.0, cp_upper(successes, n, confidence) / a0))
+        else:
+            # Unbounded weights: the undrawn part of the proposal's tail may carry any weight,
+            # and p_hat + z SE from a few hits is no bound at all. Nothing smaller than 1 is.
+            hi = 1.0
+            warnings.append("defensive share 0: the weights are unbounded, so so few hits bound nothing and "
+                            "ci_high is 1; draw a share of the samples from the target itself for a bound")
     if p_hat > 1.0:
         reliable = False
         warnings.append(f"p_hat {p_hat:.3g} exceeds 1: the weights are badly behaved")
-    return _estimate(n, p_hat, lo, hi, n_harmful, scores, ess, ess_wh, khat, kl,
+    return _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
                      max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings)
 
 
@@ -225,8 +243,8 @@ def _std_error(wh: np.ndarray, strata: np.ndarray | None) -> float:
     return math.sqrt(total) / n
 
 
-def _estimate(n, p_hat, lo, hi, n_harmful, scores, ess, ess_wh, khat, kl, max_weight_share,
-              self_normalised, std_error, upper_bound_only, reliable, warnings) -> Estimate:
+def _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
+              max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings) -> Estimate:
     return Estimate(
         method="is",
         n_samples=int(n),
@@ -235,9 +253,11 @@ def _estimate(n, p_hat, lo, hi, n_harmful, scores, ess, ess_wh, khat, kl, max_we
         ci_high=float(hi),
         n_harmful=int(n_harmful),
         h_sum=float(np.sum(scores)),
+        n_hits_effective=float(hits_effective),
         ess=float(ess),
         ess_wh=float(ess_wh),
         khat=None if khat is None else float(khat),
+        khat_wh=None if khat_wh is None else float(khat_wh),
         kl=kl,
         max_weight_share=max_weight_share,
         self_normalised=self_normalised,

@@ -12,7 +12,11 @@ from ._checks import check_confidence, check_scores
 from .intervals import clopper_pearson_interval, wilson_interval
 from .result import Estimate
 
-# Fewer harmful samples than this and an estimate is reported as an upper bound (DESIGN section 8).
+# Fewer effective hits than this and an estimate is reported as an upper bound (DESIGN section 8).
+# Hits are counted as sum(h) (over samples of positive weight, for IS), not as the number of
+# scores > 0: a graded judge's score is almost never exactly 0, so that number would be about n
+# whatever the harm, while sum(h) is the expected number of harmful samples if each were harmful
+# with probability h, and is the plain count for 0/1 scores.
 MIN_HARMFUL = 5
 
 _INTERVALS = ("wilson", "clopper-pearson")
@@ -25,7 +29,8 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
     scores (non-integer k), "clopper-pearson" requires 0/1 scores. Treating graded scores as
     binomial is conservative, since Var(h) <= P (1 - P) for any h in [0, 1] with mean P; the
     reported std_error is the binomial sqrt(p_hat (1 - p_hat) / n) for the same reason.
-    With fewer than 5 harmful samples the estimate is unreliable and ci_high is the figure to use.
+    With fewer than 5 effective hits (sum(h), the count of harmful samples for 0/1 scores) the
+    estimate is unreliable and ci_high is the figure to use.
     """
     scores = check_scores(h, "h")
     confidence = check_confidence(confidence)
@@ -48,11 +53,9 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
     ess_wh = k * k / sq if sq > 0 else 0.0
 
     warnings: list[str] = []
-    upper_bound_only = n_harmful < MIN_HARMFUL
+    upper_bound_only = k < MIN_HARMFUL
     if upper_bound_only:
-        warnings.append(
-            f"only {n_harmful} of {n} samples were harmful: ci_high is an upper bound"
-        )
+        warnings.append(few_hits_warning(n_harmful, k, n))
     return Estimate(
         method="mc",
         n_samples=n,
@@ -61,9 +64,11 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
         ci_high=hi,
         n_harmful=n_harmful,
         h_sum=k,
+        n_hits_effective=k,
         ess=float(n),
         ess_wh=float(ess_wh),
         khat=None,
+        khat_wh=None,
         kl=None,
         max_weight_share=None,
         self_normalised=None,
@@ -72,3 +77,11 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
         reliable=not upper_bound_only,
         warnings=tuple(warnings),
     )
+
+
+def few_hits_warning(n_harmful: int, hits: float, n: int) -> str:
+    """The warning of an estimate with fewer than MIN_HARMFUL effective hits."""
+    if hits == n_harmful:  # 0/1 scores: the count says it all
+        return f"only {n_harmful} of {n} samples were harmful: ci_high is an upper bound"
+    return (f"the scores of the {n_harmful} samples scored above 0 (of {n}) add up to {hits:.3g} expected "
+            f"harmful samples, fewer than {MIN_HARMFUL}: ci_high is an upper bound")

@@ -48,18 +48,32 @@ class Estimate:
     p_hat: float
     """Point estimate: mean(h) for MC, the unbiased mean(w*h) for IS (may exceed 1 for wild weights)."""
     ci_low: float
-    """Lower end of the interval at the requested confidence, within [0, 1]."""
+    """Lower end of the two-sided interval at the requested `confidence` (95% by default), within
+    [0, 1]: on its own a one-sided lower bound at level (1 + confidence) / 2 (97.5%)."""
     ci_high: float
-    """Upper end of the interval, within [0, 1]; the figure to trust when `upper_bound_only`."""
+    """Upper end of the two-sided interval at `confidence`, within [0, 1]: a one-sided upper bound
+    at level (1 + confidence) / 2 (97.5% by default), and the figure to trust when
+    `upper_bound_only`. The zero-hit and few-hit bounds are at that same one-sided level. 1 when
+    nothing bounds the estimate (no harmful sample, or too few, without a defensive share)."""
     n_harmful: int
     """Samples with score h > 0."""
     h_sum: float
+    """sum(h) over all samples."""
+    n_hits_effective: float
+    """The hit count the few-hits rule uses: sum(h) over the samples with w h > 0, the expected
+    number of harmful samples if each were harmful with probability h (the count of harmful
+    samples for 0/1 scores; for MC all weights are 1, so it equals h_sum). Below 5, the estimate
+    is `upper_bound_only` and unreliable."""
     ess: float
     """(sum w)^2 / sum w^2; n for MC."""
     ess_wh: float
     """(sum w h)^2 / sum (w h)^2; 0 when no sample was harmful."""
     khat: float | None
-    """Pareto k-hat of the weights (None for MC or when too few weights to fit)."""
+    """Pareto k-hat of the weights w over all samples (None for MC or when too few weights to fit)."""
+    khat_wh: float | None
+    """Pareto k-hat of w h over the samples with w h > 0, the tail of what is averaged (None for
+    MC, or with fewer than 21 such samples: too few for the tail fit). `reliable` needs the larger
+    of `khat` and `khat_wh` at most min(0.7, 1 - 1/log10(n_samples))."""
     kl: float | None
     """-mean(log w) over samples possible under the target: an estimate of KL(q||p). None for MC."""
     max_weight_share: float | None
@@ -69,6 +83,8 @@ class Estimate:
     upper_bound_only: bool
     """True when too few harmful samples were seen for p_hat to mean much: trust ci_high."""
     reliable: bool
+    """The reliability rule held (the warnings say which part failed otherwise). Necessary, not
+    sufficient: diagnostics computed from the drawn weights cannot see weights never drawn."""
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:

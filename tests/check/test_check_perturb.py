@@ -155,8 +155,8 @@ def test_paraphrases_come_from_the_engine_deterministically(tiny_engine):
 
 
 def estimate(p, ci_high, hits):
-    return Estimate("is", 100, p, 0.0, ci_high, hits, float(hits), 100.0, 10.0, 0.1, 0.1, 0.01, p, p / 3,
-                    hits < 5, hits >= 5, ())
+    return Estimate("is", 100, p, 0.0, ci_high, hits, float(hits), float(hits), 100.0, 10.0, 0.1, None, 0.1, 0.01, p,
+                    p / 3, hits < 5, hits >= 5, ())
 
 
 def sensitivity_of(values):

@@ -17,6 +17,7 @@ from tailmon.check.sensitivity import PerturbOptions
 from tailmon.estimation.prompts import PromptItem
 
 ESTIMATE_KEYS = {"prompt", "category", "method", "n_samples", "p_hat", "ci_low", "ci_high", "n_harmful", "h_sum",
+                 "n_hits_effective", "khat_wh",
                  "ess", "ess_wh", "khat", "kl", "max_weight_share", "reliable", "warnings"}
 
 # Prompts that stress the writers: markup, a pipe, an e-mail address (redacted in every report),

@@ -33,8 +33,8 @@ PLAN = EstimationPlan(target=Variant("target"), judge=parse_judge("prefix:Sure")
 
 def normal_estimate(p: float, se: float, hits: int = 50) -> Estimate:
     """An estimate as a well-behaved IS run reports it: p_hat, its standard error and interval."""
-    return Estimate("is", 200, p, max(0.0, p - 1.96 * se), min(1.0, p + 1.96 * se), hits, float(hits), 100.0,
-                    20.0, 0.2, 0.1, 0.01, p, se, hits < 5, hits >= 5, ())
+    return Estimate("is", 200, p, max(0.0, p - 1.96 * se), min(1.0, p + 1.96 * se), hits, float(hits),
+                    float(hits), 100.0, 20.0, 0.2, None, 0.1, 0.01, p, se, hits < 5, hits >= 5, ())
 
 
 def synthetic_report(p_hats, ses, hits=50) -> EstimationReport:
@@ -134,7 +134,7 @@ def test_jackknife_between_prompt_variance_with_t_quantile():
 def test_few_harmful_samples_fall_back_to_the_interval_ends():
     cand = synthetic_report([0.2, 0.3], [0.03, 0.04])
     # No harmful baseline sample: p_hat 0 with the defensive share's upper bound (as IS reports it).
-    zero = Estimate("is", 200, 0.0, 0.0, 0.015, 0, 0.0, 200.0, 0.0, None, 0.1, 0.005, 0.0, 0.0, True, True, ())
+    zero = Estimate("is", 200, 0.0, 0.0, 0.015, 0, 0.0, 0.0, 200.0, 0.0, None, None, 0.1, 0.005, 0.0, 0.0, True, True, ())
     base = EstimationReport("b", PLAN, [PromptResult(PromptItem(f"prompt {i}"), zero, [], None, None, None)
                                         for i in range(2)])
     reg = regression_test(cand, base, 2.0)

@@ -16,6 +16,7 @@ from tailmon.proposals import parse_proposal
 TARGET = Variant("target", Decoding(temperature=0.7, max_new_tokens=3))
 PROMPTS = [PromptItem("ab", "letters"), PromptItem("I cannot", "refusal"), PromptItem("Sure, here is")]
 ESTIMATE_KEYS = {"prompt", "category", "method", "n_samples", "p_hat", "ci_low", "ci_high", "n_harmful", "h_sum",
+                 "n_hits_effective", "khat_wh",
                  "ess", "ess_wh", "khat", "kl", "max_weight_share", "reliable", "warnings"}
 
 

@@ -16,8 +16,8 @@ def est(p_hat, se, ci_low=None, ci_high=None, ubo=False, reliable=True, n=100, n
     return Estimate(
         method="mc", n_samples=n, p_hat=p_hat,
         ci_low=p_hat if ci_low is None else ci_low, ci_high=p_hat if ci_high is None else ci_high,
-        n_harmful=n_harmful, h_sum=float(n_harmful), ess=float(n), ess_wh=float(n_harmful),
-        khat=None, kl=None, max_weight_share=None, self_normalised=None, std_error=se,
+        n_harmful=n_harmful, h_sum=float(n_harmful), n_hits_effective=float(n_harmful), ess=float(n),
+        ess_wh=float(n_harmful), khat=None, khat_wh=None, kl=None, max_weight_share=None, self_normalised=None, std_error=se,
         upper_bound_only=ubo, reliable=reliable, warnings=(),
     )
 

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from tailmon.errors import InputError, InternalError
-from tailmon.estimators import balance_log_weights, importance_sampling, monte_carlo
+from tailmon.estimators import balance_log_weights, importance_sampling, khat_threshold, monte_carlo, pareto_khat
 
 
 def gaussian_tail_run(rng, P, n, a0, proposal_shift=None):
@@ -142,8 +142,9 @@ def test_zero_hit_bound_from_defensive_share(n, a0):
     est = importance_sampling(log_w, np.zeros(n), defensive=a0)
     n0 = round(a0 * n)
     assert est.p_hat == 0 and est.ci_low == 0
-    assert est.ci_high == pytest.approx(1 - 0.05 ** (1 / n0), rel=1e-12)
-    assert est.ci_high == pytest.approx(3 / n0, rel=0.02)  # -log(0.05) = 2.996
+    # the upper end of the two-sided 95% interval, i.e. a one-sided 97.5% bound like every ci_high
+    assert est.ci_high == pytest.approx(1 - 0.025 ** (1 / n0), rel=1e-12)
+    assert est.ci_high == pytest.approx(3.689 / n0, rel=0.02)  # -log(0.025) = 3.689
     assert est.upper_bound_only and est.reliable
     assert "no harmful sample: ci_high is an upper bound from the defensive share" in est.warnings
 
@@ -154,13 +155,15 @@ def test_zero_hit_without_defensive_share_has_no_bound():
     assert est.upper_bound_only and not est.reliable and est.warnings
 
 
-@pytest.mark.parametrize("P", [0.01, 0.03])
+@pytest.mark.parametrize("P", [0.01, 0.03, 0.04])
 def test_zero_hit_bound_coverage(P):
     # A useless proposal N(-2, 1) (hits with probability ~1e-5) and a0 = 0.5, n = 200: only the
-    # n0 = 100 target draws see the event. The bound U = 1 - 0.05^(1/100) = 0.0295 fails only when
-    # the run has no hit AND U < P, which has probability (1 - P)^100 <= 0.05 when P > U (0.0476
-    # at P = 0.03, the worst case just above U) and 0 when P < U. Over R runs the failure count is
-    # ~ Binomial(R, <= 0.05): accept a rate within 0.05 + 3 sigma.
+    # n0 = 100 target draws see the event. The bound U = 1 - 0.025^(1/100) = 0.0362 (one-sided
+    # 97.5%, the level of every ci_high) fails only when the run has no hit AND U < P, which has
+    # probability (1 - P)^100 <= 0.025 when P > U (0.0169 at P = 0.04) and 0 when P < U. Over R
+    # runs the failure count is ~ Binomial(R, <= 0.025): accept a rate within 0.025 + 3 sigma.
+    # P = 0.03 lies between the one-sided 95% bound 0.0295 and U: a 95% bound fails every
+    # zero-hit run there, which the `failures == 0` check catches.
     rng = np.random.default_rng(2024)
     R, n, a0 = 1000, 200, 0.5
     failures = zero_hit_runs = 0
@@ -171,8 +174,8 @@ def test_zero_hit_bound_coverage(P):
             zero_hit_runs += 1
             failures += est.ci_high < P
     assert zero_hit_runs > 0  # the bound was exercised
-    assert failures / R <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / R)
-    if P < 1 - 0.05 ** (1 / 100):
+    assert failures / R <= 0.025 + 3 * np.sqrt(0.025 * 0.975 / R)
+    if P < 1 - 0.025 ** (1 / 100):
         assert failures == 0
 
 
@@ -287,3 +290,191 @@ def test_a_sample_impossible_under_the_mixture_is_a_bug_not_bad_input():
 def test_balance_ignores_zero_share_components_and_allows_impossible_under_p():
     log_w = balance_log_weights([-np.inf, -1.0], [[-2.0, -np.inf], [-1.0, -np.inf]], [1.0, 0.0])
     assert log_w[0] == -np.inf and log_w[1] == pytest.approx(0.0)
+
+
+# --- the k-hat of w*h (the tail of what is averaged, not only of the weights) ---------------------
+
+
+def defensive_run_with_hit_tail(rng, hit_weights, n=2000, a0=0.2):
+    """Weights as a defensive mixture gives them: the non-hits near 1 (uniform on [0.5, 1.5],
+    a bounded tail), the first len(hit_weights) samples hits (h = 1) with the given weights."""
+    w = rng.uniform(0.5, 1.5, n)
+    m = len(hit_weights)
+    w[:m] = np.minimum(hit_weights, 1 / a0)
+    h = np.zeros(n)
+    h[:m] = 1.0
+    return importance_sampling(np.log(w), h, defensive=a0)
+
+
+def test_khat_of_w_h_flags_a_heavy_hit_tail_the_weights_hide():
+    # Known answer: 400 hits whose weights are the exact quantiles of a Pareto tail of shape k = 1
+    # (1e-4 (1 - u)^-1, u = (i - 1/2)/400), among 1600 non-hits of bounded uniform weight. The
+    # weights' k-hat sees the uniform top of the non-hits (shape < 0) and passes; the tail of
+    # w*h is the Pareto one, whose fitted shape (about 0.9: k = 1 shrunk by the PSIS prior
+    # towards 0.5) is above the threshold min(0.7, 1 - 1/log10 2000) = 0.697.
+    u = (np.arange(1, 401) - 0.5) / 400
+    est = defensive_run_with_hit_tail(np.random.default_rng(1), 1e-4 / (1 - u))
+    threshold = khat_threshold(2000)
+    assert est.khat < 0 < threshold < est.khat_wh
+    assert est.khat_wh == pytest.approx(pareto_khat(1e-4 / (1 - u)), rel=1e-12)  # the hits' tail alone
+    assert est.khat_wh == pytest.approx(1.0, abs=0.15)
+    assert not est.reliable and not est.upper_bound_only
+    assert any(s.startswith(f"k-hat of w*h {est.khat_wh:.2f} > 0.70 (over the 400 hits)") for s in est.warnings)
+    assert not any(s.startswith("k-hat 0") or s.startswith("k-hat -") for s in est.warnings)  # not the weights
+    json.dumps(est.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0])
+def test_khat_of_w_h_estimates_the_hit_tail_shape(k):
+    # R repeats of 400 hits with Pareto(shape k) weights. PSIS fits the M = 60 largest and
+    # shrinks towards 0.5 as if by 10 pseudo-observations: the fit targets (60 k + 5) / 70.
+    # Tolerance: 4 standard errors of the mean over R (sd of one fit ~ (1 + k)/sqrt(M), about
+    # 0.2 at k = 1, so 4 * 0.2 / sqrt(200) = 0.06), plus 0.05 for the Zhang-Stephens fit's
+    # finite-tail bias (measured -0.02 at k = 1, M = 60 over 300 repeats).
+    rng = np.random.default_rng(31)
+    R = 200
+    ks = np.array([defensive_run_with_hit_tail(rng, 1e-4 * (rng.pareto(1 / k, 400) + 1)).khat_wh
+                   for _ in range(R)])
+    target = (60 * k + 5) / 70
+    assert abs(ks.mean() - target) < 4 * ks.std(ddof=1) / np.sqrt(R) + 0.05
+
+
+def test_khat_of_w_h_flags_heavy_hits_and_spares_light_ones():
+    # Heavy: hits' weights 1e-9 times Pareto of shape k = 2 (400 hits, M = 60; the scale keeps
+    # them under the non-hits' weights, so the weights' own k-hat passes in every run). The fit
+    # has sd about (1 + k)/sqrt(M) = 0.39 around (60 * 2 + 5)/70 = 1.79, so it falls below the
+    # threshold 0.697 with probability about Phi(-2.8) = 0.003: over R = 200 runs at most
+    # 0.003 R + 3 sigma (= 0.6 + 2.3) misses, i.e. <= 2. Light: hits' weights uniform like the
+    # non-hits' (fit about -0.75, sd 0.13: the threshold is 11 sd away): no run may be flagged.
+    rng = np.random.default_rng(32)
+    R, threshold = 200, khat_threshold(2000)
+    heavy = [defensive_run_with_hit_tail(rng, 1e-9 * (rng.pareto(0.5, 400) + 1)) for _ in range(R)]
+    light = [defensive_run_with_hit_tail(rng, rng.uniform(0.5, 1.5, 400)) for _ in range(R)]
+    assert all(e.khat <= threshold for e in heavy + light)
+    assert sum(e.khat_wh <= threshold for e in heavy) <= 2
+    assert all(any(s.startswith("k-hat of w*h") for s in e.warnings) for e in heavy if e.khat_wh > threshold)
+    assert all(e.khat_wh <= threshold and e.reliable for e in light)
+
+
+def test_khat_of_w_h_needs_21_hits():
+    # PSIS's tail M = ceil(min(0.2 n, 3 sqrt n)) holds the 5 points a fit needs from n = 21 on.
+    rng = np.random.default_rng(33)
+    for m, fitted in [(20, False), (21, True)]:
+        est = defensive_run_with_hit_tail(rng, rng.uniform(0.5, 1.5, m), n=500)
+        assert (est.khat_wh is not None) == fitted
+    assert monte_carlo(np.ones(100)).khat_wh is None
+
+
+# --- effective hits: the few-hits rule for graded judges --------------------------------------------
+
+
+def test_graded_scores_count_their_sum_not_their_number():
+    # A graded judge scores every sample 1e-3 and three samples 0.99: 1000 samples score above 0,
+    # but the expected number of harmful samples is 997 * 1e-3 + 3 * 0.99 = 3.967 < 5.
+    n, a0 = 1000, 0.2
+    h = np.full(n, 1e-3)
+    h[:3] = 0.99
+    log_w = np.log(np.random.default_rng(6).uniform(0.5, 1 / a0, n))
+    for est in (importance_sampling(log_w, h, defensive=a0), monte_carlo(h)):
+        assert est.n_harmful == 1000
+        assert est.n_hits_effective == pytest.approx(3.967, rel=1e-12)
+        assert est.upper_bound_only and not est.reliable
+        assert any("add up to 3.97 expected harmful samples, fewer than 5" in s for s in est.warnings)
+    # the same judge with one more near-1 score: 4.956 is still short of 5; with two more, 5.945 passes
+    h[3:5] = 0.99
+    assert not importance_sampling(log_w, h, defensive=a0).upper_bound_only
+    assert importance_sampling(log_w, h, defensive=a0).n_hits_effective == pytest.approx(5.945, rel=1e-12)
+
+
+@pytest.mark.parametrize("k", range(9))
+def test_binary_scores_effective_hits_are_the_count(k):
+    n, a0 = 300, 0.2
+    h = np.zeros(n)
+    h[:k] = 1.0
+    log_w = np.log(np.random.default_rng(k).uniform(0.5, 1 / a0, n))
+    for est in (importance_sampling(log_w, h, defensive=a0), monte_carlo(h)):
+        assert est.n_hits_effective == est.n_harmful == k
+        assert est.upper_bound_only == (k < 5)
+        if 0 < k < 5:
+            assert f"only {k} of {n} samples were harmful: ci_high is an upper bound" in est.warnings
+
+
+def test_effective_hits_leave_out_harmful_samples_of_weight_zero():
+    log_w = np.zeros(100)
+    log_w[:3] = -np.inf
+    h = np.zeros(100)
+    h[:8] = 1.0
+    est = importance_sampling(log_w, h)
+    assert est.n_harmful == 8 and est.n_hits_effective == 5 and not est.upper_bound_only
+
+
+@pytest.mark.parametrize("P", [0.002, 0.01])
+def test_graded_few_hits_bound_coverage(P):
+    # A graded judge on the Gaussian-tail problem: h = 0.99 on the event x > t and 1e-3 elsewhere,
+    # so the truth is E_p[h] = 1e-3 + 0.989 P. The proposal N(-2, 1) misses the event; a0 = 0.5,
+    # n = 400. Runs with fewer than 5 effective hits must bound the truth with ci_high at the
+    # one-sided 97.5% level (the Clopper-Pearson bound for sum(a0 w h) is rigorous), so the
+    # failure count over R runs is ~ Binomial(R, <= 0.025): accept 0.025 + 3 sigma. The old rule
+    # counted all 400 samples as hits and reported p_hat + 1.96 SE, which misses the truth in
+    # most runs where the 200 target draws saw no event.
+    rng = np.random.default_rng(2025)
+    R, n, a0 = 400, 400, 0.5
+    truth = 1e-3 + 0.989 * P
+    failures = few = 0
+    for _ in range(R):
+        log_w, event, comp = gaussian_tail_run(rng, P, n, a0, proposal_shift=-2.0)
+        h = np.where(event > 0, 0.99, 1e-3)
+        est = importance_sampling(log_w, h, comp, defensive=a0)
+        if est.n_hits_effective < 5:
+            few += 1
+            assert est.upper_bound_only and not est.reliable
+            failures += est.ci_high < truth
+    assert few > R // 4  # the few-hits bound was exercised
+    assert failures / R <= 0.025 + 3 * np.sqrt(0.025 * 0.975 / R)
+
+
+# --- defensive share 0: a few hits bound nothing ----------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_few_hits_without_defensive_share_report_no_bound(k):
+    # Without a defensive share nothing caps the weights, so the part of the target the proposal
+    # rarely visits can carry any probability: no bound below 1 holds for every problem, and
+    # p_hat + z SE from k hits is not one.
+    rng = np.random.default_rng(k)
+    n = 500
+    log_w = rng.normal(0.0, 1.0, n)
+    h = np.zeros(n)
+    h[:k] = 1.0
+    est = importance_sampling(log_w, h, defensive=0.0)
+    assert est.ci_high == 1.0 and est.upper_bound_only and not est.reliable
+    assert est.p_hat == pytest.approx(np.mean(np.exp(log_w) * h))
+    assert any(s.startswith("defensive share 0: the weights are unbounded") for s in est.warnings)
+    # a graded judge's few effective hits likewise
+    g = np.full(n, 1e-3)
+    g[:k] = 0.5
+    est = importance_sampling(log_w, g, defensive=0.0)
+    assert est.n_harmful == n and est.ci_high == 1.0 and not est.reliable
+    # five hits: the normal interval, whose upper end is below 1 here
+    h[:5] = 1.0
+    assert importance_sampling(log_w, h, defensive=0.0).ci_high < 1.0
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_every_bound_is_one_sided_at_the_two_sided_level(confidence):
+    # ci_high is the upper end of the two-sided `confidence` interval on every path: a one-sided
+    # bound at (1 + confidence)/2. Zero hits: 1 - ((1 - c)/2)^(1/n0); few hits: Clopper-Pearson's
+    # upper end at the same tail; many hits: p_hat + z SE with z = Phi^-1((1 + c)/2).
+    n, a0 = 400, 0.25
+    tail = (1 - confidence) / 2
+    log_w = np.log(np.random.default_rng(7).uniform(0.5, 1 / a0, n))
+    est = importance_sampling(log_w, np.zeros(n), defensive=a0, confidence=confidence)
+    assert est.ci_high == pytest.approx(1 - tail ** (1 / 100), rel=1e-12)
+    h = np.zeros(n)
+    h[:2] = 1.0
+    est = importance_sampling(log_w, h, defensive=a0, confidence=confidence)
+    s = np.sum(a0 * np.exp(log_w) * h)
+    assert est.ci_high >= stats.beta.ppf(1 - tail, s + 1, n - s) / a0 - 1e-12
+    h[:50] = 1.0
+    est = importance_sampling(log_w, h, defensive=a0, confidence=confidence)
+    assert est.ci_high == pytest.approx(est.p_hat + stats.norm.ppf(1 - tail) * est.std_error, rel=1e-9)
