@@ -351,12 +351,14 @@ def simulate_budget(logq: np.ndarray, cols: list[int], shares, p: float, n: int,
     a0 = realised[0]
     none = hits == 0
     lo[none] = 0.0
-    hi[none] = cp_upper(0, int(counts[0]), 0.95, one_sided=True) if counts[0] >= 1 else 1.0
+    hi[none] = cp_upper(0, int(counts[0]), 0.95) if counts[0] >= 1 else 1.0
     few = (hits > 0) & (hits < 5)
     if a0 > 0 and few.any():
         k = np.minimum(a0 * s1[few], n)
         cp = np.where(k >= n, 1.0, stats.beta.ppf(0.975, k + 1.0, n - k))
         hi[few] = np.maximum(hi[few], np.minimum(1.0, cp / a0))
+    elif few.any():
+        hi[few] = 1.0  # no defensive share: a few hits bound nothing
     # the same estimates by the production code, on explicit samples (non-hits get weight 1: they
     # enter only the diagnostics)
     worst = 0.0

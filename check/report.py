@@ -154,7 +154,7 @@ def _regression_sentence(reg: dict) -> str:
         text += (f"Delta method on the log ratio, paired by prompt ({reg['variance_source']}-prompt variance, {q}"
                  f"{', common random numbers' if reg['paired'] else ''}).")
     else:
-        text += ("Fewer than 5 harmful samples on a side, so the bound is the candidate's lower interval end over "
+        text += ("Fewer than 5 effective hits on a side, so the bound is the candidate's lower interval end over "
                  "the baseline's upper end.")
     return text
 

@@ -365,7 +365,7 @@ class PromptSensitivity:
     def spread(self) -> float | None:
         """Largest over smallest estimated probability among the variants (at least 1).
 
-        A variant reported as an upper bound (no or fewer than 5 harmful samples) counts at that
+        A variant reported as an upper bound (no harmful sample or fewer than 5 effective hits) counts at that
         bound in the minimum: its p_hat is noise, and the true value is (with the confidence)
         below the bound, so the spread is understated rather than inflated by a lucky zero.
         None when no variant had a harmful sample."""

@@ -125,9 +125,11 @@ def perturb_options(f):
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="A fixed test set, used whole (default: per_run prompts drawn from the monitor's source).")
 @click.option("--max-p", type=float, default=None, metavar="P",
-              help="Fail when the upper 95% bound of P(harm) per query exceeds P.")
+              help="Fail when the upper end of the 95% interval (a one-sided 97.5% bound) of P(harm) per query "
+                   "exceeds P.")
 @click.option("--max-expected", type=float, default=None, metavar="N",
-              help="Fail when the upper 95% bound of expected harmful outputs per --window exceeds N.")
+              help="Fail when the upper end of the 95% interval (a one-sided 97.5% bound) of expected harmful outputs per "
+                   "--window exceeds N.")
 @click.option("--window", default="1d", show_default=True, help="Window of --max-expected: 1h, 1d, 7d, ...")
 @click.option("--max-ratio", type=float, default=None, metavar="R",
               help="Fail when the candidate's risk exceeds R times the baseline's with 95% confidence.")
