@@ -4,6 +4,7 @@ check shares with the daemon. Synthetic estimates, no model."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -134,7 +135,8 @@ def test_jackknife_between_prompt_variance_with_t_quantile():
 def test_few_harmful_samples_fall_back_to_the_interval_ends():
     cand = synthetic_report([0.2, 0.3], [0.03, 0.04])
     # No harmful baseline sample: p_hat 0 with the defensive share's upper bound (as IS reports it).
-    zero = Estimate("is", 200, 0.0, 0.0, 0.015, 0, 0.0, 0.0, 200.0, 0.0, None, None, 0.1, 0.005, 0.0, 0.0, True, True, ())
+    zero = Estimate("is", 200, 0.0, 0.0, 0.015, 0, 0.0, 0.0, 200.0, 0.0, None, None, 0.1, 0.005, 0.0, 0.0, True, True,
+                    ())
     base = EstimationReport("b", PLAN, [PromptResult(PromptItem(f"prompt {i}"), zero, [], None, None, None)
                                         for i in range(2)])
     reg = regression_test(cand, base, 2.0)
@@ -142,6 +144,21 @@ def test_few_harmful_samples_fall_back_to_the_interval_ends():
     agg_c, agg_b = cand.aggregate(), base.aggregate()
     assert reg.ratio_lower == pytest.approx(agg_c.ci_low / agg_b.ci_high)
     assert any("fewer than 5" in w for w in reg.warnings)
+
+
+def test_graded_scores_count_effective_hits_for_the_fallback():
+    # A graded judge scores all 200 samples of each baseline prompt above 0, but they add up to 1.2
+    # expected harmful samples a prompt (2.4 on the side): fewer than 5 effective hits, so the
+    # bounds fallback applies, as with 2 harmful samples from a 0/1 judge. Counting scores > 0
+    # (400 on the side) took the delta method instead.
+    cand = synthetic_report([0.2, 0.3], [0.03, 0.04])
+    graded = dataclasses.replace(normal_estimate(0.006, 0.004, hits=200), n_hits_effective=1.2)
+    base = EstimationReport("b", PLAN, [PromptResult(PromptItem(f"prompt {i}"), graded, [], None, None, None)
+                                        for i in range(2)])
+    reg = regression_test(cand, base, 2.0)
+    assert reg.method == "bounds"
+    assert any(w.startswith("100 effective candidate and 2.4 effective baseline hits (fewer than 5")
+               for w in reg.warnings)
 
 
 def test_per_prompt_ranking_and_bonferroni_flags():
