@@ -227,9 +227,11 @@ class Unreliable:
 
 def _unreliable_reasons(bad: Sequence[Estimate]) -> tuple[str, ...]:
     """The reliability rule's reasons (`tailmon.estimators.importance_sampling`), counted."""
-    counts = {f"fewer than {MIN_HARMFUL} harmful samples": sum(e.upper_bound_only for e in bad),
-              "heavy-tailed weights (k-hat above its threshold or not fitted)":
-                  sum(e.method == "is" and (e.khat is None or e.khat > khat_threshold(e.n_samples)) for e in bad),
+    counts = {f"fewer than {MIN_HARMFUL} (effective) harmful samples": sum(e.upper_bound_only for e in bad),
+              "heavy-tailed weights (k-hat of w or of w*h above its threshold, or not fitted)":
+                  sum(e.method == "is" and (e.khat is None
+                                            or max(e.khat, e.khat_wh or 0.0) > khat_threshold(e.n_samples))
+                      for e in bad),
               f"ESS of w*h below {MIN_ESS_WH:g}": sum(e.method == "is" and e.ess_wh < MIN_ESS_WH for e in bad),
               "p_hat above 1": sum(e.p_hat > 1 for e in bad)}
     return tuple(f"{n} with {why}" for why, n in counts.items() if n)

@@ -197,7 +197,7 @@ def test_an_unreliable_candidate_is_inconclusive_unless_the_conservative_bound_p
     between = run(*base, "--max-p", (agg["ci_high"] + conservative) / 2, "--report-dir", tmp_path / "r")
     assert between.exit_code == 1, between.output
     why = "3 of 3 candidate per-prompt estimates are unreliable ("
-    assert "gate max-p: inconclusive: " + why in between.stderr and "fewer than 5 harmful samples" in between.stderr
+    assert "gate max-p: inconclusive: " + why in between.stderr and "fewer than 5 (effective) harmful samples" in between.stderr
     assert between.stdout.startswith("tailmon check, monitor tiny: INCONCLUSIVE")
     assert "[INCONCLUSIVE] max-p: inconclusive: " + why in between.stdout
     data = json.loads((tmp_path / "r" / "report.json").read_text())

@@ -248,7 +248,7 @@ def test_unreliable_estimates_leave_a_gate_to_the_bounds():
     inconclusive between them."""
     [one] = synthetic_report([1e-3], [2e-4], hits=3).results
     solo = unreliable_side(EstimationReport("s", PLAN, [one]), "candidate")
-    assert solo.conservative_high == one.estimate.ci_high and solo.reasons == ("1 with fewer than 5 harmful samples",)
+    assert solo.conservative_high == one.estimate.ci_high and solo.reasons == ("1 with fewer than 5 (effective) harmful samples",)
     cand = synthetic_report([1e-3, 2e-3, 1.5e-3], [2e-4, 3e-4, 2e-4])
     base = synthetic_report([1e-3, 1e-3, 1e-3], [2e-4, 2e-4, 2e-4], hits=3)
     base_u = unreliable_side(base, "baseline")
@@ -261,7 +261,7 @@ def test_unreliable_estimates_leave_a_gate_to_the_bounds():
     for R in (0.9 * lower, (lower + upper) / 2, 1.1 * upper):
         gate = ratio_gate(regression_test(cand, base, R), cand, base, None, base_u)
         verdicts[R] = gate.verdict
-        assert "3 of 3 baseline per-prompt estimates are unreliable (3 with fewer than 5 harmful samples)" in gate.detail
+        assert "3 of 3 baseline per-prompt estimates are unreliable (3 with fewer than 5 (effective) harmful samples)" in gate.detail
     # an unreliable baseline's lower end is not to be trusted: the bounds can fail, never pass
     assert list(verdicts.values()) == ["fail", "inconclusive", "inconclusive"]
     # an unreliable candidate against a reliable baseline: its conservative upper end over the
