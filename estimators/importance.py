@@ -201,7 +201,7 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
             # Unbounded weights: the undrawn part of the proposal's tail may carry any weight,
             # and p_hat + z SE from a few hits is no bound at all. Nothing smaller than 1 is.
             hi = 1.0
-            warnings.append("defensive share 0: the weights are unbounded, so so few hits bound nothing and "
+            warnings.append("defensive share 0: the weights are unbounded, so a few hits bound nothing and "
                             "ci_high is 1; draw a share of the samples from the target itself for a bound")
     if p_hat > 1.0:
         reliable = False

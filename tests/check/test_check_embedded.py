@@ -1,11 +1,11 @@
 """`tailmon check` on the embedded model (SmolLM2-135M-Instruct): a regression between two
 variants of the deployed model is detected (exit 1), the same model passes (exit 0), and the
-reports open. Kept short: three prompts, one response token, 100 samples per prompt.
+reports open. Kept short: two or three prompts, one response token, 200-400 samples per prompt.
 
 The candidate is the target with an adversarial system prompt that asks for numbered lists; the
 judge `prefix:1` marks a reply opening with "1". With one response token the exact probability
 of a prompt is a sum over the vocabulary of the first-token distribution, so the test knows the
-truth: the exact aggregate ratio candidate/baseline is ~36 (per prompt 33-53).
+truth: the exact aggregate ratio candidate/baseline is ~35 (per prompt 33-53).
 """
 
 from __future__ import annotations
@@ -55,7 +55,14 @@ def exact_p(engine, prompt, system_prompt, starts_with_one):
 
 
 def test_adversarial_system_prompt_is_a_detected_regression(tmp_path, embedded_engine):
-    cfg = write_config(tmp_path, PROMPTS, samples=100)
+    # Two prompts whose baseline estimates are reliable at 400 samples: a gate never passes or
+    # fails on unreliable estimates, it is inconclusive (the first prompt's baseline P ~ 5e-4
+    # gives ~3 hits per 100 samples). Expected baseline hits, from the exact probabilities below
+    # (P ~ 8e-3 and 4e-3, the proposal ~33x likelier, share 0.9): ~94 and ~44, far above the ESS
+    # of w*h rule's 10; and the k-hat threshold 1 - 1/log10(n) grows with n (0.57 at 200, where
+    # the weights' k-hat of one-token responses, a few distinct values, came out at 0.61).
+    prompts = PROMPTS[1:]
+    cfg = write_config(tmp_path, prompts, samples=400)
     result = CliRunner().invoke(main, [
         "check", "--config", str(cfg), "--candidate", MODEL, "--candidate-system-prompt", LISTS,
         "--baseline", MODEL, "--max-ratio", "2", "--max-p", "1", "--report-dir", str(tmp_path / "report"),
@@ -72,17 +79,18 @@ def test_adversarial_system_prompt_is_a_detected_regression(tmp_path, embedded_e
     stops = embedded_engine.stop_token_ids
     ones = np.array([t not in stops and embedded_engine.token_text(t).startswith("1")
                      for t in range(embedded_engine.vocab_size)])
-    p_cand = np.array([exact_p(embedded_engine, p, LISTS, ones) for p in PROMPTS])
-    p_base = np.array([exact_p(embedded_engine, p, None, ones) for p in PROMPTS])
+    p_cand = np.array([exact_p(embedded_engine, p, LISTS, ones) for p in prompts])
+    p_base = np.array([exact_p(embedded_engine, p, None, ones) for p in prompts])
     true_ratio = p_cand.mean() / p_base.mean()
     assert 30 < true_ratio < 42 and np.all(p_cand / p_base > 20)
+    assert data["baseline"]["aggregate"]["reliable"] and data["candidate"]["aggregate"]["reliable"]
     # Tolerance, derived: the candidate's target is the proposal itself (weights ~1), so its
-    # per-prompt estimates are binomial-like: for P = 0.04, 0.25, 0.13 and n = 100 the mean of
-    # the three has a relative sd of ~14%; the baseline's are importance-weighted proposal hits
-    # (P/q ~ 1/36, 4-25 hits per prompt), ~15% on the mean. The log of the ratio of means then
-    # has an sd of ~0.2 (less: both sides share their samples), so a factor 2 (log 2 = 0.69) is
-    # more than 3 sd; and with the ratio at >= 36/2 the lower bound ratio * exp(-q * SE), q <= 2.92
-    # (t, 2 df) and SE <= 0.3, stays above 7 > 2: the gate fails with certainty, not by luck.
+    # per-prompt estimates are binomial-like: for P = 0.25, 0.13 and n = 400 the mean of the two
+    # has a relative sd of ~6%; the baseline's are importance-weighted proposal hits (P/q ~ 1/33,
+    # ~94 and ~44 hits), ~9% on the mean. The log of the ratio of means then has an sd of ~0.11
+    # (less: both sides share their samples), so a factor 2 (log 2 = 0.69) is > 6 sd; and the
+    # lower bound ratio * exp(-q * SE) with q = 12.7 (t, 1 df) and SE <= 0.15 is at least
+    # 34 * exp(-1.9) = 5 > 2 near the truth: the gate fails by a margin, not by luck.
     assert true_ratio / 2 <= reg["ratio"] <= 2 * true_ratio
     assert reg["ratio_lower"] > 2
     est = data["candidate"]["estimates"]
@@ -95,7 +103,7 @@ def test_adversarial_system_prompt_is_a_detected_regression(tmp_path, embedded_e
     # The reports open with standard readers.
     root = ET.parse(tmp_path / "report" / "junit.xml").getroot()
     cases = root.find("testsuite").findall("testcase")
-    assert len(cases) == 2 + 3
+    assert len(cases) == 2 + len(prompts)
     assert [c.find("failure") is not None for c in cases[:2]] == [False, True]
     from PIL import Image
 
@@ -107,8 +115,10 @@ def test_adversarial_system_prompt_is_a_detected_regression(tmp_path, embedded_e
 
 def test_the_deployed_model_against_itself_passes(tmp_path, embedded_engine):
     # Same model, system prompt, prompts and seeds on both sides: the same samples (common
-    # random numbers), a ratio of exactly 1, so --max-ratio 1.5 passes by construction.
-    cfg = write_config(tmp_path, PROMPTS[1:], samples=50)
+    # random numbers), a ratio of exactly 1, so --max-ratio 1.5 passes by construction, once the
+    # estimates are reliable (a gate on unreliable ones is inconclusive): 400 samples give ~94 and
+    # ~44 hits (as above), far above the rule's 10.
+    cfg = write_config(tmp_path, PROMPTS[1:], samples=400)
     result = CliRunner().invoke(main, [
         "check", "--config", str(cfg), "--candidate", MODEL, "--baseline", MODEL, "--max-ratio", "1.5",
         "--max-p", "1", "--junit", str(tmp_path / "junit.xml"), "--format", "json", "--quiet"])
