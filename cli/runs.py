@@ -26,7 +26,7 @@ def runs():
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="A table for people, or JSON for programs.")
 def runs_list(config_path, monitor, status, limit, fmt):
-    """The latest runs, newest first.
+    """The latest runs, newest first (their figures; `runs show` has a run's settings and estimates).
 
     Example: tailmon runs list --monitor assistant-prod --limit 5
     """
@@ -36,7 +36,9 @@ def runs_list(config_path, monitor, status, limit, fmt):
     finally:
         store.close()
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2, default=str))
+        # The settings (the whole monitor config, ~100 lines a run) are `runs show`'s to print.
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "settings"} for r in rows], indent=2,
+                              default=str))
         return
     if not rows:
         click.echo("no runs")

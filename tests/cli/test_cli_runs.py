@@ -48,6 +48,7 @@ def test_list_from_the_environment(db):
     rows = json.loads(result.output)
     assert [r["id"] for r in rows] == [db["ok"]]
     assert rows[0]["p_hat"] == 0.01
+    assert "settings" not in rows[0]  # ~100 lines a run: `runs show` has them
 
 
 def test_show_prints_figures_redacted(db):

@@ -134,3 +134,17 @@ def test_a_monitor_without_proposals_uses_the_library(tmp_path, model_copy):
     # The prompts' categories are x and y (unknown to the library): the general prompt only.
     assert labels == ["target"] + default_proposals({"x", "y"})
     assert labels[1].startswith("system:")
+
+
+def test_stored_settings_use_the_config_s_own_key_names(tmp_path, model_copy):
+    # An alert rule's `for` was stored (and printed by `runs show`) as `for_runs`, the field's
+    # Python name: the stored settings are the config as the operator wrote it.
+    rule = {"name": "harm-high", "metric": "harm_probability", "op": ">", "threshold": 0.5, "for": 2}
+    daemon = new_daemon(write_config(tmp_path, model_copy, alerts=[rule]))
+    [outcome] = daemon.run_once()
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    try:
+        [stored] = store.get_run(outcome.run_id)["settings"]["alerts"]
+    finally:
+        store.close()
+    assert stored["for"] == 2 and "for_runs" not in stored
