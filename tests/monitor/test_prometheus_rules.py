@@ -691,12 +691,12 @@ def test_regex_sweep_sees_misspelled_names(exported):
 # ---------------------------------------------------------------------------------------------
 # Thresholds and the unit tests' coverage
 
-_THRESHOLD_ROW = re.compile(r"^#\s+(Tailmon\w+)\s+(\S+)\s+(\S+)\s+\S", re.M)
+_THRESHOLD_ROW = re.compile(r"^#\s+(Tailmon\w+)\s+(\S+)\s+(\S+)\s+(\S+)\s+\S", re.M)
 
 
-def threshold_table() -> dict[str, tuple[str, str]]:
-    """The header table of tailmon-rules.yml: alert -> (threshold, for)."""
-    return {m[1]: (m[2], m[3]) for m in _THRESHOLD_ROW.finditer(RULES.read_text())}
+def threshold_table() -> dict[str, tuple[str, str, str]]:
+    """The header table of tailmon-rules.yml: alert -> (threshold, for, keep_firing_for)."""
+    return {m[1]: (m[2], m[3], m[4]) for m in _THRESHOLD_ROW.finditer(RULES.read_text())}
 
 
 def rule_threshold(expr: str) -> float | None:
@@ -709,11 +709,25 @@ def test_threshold_table_matches_rules():
     table = threshold_table()
     alerts = {r["alert"]: r for r in all_rules(load_rules()) if "alert" in r}
     assert set(table) == set(alerts), "the header table must list every alert"
-    for name, (threshold, for_) in table.items():
+    for name, (threshold, for_, keep) in table.items():
         rule = alerts[name]
         assert rule.get("for", "-") == for_, name
+        assert rule.get("keep_firing_for", "-") == keep, name
         actual = rule_threshold(rule["expr"])
         assert (None if threshold == "-" else float(threshold)) == actual, name
+
+
+def test_harm_alerts_ride_out_a_daemon_restart():
+    """A `for` only delays firing: a restart of the daemon makes its series stale, which drops a
+    firing alert and sends it back to pending for its whole `for`. `keep_firing_for` (promtool's
+    restart case in tailmon-rules.test.yml shows it) keeps the alerts about the figures firing."""
+    alerts = {r["alert"]: r for r in all_rules(load_rules()) if "alert" in r}
+    for name in ("TailmonHarmProbabilityHigh", "TailmonExpectedHarmfulOutputsHigh", "TailmonEstimateUnreliable",
+                 "TailmonParetoKhatHigh"):
+        assert "keep_firing_for" in alerts[name], name
+    text = RULES.read_text()
+    assert "rides out a scrape or two (a restart" not in text  # the old, false claim
+    assert "keep_firing_for" in text.split("groups:")[0]  # the header says what rides out a restart
 
 
 def test_every_rule_has_unit_tests():
