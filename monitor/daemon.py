@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tailmon.alerts import AlertService
 from tailmon.engines.loading import EngineSettings, load_engine
 from tailmon.engines.models import resolve
-from tailmon.errors import InputError, TailmonError
+from tailmon.errors import InputError, RuntimeFailure, TailmonError
 from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
 from tailmon.estimation.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.result import RunFigures, RunResult
@@ -324,7 +324,9 @@ class Daemon:
     # -- the service ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the store, recover, serve metrics, load models, schedule. Then READY."""
+        """Open the store, recover, serve metrics, load models, schedule. Then READY.
+
+        Raises RuntimeFailure (exit 3), without READY, when a monitor's model does not load."""
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -338,11 +340,24 @@ class Daemon:
         self._server = MetricsServer(self.metrics, m.address, m.port, healthy=self.healthy).start()
         log.info("metrics on http://%s:%d/metrics", m.address, self._server.port)
         notify("STATUS=loading models")
+        # READY means every monitor can run: a model that does not load (not pulled into the
+        # cache, a wrong path) would fail every run of its monitor while systemd reports the
+        # service up. Refusing to start makes `systemctl start` fail, and the journal says why.
+        failures = []
         for mon in self.config.monitors:
             try:
                 self.models.get(mon.engine_settings(), model_fingerprint(mon.model.ref))
-            except TailmonError as exc:  # the run will fail and say so; the others go on
-                log.error("monitor %s: model %s does not load: %s", mon.name, mon.model.ref, exc)
+            except Exception as exc:
+                kind = "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: "
+                failures.append(f"monitor {mon.name}: model {mon.model.ref} does not load: {kind}"
+                                + " ".join(str(exc).split()))
+        if failures:
+            notify(f"STATUS=not started: {failures[0]}")
+            self._server.stop()
+            self.alerts.close(1.0)
+            self.store.close()
+            self.models.close()
+            raise RuntimeFailure("; ".join(failures) + " (the daemon did not start)")
         # One worker: runs of different monitors queue rather than compete for the same cores.
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},

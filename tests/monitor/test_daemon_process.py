@@ -153,6 +153,49 @@ def test_notify_watchdog_and_sigterm(tmp_path, slow_config):
     assert "ERROR" not in log, log
 
 
+@pytest.mark.parametrize("ref,says", [
+    ("smollm2-135m-instruct", "tailmon models pull smollm2-135m-instruct"),  # the unit's case: never pulled
+    ("no-such-model-folder", "no such file or directory"),
+], ids=["embedded-not-pulled", "no-such-folder"])
+def test_a_model_that_does_not_load_sends_no_ready_and_exits_3(tmp_path, tiny_model_dir, ref, says):
+    """READY tells systemd the service works; a monitor whose model cannot load would fail every
+    run, so the start fails instead: no READY=1, one line naming monitor and model, exit 3."""
+    if os.sep not in ref and "-folder" in ref:
+        ref = str(tmp_path / ref)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    cfg = write_config(tmp_path, tiny_model_dir, model={"ref": ref, "max_new_tokens": 3})
+    d = DaemonProcess(cfg, tmp_path, env={"NOTIFY_SOCKET": sock_path, "TAILMON_CACHE_DIR": str(tmp_path / "cache")})
+    messages = []
+    try:
+        # Until the process exits or says READY (the defect: then it would run on, so stop there).
+        sock.settimeout(0.2)
+        deadline = time.time() + 120
+        while d.proc.poll() is None and time.time() < deadline and not any("READY=1" in m for m in messages):
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+        sock.setblocking(False)
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+        assert not any("READY=1" in m for m in messages), messages
+        code = d.proc.wait(timeout=30)
+        d._reader.join(timeout=10)
+    finally:
+        d.stop()
+        sock.close()
+    assert code == 3, "".join(d.lines)
+    assert any(m.startswith("STATUS=not started: monitor tiny") for m in messages), messages
+    last = d.lines[-1]
+    assert last.startswith("runtime failure: monitor tiny: model ") and says in last, d.lines
+    assert "Traceback" not in "".join(d.lines)
+
+
 def test_sighup_reloads_and_a_bad_config_is_refused(tmp_path, tiny_model_dir):
     path = write_config(tmp_path, tiny_model_dir, samples=10)
     d = DaemonProcess(path, tmp_path)
