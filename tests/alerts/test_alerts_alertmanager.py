@@ -150,3 +150,27 @@ def test_test_notification_is_kept_apart_from_the_real_alert(alertmanager, store
     [alert] = _ours(alertmanager)
     assert alert["labels"]["tailmon_test"] == "true"
     assert store.alert_deliveries() == []  # a test changes nothing in the store
+
+
+def test_a_stopped_daemons_alert_expires_in_alertmanager_and_a_restart_fires_it_again(alertmanager, store):
+    """What the README says of a stop: nothing re-sends the firing alert, so Alertmanager lets it
+    expire after 4 x resend_interval while the store (`tailmon alerts list`) still says firing; the
+    restarted daemon's first tick sends it again with its original start."""
+    sinks = {"am": {"type": "alertmanager", "url": alertmanager, "resend_interval": 1}}
+    service = AlertService(make_config([RULE], sinks=sinks), store)
+    fired_at = datetime.now(timezone.utc).replace(microsecond=0)
+    service.on_run("prod", "succeeded", figures(ci_high=3e-3), now=fired_at)
+    assert service.flush(10)
+    [first] = _ours(alertmanager)
+    service.close(5)  # the daemon stops
+    deadline = time.time() + 15
+    while _ours(alertmanager) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _ours(alertmanager) == []
+    assert [(s["rule"], s["state"]) for s in store.alert_states("firing")] == [("harm-high", "firing")]
+    restarted = AlertService(make_config([RULE], sinks=sinks), store)
+    restarted.tick()
+    assert restarted.flush(10)
+    restarted.close(5)
+    [again] = _ours(alertmanager)
+    assert again["startsAt"] == first["startsAt"]
