@@ -82,6 +82,8 @@ def read_prompt_items(prompt_texts, prompts_file):
 
 
 def open_store(config_path):
+    """The store the config (or the environment) names, opened for reading: the CLI's readers
+    neither migrate nor write, so they work on a read-only file and never wait for the daemon."""
     from tailmon.store import Store, resolve_database_url
 
     configured = None
@@ -89,4 +91,4 @@ def open_store(config_path):
         from tailmon.monitor.config import load_config
 
         configured = load_config(config_path).config.database
-    return Store(resolve_database_url(configured)).open()
+    return Store(resolve_database_url(configured)).open(read_only=True)

@@ -45,11 +45,11 @@ class AlertStore(StoreBase):
         query = select(ALERT_EVENTS).order_by(ALERT_EVENTS.c.at.desc(), ALERT_EVENTS.c.id.desc()).limit(int(limit))
         if monitor is not None:
             query = query.where(ALERT_EVENTS.c.monitor == monitor)
-        with self._tx("listing alert events") as conn:
+        with self._read("listing alert events") as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def get_alert_state(self, monitor: str, rule: str) -> dict | None:
-        with self._tx(f"reading alert state {monitor}/{rule}") as conn:
+        with self._read(f"reading alert state {monitor}/{rule}") as conn:
             row = conn.execute(select(ALERT_STATE).where(ALERT_STATE.c.monitor == monitor,
                                                          ALERT_STATE.c.rule == rule)).first()
             return dict(row._mapping) if row else None
@@ -122,7 +122,7 @@ class AlertStore(StoreBase):
             query = query.where(ALERT_DELIVERIES.c.monitor == monitor)
         if rule is not None:
             query = query.where(ALERT_DELIVERIES.c.rule == rule)
-        with self._tx("listing alert deliveries") as conn:
+        with self._read("listing alert deliveries") as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def alert_states(self, state: str | None = None) -> list[dict]:
@@ -132,5 +132,5 @@ class AlertStore(StoreBase):
         query = select(ALERT_STATE).order_by(ALERT_STATE.c.monitor, ALERT_STATE.c.rule)
         if state is not None:
             query = query.where(ALERT_STATE.c.state == state)
-        with self._tx("listing alert states") as conn:
+        with self._read("listing alert states") as conn:
             return [dict(r._mapping) for r in conn.execute(query)]

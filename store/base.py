@@ -15,8 +15,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from tailmon.errors import InputError, RuntimeFailure
-from tailmon.store.connection import error_reason, connect_database
-from tailmon.store.migrate import upgrade_schema
+from tailmon.store.connection import READING, connect_database, error_reason
+from tailmon.store.migrate import check_readable, upgrade_schema
 from tailmon.store.schema import utcnow
 from tailmon.store.url import mask_password, safe_url
 
@@ -55,24 +55,63 @@ class StoreBase:
         self.stale_after_s = float(stale_after_s)
         self.stale_after = timedelta(seconds=self.stale_after_s)
         self._engine: Engine | None = None
+        self._read_only = False
 
     # -- lifecycle
 
-    def open(self: _Self) -> _Self:
-        """Connect and create or upgrade the schema. Idempotent."""
+    def open(self: _Self, *, read_only: bool = False) -> _Self:
+        """Connect and create or upgrade the schema. Idempotent.
+
+        read_only: for readers (the CLI's `runs` and `alerts list`): connect without writing
+        anything, the schema included, and refuse the store's writing methods. The database must
+        exist and be at this code's schema revision (see migrate.check_readable).
+        """
         if self._engine is not None:
             return self
+        try:
+            engine = self._open_for_reading() if read_only else self._open_for_writing()
+        except DBAPIError as e:
+            raise RuntimeFailure(f"database {self.safe_url}: {self._mask(error_reason(e))}") from e
+        self._engine = engine
+        self._read_only = read_only
+        return self
+
+    def _open_for_writing(self) -> Engine:
         engine = connect_database(self.url)
         try:
             upgrade_schema(engine, display_url=self.safe_url)
-        except RuntimeFailure:
+        except BaseException:
             engine.dispose()
             raise
+        return engine
+
+    def _open_for_reading(self) -> Engine:
+        engine = connect_database(self.url, read_only=True)
+        try:
+            self._check_readable(engine)
         except DBAPIError as e:
             engine.dispose()
-            raise RuntimeFailure(f"database {self.safe_url}: {self._mask(error_reason(e))}") from e
-        self._engine = engine
-        return self
+            if engine.dialect.name != "sqlite" or "readonly" not in error_reason(e):
+                raise
+            # A WAL database whose -shm/-wal files neither exist nor can be created (its folder is
+            # read-only: a copy on read-only media): SQLite reads it only as immutable. Nobody can
+            # be writing it then, short of a writer with more rights than this reader.
+            engine = connect_database(self.url, read_only=True, immutable=True)
+            try:
+                self._check_readable(engine)
+            except BaseException:
+                engine.dispose()
+                raise
+        except BaseException:
+            engine.dispose()
+            raise
+        return engine
+
+    def _check_readable(self, engine: Engine) -> None:
+        with engine.connect() as conn:
+            conn.execution_options(**{READING: True})
+            with conn.begin():
+                check_readable(conn, f"database {self.safe_url}")
 
     def close(self) -> None:
         if self._engine is not None:
@@ -96,10 +135,26 @@ class StoreBase:
 
     @contextmanager
     def _tx(self, what: str) -> Iterator[Connection]:
-        """One transaction; database errors become RuntimeFailure naming the database."""
+        """One transaction that writes (on SQLite it takes the write lock at BEGIN); database
+        errors become RuntimeFailure naming the database."""
+        if self._read_only:
+            raise RuntimeFailure(f"database {self.safe_url}: {what}: the store is open for reading only")
         try:
             with self.engine.begin() as conn:
                 yield conn
+        except DBAPIError as e:
+            raise RuntimeFailure(f"database {self.safe_url}: {what}: {self._mask(error_reason(e))}") from e
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[Connection]:
+        """One transaction that only reads: it takes no write lock (SQLite: a deferred BEGIN; in
+        WAL mode it reads a snapshot while a writer holds the lock), so a reader neither waits for
+        the daemon nor needs write access. Errors as for _tx."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{READING: True})
+                with conn.begin():
+                    yield conn
         except DBAPIError as e:
             raise RuntimeFailure(f"database {self.safe_url}: {what}: {self._mask(error_reason(e))}") from e
 

@@ -7,11 +7,12 @@ import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
-from tailmon.errors import RuntimeFailure
+from tailmon.errors import InputError, RuntimeFailure
 from tailmon.store.url import engine_url, safe_url
 
 
@@ -41,13 +42,22 @@ def _dumps(value: Any) -> str:
     return json.dumps(_finite_only(value), default=_json_default, allow_nan=False)
 
 
-def connect_database(url: str) -> Engine:
+READING = "tailmon_reading"
+"""Execution option of a connection whose transaction only reads: on SQLite it begins DEFERRED."""
+
+
+def connect_database(url: str, *, read_only: bool = False, immutable: bool = False) -> Engine:
     """An SQLAlchemy engine for `url`, set up for the store (used by `Store.open` and by tests).
 
     Bad URLs raise InputError; a SQLite directory that cannot be created raises RuntimeFailure.
+    read_only (SQLite): open the existing file read-only (a missing file is an InputError, never
+    a new database) and leave its journal mode alone; immutable: also tell SQLite that nobody
+    changes the file, for read-only media where not even the WAL index can be created.
     """
     parsed = engine_url(url)
     if parsed.get_backend_name() == "postgresql":
+        # read_only needs nothing here: PostgreSQL readers never wait on writers' row locks, and
+        # Store.open(read_only=True) does not migrate.
         try:
             # pre_ping: the daemon keeps connections for days, across PostgreSQL restarts.
             return create_engine(parsed, json_serializer=_dumps, pool_pre_ping=True,
@@ -57,13 +67,23 @@ def connect_database(url: str) -> Engine:
                                  "install tailmon[postgres]") from None
 
     path = Path(parsed.database).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RuntimeFailure(f"database {safe_url(url)}: cannot create directory {path.parent}: "
-                             f"{e.strerror or e}") from None
+    if read_only:
+        if not path.is_file():
+            raise InputError(f"database {safe_url(url)}: no database file {path} (the daemon creates it "
+                             "when it first starts)")
+        # An SQLite URI filename: mode=ro never writes (nor creates) the file.
+        options = {"mode": "ro", "uri": "true", **({"immutable": "1"} if immutable else {})}
+        parsed = parsed.set(database="file:" + quote(str(path.absolute())),
+                            query={**parsed.query, **options})
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RuntimeFailure(f"database {safe_url(url)}: cannot create directory {path.parent}: "
+                                 f"{e.strerror or e}") from None
     # timeout: the heartbeat thread and the run thread write concurrently; a writer waits up to
-    # 30 s for the other instead of failing with "database is locked".
+    # 30 s for the other instead of failing with "database is locked". (A reader in WAL mode waits
+    # on nobody, save a moment while another connection recovers the WAL.)
     engine = create_engine(parsed, json_serializer=_dumps, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -72,17 +92,21 @@ def connect_database(url: str) -> Engine:
         # SELECTs or DDL, which breaks transactional migrations and SAVEPOINTs) ...
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        # WAL: readers never block the writer, so the CLI can list runs while the daemon writes.
-        cur.execute("PRAGMA journal_mode=WAL")
+        if not read_only:
+            # WAL: readers never block the writer nor wait for it, so the CLI can list runs while
+            # the daemon writes. The mode is stored in the file: a reader finds it set.
+            cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        # ... and begin every transaction IMMEDIATE: it takes the write lock up front (waiting
-        # out the busy timeout), so a read-then-write transaction never fails half-way with
-        # SQLITE_BUSY because another connection wrote in between.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # ... and begin every writing transaction IMMEDIATE: it takes the write lock up front
+        # (waiting out the busy timeout), so a read-then-write transaction never fails half-way
+        # with SQLITE_BUSY because another connection wrote in between. A transaction that only
+        # reads begins DEFERRED: it takes no write lock, so it neither waits for a writer that
+        # holds one nor needs write access to the file.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READING) else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -50,6 +50,6 @@ class LockStore(StoreBase):
 
     def lock_holder(self, monitor: str) -> dict | None:
         """The lock's row (owner_instance, owner_token, acquired_at, heartbeat_at), or None."""
-        with self._tx(f"reading the lock of monitor '{monitor}'") as conn:
+        with self._read(f"reading the lock of monitor '{monitor}'") as conn:
             row = conn.execute(select(LOCKS).where(LOCKS.c.monitor == monitor)).first()
             return dict(row._mapping) if row else None

@@ -26,7 +26,7 @@ from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, func, i
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from tailmon.errors import RuntimeFailure
+from tailmon.errors import InputError, RuntimeFailure
 from tailmon.store.connection import error_reason
 from tailmon.store.schema import UTCDateTime, utcnow
 
@@ -119,21 +119,10 @@ def upgrade_schema(engine: Engine, target: str = "head", *, display_url: str | N
         if conn.dialect.name == "postgresql":
             # Two instances starting together on an empty database must not both create tables.
             conn.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
-        recorded = recorded_revisions(conn)
-        unknown = [r for r in recorded if r not in position]
-        if unknown:
-            raise RuntimeFailure(f"{where}: schema revision {unknown[0]} is newer than this tailmon supports "
-                                 f"({revisions[-1].revision}); upgrade tailmon")
-        current = max(recorded, key=position.__getitem__, default=None)
-        stamp = None
-        if current is None:
-            legacy = legacy_version(conn)
-            if legacy > len(revisions):
-                raise RuntimeFailure(f"{where}: schema version {legacy} is newer than this tailmon supports "
-                                     f"({len(revisions)}); upgrade tailmon")
-            if legacy:
-                # Its tables are those of revision `legacy`: record that, then upgrade from there.
-                current = stamp = revisions[legacy - 1].revision
+        current, legacy = _current_revision(conn, where)
+        # A database of the release before Alembic: its tables are those of revision `legacy`;
+        # record that, then upgrade from there.
+        stamp = current if legacy else None
         pending = revisions[position[current] if current else 0:position[target]]
         if stamp is None and not pending:
             return current
@@ -148,6 +137,41 @@ def upgrade_schema(engine: Engine, target: str = "head", *, display_url: str | N
     for script in pending:
         log.info("%s: schema revision %s applied (%s)", where, script.revision, script.doc)
     return current
+
+
+def _current_revision(conn: Connection, where: str) -> tuple[str | None, bool]:
+    """(the database's revision, None for a database without tailmon tables; whether that
+    revision comes from the bookkeeping of the release before Alembic). Refuses (RuntimeFailure)
+    a database newer than this code."""
+    revisions = history()
+    position = {script.revision: i for i, script in enumerate(revisions, 1)}
+    recorded = recorded_revisions(conn)
+    unknown = [r for r in recorded if r not in position]
+    if unknown:
+        raise RuntimeFailure(f"{where}: schema revision {unknown[0]} is newer than this tailmon supports "
+                             f"({revisions[-1].revision}); upgrade tailmon")
+    if recorded:
+        return max(recorded, key=position.__getitem__), False
+    legacy = legacy_version(conn)
+    if legacy > len(revisions):
+        raise RuntimeFailure(f"{where}: schema version {legacy} is newer than this tailmon supports "
+                             f"({len(revisions)}); upgrade tailmon")
+    return (revisions[legacy - 1].revision, True) if legacy else (None, False)
+
+
+def check_readable(conn: Connection, where: str) -> None:
+    """For readers, which must not write: refuse (one line) a database this code cannot read as
+    it is. Only the head revision is read: the queries name every column of the head schema, and
+    an older schema lacks some (reading it would take a reader per revision). Upgrading is a
+    writer's job: the daemon, or `tailmon run --once`, upgrades the schema when it opens the
+    database."""
+    current, _ = _current_revision(conn, where)
+    head = head_revision()
+    if current is None:
+        raise InputError(f"{where}: no tailmon tables in it (the daemon creates them when it first starts)")
+    if current != head:
+        raise RuntimeFailure(f"{where}: schema revision {current} is older than this tailmon's ({head}); "
+                             "start the daemon or `tailmon run --once`, which upgrade it, then read it")
 
 
 def _apply(conn: Connection, where: str, stamp: str | None, pending: tuple[Script, ...]) -> None:

@@ -139,19 +139,19 @@ class RunStore(StoreBase):
             query = query.where(RUNS.c.monitor == monitor)
         if status is not None:
             query = query.where(RUNS.c.status == status)
-        with self._tx("listing runs") as conn:
+        with self._read("listing runs") as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def get_run(self, run_id: int) -> dict | None:
         """Every run column (with `report`) plus `estimates`, one dict per prompt in order."""
-        with self._tx(f"reading run {run_id}") as conn:
+        with self._read(f"reading run {run_id}") as conn:
             return self._full_run(conn, RUNS.c.id == run_id)
 
     def last_run(self, monitor: str, status: str | None = "succeeded") -> dict | None:
         """The monitor's newest run with `status` (any status if None), as get_run returns it."""
         if status is not None and status not in RUN_STATUSES:
             raise InputError(f"status must be one of {', '.join(RUN_STATUSES)}, got '{status}'")
-        with self._tx(f"reading the last run of monitor '{monitor}'") as conn:
+        with self._read(f"reading the last run of monitor '{monitor}'") as conn:
             query = select(RUNS.c.id).where(RUNS.c.monitor == monitor)
             if status is not None:
                 query = query.where(RUNS.c.status == status)
@@ -170,7 +170,7 @@ class RunStore(StoreBase):
 
     def get_samples(self, run_id: int) -> list[dict]:
         """The run's stored samples (prompt_index, response, score, log_weight, component), in order."""
-        with self._tx(f"reading the samples of run {run_id}") as conn:
+        with self._read(f"reading the samples of run {run_id}") as conn:
             rows = conn.execute(select(*(SAMPLES.c[k] for k in SAMPLE_KEYS)).where(SAMPLES.c.run_id == run_id)
                                 .order_by(SAMPLES.c.id))
             return [dict(r._mapping) for r in rows]

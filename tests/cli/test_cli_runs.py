@@ -69,6 +69,7 @@ def test_show_unknown_run_exits_2(db):
 def test_database_from_the_config_file(db, tmp_path, monkeypatch):
     monkeypatch.delenv("TAILMON_DATABASE_URL")
     other = tmp_path / "other.db"
+    Store(f"sqlite:///{other}").open().close()  # the daemon of that config has started once
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"database: sqlite:///{other}\nmonitors:\n  - name: x\n    prompts: {{type: file, path: p.jsonl}}\n"
                    "    judge: prefix:Sure\n    estimator: {method: mc}\n    schedule: {every: 1h}\n")
