@@ -13,6 +13,11 @@ PostgreSQL (shared by several daemon instances). The guarantees the daemon relie
   instance, so a starting instance never interrupts a live peer's run.
 * The schema is versioned by Alembic revisions (store/migrations, applied by `migrate`): an
   upgrade keeps the data, and a database newer than this code is refused.
+* Readers take no write lock: the query methods run in a transaction that only reads (on SQLite
+  a deferred BEGIN, which in WAL mode reads a snapshot while a writer holds the lock; every
+  writing transaction begins IMMEDIATE), and `open(read_only=True)` (the CLI's readers) neither
+  migrates nor writes, reads a read-only file, and refuses a missing database or one not at this
+  code's revision.
 * Prompt and response texts go through `redact()` before they are stored.
 
 Times are timezone-aware UTC `datetime`s in and out on both backends. Dicts returned by the
