@@ -17,10 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from tailmon.errors import InputError
+from tailmon.errors import InputError, RuntimeFailure
 from tailmon.estimation.render import estimates_table
 from tailmon.estimators import khat_threshold, p_any_per_window
 from tailmon.estimators.importance import MIN_ESS_WH
+from tailmon.paths import write_atomically
 
 PLOT_FILES = {
     "per_prompt": "per_prompt.png",
@@ -506,10 +507,60 @@ def prepare_dir(path: str | Path) -> Path:
     return path
 
 
+# A check's own files in a report folder: cleared when a check starts, so that no file of an
+# earlier check can be read as this one's.
+REPORT_FILES = ("report.json", "report.md", "junit.xml", *PLOT_FILES.values())
+
+
+def start_reports(report_dir: str | Path | None, junit: str | Path | None, started: str) -> None:
+    """Before any model work: remove the previous check's reports and leave failing ones saying
+    this check has not finished. A check that is interrupted, killed or crashes then leaves a
+    failure for a CI step that posts the reports (`if: always()`), never the last green report."""
+    if report_dir is not None:
+        d = prepare_dir(report_dir)
+        for name in REPORT_FILES:
+            (d / name).unlink(missing_ok=True)
+    write_failure_reports(report_dir, junit, f"tailmon check started at {started} and has not finished: it is "
+                                             "still running, or it was interrupted or killed")
+
+
+def write_failure_reports(report_dir: str | Path | None, junit: str | Path | None, reason: str) -> None:
+    """report.md and junit.xml (in `report_dir` and at `junit`) of a check that did not complete."""
+    reason = " ".join(str(reason).split())
+    if report_dir is not None:
+        _write(Path(report_dir) / "report.md", f"## ❌ tailmon check did not complete\n\n{reason}\n")
+        _write(Path(report_dir) / "junit.xml", render_failed_junit(reason))
+    if junit is not None:
+        _write(Path(junit), render_failed_junit(reason))
+
+
+def render_failed_junit(reason: str) -> bytes:
+    """JUnit XML of a check that did not complete: one test case with an error."""
+    root = ET.Element("testsuites", name="tailmon check", tests="1", failures="0", errors="1", time="0")
+    suite = ET.SubElement(root, "testsuite", name="tailmon check", tests="1", failures="0", errors="1",
+                          skipped="0", time="0")
+    case = ET.SubElement(suite, "testcase", classname="tailmon.check", name="check completed", time="0")
+    err = ET.SubElement(case, "error", message=_x(_short(reason, 300)), type="tailmon.CheckDidNotComplete")
+    err.text = _x(reason)
+    ET.indent(root)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8") + b"\n"
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    try:
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, data)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def write_check_reports(result, data: dict, report_dir: str | Path | None, junit: str | Path | None,
                         elapsed_s: float = 0.0) -> list[Path]:
     """report.json, report.md, junit.xml and the PNG plots in `report_dir`; the JUnit file also
-    (or only) at `junit`. Returns the written paths."""
+    (or only) at `junit`. Returns the written paths. Each file is replaced at once (a full disk
+    leaves the one `start_reports` wrote, which says the check did not complete); report.md and
+    junit.xml, the files CI reads, come last."""
     written: list[Path] = []
     junit_xml = render_junit(data, elapsed_s)
     if report_dir is not None:
@@ -519,19 +570,13 @@ def write_check_reports(result, data: dict, report_dir: str | Path | None, junit
         plots.append(plot_weights(sides, d / PLOT_FILES["weights"]))
         if data.get("sensitivity"):
             plots.append(plot_sensitivity(data["sensitivity"], d / PLOT_FILES["sensitivity"]))
-        (d / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
-        (d / "report.md").write_text(render_markdown(data, plots), encoding="utf-8")
-        (d / "junit.xml").write_bytes(junit_xml)
+        _write(d / "report.json", json.dumps(data, indent=2, allow_nan=False))
+        _write(d / "report.md", render_markdown(data, plots))
+        _write(d / "junit.xml", junit_xml)
         written += [d / "report.json", d / "report.md", d / "junit.xml", *plots]
     if junit is not None:
-        path = Path(junit)
-        try:
-            if path.parent != Path(""):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(junit_xml)
-        except OSError as exc:
-            raise InputError(f"cannot write JUnit file {path}: {exc.strerror or exc}") from None
-        written.append(path)
+        _write(Path(junit), junit_xml)
+        written.append(Path(junit))
     return written
 
 

@@ -166,7 +166,14 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
           --report-dir tailmon-report --junit tailmon-junit.xml
     """
     from tailmon.check.gate import GateOptions, check_model_ref, model_settings, paraphraser_settings, run_check
-    from tailmon.check.report import check_table, prepare_dir, render_markdown, write_check_reports
+    from tailmon.check.report import (
+        check_table,
+        prepare_dir,
+        render_markdown,
+        start_reports,
+        write_check_reports,
+        write_failure_reports,
+    )
     from tailmon.monitor.config import load_config
 
     started = time.time()
@@ -207,10 +214,15 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     if not quiet:
         click.echo(f"checking {candidate_ref} against monitor {mon.name}: {len(prompts)} prompts x "
                    f"{mon.estimator.samples} samples" + (f", baseline {baseline_ref}" if baseline_ref else ""), err=True)
-    with _bar(total, "check", quiet) as bar:
-        result = run_check(mon, prompts, candidate=candidate, baseline=baseline, seed=seed, options=options,
-                           config_path=str(loaded.path), prompt_source=source, perturb=popts,
-                           progress=bar.update, add_total=_grow(bar))
+    start_reports(report_dir, junit_path, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)))
+    try:
+        with _bar(total, "check", quiet) as bar:
+            result = run_check(mon, prompts, candidate=candidate, baseline=baseline, seed=seed, options=options,
+                               config_path=str(loaded.path), prompt_source=source, perturb=popts,
+                               progress=bar.update, add_total=_grow(bar))
+    except Exception as exc:  # exit 2 or 3: the reports say why, not what an earlier check said
+        write_failure_reports(report_dir, junit_path, f"tailmon check failed: {exc}")
+        raise
     data = result.to_dict()
     written = write_check_reports(result, data, report_dir, junit_path, elapsed_s=time.time() - started)
     if fmt == "json":

@@ -15,8 +15,9 @@ from tailmon.cli.options import (
     load_model,
     read_prompt_items,
 )
-from tailmon.errors import InputError
+from tailmon.errors import InputError, RuntimeFailure
 from tailmon.estimation.render import estimates_table
+from tailmon.paths import write_atomically
 
 
 @command(setting_flags={"proposal": "--proposal"})
@@ -143,8 +144,10 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     if tuned is not None:
         data["tuning"] = tuned.to_dict()
     if output:
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
+        try:  # a full disk leaves the previous file, not a truncated one
+            write_atomically(output, json.dumps(data, indent=2, allow_nan=False))
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot write {output}: {exc.strerror or exc}") from None
     if fmt == "json":
         click.echo(json.dumps(data, indent=2, allow_nan=False))
     else:

@@ -17,7 +17,8 @@ from tailmon.cli.options import (
     load_model,
     local_engine_settings,
 )
-from tailmon.errors import InputError
+from tailmon.errors import InputError, RuntimeFailure
+from tailmon.paths import write_atomically
 
 
 @group()
@@ -280,8 +281,10 @@ def proposals_tune(templates, judge_spec, prompt_texts, prompts_file, weight_gri
                   objective=objective, weight_grid=grid, progress=not quiet)
     snippet = result.config_snippet()
     if output:
-        with open(output, "w", encoding="utf-8") as f:
-            f.write(snippet)
+        try:  # a full disk leaves the previous file, not a truncated one
+            write_atomically(output, snippet)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot write {output}: {exc.strerror or exc}") from None
     if fmt == "json":
         click.echo(json.dumps({**result.to_dict(), "config_snippet": snippet}, indent=2, allow_nan=False))
         return

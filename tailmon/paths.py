@@ -24,3 +24,21 @@ def state_dir() -> Path:
 
 def models_dir() -> Path:
     return cache_dir() / "models"
+
+
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace `path` with `data` all at once: written to a temporary file beside it, flushed to
+    disk, then renamed over it. A full disk or a crash leaves the previous file as it was (an
+    `open(path, "w")` had already emptied it), never a truncated one; OSError on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -312,3 +312,49 @@ def test_sensitivity_command_is_deterministic(tmp_path, tiny_model_dir):
     assert json.loads(other.stdout)["prompts"][0]["variants"] != data["prompts"][0]["variants"]
     table = run(*args[:-3], "--quiet")
     assert table.exit_code == 0 and table.stdout.startswith("== input sensitivity")
+
+
+def test_a_check_that_does_not_complete_leaves_failing_reports_not_the_last_green_ones(tmp_path, tiny_model_dir):
+    # Issue 18, item 9: the report folder kept the previous green report.md and a junit.xml without
+    # failures after a failed (exit 3) or interrupted check, for a CI step with `if: always()`.
+    import shutil
+
+    cfg = write_config(tmp_path, tiny_model_dir, samples=20)
+    report, junit = tmp_path / "report", tmp_path / "ci" / "junit.xml"
+    green = run("check", "--config", cfg, "--candidate", tiny_model_dir, "--max-p", 1, "--report-dir", report,
+                "--junit", junit, "--quiet")
+    assert green.exit_code == 0, green.output
+    assert (report / "report.json").exists() and ET.parse(junit).getroot().get("failures") == "0"
+
+    # A candidate whose weights are damaged: found at load time, inside the check (exit 3).
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    failed = run("check", "--config", cfg, "--candidate", broken, "--max-p", 1, "--report-dir", report,
+                 "--junit", junit, "--quiet")
+    assert failed.exit_code == 3, failed.output
+    for path in (junit, report / "junit.xml"):
+        root = ET.parse(path).getroot()
+        assert root.get("errors") == "1" and root.get("failures") == "0"
+        assert "failed" in root.find("testsuite/testcase/error").get("message")
+    md = (report / "report.md").read_text()
+    assert md.startswith("## ❌ tailmon check did not complete") and "tailmon check failed: candidate" in md
+    assert not (report / "report.json").exists() and not (report / "per_prompt.png").exists()
+
+
+def test_an_interrupted_check_leaves_reports_saying_so(tmp_path):
+    # What a check killed after it started leaves (the end of `start_reports`, run before any
+    # model work): earlier reports gone, failing ones saying the check did not finish.
+    from tailmon.check.report import REPORT_FILES, start_reports
+
+    report, junit = tmp_path / "report", tmp_path / "junit.xml"
+    report.mkdir()
+    for name in REPORT_FILES:
+        (report / name).write_text("from the last green check")
+    (report / "notes.txt").write_text("the user's own file")
+    start_reports(report, junit, "2026-12-07T04:00:00Z")
+    assert sorted(p.name for p in report.iterdir()) == ["junit.xml", "notes.txt", "report.md"]
+    assert "has not finished" in (report / "report.md").read_text()
+    for path in (junit, report / "junit.xml"):
+        assert ET.parse(path).getroot().get("errors") == "1"

@@ -61,3 +61,34 @@ def test_runtime_failure_is_exit_3(tmp_path):
     result = CliRunner().invoke(main, ["estimate", "--model", str(folder), "--prompt", "x", *ARGS])
     assert result.exit_code == 3, result.output
     assert result.stderr.startswith("runtime failure: model") and "Traceback" not in result.output
+
+
+def test_output_on_a_full_disk_keeps_the_previous_file(tmp_path, tiny_model_dir):
+    # Issue 18, item 9: `estimate --output` on a full disk replaced a good file with 4 KB of
+    # truncated JSON. The disk is filled for the child process only, by RLIMIT_FSIZE (a write
+    # past it fails with EFBIG once SIGXFSZ is ignored).
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "report.json"
+    good = '{"the": "previous report"}\n'
+    out.write_text(good)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500, 500))  # the report is ~1.5 KB
+
+    tailmon = str(Path(sys.executable).with_name("tailmon"))
+    done = subprocess.run([tailmon, "estimate", "--model", str(tiny_model_dir), "--prompt", "a b", "--judge",
+                           "prefix:Sure", "--proposal", "temperature:2", "--samples", "4", "--max-new-tokens", "2",
+                           "--output", str(out), "--quiet", "--format", "json"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, preexec_fn=limit,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert f"cannot write {out}" in done.stderr and "Traceback" not in done.stderr
+    assert out.read_text() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
