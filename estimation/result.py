@@ -9,6 +9,7 @@ Dicts appear only at the JSON edge: `RunResult.to_dict()` is what the store keep
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Mapping
@@ -85,16 +86,8 @@ class RunResult:
 
     def to_dict(self) -> dict:
         """The JSON edge: what the store keeps and `--format json` prints (a fresh copy)."""
-        return _copy(self.data)
+        return copy.deepcopy(self.data)
 
     @cached_property
     def figures(self) -> RunFigures:
         return RunFigures.from_report(self.data)
-
-
-def _copy(value):
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
