@@ -7,6 +7,7 @@ then the platform's per-user directories.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import platformdirs
@@ -38,6 +39,10 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        try:  # the replaced file keeps its permissions (a report kept private stays private)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
