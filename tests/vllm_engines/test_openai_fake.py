@@ -185,3 +185,32 @@ def test_the_loader_connects_by_settings_and_checks_every_replica(tiny_model_dir
     with pytest.raises(InputError, match="^baseline model: vLLM server .* --logprobs-mode processed_logprobs"):
         load_engine(EngineSettings(engine="openai", ref=str(tiny_model_dir), base_urls=(raw.url,),
                                    served_model="served", timeout=5), role="baseline")
+
+
+def test_redirects_drips_and_huge_replies_are_refused(tiny_tokenizer):
+    """Catches the engine's hand-written urllib client: it followed a cross-origin redirect with
+    the API key, let a dripping reply run past its timeout, and read any reply whole."""
+    from hostile_http import hostile_pair  # tests/ is on sys.path
+
+    main, other = hostile_pair(drip=0.2, huge=40 * 1024 * 1024)
+    try:
+        eng = engine_for(tiny_tokenizer, [main.url + "/redirect-cross"], retries=3)
+        eng._api_key = "sk-engine-key"
+        with pytest.raises(RuntimeFailure, match="HTTP 302, a redirect to .*/steal: tailmon does not follow") as err:
+            eng.check_replicas()
+        assert other.requests == [] and len(main.requests) == 1 and "sk-engine-key" not in str(err.value)
+
+        eng = engine_for(tiny_tokenizer, [main.url + "/drip-body"], retries=1)
+        eng._timeout = 0.5
+        start = time.monotonic()
+        with pytest.raises(RuntimeFailure, match=r"timed out \(no answer within 0.5 s\)"):
+            eng.check_replicas()
+        assert time.monotonic() - start < 2.0
+
+        eng = engine_for(tiny_tokenizer, [main.url + "/huge"], retries=3)
+        with pytest.raises(RuntimeFailure, match="larger than the 1 MiB tailmon reads"):
+            eng.check_replicas()
+        assert main.sent < 20 * 1024 * 1024
+    finally:
+        main.close()
+        other.close()
