@@ -35,6 +35,7 @@ from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import InputError
 from tailmon.estimation.pipeline import estimate_role
 from tailmon.estimation.prompts import PromptItem
+from tailmon.limits import MAX_CONFIG_BYTES, read_limited
 from tailmon.redact import redact
 
 KINDS = ("typo", "case", "whitespace", "wrapper", "paraphrase")
@@ -63,7 +64,10 @@ def load_wrappers(path: str | Path | None = None) -> list[Wrapper]:
 
     path = Path(path) if path is not None else DEFAULT_WRAPPERS
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # At most MAX_CONFIG_BYTES (README "Limits"): /dev/zero or a huge file fails in one line.
+        raw = yaml.safe_load(read_limited(path, MAX_CONFIG_BYTES, f"wrappers file {path}").decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"cannot read wrappers file {path}: not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise InputError(f"cannot read wrappers file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:

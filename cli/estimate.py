@@ -9,6 +9,7 @@ import click
 
 from tailmon.cli.errors import command
 from tailmon.cli.options import (
+    SAMPLES,
     collect_prompt_texts,
     deployed_options,
     deployed_target,
@@ -32,7 +33,7 @@ from tailmon.paths import write_atomically
               help="Share of samples drawn from the target itself; bounds every weight by 1/share. 0 allowed.")
 @click.option("--method", type=click.Choice(["is", "mc"]), default="is", show_default=True,
               help="Importance sampling, or plain Monte Carlo from the target.")
-@click.option("--samples", type=int, default=200, show_default=True, help="Samples per prompt.")
+@click.option("--samples", type=SAMPLES, default=200, show_default=True, help="Samples per prompt (at most 100000).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every random draw: the same seed and settings give the same estimate.")
 @click.option("--volume", type=float, default=None, metavar="N",
@@ -57,7 +58,7 @@ from tailmon.paths import write_atomically
 @click.option("--tune", is_flag=True,
               help="Read each --proposal as a template with {A|B} alternatives and choose among them (and the "
                    "mixture weights) on a pilot first, as `tailmon proposals tune` does.")
-@click.option("--tune-samples", type=int, default=100, show_default=True, help="With --tune: pilot samples per prompt.")
+@click.option("--tune-samples", type=SAMPLES, default=100, show_default=True, help="With --tune: pilot samples per prompt.")
 @click.option("--tune-prompts", "tune_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="With --tune: pilot prompts (default: the estimated prompts, with pilot draws of their own).")
 @click.option("--budget", type=int, default=None, metavar="N",
@@ -91,7 +92,7 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     from tqdm import tqdm
 
     from tailmon.engines.loading import EngineSettings, check_proposals
-    from tailmon.estimation.pipeline import attach_adapter_warnings, run_estimation
+    from tailmon.estimation.pipeline import MAX_SAMPLES, attach_adapter_warnings, run_estimation
     from tailmon.estimation.plan import build_plan
     from tailmon.proposals import parse_proposal
 
@@ -108,8 +109,8 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
         if method != "is":
             raise InputError("--tune chooses proposals, which --method mc does not use")
         _, candidates = plan_candidates(proposal_specs)
-        if tune_samples < 2:
-            raise InputError(f"--tune-samples must be >= 2, got {tune_samples}")
+        if not 2 <= tune_samples <= MAX_SAMPLES:
+            raise InputError(f"--tune-samples must be in [2, {MAX_SAMPLES}] (per prompt), got {tune_samples}")
     # with --tune, any candidate stands in for the tuned one while the rest is checked
     plan = build_plan(target, judge_spec, candidates[0].specs if candidates else proposal_specs, method=method,
                       defensive=defensive, samples=samples, seed=seed, volume=volume, window=window)
@@ -117,6 +118,9 @@ def estimate(model, system_prompt, prompt_texts, prompts_file, judge_spec, propo
     tune_prompts = collect_prompt_texts((), tune_file, "tuning prompts") if tune and tune_file else None
     if budget is not None and not 0 < pilot_share < 1:
         raise InputError(f"--pilot-share must be in (0, 1), got {pilot_share}")
+    if budget is not None and budget > MAX_SAMPLES * len(prompts):
+        raise InputError(f"--budget must be at most {MAX_SAMPLES} samples per prompt ({MAX_SAMPLES * len(prompts)} for "
+                         f"{len(prompts)} prompts), got {budget}")
     engine = load_model(settings, quiet)
     tuned = None
     if tune:

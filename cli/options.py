@@ -9,6 +9,12 @@ import click
 
 from tailmon.errors import InputError
 
+# Samples per prompt at most: tailmon.estimation.pipeline.MAX_SAMPLES (README "Limits"), written
+# out here so that `tailmon --help` need not import the estimation (tests/cli/test_cli_limits.py
+# checks that the two agree). Every per-prompt sample count option takes this type.
+MAX_SAMPLES = 100_000
+SAMPLES = click.IntRange(max=MAX_SAMPLES)
+
 config_option = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
     help="Daemon config (YAML). Default: $TAILMON_CONFIG.")

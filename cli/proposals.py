@@ -11,6 +11,7 @@ import click
 
 from tailmon.cli.errors import group
 from tailmon.cli.options import (
+    SAMPLES,
     collect_prompt_texts,
     deployed_options,
     deployed_target,
@@ -123,8 +124,8 @@ def proposals_steer(positive, negative, model, system_prompt, layer, output, bat
               help="CEM: proposal to draw round 1 from, with the target (repeatable; e.g. 'system:...').")
 @click.option("--rounds", type=int, default=None,
               help="CEM rounds (default 3 when --judge is given).")
-@click.option("--samples", type=int, default=64, show_default=True, help="CEM: training samples per prompt and round.")
-@click.option("--pilot-samples", type=int, default=64, show_default=True, help="CEM: pilot samples per prompt and round.")
+@click.option("--samples", type=SAMPLES, default=64, show_default=True, help="CEM: training samples per prompt and round.")
+@click.option("--pilot-samples", type=SAMPLES, default=64, show_default=True, help="CEM: pilot samples per prompt and round.")
 @click.option("--defensive", type=float, default=0.1, show_default=True,
               help="CEM: share of each round's samples drawn from the target itself.")
 @deployed_options
@@ -238,7 +239,7 @@ def _tune_rows(result, limit: int = 10) -> list[str]:
                    "a 0 lets the tuning leave a proposal out (e.g. 0,1,2,4).")
 @click.option("--defensive", type=float, default=0.1, show_default=True,
               help="The target's share (fixed: it bounds every weight by 1/share).")
-@click.option("--samples", type=int, default=200, show_default=True, help="Pilot samples per prompt.")
+@click.option("--samples", type=SAMPLES, default=200, show_default=True, help="Pilot samples per prompt.")
 @click.option("--objective", type=click.Choice(["variance", "ess"]), default="variance", show_default=True,
               help="Minimise the estimated variance of p_hat, or maximise the ESS of w*h.")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -167,6 +167,11 @@ class Engine(ABC):
     """The transformers tokenizer prompts are rendered with (every `ChatEngine` has one); None
     for an engine that has none."""
 
+    def check_prompt(self, prompt: str, variant: "Variant") -> None:
+        """Raise InputError when `prompt`, as `variant` renders it, cannot be answered: its tokens
+        and the variant's max_new_tokens exceed the model's context. The default, for an engine
+        that does not know its context: nothing is checked."""
+
     def close(self) -> None:
         """Release what the engine holds outside this process's memory (vLLM's engine-core
         process, the openai engine's connection pool). Every owner of an engine calls it when it

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from tailmon.engines.base import Samples, Variant
-from tailmon.engines.chat import ChatEngine
+from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.engines.vllm_common import generation_eos, vllm_request_seed, vllm_style_processed_logprobs
@@ -84,7 +84,8 @@ class OpenAIEngine(ChatEngine):
     def __init__(self, base_urls: Sequence[str] | str, model: str, tokenizer, *, model_id: str | None = None,
                  api_key: str | None = None, max_concurrency: int = 8, timeout: float = 120.0, retries: int = 4,
                  backoff: float = 0.5, stop_token_ids: Sequence[int] | None = None, vocab_size: int | None = None,
-                 sample_chunk: int = SAMPLE_CHUNK, adapters: Mapping[str, str] | None = None):
+                 sample_chunk: int = SAMPLE_CHUNK, adapters: Mapping[str, str] | None = None,
+                 max_context: int | None = None):
         """`base_urls`: the servers' roots (`http://host:8000`; a trailing `/v1` is accepted);
         `model`: the served name of the base model; `tokenizer`: a transformers tokenizer of it;
         `adapters`: served adapter name -> local adapter folder, as the servers were started with
@@ -113,7 +114,7 @@ class OpenAIEngine(ChatEngine):
         stops = set(int(s) for s in (stop_token_ids or []))
         if tokenizer.eos_token_id is not None:
             stops.add(int(tokenizer.eos_token_id))
-        self._init_chat(tokenizer, model_id or model, stops)
+        self._init_chat(tokenizer, model_id or model, stops, max_context)
         self._vocab = int(vocab_size or len(tokenizer))
 
     @classmethod
@@ -125,11 +126,13 @@ class OpenAIEngine(ChatEngine):
         path = resolve(tokenizer_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            vocab = getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", None)
+            config = AutoConfig.from_pretrained(str(path))
+            vocab = getattr(config, "vocab_size", None)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the tokenizer of '{tokenizer_path}' from {path}: {exc}") from exc
         kwargs.setdefault("stop_token_ids", generation_eos(path))
         kwargs.setdefault("vocab_size", vocab)
+        kwargs.setdefault("max_context", context_length(config))
         return cls(base_urls, model, tokenizer, model_id=kwargs.pop("model_id", tokenizer_path), **kwargs)
 
     @classmethod
@@ -244,7 +247,7 @@ class OpenAIEngine(ChatEngine):
         served = self._served(variant)
         self.check_replicas(served)
         d = variant.decoding
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         step = self._sample_chunk
         chunks = [(start, min(step, n - start)) for start in range(0, n, step)]
 
@@ -298,7 +301,7 @@ class OpenAIEngine(ChatEngine):
             if any(t < 0 or t >= self._vocab for t in r):
                 raise InputError("a response holds a token id outside the vocabulary")
         served = self._served(variant)
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         start = len(ids)
         raw_is_processed = d.temperature == 1.0 and not d.truncates
 
@@ -316,7 +319,7 @@ class OpenAIEngine(ChatEngine):
 
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         served = self._served(variant)
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
 
         def one(p: Sequence[int]) -> torch.Tensor:
             seq = ids + list(map(int, p)) + [self._pad]  # the filler's row is the one after the prefix

@@ -22,7 +22,7 @@ import torch
 
 from tailmon.engines.adapters import adapter_compatibility, read_adapter_metadata
 from tailmon.engines.base import Decoding, Samples, Steering, Variant
-from tailmon.engines.chat import ChatEngine
+from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
 from tailmon.engines.processing import processed_logprobs
@@ -117,7 +117,7 @@ class TransformersEngine(ChatEngine):
             if source is None:
                 continue
             stops.update(source if isinstance(source, (list, tuple)) else [source])
-        self._init_chat(tokenizer, model_id, stops)
+        self._init_chat(tokenizer, model_id, stops, context_length(model.config))
         self._stop_tensor = torch.tensor(sorted(self._stops))
         # transformers 5.2x renamed `past_key_values` to `cache`; support both spellings.
         params = inspect.signature(model.forward).parameters
@@ -264,7 +264,7 @@ class TransformersEngine(ChatEngine):
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         token_ids: list[list[int]] = []
@@ -400,7 +400,7 @@ class TransformersEngine(ChatEngine):
                 raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={variant.decoding.max_new_tokens}")
             if any(t < 0 or t >= vocab for t in r):
                 raise InputError("a response holds a token id outside the vocabulary")
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
         # Shortest first: a chunk pads every response to its longest, so similar lengths go together.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -421,7 +421,7 @@ class TransformersEngine(ChatEngine):
     @torch.inference_mode()
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         seqs = [list(map(int, p)) for p in prefixes]
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
         rows = []
         with self._variant_weights(variant):

@@ -94,7 +94,8 @@ class VllmEngine(ChatEngine):
         stops = set(int(s) for s in (stop_token_ids or []))
         if tokenizer.eos_token_id is not None:
             stops.add(int(tokenizer.eos_token_id))
-        self._init_chat(tokenizer, model_id, stops)
+        max_len = getattr(config, "max_model_len", None)  # what the engine was built for, <= the model's
+        self._init_chat(tokenizer, model_id, stops, int(max_len) if max_len else None)
         self._loras: dict[str, object] = {}  # adapter path -> LoRARequest
 
     @classmethod
@@ -208,7 +209,7 @@ class VllmEngine(ChatEngine):
             raise InputError(f"n must be >= 1, got {n}")
         lora = self._lora_request(variant)
         d = variant.decoding
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         chunk = self._sample_chunk(len(ids))
         token_ids, logprobs, finished = [], [], []
         for start in range(0, n, chunk):
@@ -284,7 +285,7 @@ class VllmEngine(ChatEngine):
         d = variant.decoding
         self._check_responses(seqs, d)
         lora = self._lora_request(variant)
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         todo = [i for i, s in enumerate(seqs) if s]
         if not todo:
             return result
@@ -316,7 +317,7 @@ class VllmEngine(ChatEngine):
         if not seqs:
             return np.zeros((0, self._vocab))
         lora = self._lora_request(variant)
-        ids = self.prompt_ids(prompt, variant.system_prompt)
+        ids = self.rendered(prompt, variant)
         # One filler token after the prefix: its prompt log-prob row is the next-token distribution
         # after the prefix (the filler itself never influences that row, attention being causal).
         full = [ids + s + [self._pad] for s in seqs]

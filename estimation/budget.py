@@ -41,7 +41,15 @@ import numpy as np
 
 from tailmon.engines.base import Engine
 from tailmon.errors import InputError
-from tailmon.estimation.pipeline import EstimationPlan, EstimationReport, estimate_prompt, occurrences, with_samples
+from tailmon.estimation.pipeline import (
+    MAX_SAMPLES,
+    EstimationPlan,
+    EstimationReport,
+    check_prompts,
+    estimate_prompt,
+    occurrences,
+    with_samples,
+)
 from tailmon.estimation.prompts import PromptItem
 
 DEFAULT_PILOT_SHARE = 0.2
@@ -140,6 +148,9 @@ def estimate_with_budget(engine: Engine, plan: EstimationPlan, prompts: Sequence
         raise InputError(f"pilot share must be in (0, 1), got {pilot_share}", setting="pilot_share")
     if int(budget) != budget or budget < 1:
         raise InputError(f"budget must be an integer >= 1, got {budget}", setting="budget")
+    if budget > MAX_SAMPLES * m:
+        raise InputError(f"budget must be at most {MAX_SAMPLES} samples per prompt ({MAX_SAMPLES * m} for {m} "
+                         f"prompts), got {budget}", setting="budget")
     n0 = max(MIN_PILOT, int(math.floor(pilot_share * budget / m)))
     floor = n0 if floor is None else floor
     if int(floor) != floor or floor < 1:
@@ -148,6 +159,7 @@ def estimate_with_budget(engine: Engine, plan: EstimationPlan, prompts: Sequence
     if rest < m * floor:
         raise InputError(f"a budget of {budget} is too small for {m} prompts: the pilot takes {m} x {n0} and the "
                          f"floor needs {m} x {floor} more (at least {m * (n0 + floor)})")
+    check_prompts(engine, plan, prompts)
     pilot_plan = with_samples(plan, n0, pilot_seed(plan.seed))
     draws = occurrences(prompts)  # a prompt drawn twice gets independent pilot and main samples
     pilots = [estimate_prompt(engine, pilot_plan, p, progress, k) for p, k in zip(prompts, draws)]

@@ -30,6 +30,10 @@ from tailmon.proposals import Component, Proposal, build_mixture
 from tailmon.proposals.sampling import allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
 
 METHODS = ("is", "mc")
+# Samples per prompt at most (README "Limits"). A prompt's samples are held in memory together
+# (responses, token ids, a log-prob per component), ~1 GB at this count with 64-token responses,
+# and take hours on a GPU; a count past it is a typo (`--samples 1000000000`), not a plan.
+MAX_SAMPLES = 100_000
 
 
 @dataclass
@@ -57,6 +61,8 @@ class EstimationPlan:
             raise InputError(f"seed must be an integer >= 0, got {self.seed}", setting="seed")  # numpy's SeedSequence needs it
         if int(self.n_samples) != self.n_samples or self.n_samples < 1:
             raise InputError(f"samples must be an integer >= 1 (per prompt), got {self.n_samples}", setting="samples")
+        if self.n_samples > MAX_SAMPLES:
+            raise InputError(f"samples must be at most {MAX_SAMPLES} per prompt, got {self.n_samples}", setting="samples")
         if self.volume is not None and not (math.isfinite(self.volume) and self.volume >= 0):
             raise InputError(f"volume must be a finite number >= 0, got {self.volume}", setting="volume")
         parse_window(self.window)
@@ -174,10 +180,23 @@ class EstimationReport:
         }
 
 
+def check_prompts(engine: Engine, plan: EstimationPlan, prompts: Sequence[PromptItem]) -> None:
+    """Every prompt fits the model's context under every component (`Engine.check_prompt`),
+    checked before any sampling: one prompt too long fails the run now, in one line naming its
+    length, not after the prompts before it were estimated."""
+    for i, p in enumerate(prompts):
+        for c in plan.components:
+            try:
+                engine.check_prompt(p.text, c.variant)
+            except InputError as exc:
+                raise InputError(f"prompt {i + 1} of {len(prompts)} ({c.label}): {exc}") from None
+
+
 def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[PromptItem],
                    progress: Callable[[int], None] | None = None) -> EstimationReport:
     if not prompts:
         raise InputError("no prompts to estimate")
+    check_prompts(engine, plan, prompts)
     results = [estimate_prompt(engine, plan, p, progress, k) for p, k in zip(prompts, occurrences(prompts))]
     # A judge that had trouble (malformed LLM-judge answers, an endpoint without log-probs) says
     # so on every estimate it scored: a score it had to guess at is never a silent pass.

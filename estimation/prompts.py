@@ -7,7 +7,9 @@ is kept when there is one. CSV files need a `prompt` or `goal` column.
 `iter_records` is the streaming reader underneath it, shared with the daemon's prompt sources
 (`tailmon.estimation.sources`): it yields a `RecordError` in place of each bad record instead of
 raising, so that a log reader can skip a torn line and go on. JSONL and CSV are read a line at
-a time; a JSON list is necessarily parsed whole, so large files should be JSONL.
+a time; a JSON list is necessarily parsed whole, so large files should be JSONL. Bounds (README
+"Limits"): a JSONL line at most 1 MiB, a CSV field at most the csv module's 128 KiB, a JSON-list
+file at most 256 MiB; past them the file's reading ends with one error naming the line.
 
 A prompt's text is kept exactly as stored (no stripping, no newline translation inside CSV
 fields): the model must see what production served.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tailmon.errors import InputError
+from tailmon.limits import MAX_JSON_PROMPTS_BYTES, MAX_PROMPT_LINE_BYTES, read_limited, size_text
 
 TEXT_FIELDS = ("prompt", "instruction", "goal")
 FORMATS = ("jsonl", "json", "csv")
@@ -175,7 +178,17 @@ def _jsonl(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptItem | 
     # characters JSON strings may hold raw, and one bad byte would end the whole file.
     number = 0
     try:
-        for number, raw in enumerate(stream, 1):
+        while True:
+            # At most one line of MAX_PROMPT_LINE_BYTES at a time: a file without newlines
+            # (/dev/zero, a binary blob) must not be read whole into one "line".
+            raw = stream.readline(MAX_PROMPT_LINE_BYTES + 1)
+            if not raw:
+                break
+            number += 1
+            if len(raw) > MAX_PROMPT_LINE_BYTES:
+                yield RecordError(f"{where}:{number}: a line longer than {size_text(MAX_PROMPT_LINE_BYTES)}, the most "
+                                  "tailmon reads of one prompt record; the rest of the file is unread")
+                return
             torn = not raw.endswith(b"\n")
             if number == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
@@ -208,7 +221,7 @@ def _jsonl(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptItem | 
 def _csv(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptItem | RecordError]:
     # newline="" as the csv module requires: a quoted field's own \r\n stays as it was.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.DictReader(_bounded_lines(text))
     text_field, category_field = fields["text_field"], fields["category_field"]
     try:
         columns = reader.fieldnames or []
@@ -239,17 +252,39 @@ def _csv(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptItem | Re
         yield RecordError(f"{where}:{reader.line_num + 1}: not UTF-8 text ({exc.reason}); the rest of the file is unread")
     except csv.Error as exc:
         yield RecordError(f"{where}:{reader.line_num}: malformed CSV ({exc}); the rest of the file is unread")
+    except _LineTooLong:
+        yield RecordError(f"{where}:{reader.line_num + 1}: a line longer than {size_text(MAX_PROMPT_LINE_BYTES)}, the "
+                          "most tailmon reads of one prompt record; the rest of the file is unread")
     except _COMPRESSION_ERRORS as exc:
         yield _compression_error(f"{where}:{reader.line_num + 1}", exc)
     finally:
         text.detach()  # the caller's `with` closes the stream
 
 
+class _LineTooLong(Exception):
+    pass
+
+
+def _bounded_lines(text: io.TextIOWrapper) -> Iterator[str]:
+    # The csv module takes lines from an iterator, and a text file's own iterator reads a whole
+    # line whatever its length (a file without newlines would be read whole): cap each one.
+    while True:
+        line = text.readline(MAX_PROMPT_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_PROMPT_LINE_BYTES:
+            raise _LineTooLong()
+        yield line
+
+
 def _json_list(stream: BinaryIO, where: str, fields: dict) -> Iterator[PromptItem | RecordError]:
     # A JSON list is parsed whole (the standard library has no streaming parser): JSONL is the
     # format for files larger than memory.
     try:
-        raw = stream.read()
+        raw = read_limited(stream, MAX_JSON_PROMPTS_BYTES, f"{where} (a JSON list, read whole; JSONL streams)")
+    except InputError as exc:
+        yield RecordError(str(exc))
+        return
     except _COMPRESSION_ERRORS as exc:
         yield _compression_error(where, exc)
         return

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tailmon.engines.base import Decoding, Variant
 from tailmon.engines.loading import EngineSettings, check_proposals
 from tailmon.errors import InputError
+from tailmon.estimation.pipeline import MAX_SAMPLES
 from tailmon.estimation.sources import SourceConfig
 from tailmon.estimators import parse_window
 from tailmon.judges import parse_judge
@@ -140,8 +141,8 @@ class ProposalConfig(Strict):
 
 class EstimatorConfig(Strict):
     method: Literal["is", "mc"] = "is"
-    samples: int = Field(200, ge=1)
-    """Samples per prompt."""
+    samples: int = Field(200, ge=1, le=MAX_SAMPLES)
+    """Samples per prompt (at most MAX_SAMPLES)."""
     defensive: float = Field(0.1, ge=0, lt=1)
     confidence: float = Field(0.95, gt=0, lt=1)
     seed: int = Field(0, ge=0)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tailmon.errors import InputError, SpecError
+from tailmon.limits import MAX_LIST_FILE_BYTES, read_limited
 
 from .base import Judge
 
@@ -42,7 +43,8 @@ def read_list_file(path: str, what: str) -> list[tuple[int, str]]:
     comment; an unreadable file, or one with no such line, is an `InputError` naming it (`what`
     says what the file was for)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # At most MAX_LIST_FILE_BYTES (README "Limits"): /dev/zero or a huge file fails in one line.
+        text = read_limited(Path(path), MAX_LIST_FILE_BYTES, f"{what} file {path!r}").decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {what} file {path!r}: {exc}") from None
     lines = [(n, s) for n, s in enumerate(text.splitlines(), 1) if s.strip()]

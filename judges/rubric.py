@@ -64,6 +64,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from tailmon.errors import InputError
+from tailmon.limits import MAX_CONFIG_BYTES, read_limited
 
 SCHEMA_VERSION = 1
 DEFAULT_MIN_DIGIT_MASS = 0.5
@@ -164,7 +165,8 @@ def load_rubric(ref: str) -> Rubric:
         )
     path = Path(ref).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        # At most MAX_CONFIG_BYTES (README "Limits"): /dev/zero or a huge file fails in one line.
+        text = read_limited(path, MAX_CONFIG_BYTES, f"rubric file {ref!r}").decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read rubric file {ref!r}: {exc}") from None
     return parse_rubric(text, ref, default_name=path.name.rsplit(".", 1)[0])

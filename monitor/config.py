@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tailmon.alerts.config import LOG_SINK, AlertRuleConfig, SinkConfig, check_sink_names
 from tailmon.errors import InputError
+from tailmon.limits import MAX_CONFIG_BYTES, read_limited, size_text
 from tailmon.estimation.settings import (  # noqa: F401  (the schema's sections, importable from here)
     EstimationSettings,
     EstimatorConfig,
@@ -34,6 +35,9 @@ from tailmon.estimation.settings import (  # noqa: F401  (the schema's sections,
 
 DEFAULT_METRICS_PORT = 9477
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
+# What a configuration may expand to after YAML aliases and ${VAR} substitution (`_Budget`).
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_CHARS = 10 * MAX_CONFIG_BYTES
 _ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -170,7 +174,10 @@ def load_config(path: str | os.PathLike | None = None) -> LoadedConfig:
             raise ConfigError("no config file: give its path or set TAILMON_CONFIG", setting="config")
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # At most MAX_CONFIG_BYTES: a path to /dev/zero or a huge file fails here, in one line.
+        text = read_limited(path, MAX_CONFIG_BYTES, "the config file").decode("utf-8")
+    except InputError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise ConfigError(f"{path}: cannot read the config file: {reason}") from None
@@ -178,6 +185,8 @@ def load_config(path: str | os.PathLike | None = None) -> LoadedConfig:
 
 
 def parse_config(text: str, name: str = "<config>") -> Config:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{name}: the config is larger than {size_text(MAX_CONFIG_BYTES)}, the most tailmon reads of it")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -185,9 +194,14 @@ def parse_config(text: str, name: str = "<config>") -> Config:
         where = f"{name}:{mark.line + 1}" if mark else name
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    except RecursionError:  # the user's file, not a bug: collections nested hundreds deep
+        raise ConfigError(f"{name}: YAML nested too deeply to be a configuration") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping with a 'monitors' list at the top level")
-    raw = _substitute(raw, name, ())
+    try:
+        raw = _substitute(raw, name, (), _Budget(name), ())
+    except RecursionError:
+        raise ConfigError(f"{name}: YAML nested too deeply to be a configuration") from None
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
@@ -214,25 +228,64 @@ def _check_alert_references(config: Config, name: str) -> None:
                                   f"({', '.join(windows)})")
 
 
-def _substitute(value: Any, name: str, loc: tuple) -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string value; $$ is a literal $."""
+class _Budget:
+    """What the configuration may expand to. YAML aliases share one parsed object, so ten lines of
+    nested aliases (`b: [*a, *a, ...]`, `c: [*b, *b, ...]`) parse small and expand to billions of
+    values once walked; `${VAR}` substitution copies each occurrence, and a long variable repeated
+    expands too. The walk below counts every value and every character it produces and stops at
+    MAX_CONFIG_VALUES / MAX_CONFIG_CHARS, far above any real configuration (a monitor is ~60 values)."""
+
+    def __init__(self, name: str):
+        self.name, self.values, self.chars = name, 0, 0
+
+    def take(self, values: int = 0, chars: int = 0) -> None:
+        self.values += values
+        self.chars += chars
+        if self.values > MAX_CONFIG_VALUES or self.chars > MAX_CONFIG_CHARS:
+            raise ConfigError(
+                f"{self.name}: the configuration expands to more than {MAX_CONFIG_VALUES} values or "
+                f"{MAX_CONFIG_CHARS} characters (YAML aliases nested into each other, or ${{VAR}}s repeated?)")
+
+
+def _substitute(value: Any, name: str, loc: tuple, budget: _Budget, walking: tuple) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string value; $$ is a literal $.
+
+    `walking`: ids of the collections being walked above this one, so that a collection that
+    holds itself (YAML `&a [*a]`) is an error instead of an endless walk."""
+    budget.take(values=1)
+    if isinstance(value, (dict, list)):
+        if id(value) in walking:
+            raise ConfigError(f"{name}: {_loc(loc)}: a YAML alias refers to a collection that contains it")
+        walking = walking + (id(value),)
     if isinstance(value, dict):
-        return {k: _substitute(v, name, loc + (k,)) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            budget.take(chars=len(k) if isinstance(k, str) else 0)
+            out[k] = _substitute(v, name, loc + (k,), budget, walking)
+        return out
     if isinstance(value, list):
-        return [_substitute(v, name, loc + (i,)) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
+        return [_substitute(v, name, loc + (i,), budget, walking) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    if "$" not in value:
+        budget.take(chars=len(value))
         return value
 
     def replace(match: re.Match) -> str:
         if match.group(0) == "$$":
-            return "$"
-        var, default = match.group(1), match.group(2)
-        if var in os.environ:
-            return os.environ[var]
-        if default is not None:
-            return default
-        raise ConfigError(f"{name}: {_loc(loc)}: environment variable {var} is not set")
+            out = "$"
+        else:
+            var, default = match.group(1), match.group(2)
+            if var in os.environ:
+                out = os.environ[var]
+            elif default is not None:
+                out = default
+            else:
+                raise ConfigError(f"{name}: {_loc(loc)}: environment variable {var} is not set")
+        budget.take(chars=len(out))  # before the pieces are joined: a bomb stops here
+        return out
 
+    budget.take(chars=len(value))
     return _ENV.sub(replace, value)
 
 
