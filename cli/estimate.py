@@ -9,7 +9,6 @@ import click
 
 from tailmon.cli.errors import command
 from tailmon.cli.options import (
-    SAMPLES,
     collect_prompt_texts,
     deployed_options,
     deployed_target,
@@ -33,7 +32,7 @@ from tailmon.paths import write_atomically
               help="Share of samples drawn from the target itself; bounds every weight by 1/share. 0 allowed.")
 @click.option("--method", type=click.Choice(["is", "mc"]), default="is", show_default=True,
               help="Importance sampling, or plain Monte Carlo from the target.")
-@click.option("--samples", type=SAMPLES, default=200, show_default=True, help="Samples per prompt (at most 100000).")
+@click.option("--samples", type=int, default=200, show_default=True, help="Samples per prompt (at most 100000).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of every random draw: the same seed and settings give the same estimate.")
 @click.option("--volume", type=float, default=None, metavar="N",
@@ -58,7 +57,7 @@ from tailmon.paths import write_atomically
 @click.option("--tune", is_flag=True,
               help="Read each --proposal as a template with {A|B} alternatives and choose among them (and the "
                    "mixture weights) on a pilot first, as `tailmon proposals tune` does.")
-@click.option("--tune-samples", type=SAMPLES, default=100, show_default=True, help="With --tune: pilot samples per prompt.")
+@click.option("--tune-samples", type=int, default=100, show_default=True, help="With --tune: pilot samples per prompt.")
 @click.option("--tune-prompts", "tune_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="With --tune: pilot prompts (default: the estimated prompts, with pilot draws of their own).")
 @click.option("--budget", type=int, default=None, metavar="N",

@@ -11,7 +11,8 @@ from tailmon.errors import InputError
 
 # Samples per prompt at most: tailmon.estimation.pipeline.MAX_SAMPLES (README "Limits"), written
 # out here so that `tailmon --help` need not import the estimation (tests/cli/test_cli_limits.py
-# checks that the two agree). Every per-prompt sample count option takes this type.
+# checks that the two agree). The proposal-fitting commands' sample options take this type;
+# `estimate` checks its counts against the pipeline's own cap (a one-line error naming the flag).
 MAX_SAMPLES = 100_000
 SAMPLES = click.IntRange(max=MAX_SAMPLES)
 

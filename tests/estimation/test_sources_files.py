@@ -231,3 +231,23 @@ def test_a_record_with_a_lone_surrogate_is_skipped_and_counted(tmp_path):
         prompt.text.encode("utf-8")  # what the seed, the tokenizer and the store do with it
     with pytest.raises(InputError, match="lone surrogate"):
         list(FileSource(logs / "app.jsonl").records())  # a curated prompts file is refused whole
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.csv"])
+def test_a_line_past_the_cap_ends_the_file_in_one_error(tmp_path, name):
+    """Catches a missing line cap: a line of 1 MiB + 1 is refused, naming its number, and ends the
+    file; a line within the cap is read (in a CSV, within the csv module's own 128 KiB field limit
+    too). That such a line is never read whole is the /dev/zero cases of tests/cli/test_cli_limits.py."""
+    from tailmon.estimation.prompts import RecordError, iter_records
+    from tailmon.limits import MAX_PROMPT_LINE_BYTES
+
+    head = "prompt\n" if name.endswith(".csv") else ""
+    fits = "x" * (100_000 if head else MAX_PROMPT_LINE_BYTES - 100)
+    long = "y" * (MAX_PROMPT_LINE_BYTES + 1)
+    body = f'"{fits}"\n"{long}"\n"after"\n'
+    (tmp_path / name).write_text(head + body)
+    records = list(iter_records(tmp_path / name))
+    assert isinstance(records[0], PromptItem) and records[0].text == fits
+    assert len(records) == 2 and isinstance(records[1], RecordError)
+    line = 3 if head else 2
+    assert f"{name}:{line}: a line longer than 1 MiB" in str(records[1]) and "rest of the file is unread" in str(records[1])

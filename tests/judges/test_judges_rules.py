@@ -90,3 +90,42 @@ def test_missing_or_empty_argument_is_a_spec_error(spec):
     name = spec.rstrip(":")
     with pytest.raises(SpecError, match=rf"^judge spec '{spec}': .*{name}:"):
         parse_judge(spec)
+
+
+# -- the time limit on a regex's search (issue 18, item 4) -------------------------------------------
+
+def test_a_catastrophic_regex_fails_in_one_line_within_its_limit():
+    """Catches an unbounded search: `(a+)+$` on 40 a's and a b takes 2^40 steps (hours) in `re`;
+    the judge must give up after its time limit, kill the search, and say which pattern."""
+    import time
+
+    from tailmon.errors import InputError
+    from tailmon.judges.rules import RegexJudge
+
+    judge = RegexJudge("(a+)+$", time_limit=0.5)
+    start = time.monotonic()
+    with pytest.raises(InputError) as err:
+        judge.score(["p", "p"], ["aaa", "a" * 40 + "b"])
+    elapsed = time.monotonic() - start
+    assert elapsed < 3  # 0.5 s limit, plus the worker's start (a fresh interpreter) and the kill
+    message = str(err.value)
+    assert message.startswith("regex:(a+)+$: searching one response (41 characters) took more than 0.5 s")
+    assert "\n" not in message
+    proc = judge._matcher._proc
+    assert proc is None  # the stuck worker was killed and forgotten; a new one serves the next score
+    assert judge.score(["p"], ["aaa"]).tolist() == [1.0]
+    judge.close()
+
+
+def test_the_worker_keeps_python_re_semantics():
+    """Catches a matcher with other semantics (RE2 has no backreferences or lookarounds; the
+    `regex` module differs in details): every answer equals Python's own `re.search`."""
+    import re
+
+    cases = [r"(\w)\1", r"(?<=\$)\d+", r"(?i)straße", r"(?i)café", r"^\s*Sure(?!ly)", r"(?s)a.b", r"(?m)^x$", r"\bc\+\+",
+             r"[\u0400-\u04ff]+", r"\ud83d"]
+    texts = ["aa", "ßß", "CAFÉ", "costs $40", "STRASSE", "Straße", "  Sure!", "Surely", "a\nb", "y\nx\nz", "c++ code",
+             "привет", "lone \ud83d surrogate", ""]
+    for pattern in cases:
+        expected = [float(re.search(pattern, t) is not None) for t in texts]
+        assert score(f"regex:{pattern}", texts) == expected, pattern

@@ -191,3 +191,28 @@ def test_example_command_prints_a_valid_config():
     result = CliRunner().invoke(main, ["config", "example"])
     assert result.exit_code == 0
     parse_config(result.output, "example")
+
+
+def test_anchors_and_aliases_within_the_expansion_limit_still_work():
+    """The expansion budget (against alias bombs) must not refuse ordinary YAML reuse: one model
+    block shared by two monitors through an anchor."""
+    text = yaml.safe_dump(GOOD).replace("monitors:\n- ", "monitors:\n- &first\n  ", 1)
+    text = text.replace("  name: prod", "  name: prod", 1)
+    raw = yaml.safe_load(text)
+    assert raw["monitors"][0]["name"] == "prod"
+    doubled = text + "- <<: *first\n  name: prod-2\n"
+    cfg = parse_config(doubled, "t.yaml")
+    assert [m.name for m in cfg.monitors] == ["prod", "prod-2"]
+    assert cfg.monitors[1].model == cfg.monitors[0].model
+
+
+def test_the_expansion_budget_counts_aliases_as_often_as_they_are_used(monkeypatch):
+    """Catches a budget that counts parsed nodes (shared by aliases) instead of the walk: three
+    levels of ten aliases are 1000 strings after expansion, which a budget of 500 refuses."""
+    import tailmon.monitor.config as config_module
+
+    monkeypatch.setattr(config_module, "MAX_CONFIG_VALUES", 500)
+    text = ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nmonitors: []\n")
+    with pytest.raises(ConfigError, match="t.yaml: the configuration expands to more than 500 values"):
+        parse_config(text, "t.yaml")
