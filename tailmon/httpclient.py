@@ -9,8 +9,8 @@ engine, webhook and Alertmanager sinks), with the limits a remote side must not 
   status line, headers, body), not each socket read: a server dripping one byte a second keeps a
   per-read timeout from ever firing. A watchdog thread shuts the request's socket down when its
   deadline passes, which ends any read in progress; the request then fails with `TimedOut`.
-  (The TLS handshake itself runs on a socket that is not yet registered; its reads are bounded by
-  `timeout` each.)
+  (Over HTTPS the TLS socket is registered once its handshake is done; the handshake's own reads
+  are bounded by `timeout` each.)
 * **A body size cap.** The reply is read in chunks and the request fails with `TooLarge` as soon
   as more than `max_bytes` arrive (or a Content-Length says so), so a 600 MB reply costs at most
   `max_bytes` of memory. Callers that only need the status (alert sinks) pass `truncate=True`:
@@ -135,9 +135,11 @@ class _Deadline:
 def _shutdown(sock: socket.socket) -> None:
     # shutdown, not close: a read blocked in another thread returns at once (EOF), and the file
     # descriptor stays owned by http.client, which closes it (so it cannot be reused under us).
+    # The plain socket's method, also for a TLS socket (the fd is the same): ssl.SSLSocket's own
+    # shutdown also drops its TLS object, which the reading thread may still be using.
     try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already closed or never connected
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed, never connected, or detached into the TLS socket
         pass
 
 

@@ -15,13 +15,16 @@ Every request's path and headers are recorded in `requests` (of the server that 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class HostileServer:
-    def __init__(self, *, drip: float = 0.2, huge: int = 50 * 1024 * 1024, other: "HostileServer | None" = None):
+    def __init__(self, *, drip: float = 0.2, huge: int = 50 * 1024 * 1024, other: "HostileServer | None" = None,
+                 tls: tuple[str, str] | None = None):
+        """`tls`: (certificate file, key file) to serve HTTPS instead of HTTP."""
         self.drip, self.huge, self.other = drip, huge, other
         self.requests: list[tuple[str, str, dict]] = []
         self.sent = 0  # bytes of /huge bodies written so far
@@ -40,7 +43,7 @@ class HostileServer:
                 server.requests.append((self.command, self.path, dict(self.headers)))
                 try:
                     server.route(self)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up on us: expected
+                except OSError:  # the client gave up on us (reset, broken pipe, TLS EOF): expected
                     pass
 
             do_GET = do_POST = _handle
@@ -48,7 +51,11 @@ class HostileServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
@@ -106,5 +113,5 @@ class HostileServer:
 
 def hostile_pair(**knobs) -> tuple[HostileServer, HostileServer]:
     """(the server under test, the other origin its /redirect-cross points to)."""
-    other = HostileServer(**knobs)
+    other = HostileServer(**{k: v for k, v in knobs.items() if k != "tls"})
     return HostileServer(other=other, **knobs), other

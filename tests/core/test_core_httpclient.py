@@ -1,6 +1,8 @@
 """tailmon.httpclient against a hostile server on loopback (tests/hostile_http.py): redirects are
 failures that carry no credentials anywhere, the timeout is a total deadline, the body is capped."""
 
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -93,3 +95,30 @@ def test_mask_url():
     """Credentials never appear in a masked URL (user info, query values)."""
     assert mask_url("https://user:pw@host:8/p/a?token=abc&x=1#frag") == "https://***@host:8/p/a?token=***&x=***"
     assert mask_url("http://h/p") == "http://h/p"
+
+
+def test_https_has_the_same_limits(tmp_path, monkeypatch):
+    """The same three limits over TLS, where the deadline must shut down the socket under the TLS
+    layer (catches a watchdog that only knew the plain TCP socket, detached by the TLS wrap)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate for the loopback HTTPS server")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the default context trusts it, and only it
+    main, other = hostile_pair(drip=0.25, huge=40 * MiB, tls=(str(cert), str(key)))
+    try:
+        assert request(main.url + "/ok", timeout=5, max_bytes=MiB).body == b'{"ok": true}'
+        start = time.monotonic()
+        with pytest.raises(TimedOut):
+            request(main.url + "/drip-body", timeout=1.0, max_bytes=MiB)
+        assert time.monotonic() - start < 2.5
+        with pytest.raises(TooLarge):
+            request(main.url + "/huge", timeout=10, max_bytes=MiB)
+        with pytest.raises(Redirected):
+            request(main.url + "/redirect-cross", timeout=5, max_bytes=MiB, headers={"Authorization": "Bearer k"})
+        assert other.requests == []
+    finally:
+        main.close()
+        other.close()
