@@ -21,7 +21,6 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tailmon.alerts.config import LOG_SINK, AlertRuleConfig, SinkConfig, check_sink_names
 from tailmon.errors import InputError
-from tailmon.limits import MAX_CONFIG_BYTES, read_limited, size_text
 from tailmon.estimation.settings import (  # noqa: F401  (the schema's sections, importable from here)
     EstimationSettings,
     EstimatorConfig,
@@ -32,6 +31,7 @@ from tailmon.estimation.settings import (  # noqa: F401  (the schema's sections,
     check_duration,
     duration_seconds,
 )
+from tailmon.limits import MAX_CONFIG_BYTES, read_limited, size_text
 
 DEFAULT_METRICS_PORT = 9477
 _NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*\Z")
