@@ -23,7 +23,8 @@ Gates (each fails the check, exit code 1):
 A gate's verdict is pass, fail or inconclusive. Unreliable per-prompt estimates (too few hits,
 heavy-tailed weights, a small ESS of w*h) may be far too low, and their intervals with them, so
 a gate on them never passes on the usual figures: max_p and max_expected pass only on the
-conservative bound (`Unreliable.conservative_high`: every unreliable prompt at its ci_high) and
+conservative bound (`Unreliable.conservative_high`: every unreliable prompt at its
+`ci_high_conservative`) and
 are inconclusive otherwise; max_ratio is decided by the interval ends alone (`ratio_gate`) or is
 inconclusive. An inconclusive gate fails the check (exit code 1) as a failed gate does.
 
@@ -106,7 +107,7 @@ from tailmon.estimation.plan import monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimation.settings import EstimationSettings, ModelConfig
 from tailmon.estimators import Estimate, aggregate, khat_threshold, parse_window
-from tailmon.estimators.importance import MIN_ESS_WH
+from tailmon.estimators.importance import MIN_ESS_WH, SKEW_WARNING
 from tailmon.estimators.montecarlo import MIN_HARMFUL
 from tailmon.judges import parse_judge
 from tailmon.redact import redact
@@ -216,9 +217,10 @@ class Unreliable:
     reasons: tuple[str, ...]
     """'3 with fewer than 5 harmful samples', ... (a prompt may have several)."""
     conservative_high: float
-    """The aggregate's ci_high with every unreliable prompt's estimate replaced by its ci_high as
-    a point value: an unreliable p_hat may be far too low (heavy-tailed weights miss the mass
-    that matters), its ci_high is an upper bound on its P within the per-prompt confidence."""
+    """The aggregate's ci_high with every unreliable prompt's estimate replaced by its conservative
+    bound (`Estimate.ci_high_conservative`) as a point value: an unreliable p_hat may be far too
+    low (skewed or heavy-tailed weights miss the mass that matters), and so may its main interval;
+    the conservative bound holds whatever the weights, within the per-prompt confidence."""
 
     def text(self) -> str:
         return (f"{self.count} of {self.n_prompts} {self.role} per-prompt estimates are unreliable "
@@ -233,6 +235,8 @@ def _unreliable_reasons(bad: Sequence[Estimate]) -> tuple[str, ...]:
                                             or max(e.khat, e.khat_wh or 0.0) > khat_threshold(e.n_samples))
                       for e in bad),
               f"ESS of w*h below {MIN_ESS_WH:g}": sum(e.method == "is" and e.ess_wh < MIN_ESS_WH for e in bad),
+              "skewed weights of the harmful samples (log-weight spread)":
+                  sum(any(w.startswith(SKEW_WARNING) for w in e.warnings) for e in bad),
               "p_hat above 1": sum(e.p_hat > 1 for e in bad)}
     return tuple(f"{n} with {why}" for why, n in counts.items() if n)
 
@@ -243,7 +247,8 @@ def unreliable_side(report: EstimationReport, role: str) -> Unreliable | None:
     bad = [e for e in ests if not e.reliable]
     if not bad:
         return None
-    bounded = [e if e.reliable else replace(e, p_hat=e.ci_high, ci_low=e.ci_high, std_error=0.0) for e in ests]
+    bounded = [e if e.reliable else replace(e, p_hat=e.ci_high_conservative, ci_low=e.ci_high_conservative,
+                                            std_error=0.0) for e in ests]
     high = aggregate(bounded, confidence=report.plan.confidence).ci_high
     return Unreliable(role, len(bad), len(ests), _unreliable_reasons(bad), high)
 

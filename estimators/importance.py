@@ -9,6 +9,7 @@ the self-normalised ratio (biased for small n; reported as a diagnostic only).
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 from scipy.special import logsumexp
@@ -17,13 +18,20 @@ from tailmon.errors import InputError, InternalError
 
 from ._checks import as_1d, check_confidence, check_fraction, check_scores
 from .diagnostics import _ess, _khat, _khat_of_hits, khat_threshold
-from .intervals import cp_upper, normal_interval
+from .intervals import bootstrap_t_interval, bounded_mean_upper
 from .montecarlo import MIN_HARMFUL, few_hits_warning
 from .result import Estimate
 
 # Reliability rule thresholds (DESIGN section 8).
 MIN_ESS_WH = 10.0
 KHAT_CAP = 0.7
+# The skew checks (see the reliability rule below): the largest sd of log(w h) over the hits, and
+# the largest log-normal skewness of mean(w h), exp(1.5 s^2) / sqrt(hits), the bootstrap-t is
+# trusted with.
+MAX_LOG_SPREAD = 0.8
+MAX_MEAN_SKEW = 0.5
+# How the skew check's warnings start (the gate counts them among its reasons).
+SKEW_WARNING = "the harmful samples' log-weight"
 
 # Relative slack when checking w <= 1/a0: the numerator p and the mixture's a0 * p are the same
 # numbers, so only floating-point rounding can push a weight above the cap.
@@ -75,22 +83,31 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     """Unbiased importance-sampling estimate of P = E_p[h] from log-weights and harm scores.
 
     p_hat = mean(w h). std_error comes from the stratified variance when `component` (which
-    mixture component drew each sample) is given, else from the plain sample variance. The
-    interval is the two-sided p_hat +- z SE clipped to [0, 1] (z for `confidence`, so each end is
-    a one-sided bound at level (1 + confidence) / 2), widened by conservative bounds at that same
-    one-sided level when hits are few:
-      * no hit, defensive share a0 > 0: ci = [0, 1 - ((1 - confidence) / 2)^(1/n0)], the
-        Clopper-Pearson upper end from the n0 = round(a0 n) draws of the target itself (rigorous
-        since P(h > 0) >= E[h] for h in [0, 1]); reliable, upper bound only;
-      * no hit, a0 = 0: no finite bound, ci = [0, 1], unreliable;
-      * fewer than 5 effective hits: unreliable, upper bound only; with a0 > 0 ci_high is at
-        least the Clopper-Pearson upper end for sum(a0 w h) "successes" out of n divided by a0
-        (each a0 w h lies in [0, 1], and bounded variables are dominated by Bernoulli ones in the
-        convex order); with a0 = 0 the weights are unbounded, so no distribution-free bound
-        follows from a few hits and ci_high = 1.
-    Otherwise the reliability rule of DESIGN section 8 applies: the larger of k-hat (of w over
-    all samples) and k-hat of w h (over the hits) <= min(0.7, 1 - 1/log10 n), ESS of w h >= 10
-    and at least 5 effective hits; each failure adds a warning.
+    mixture component drew each sample) is given, else from the plain sample variance. Two kinds
+    of interval, each end a one-sided bound at level (1 + confidence) / 2 (the ends of a
+    two-sided interval at `confidence`):
+      * the main interval, for estimates flagged reliable: a stratified bootstrap-t of mean(w h)
+        (resampling within the components, drawn in fixed counts), which follows the right skew
+        of skewed weights where p_hat +- z SE does not;
+      * the conservative bound `ci_high_conservative`, valid whatever the weights' distribution:
+        with defensive share a0 > 0 every a0 w h lies in [0, 1], and Hoeffding's Chernoff bound
+        on the mean of independent [0, 1] variables, over a0 (`bounded_mean_upper`). It is the
+        ci_high of every estimate flagged unreliable and of the zero-hit estimate (reliable as a
+        bound). It is never below about 3.7 / (a0 n) at 95%: nothing valid for every
+        distribution can be, since a part of the target the proposals never draw, of
+        probability about that, is missed by the a0 n target draws with probability 2.5%. With
+        a0 = 0 the weights are unbounded and nothing is a bound: ci_high is 1 for every
+        unreliable estimate and with no hit.
+    No interval computed from drawn weights covers probability mass that was never drawn: the
+    main interval assumes the drawn weights represent the tail; the conservative bound limits
+    what undrawn mass can hide to its floor.
+
+    The reliability rule (DESIGN section 8): the larger of k-hat (of w over all samples) and
+    k-hat of w h (over the hits) <= min(0.7, 1 - 1/log10 n), ESS of w h >= 10, at least 5
+    effective hits, and the skew check: the harmful samples' log-weights (h-weighted) spread by
+    at most MAX_LOG_SPREAD (sd), and exp(1.5 s^2) / sqrt(hits) <= MAX_MEAN_SKEW (the skewness of
+    mean(w h) a log-normal of spread s would give), both waived when the k-hat of w h shows a
+    bounded tail (<= 0). Each failure adds a warning saying why.
 
     A hit is a sample with w h > 0: a harmful sample of weight 0 (one impossible under the
     target) carries no evidence about P. The effective hits are sum(h) over the hits
@@ -146,29 +163,42 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     with np.errstate(over="ignore", invalid="ignore"):  # overflowing weights are reported below
         p_hat = float(np.mean(wh))
         std_error = _std_error(wh, strata)
+    spread = _log_spread(lw, scores, wh)
+    # The conservative bound: every a0 w h lies in [0, 1] (w <= 1/a0), so a bound on the mean of
+    # independent [0, 1] variables, divided by a0, bounds P whatever the weights' distribution.
+    # The draws are independent but not identically distributed (each mixture component has its
+    # own mean of w h); `bounded_mean_upper` holds for the average of their means, which is a0 P
+    # because the weights use the realised shares n_j / n. Without a defensive share the weights
+    # are unbounded and nothing distribution-free bounds P: 1.
+    conservative = 1.0
+    if a0 > 0 and math.isfinite(p_hat):
+        conservative = min(1.0, bounded_mean_upper(np.minimum(a0 * wh, 1.0), confidence) / a0)
+    extra = dict(conservative=conservative, spread=spread)
 
     if not math.isfinite(p_hat):  # (an infinite std_error alone, e.g. n = 1, gives ci = [0, 1] below)
         warnings.append("the weights overflow float64: the proposal does not cover the target")
         return _estimate(n, p_hat, 0.0, 1.0, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
-                         max_weight_share, self_normalised, std_error, True, False, warnings)
+                         max_weight_share, self_normalised, std_error, True, False, warnings, **extra)
 
-    # --- zero hits: a bound from the defensive share, or nothing ---------------------------
+    # --- zero hits: the conservative bound, or nothing ---------------------------------------
     if n_hits == 0:
-        n0 = int(round(a0 * n))
-        if n0 >= 1:
-            # the upper end of the two-sided interval, like every other ci_high
-            upper = cp_upper(0, n0, confidence)
-            warnings.append("no harmful sample: ci_high is an upper bound from the defensive share")
-            return _estimate(n, 0.0, 0.0, upper, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
-                             max_weight_share, self_normalised, std_error, True, True, warnings)
+        if a0 > 0:
+            warnings.append("no harmful sample: ci_high is the conservative bound from the defensive share")
+            return _estimate(n, 0.0, 0.0, conservative, n_harmful, hits_effective, scores, ess, ess_wh, khat,
+                             khat_wh, kl, max_weight_share, self_normalised, std_error, True, True, warnings, **extra)
         warnings.append(
             "no harmful sample and no draws from the target (defensive share 0): no finite upper "
             "bound, ci = [0, 1]"
         )
         return _estimate(n, 0.0, 0.0, 1.0, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
-                         max_weight_share, self_normalised, std_error, True, False, warnings)
+                         max_weight_share, self_normalised, std_error, True, False, warnings, **extra)
 
-    lo, hi = normal_interval(p_hat, std_error, confidence)
+    # --- the main interval: stratified bootstrap-t of mean(w h) ------------------------------
+    if n >= 2:
+        lo, hi, _ = bootstrap_t_interval(wh, strata, confidence, seed=zlib.crc32(wh.tobytes()))
+    else:
+        lo, hi = -math.inf, math.inf
+    lo, hi = min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)
 
     # --- reliability rule ------------------------------------------------------------------
     reliable = True
@@ -193,21 +223,60 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     if upper_bound_only:
         reliable = False
         warnings.append(few_hits_warning(n_hits, hits_effective, n))
-        if a0 > 0:
-            # each a0 w h is in [0, 1]: a Clopper-Pearson bound on their mean, divided by a0
-            successes = min(float(np.sum(a0 * wh)), float(n))
-            hi = max(hi, min(1.0, cp_upper(successes, n, confidence) / a0))
-        else:
-            # Unbounded weights: the undrawn part of the proposal's tail may carry any weight,
-            # and p_hat + z SE from a few hits is no bound at all. Nothing smaller than 1 is.
-            hi = 1.0
-            warnings.append("defensive share 0: the weights are unbounded, so a few hits bound nothing and "
-                            "ci_high is 1; draw a share of the samples from the target itself for a bound")
+    elif spread is not None and not (khat_wh is not None and khat_wh <= 0.0):
+        # The skew check. Simulated on exact mixtures (benchmarks/intervals.py), the bootstrap-t
+        # covers about at its nominal 2.5% miss rate while the harmful samples' log-weights have
+        # an sd up to about 0.8, and misses 5-10% at sd 1-1.5 and up to 19% at 2, however many
+        # hits: a sample from a wide weight distribution usually lacks its largest weights, which
+        # carry much of the mean, and looks lighter-tailed than it is. Two checks: the spread itself,
+        # and the skewness of mean(w h) that a log-normal of that spread would give with these
+        # hits, exp(1.5 s^2) / sqrt(hits), which the bootstrap-t follows up to about 0.5. Both are
+        # waived when the k-hat of w h shows a bounded tail (<= 0, fitted from 21 hits or more):
+        # weights that spread widely below a maximum the sample keeps reaching (a proposal centred
+        # on the harmful region, whose weights fall off inside it) hide no mass in undrawn
+        # larger ones.
+        skew = math.exp(min(1.5 * spread * spread, 700.0)) / math.sqrt(hits_effective)
+        if spread > MAX_LOG_SPREAD:
+            reliable = False
+            warnings.append(f"{SKEW_WARNING}s spread by {spread:.2f} (sd) > {MAX_LOG_SPREAD}: "
+                            "weights this uneven are skewed beyond what the interval can calibrate, and the largest "
+                            "ones, which carry the mean, are likely undrawn")
+        elif skew > MAX_MEAN_SKEW:
+            reliable = False
+            warnings.append(f"{SKEW_WARNING} spread {spread:.2f} with {hits_effective:.3g} hits "
+                            f"makes mean(w*h) skewed (about {skew:.2f} > {MAX_MEAN_SKEW}): too few hits for a "
+                            "calibrated interval")
     if p_hat > 1.0:
         reliable = False
         warnings.append(f"p_hat {p_hat:.3g} exceeds 1: the weights are badly behaved")
+    if not reliable:
+        # An unreliable estimate's ci_high is the conservative bound: with a0 > 0 valid whatever
+        # the weights; with a0 = 0 there is none, and nothing smaller than 1 is a bound.
+        hi = conservative
+        if a0 == 0:
+            warnings.append("defensive share 0: the weights are unbounded, so an unreliable estimate bounds nothing "
+                            "and ci_high is 1; draw a share of the samples from the target itself for a bound")
+        lo = min(lo, p_hat)
     return _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
-                     max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings)
+                     max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings, **extra)
+
+
+def _log_spread(lw: np.ndarray, scores: np.ndarray, wh: np.ndarray) -> float | None:
+    """The spread of the harmful samples' log-weights: sd of log w over the hits (w h > 0), each
+    weighted by its score h (the hits' plain sd for 0/1 scores; for graded scores the spread
+    among the samples as harmful as their scores say, so that the many tiny scores of a graded
+    judge do not count as spread, scores being bounded by 1). Bessel-corrected with the effective
+    count sum(h); None when sum(h) <= 1 over the hits.
+    """
+    hit = wh > 0
+    hh = scores[hit]
+    tot = float(hh.sum())
+    if tot <= 1.0:
+        return None
+    x = lw[hit]
+    mean = float(np.sum(hh * x) / tot)
+    s2 = float(np.sum(hh * (x - mean) ** 2)) / (tot - 1.0)
+    return math.sqrt(s2) if math.isfinite(s2) else None
 
 
 def _check_component(component, n: int) -> np.ndarray | None:
@@ -244,7 +313,8 @@ def _std_error(wh: np.ndarray, strata: np.ndarray | None) -> float:
 
 
 def _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
-              max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings) -> Estimate:
+              max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings, *,
+              conservative, spread) -> Estimate:
     return Estimate(
         method="is",
         n_samples=int(n),
@@ -265,4 +335,6 @@ def _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, 
         upper_bound_only=bool(upper_bound_only),
         reliable=bool(reliable),
         warnings=tuple(warnings),
+        ci_high_conservative=float(conservative),
+        log_w_spread=spread,
     )

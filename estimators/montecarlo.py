@@ -9,7 +9,7 @@ import numpy as np
 from tailmon.errors import InputError
 
 from ._checks import check_confidence, check_scores
-from .intervals import clopper_pearson_interval, wilson_interval
+from .intervals import bounded_mean_upper, clopper_pearson_interval, wilson_interval
 from .result import Estimate
 
 # Fewer effective hits than this and an estimate is reported as an upper bound (DESIGN section 8).
@@ -30,7 +30,9 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
     binomial is conservative, since Var(h) <= P (1 - P) for any h in [0, 1] with mean P; the
     reported std_error is the binomial sqrt(p_hat (1 - p_hat) / n) for the same reason.
     With fewer than 5 effective hits (sum(h), the count of harmful samples for 0/1 scores) the
-    estimate is unreliable and ci_high is the figure to use.
+    estimate is unreliable and ci_high is the figure to use; `ci_high_conservative` is the bound
+    valid for any scores in [0, 1] (for 0/1 scores at k = 0, the Clopper-Pearson bound), which
+    the gates fall back on.
     """
     scores = check_scores(h, "h")
     confidence = check_confidence(confidence)
@@ -53,6 +55,8 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
     ess_wh = k * k / sq if sq > 0 else 0.0
 
     warnings: list[str] = []
+    # the bound valid for any scores in [0, 1] (for 0/1 scores at k = 0 it equals Clopper-Pearson)
+    conservative = bounded_mean_upper(scores, confidence)
     upper_bound_only = k < MIN_HARMFUL
     if upper_bound_only:
         warnings.append(few_hits_warning(n_harmful, k, n))
@@ -76,6 +80,7 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
         upper_bound_only=upper_bound_only,
         reliable=not upper_bound_only,
         warnings=tuple(warnings),
+        ci_high_conservative=float(conservative),
     )
 
 

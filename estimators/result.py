@@ -52,9 +52,12 @@ class Estimate:
     [0, 1]: on its own a one-sided lower bound at level (1 + confidence) / 2 (97.5%)."""
     ci_high: float
     """Upper end of the two-sided interval at `confidence`, within [0, 1]: a one-sided upper bound
-    at level (1 + confidence) / 2 (97.5% by default), and the figure to trust when
-    `upper_bound_only`. The zero-hit and few-hit bounds are at that same one-sided level. 1 when
-    nothing bounds the estimate (no harmful sample, or too few, without a defensive share)."""
+    at level (1 + confidence) / 2 (97.5% by default). For IS, two kinds: when `reliable`, the
+    main interval's end (a stratified bootstrap-t of mean(w h), calibrated for skewed weights);
+    when not (and with no harmful sample), `ci_high_conservative`, which holds whatever the
+    weights' distribution. 1 when nothing bounds the estimate (unreliable, or no harmful sample,
+    without a defensive share). No interval computed from drawn weights covers probability mass
+    that was never drawn: the conservative bound limits how much that can be."""
     n_harmful: int
     """Samples with score h > 0."""
     h_sum: float
@@ -83,9 +86,21 @@ class Estimate:
     upper_bound_only: bool
     """True when too few harmful samples were seen for p_hat to mean much: trust ci_high."""
     reliable: bool
-    """The reliability rule held (the warnings say which part failed otherwise). Necessary, not
-    sufficient: diagnostics computed from the drawn weights cannot see weights never drawn."""
+    """The reliability rule held (the warnings say which part failed otherwise): then `ci_high`
+    is the main interval's, else the conservative bound. Necessary, not sufficient: diagnostics
+    computed from the drawn weights cannot see weights never drawn."""
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    ci_high_conservative: float = 1.0
+    """The conservative upper bound, at the same one-sided level as `ci_high`, valid for any
+    scores and weights: for IS with defensive share a0 > 0 every a0 w h lies in [0, 1], and this
+    is Hoeffding's Chernoff bound on the mean of independent [0, 1] variables, divided by a0 (at
+    least about log(2 / (1 - confidence)) / (a0 n), about 3.7 / (a0 n), whatever was seen: the
+    price of covering mass the proposals may never draw); for MC the same bound on mean(h). 1
+    when nothing bounds P without assumptions (IS with a0 = 0). It is `ci_high` for every
+    unreliable IS estimate, and the gates' fallback."""
+    log_w_spread: float | None = None
+    """IS: the sd of log w over the harmful samples (each weighted by its score), the spread the
+    skew check of the reliability rule reads (None for MC, or with sum(h) <= 1 over the hits)."""
 
     def to_dict(self) -> dict:
         """JSON-ready dict: plain floats/ints/bools/lists, non-finite floats as None."""

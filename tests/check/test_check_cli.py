@@ -80,19 +80,23 @@ def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_
                                                            enumerate_all):
     from tailmon.engines.transformers_engine import TransformersEngine
 
-    # R = 1.5: two of the baseline's estimates have an ESS of w*h below 10 (unreliable), so the
-    # gate is decided by the aggregate bounds alone (ratio at least 1.93 here), not by the test.
+    # R = 1.5: two of the baseline's estimates are unreliable (an ESS of w*h below 10, skewed
+    # weights), so the gate may be decided by the aggregate bounds alone, and those put each
+    # unreliable prompt at its conservative bound (at least 3.7 / (a0 n) = 0.06, whatever the
+    # weights, against P ~ 0.01-0.05): the candidate's lower end over that is 0.89, which decides
+    # nothing, and the check is inconclusive (exit 1), not passed; the regression test itself
+    # still sees the true ratio (below).
     cfg = write_config(tmp_path, tiny_model_dir, samples=300, per_run=4)
     result = run("check", "--config", cfg, "--candidate", boosted_model_dir, "--baseline", tiny_model_dir,
                  "--max-ratio", 1.5, "--max-p", 1, "--report-dir", tmp_path / "report", "--junit",
                  tmp_path / "ci" / "junit.xml", "--format", "json", "--quiet")
     assert result.exit_code == 1, result.output
-    assert "gate failed: max-ratio" in result.stderr
     data = json.loads(result.stdout)
-    assert data["verdict"] == "fail" and data["exit_code"] == 1
+    assert "gate max-ratio: inconclusive: 2 of 4 baseline per-prompt estimates are unreliable" in result.stderr
+    assert data["verdict"] == "inconclusive" and data["exit_code"] == 1
     gates = {g["name"]: g for g in data["gates"]}
     assert gates["max-p"]["passed"] and not gates["max-ratio"]["passed"]
-    assert gates["max-ratio"]["verdict"] == "fail" and "decided by the bounds" in gates["max-ratio"]["detail"]
+    assert gates["max-ratio"]["verdict"] == "inconclusive"
     reg = data["regression"]
     assert reg["regressed"] and reg["ratio_lower"] > 2 and reg["method"] == "delta-log" and reg["paired"]
 
@@ -122,7 +126,7 @@ def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_
     assert "gate max-ratio" in failed and "gate max-p" not in failed
     assert int(suite.get("failures")) == len(failed)
     md = (report / "report.md").read_text()
-    assert "❌ tailmon check FAILED" in md and "### Regression: candidate vs baseline" in md
+    assert "tailmon check INCONCLUSIVE" in md and "### Regression: candidate vs baseline" in md
     from PIL import Image
 
     for png in report.glob("*.png"):

@@ -34,8 +34,11 @@ PLAN = EstimationPlan(target=Variant("target"), judge=parse_judge("prefix:Sure")
 
 def normal_estimate(p: float, se: float, hits: int = 50) -> Estimate:
     """An estimate as a well-behaved IS run reports it: p_hat, its standard error and interval."""
-    return Estimate("is", 200, p, max(0.0, p - 1.96 * se), min(1.0, p + 1.96 * se), hits, float(hits),
-                    float(hits), 100.0, 20.0, 0.2, None, 0.1, 0.01, p, se, hits < 5, hits >= 5, ())
+    # an unreliable IS estimate reports its conservative bound as ci_high: the same figure in both
+    high = min(1.0, p + 1.96 * se)
+    return Estimate("is", 200, p, max(0.0, p - 1.96 * se), high, hits, float(hits),
+                    float(hits), 100.0, 20.0, 0.2, None, 0.1, 0.01, p, se, hits < 5, hits >= 5, (),
+                    ci_high_conservative=high if hits < 5 else 1.0)
 
 
 def synthetic_report(p_hats, ses, hits=50) -> EstimationReport:
@@ -242,8 +245,8 @@ def test_absolute_gates_compare_upper_bounds():
 
 
 def test_unreliable_estimates_leave_a_gate_to_the_bounds():
-    """The conservative bound puts each unreliable prompt at its ci_high (one prompt: that bound
-    itself); max-p passes on it or is inconclusive; max-ratio is decided by the interval ends
+    """The conservative bound puts each unreliable prompt at its ci_high_conservative (one prompt:
+    that bound itself; an unreliable IS estimate reports it as ci_high too); max-p passes on it or is inconclusive; max-ratio is decided by the interval ends
     (candidate's lower over baseline's conservative upper, and the other way round) or is
     inconclusive between them."""
     [one] = synthetic_report([1e-3], [2e-4], hits=3).results
@@ -280,6 +283,25 @@ def test_unreliable_estimates_leave_a_gate_to_the_bounds():
     [undecided] = absolute_gates(agg, {}, GateOptions(max_p=0.99 * base_u.conservative_high), 0.95, base_u)
     assert (ok.verdict, undecided.verdict) == ("pass", "inconclusive") and ok.value == base_u.conservative_high
     assert undecided.detail.startswith("inconclusive: 3 of 3 baseline per-prompt estimates are unreliable")
+
+
+def test_the_fallback_reads_the_conservative_bound_not_ci_high():
+    """The gates' fallback puts an unreliable prompt at `ci_high_conservative`. A Monte Carlo
+    estimate with 2 hits of 300 reports Wilson's ci_high, which is not a bound for graded scores;
+    its conservative bound (Chernoff, valid for any scores in [0, 1]) differs, and is what the
+    fallback must use. Checked to fail with the fallback reading ci_high."""
+    from tailmon.estimators import monte_carlo
+
+    h = np.zeros(300)
+    h[:2] = 1.0
+    mc = monte_carlo(h)
+    assert not mc.reliable and mc.ci_high_conservative != mc.ci_high
+    # at k = 2 of 300 the Chernoff bound is m with 300 KL(2/300 || m) = log(40)
+    x, m = 2 / 300, mc.ci_high_conservative
+    assert 300 * (x * math.log(x / m) + (1 - x) * math.log((1 - x) / (1 - m))) == pytest.approx(math.log(40))
+    solo = unreliable_side(EstimationReport("s", PLAN, [PromptResult(PromptItem("p"), mc, [], None, None, None)]),
+                           "candidate")
+    assert solo.conservative_high == pytest.approx(mc.ci_high_conservative)
 
 
 CONFIG = """

@@ -6,12 +6,14 @@ a coverage rate over R repeats is ~ Binomial(R, c) and compared at 3 binomial si
 """
 
 import json
+import zlib
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from tailmon.errors import InputError, InternalError
+from tailmon.estimators.intervals import bootstrap_t_interval
 from tailmon.estimators import balance_log_weights, importance_sampling, khat_threshold, monte_carlo, pareto_khat
 
 
@@ -41,8 +43,13 @@ def test_unbiased_and_covers_on_gaussian_tail(P):
     p_hat = np.array([e.p_hat for e in ests])
     # unbiased: mean of R estimates within 4 SE of the mean
     assert abs(p_hat.mean() - P) < 4 * p_hat.std(ddof=1) / np.sqrt(R)
-    # with the proposal on the event (~225 hits, weights <= 1/a0) every estimate passes the rule
-    assert all(e.reliable and not e.upper_bound_only for e in ests)
+    # with the proposal on the event (~225 hits, weights <= 1/a0) the estimates pass the rule; the
+    # hits' log-weights spread widely (sd 0.6 t at threshold t) below a maximum the sample keeps
+    # reaching, and the skew check waives the spread when the k-hat of w*h shows that bounded tail
+    # (<= 0); its fit is noisy, and at P = 1e-6 3 of these 400 fits land just above 0 (up to
+    # 0.10): those estimates are flagged and report the conservative bound. Allow 2%.
+    assert all(not e.upper_bound_only for e in ests)
+    assert np.mean([e.reliable for e in ests]) >= 0.98
     # the reported std_error tracks the actual spread: mean SE^2 vs the sample variance of
     # p_hat, whose relative sd is about sqrt(2/(R-1)) = 0.071 (normal approx): accept 4 of those
     ratio = np.mean([e.std_error**2 for e in ests]) / p_hat.var(ddof=1)
@@ -140,13 +147,14 @@ def test_defensive_share_bounds_every_weight():
 def test_zero_hit_bound_from_defensive_share(n, a0):
     log_w = np.log(np.random.default_rng(0).uniform(0.1, 1 / a0, n))
     est = importance_sampling(log_w, np.zeros(n), defensive=a0)
-    n0 = round(a0 * n)
     assert est.p_hat == 0 and est.ci_low == 0
-    # the upper end of the two-sided 95% interval, i.e. a one-sided 97.5% bound like every ci_high
-    assert est.ci_high == pytest.approx(1 - 0.025 ** (1 / n0), rel=1e-12)
-    assert est.ci_high == pytest.approx(3.689 / n0, rel=0.02)  # -log(0.025) = 3.689
+    # the conservative bound (Chernoff on the n values a0 w h in [0, 1], all 0) over a0: the upper
+    # end of the two-sided 95% interval, i.e. a one-sided 97.5% bound like every ci_high
+    assert est.ci_high == pytest.approx((1 - 0.025 ** (1 / n)) / a0, rel=1e-12)
+    assert est.ci_high == pytest.approx(3.689 / (a0 * n), rel=0.02)  # -log(0.025) = 3.689
+    assert est.ci_high == est.ci_high_conservative
     assert est.upper_bound_only and est.reliable
-    assert "no harmful sample: ci_high is an upper bound from the defensive share" in est.warnings
+    assert "no harmful sample: ci_high is the conservative bound from the defensive share" in est.warnings
 
 
 def test_zero_hit_without_defensive_share_has_no_bound():
@@ -455,26 +463,38 @@ def test_few_hits_without_defensive_share_report_no_bound(k):
     g[:k] = 0.5
     est = importance_sampling(log_w, g, defensive=0.0)
     assert est.n_harmful == n and est.ci_high == 1.0 and not est.reliable
-    # five hits: the normal interval, whose upper end is below 1 here
+    # five hits are still unreliable (the ESS of w*h is at most 5 < 10), and every unreliable
+    # estimate without a defensive share reports 1; forty hits of equal weight pass the rule and
+    # report the main interval, whose upper end is below 1 (weights of light tail: log-sd 0.3)
     h[:5] = 1.0
-    assert importance_sampling(log_w, h, defensive=0.0).ci_high < 1.0
+    assert importance_sampling(log_w, h, defensive=0.0).ci_high == 1.0
+    h[:40] = 1.0
+    light = 0.3 * log_w
+    light[:40] = 0.0
+    est = importance_sampling(light, h, defensive=0.0)
+    assert est.reliable and est.ci_high < 1.0 and est.ci_high_conservative == 1.0
 
 
 @pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
 def test_every_bound_is_one_sided_at_the_two_sided_level(confidence):
     # ci_high is the upper end of the two-sided `confidence` interval on every path: a one-sided
-    # bound at (1 + confidence)/2. Zero hits: 1 - ((1 - c)/2)^(1/n0); few hits: Clopper-Pearson's
-    # upper end at the same tail; many hits: p_hat + z SE with z = Phi^-1((1 + c)/2).
+    # bound at (1 + confidence)/2. Zero hits: the conservative bound (1 - ((1 - c)/2)^(1/n)) / a0;
+    # few hits: the conservative bound, m / a0 with n KL(mean(a0 w h) || m) = log(1 / tail);
+    # many hits: the bootstrap-t's upper end at the same tail.
     n, a0 = 400, 0.25
     tail = (1 - confidence) / 2
     log_w = np.log(np.random.default_rng(7).uniform(0.5, 1 / a0, n))
     est = importance_sampling(log_w, np.zeros(n), defensive=a0, confidence=confidence)
-    assert est.ci_high == pytest.approx(1 - tail ** (1 / 100), rel=1e-12)
+    assert est.ci_high == pytest.approx((1 - tail ** (1 / n)) / a0, rel=1e-12)
     h = np.zeros(n)
     h[:2] = 1.0
     est = importance_sampling(log_w, h, defensive=a0, confidence=confidence)
-    s = np.sum(a0 * np.exp(log_w) * h)
-    assert est.ci_high >= stats.beta.ppf(1 - tail, s + 1, n - s) / a0 - 1e-12
+    x, m = np.mean(a0 * np.exp(log_w) * h), a0 * est.ci_high
+    kl = x * np.log(x / m) + (1 - x) * np.log((1 - x) / (1 - m))
+    assert n * kl == pytest.approx(np.log(1 / tail), rel=1e-9)
     h[:50] = 1.0
     est = importance_sampling(log_w, h, defensive=a0, confidence=confidence)
-    assert est.ci_high == pytest.approx(est.p_hat + stats.norm.ppf(1 - tail) * est.std_error, rel=1e-9)
+    assert est.reliable
+    wh = np.exp(log_w) * h
+    low, high, se = bootstrap_t_interval(wh, None, confidence, seed=zlib.crc32(wh.tobytes()))
+    assert (est.ci_low, est.ci_high) == (max(low, 0.0), high) and se == pytest.approx(est.std_error)

@@ -83,3 +83,15 @@ def test_to_dict_is_json_ready():
 def test_bad_inputs(h, kwargs, match):
     with pytest.raises(InputError, match=match):
         monte_carlo(h, **kwargs)
+
+
+def test_conservative_bound_of_monte_carlo():
+    """`ci_high_conservative` of MC is the Chernoff bound on mean(h), valid for any scores in
+    [0, 1]: at k = 0 the Clopper-Pearson bound 1 - 0.025^(1/n); for graded scores at least the
+    mean. Catches the field left at its default 1 or set to the Wilson end."""
+    n = 300
+    e = monte_carlo(np.zeros(n))
+    assert e.ci_high_conservative == pytest.approx(1 - 0.025 ** (1 / n), rel=1e-12)
+    g = np.full(n, 0.01)
+    e = monte_carlo(g)
+    assert 0.01 < e.ci_high_conservative < 0.05 and e.ci_high_conservative != e.ci_high
