@@ -18,8 +18,12 @@ from tailmon.estimation.render import estimates_table, extrapolation_lines
 def _setup_logging(level: str) -> None:
     import logging
 
+    from tailmon.redact import SecretsFilter
+
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # no credential reaches the journal, whoever logs it
+        handler.addFilter(SecretsFilter())
 
 
 @command()

@@ -19,6 +19,7 @@ import sys
 import click
 
 from tailmon.errors import InputError, InternalError, RuntimeFailure
+from tailmon.redact import mask_secrets
 
 EXIT_FAILED = 1
 """A gate failed (or was inconclusive), or an alert rule fires after the run."""
@@ -103,19 +104,20 @@ def group(name: str | None = None, cls: type[click.Group] = Group, **kwargs):
 
 
 class RootGroup(Group):
-    """The `tailmon` group: turns tailmon's errors into one line on stderr and the documented exit code."""
+    """The `tailmon` group: turns tailmon's errors into one line on stderr and the documented exit code.
+    Credentials quoted by an error (a URL's password, a token in its query) are masked."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {mask_secrets(str(exc))}", err=True)
             ctx.exit(EXIT_INPUT)
         except InternalError as exc:
-            click.echo(f"internal error (a bug in tailmon, please report it): {exc}", err=True)
+            click.echo(f"internal error (a bug in tailmon, please report it): {mask_secrets(str(exc))}", err=True)
             ctx.exit(EXIT_RUNTIME)
         except RuntimeFailure as exc:
-            click.echo(f"runtime failure: {exc}", err=True)
+            click.echo(f"runtime failure: {mask_secrets(str(exc))}", err=True)
             ctx.exit(EXIT_RUNTIME)
         except KeyboardInterrupt:  # Ctrl-C (and SIGTERM where a command maps it to the same)
             click.echo("interrupted", err=True)
@@ -132,5 +134,6 @@ class RootGroup(Group):
         except Exception as exc:  # a failure nobody anticipated: still exit 3, traceback on request
             if os.environ.get("TAILMON_DEBUG") == "1":
                 raise
-            click.echo(f"runtime failure: {type(exc).__name__}: {exc} (TAILMON_DEBUG=1 shows the traceback)", err=True)
+            click.echo(f"runtime failure: {type(exc).__name__}: {mask_secrets(str(exc))} (TAILMON_DEBUG=1 shows the "
+                       "traceback)", err=True)
             ctx.exit(EXIT_RUNTIME)

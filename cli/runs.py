@@ -10,6 +10,7 @@ from tailmon.cli.errors import group
 from tailmon.cli.options import config_option, open_store
 from tailmon.errors import InputError
 from tailmon.estimation.render import estimates_table, extrapolation_lines
+from tailmon.redact import mask_secrets, mask_settings
 
 
 @group()
@@ -37,8 +38,8 @@ def runs_list(config_path, monitor, status, limit, fmt):
         store.close()
     if fmt == "json":
         # The settings (the whole monitor config, ~100 lines a run) are `runs show`'s to print.
-        click.echo(json.dumps([{k: v for k, v in r.items() if k != "settings"} for r in rows], indent=2,
-                              default=str))
+        click.echo(json.dumps([{k: mask_secrets(v) if k == "error" else v for k, v in r.items() if k != "settings"}
+                               for r in rows], indent=2, default=str))
         return
     if not rows:
         click.echo("no runs")
@@ -69,6 +70,8 @@ def runs_show(run_id, config_path, fmt):
         store.close()
     if run is None:
         raise InputError(f"no run with id {run_id}")
+    # Runs stored before credentials were masked on the way in still hold them: masked on the way out.
+    run = {**run, "settings": mask_settings(run.get("settings")), "error": mask_secrets(run.get("error"))}
     if fmt == "json":
         click.echo(json.dumps(run, indent=2, default=str))
         return

@@ -115,13 +115,14 @@ class EndpointJudge(Judge):
         url = url.strip()
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise SpecError(f"endpoint URL must be http:// or https:// with a host, got {url!r}")
+            raise SpecError(f"endpoint URL must be http:// or https:// with a host, got {mask_url(url)!r}")
         try:
             parts.port
         except ValueError:
-            # Typically "http://user:key@host": '@' starts MODEL, so the URL is cut at it.
-            raise SpecError(f"endpoint URL {url!r} has an invalid port (credentials go in "
-                            f"${API_KEY_ENV}, not in the URL)") from None
+            # Typically "http://user:key@host": '@' starts MODEL, so the URL is cut at it and
+            # what looks like a port is the key: never echoed.
+            raise SpecError(f"endpoint URL {parts.scheme}://{parts.hostname}:... has an invalid port (credentials "
+                            f"go in ${API_KEY_ENV}, not in the URL)") from None
         if timeout <= 0 or retries < 0 or backoff < 0 or concurrency < 1:
             raise InputError("endpoint judge: timeout must be > 0, retries >= 0, backoff >= 0, "
                              "concurrency >= 1")

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tailmon.alerts.config import LOG_SINK, AlertRuleConfig, SinkConfig, check_sink_names
 from tailmon.errors import InputError
+from tailmon.redact import mask_settings
 from tailmon.estimation.settings import (  # noqa: F401  (the schema's sections, importable from here)
     EstimationSettings,
     EstimatorConfig,
@@ -100,6 +101,16 @@ class MonitorConfig(EstimationSettings):
         if dup:
             raise ValueError(f"alert rule name {dup!r} is used twice")
         return rules
+
+    _source: Any = PrivateAttr(default=None)
+    """The monitor's mapping as the file wrote it, before ${VAR} substitution (parse_config)."""
+
+    def stored_settings(self) -> dict:
+        """What a run stores of its monitor: the settings as validated (defaults filled in, the
+        config's own key names), except that a value the file wrote with a ${VAR} reference is
+        stored as written, so that nothing taken from the environment reaches the store; and every
+        credential (a URL's password, a token in a query string) masked."""
+        return mask_settings(_with_references(self.model_dump(mode="json", by_alias=True), self._source))
 
     def fingerprint(self) -> str:
         """Hash of everything that defines this monitor's estimate (stored with each run)."""
@@ -199,15 +210,30 @@ def parse_config(text: str, name: str = "<config>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping with a 'monitors' list at the top level")
     try:
-        raw = _substitute(raw, name, (), _Budget(name), ())
+        # `raw` stays as written: a run stores its settings with their ${VAR} references.
+        expanded = _substitute(raw, name, (), _Budget(name), ())
     except RecursionError:
         raise ConfigError(f"{name}: YAML nested too deeply to be a configuration") from None
     try:
-        config = Config.model_validate(raw)
+        config = Config.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(f"{name}: {_first_error(exc)}") from None
     _check_alert_references(config, name)
+    for mon, written in zip(config.monitors, raw.get("monitors") or ()):
+        mon._source = written
     return config
+
+
+def _with_references(value: Any, written: Any) -> Any:
+    """`value` (validated and dumped) where the file (`written`, the same place before
+    substitution) had a string with a ${VAR} reference: that string instead."""
+    if isinstance(written, str) and any(m.group(1) for m in _ENV.finditer(written)):
+        return written
+    if isinstance(value, dict) and isinstance(written, dict):
+        return {k: _with_references(v, written.get(k)) for k, v in value.items()}
+    if isinstance(value, list) and isinstance(written, list) and len(value) == len(written):
+        return [_with_references(v, w) for v, w in zip(value, written)]
+    return value
 
 
 def _check_alert_references(config: Config, name: str) -> None:

@@ -222,7 +222,7 @@ class Daemon:
             version = self.store.model_version(name, mon.model.ref, fingerprint) if pre_error is None else 0
             run_id = self.store.start_run(name, model_ref=mon.model.ref, model_version=version,
                                           config_hash=mon.fingerprint(),
-                                          settings=mon.model_dump(mode="json", by_alias=True))
+                                          settings=mon.stored_settings())
         except TailmonError as exc:
             log.error("monitor %s: run failed: the store is unavailable: %s", name, exc)
             self._count_run(name, "failed", time.time() - started)

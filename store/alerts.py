@@ -7,7 +7,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tailmon.errors import InputError
-from tailmon.redact import redact
+from tailmon.redact import mask_secrets, redact
 from tailmon.store.base import StoreBase
 from tailmon.store.schema import ALERT_DELIVERIES, ALERT_EVENTS, ALERT_STATE, ALERT_STATES, DELIVERY_OUTCOMES
 from tailmon.store.values import as_aware, as_float, as_int
@@ -105,7 +105,7 @@ class AlertStore(StoreBase):
         values = dict(fields, repeat=bool(fields.get("repeat", False)),
                       attempts=as_int(fields.get("attempts", 0), "attempts"),
                       http_status=as_int(fields.get("http_status"), "http_status"),
-                      error=redact(fields["error"]) if fields.get("error") is not None else None,
+                      error=redact(mask_secrets(fields["error"])) if fields.get("error") is not None else None,
                       at=as_aware(fields.get("at"), "alert delivery 'at'"))
         with self._tx(f"recording an alert delivery of monitor '{fields['monitor']}'") as conn:
             if values["at"] is None:

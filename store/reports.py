@@ -6,13 +6,14 @@ Everything is converted and checked here, before the transaction that closes the
 from __future__ import annotations
 
 from tailmon.errors import InputError
-from tailmon.redact import redact
+from tailmon.redact import mask_settings, redact
 from tailmon.store.values import as_bool, as_float, as_int
 
 
 def redacted_report(report: dict) -> dict:
-    """The report to store: per-prompt texts and categories and the system prompt through redact()."""
-    out = dict(report)
+    """The report to store: per-prompt texts and categories and the system prompt through redact(),
+    credentials masked everywhere (a judge's endpoint URL is in its spec)."""
+    out = mask_settings(report)
     out["estimates"] = [{**e, "prompt": redact(e["prompt"]), "category": _redacted(e.get("category"))}
                         for e in report["estimates"]]
     if isinstance(report.get("system_prompt"), str):
@@ -24,8 +25,10 @@ def redacted_report(report: dict) -> dict:
 
 
 def redacted_settings(settings: dict) -> dict:
-    """A run's settings to store: the deployed system prompt through redact() (it may carry the
-    operator's contact details as production serves them)."""
+    """A run's settings to store: every credential masked (mask_settings: a database URL's
+    password, a token in an endpoint's query string), and the deployed system prompt through
+    redact() (it may carry the operator's contact details as production serves them)."""
+    settings = mask_settings(settings)
     model = settings.get("model") if isinstance(settings, dict) else None
     if isinstance(model, dict) and isinstance(model.get("system_prompt"), str):
         return {**settings, "model": {**model, "system_prompt": redact(model["system_prompt"])}}

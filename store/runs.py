@@ -8,7 +8,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from tailmon.errors import InputError, RuntimeFailure
-from tailmon.redact import redact
+from tailmon.redact import mask_secrets, redact
 from tailmon.store.base import StoreBase
 from tailmon.store.reports import SAMPLE_KEYS, redacted_settings, report_rows, sample_rows
 from tailmon.store.schema import ESTIMATES, FINAL_STATUSES, MODEL_VERSIONS, RUN_STATUSES, RUNS, SAMPLES
@@ -95,7 +95,7 @@ class RunStore(StoreBase):
             conn.execute(update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "running").values(
                 status=status, finished_at=now, heartbeat_at=now,
                 duration_s=(now - row.started_at).total_seconds(),
-                error=redact(error) if error is not None else None, timings=timings, **columns))
+                error=redact(mask_secrets(error)) if error is not None else None, timings=timings, **columns))
             if estimate_rows:
                 conn.execute(insert(ESTIMATES), estimate_rows)
             if new_samples:

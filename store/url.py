@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.url import URL
@@ -11,6 +10,7 @@ from sqlalchemy.exc import ArgumentError
 
 from tailmon.errors import InputError
 from tailmon.paths import state_dir
+from tailmon.redact import mask_secrets, mask_url
 
 DATABASE_URL_ENV = "TAILMON_DATABASE_URL"
 
@@ -29,28 +29,22 @@ def resolve_database_url(configured: str | None) -> str:
     return env or default_database_url()
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@/\s]*@")
-
-
 def safe_url(url: str) -> str:
-    """`url` with its password (userinfo or `?password=` query) replaced by ***."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        # Unparseable URLs still reach error messages: mask anything that looks like user:pass@.
-        return _PASSWORD_IN_URL.sub(r"\1***@", url)
-    if "password" in parsed.query:
-        parsed = parsed.update_query_dict({"password": "***"})
-    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+    """`url` with its password (user info, `?password=` and other secret parameters) replaced by
+    *** (tailmon.redact.mask_url: the one place that knows what a credential looks like)."""
+    return mask_url(url)
 
 
 def mask_password(url: str, text: str) -> str:
-    """`text` without the password of `url`: a driver message might quote it."""
+    """`text` without the password of `url` (a driver message might quote it bare) nor any other
+    credential (mask_secrets)."""
     try:
         password = make_url(url).password
     except (ArgumentError, ValueError):
-        return text
-    return text.replace(str(password), "***") if password else text
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return mask_secrets(text)
 
 
 def engine_url(url: str) -> URL:
