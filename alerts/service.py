@@ -4,6 +4,13 @@ state in the store, records every transition and hands notifications to the sink
 The store is the only state. A new engine on the same database (a restarted daemon, a peer, a
 `tailmon run --once`) continues where the last left off: a firing alert stays firing and is not
 notified again before its repeat interval.
+
+Delivery is tracked per sink. Each notification to each sink is kept in the store (pending) until
+that sink takes it (2xx); an attempt that fails (after the sink's own quick retries), is dropped
+or is cut short by a stop is recorded, and the notification is tried again on the clock's tick
+(the next run may be hours away) after a backoff that doubles from `retry_first` up to
+`retry_max`, until it is delivered, superseded by a newer notification of the same rule to the
+same sink, refused with a 4xx that retrying cannot fix, or older than `give_up_after`.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
@@ -25,12 +33,20 @@ from tailmon.alerts.rules import (
     message,
     run_figures,
 )
-from tailmon.alerts.sinks import Delivery, Notification, Sink, SinkWorker, build_sink
+from tailmon.alerts.sinks import Delivery, Notification, Sink, SinkWorker, build_sink, retryable
+from tailmon.errors import TailmonError
 from tailmon.estimation.result import RunFigures
 
 log = logging.getLogger("tailmon.alerts")
 
 TEST_ALERTNAME = "tailmon-test"
+
+RETRY_FIRST_S = 60.0
+"""A notification a sink did not take is tried again after this long, then twice as long, ..."""
+RETRY_MAX_S = 3600.0
+"""... at most this long apart ..."""
+GIVE_UP_AFTER_S = 86400.0
+"""... until it is this old: then it is recorded as failed and no longer tried."""
 
 
 def utcnow() -> datetime:
@@ -51,6 +67,17 @@ class AlertStateStore(Protocol):
 
     def add_alert_delivery(self, **fields) -> int: ...
 
+    def add_alert_notification(self, **fields) -> int: ...
+
+    def due_alert_notifications(self, now: datetime, limit: int = 100) -> list[dict]: ...
+
+    def claim_alert_notification(self, notification_id: int, now: datetime, until: datetime) -> bool: ...
+
+    def alert_notification_attempted(self, notification_id: int, *, state: str = "pending",
+                                     backoff: tuple[float, float] = (60.0, 3600.0)) -> dict | None: ...
+
+    def expire_alert_notifications(self, created_before: datetime) -> list[dict]: ...
+
     def list_runs(self, monitor: str | None = None, status: str | None = None, limit: int = 20) -> list[dict]: ...
 
 
@@ -59,14 +86,19 @@ class AlertService:
     in the store and notifies the sinks. `config`: the daemon's Config; `store`: an AlertStateStore
     (None for `alerts test`, which sends without state); `metrics`: Metrics or None."""
 
-    def __init__(self, config, store: AlertStateStore | None, metrics=None):
+    def __init__(self, config, store: AlertStateStore | None, metrics=None, *, retry_first: float = RETRY_FIRST_S,
+                 retry_max: float = RETRY_MAX_S, give_up_after: float = GIVE_UP_AFTER_S):
         self.store = store
         self.metrics = metrics
         self.started = utcnow()
         """Staleness of a monitor that never succeeded counts from here."""
+        self.retry_first, self.retry_max, self.give_up_after = retry_first, retry_max, give_up_after
         self._lock = threading.RLock()
         self._workers: dict[str, SinkWorker] = {}
         self._resent: dict[tuple, datetime] = {}
+        self._in_flight: set[int] = set()
+        """Ids of stored notifications queued or being delivered by this process's workers."""
+        self._in_flight_lock = threading.Lock()
         self.configure(config)
 
     # -- configuration
@@ -119,7 +151,8 @@ class AlertService:
         return self.firing(monitor)
 
     def tick(self, now: datetime | None = None) -> None:
-        """The clock's part: staleness rules, and Alertmanager keep-alives of firing alerts."""
+        """The clock's part: staleness rules, Alertmanager keep-alives of firing alerts, and
+        notifications that a sink has not taken yet."""
         now = now or utcnow()
         with self._lock:
             for monitor, rules in self.rules.items():
@@ -129,6 +162,41 @@ class AlertService:
                     for rule in stale_rules:
                         self._apply(monitor, rule, figures, now, None)
             self._resend(now)
+            self.retry_due(now)
+
+    def retry_due(self, now: datetime | None = None) -> int:
+        """Submit again the stored notifications that a sink has not taken and whose next attempt
+        is due (also those a stopped process left); returns how many."""
+        if self.store is None:
+            return 0
+        now = now or utcnow()
+        for row in self.store.expire_alert_notifications(now - timedelta(seconds=self.give_up_after)):
+            log.error("sink %s: gave up the %s notification of %s/%s after %d attempt(s) over %s", row["sink"],
+                      row["status"], row["monitor"], row["rule"], row["attempts"],
+                      timedelta(seconds=round(self.give_up_after)))
+        submitted = 0
+        with self._lock:
+            for row in self.store.due_alert_notifications(now):
+                name = row["sink"]
+                with self._in_flight_lock:
+                    busy = row["id"] in self._in_flight
+                # A sink no longer configured keeps its notifications until they expire.
+                if busy or name not in self._workers:
+                    continue
+                if not self.store.claim_alert_notification(row["id"], now, now + self._lease(name)):
+                    continue  # a peer took it
+                n = Notification.from_json(row["payload"])
+                if n.status == "firing":  # sent now: Alertmanager's endsAt counts from here
+                    n = replace(n, at=now)
+                self._submit(name, n, row["event_id"], row["id"])
+                submitted += 1
+        return submitted
+
+    def _lease(self, name: str) -> timedelta:
+        """How long one attempt of sink `name` may take (its timeouts and backoffs, with slack):
+        until then no process tries the same notification again."""
+        cfg = self.sinks[name].config
+        return timedelta(seconds=(cfg.retries + 1) * cfg.timeout + cfg.backoff * (2 ** cfg.retries) + 30.0)
 
     def firing(self, monitor: str) -> list[str]:
         configured = {r.name for r in self.rules.get(monitor, [])}
@@ -205,15 +273,44 @@ class AlertService:
         for name in sinks:
             if self.sinks[name].config.type == "alertmanager":
                 self._resent[(name, n.monitor, n.rule)] = n.at
-            self._workers[name].submit(n, event_id)
+            notification_id = None
+            try:
+                # Owed to the sink until it takes it; the lease keeps peers from sending it too.
+                notification_id = self.store.add_alert_notification(
+                    monitor=n.monitor, rule=n.rule, sink=name, status=n.status, repeat=n.repeat, event_id=event_id,
+                    payload=n.to_json(), next_attempt_at=n.at + self._lease(name))
+            except TailmonError as exc:  # the store is down: still try now, untracked
+                log.error("sink %s: the %s notification of %s/%s is not kept for retries: %s", name, n.status,
+                          n.monitor, n.rule, exc)
+            self._submit(name, n, event_id, notification_id)
 
-    def _record(self, sink: Sink, n: Notification, event_id: int | None, delivery: Delivery) -> None:
+    def _submit(self, name: str, n: Notification, event_id: int | None, notification_id: int | None) -> None:
+        if notification_id is not None:
+            with self._in_flight_lock:
+                self._in_flight.add(notification_id)
+        self._workers[name].submit(n, event_id, notification_id)
+
+    def _record(self, sink: Sink, n: Notification, event_id: int | None, delivery: Delivery,
+                notification_id: int | None = None) -> None:
+        """Every attempt's outcome (from the sink's worker): a delivery row, and the stored
+        notification delivered, given up, or due again after the backoff."""
+        if notification_id is not None:
+            with self._in_flight_lock:
+                self._in_flight.discard(notification_id)
         if n.test or (n.resend and delivery.outcome == "delivered"):
             return  # keep-alives are not notifications; a failed one is worth a row
         self.store.add_alert_delivery(
             monitor=n.monitor, rule=n.rule, sink=sink.name, status=n.status, repeat=n.repeat or n.resend,
             outcome=delivery.outcome, attempts=delivery.attempts, http_status=delivery.http_status,
-            error=delivery.error, event_id=event_id)
+            error=delivery.error, event_id=event_id, notification_id=notification_id)
+        if notification_id is None:
+            return
+        if delivery.outcome == "delivered":
+            self.store.alert_notification_attempted(notification_id, state="delivered")
+        elif delivery.outcome == "failed" and not retryable(delivery):
+            self.store.alert_notification_attempted(notification_id, state="failed")
+        else:  # failed (no answer, 429, 5xx), dropped or abandoned: again after the backoff
+            self.store.alert_notification_attempted(notification_id, backoff=(self.retry_first, self.retry_max))
 
     def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` s for queued notifications to be delivered; True when all were."""
@@ -253,4 +350,7 @@ class AlertService:
     def send_now(self, n: Notification, sinks: list[str]) -> dict[str, Delivery]:
         """Deliver on this thread, one sink after the other (the CLI's test; nothing recorded)."""
         cancel = threading.Event()
-        return {name: self.sinks[name].deliver(n, cancel) for name in sinks}
+        results = {name: self.sinks[name].deliver(n, cancel) for name in sinks}
+        for name, delivery in results.items():  # printed: a webhook's URL is its secret
+            delivery.error = self.sinks[name].mask(delivery.error)
+        return results

@@ -4,6 +4,12 @@ Delivery never happens on the caller's thread: each sink has one worker thread f
 queue, so a receiver that hangs or fails delays only its own later notifications, never a run
 or another sink. HTTP sinks retry connection errors, timeouts, 429 and 5xx with exponential
 backoff (`backoff`, then twice that, ...); other 4xx are not retried (the request itself is wrong).
+Every attempt's outcome goes to the worker's `record` callback, also one cut short by a stop
+('abandoned') and those never tried ('dropped'): the alert service keeps what a sink has not
+taken and tries again later.
+
+A webhook URL is often itself the secret (Slack's hooks.slack.com/services/...): `Sink.mask`
+keeps it (and any credential) out of the errors that are logged and stored.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Callable
 
 from tailmon import __version__, httpclient
 from tailmon.alerts.config import SinkConfig
+from tailmon.redact import mask_secrets, mask_url
 
 log = logging.getLogger("tailmon.alerts")
 
@@ -60,11 +67,21 @@ class Notification:
             "run_id": self.run_id, "repeat": self.repeat, "test": self.test,
         }
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Notification":
+        """The notification `to_json()` described (kept by the store until its sink takes it)."""
+        return cls(monitor=data["monitor"], rule=data["rule"], status=data["status"], severity=data["severity"],
+                   summary=data["summary"], labels=dict(data["labels"]), annotations=dict(data["annotations"]),
+                   starts_at=datetime.fromisoformat(data["starts_at"]), at=datetime.fromisoformat(data["at"]),
+                   value=data.get("value"), threshold=data.get("threshold"), run_id=data.get("run_id"),
+                   repeat=bool(data.get("repeat")), test=bool(data.get("test")))
+
 
 @dataclass
 class Delivery:
     outcome: str
-    """'delivered', 'failed' or 'dropped' (never attempted: queue full or the daemon stopped)."""
+    """'delivered', 'failed', 'dropped' (never attempted: queue full or the daemon stopped) or
+    'abandoned' (in flight when the daemon stopped: no answer yet)."""
     attempts: int = 0
     http_status: int | None = None
     error: str | None = None
@@ -80,6 +97,10 @@ class Sink(ABC):
     def deliver(self, n: Notification, cancel: threading.Event) -> Delivery:
         """Send one notification (giving up early when `cancel` is set); never raises."""
 
+    def mask(self, text: str | None) -> str | None:
+        """`text` (an error to log or store) without credentials."""
+        return mask_secrets(text) if text is not None else None
+
 
 class LogSink(Sink):
     def deliver(self, n: Notification, cancel: threading.Event) -> Delivery:
@@ -94,8 +115,18 @@ class _HttpSink(Sink):
     def body(self, n: Notification) -> bytes:
         """The request body for this receiver's protocol."""
 
+    url_is_secret = False
+    """Whether the whole URL is the credential (a webhook's): then only scheme://host is ever shown."""
+
     def endpoint(self) -> str:
         return self.config.url
+
+    def mask(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        for url in (self.endpoint(), self.config.url):  # the longer first: the endpoint starts with the base
+            text = text.replace(url, mask_url(url, whole=self.url_is_secret))
+        return mask_secrets(text)
 
     def headers(self, body: bytes) -> dict:
         return {"Content-Type": "application/json", "User-Agent": f"tailmon/{__version__}"}
@@ -120,6 +151,8 @@ class _HttpSink(Sink):
 
 class WebhookSink(_HttpSink):
     """POST the notification as JSON (or a Slack message), signed with HMAC-SHA256 when a secret is set."""
+
+    url_is_secret = True
 
     def __init__(self, name: str, config: SinkConfig):
         super().__init__(name, config)
@@ -182,6 +215,11 @@ def _rfc3339(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
+def retryable(d: Delivery) -> bool:
+    """Whether trying again may help: no answer, 429 or 5xx (another 4xx means the request is wrong)."""
+    return _retryable(d)
+
+
 def _retryable(d: Delivery) -> bool:
     return d.http_status is None or d.http_status == 429 or d.http_status >= 500
 
@@ -212,33 +250,41 @@ def build_sink(name: str, config: SinkConfig) -> Sink:
 class _Job:
     notification: Notification
     event_id: int | None
+    notification_id: int | None = None
+    """The store's alert_notifications row this job delivers (None: untracked)."""
+    reported: bool = False
+    """Its outcome went to `record` (by the worker, or by close() when it abandoned it)."""
 
 
 class SinkWorker:
     """One sink's delivery thread and its bounded queue. `record(sink, notification, event_id,
-    delivery)` is called with every outcome (from the worker thread, or the caller when dropped)."""
+    delivery, notification_id)` is called exactly once per submitted job with its outcome (from the
+    worker thread, or the caller when dropped, or close() when abandoned); errors are masked."""
 
     def __init__(self, sink: Sink, record: Callable, maxsize: int = QUEUE_SIZE):
         self.sink = sink
         self._record = record
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._cancel = threading.Event()
+        self._current: _Job | None = None
+        self._jobs_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"tailmon-alerts-{sink.name}", daemon=True)
         self._started = False
         self._start_lock = threading.Lock()
 
-    def submit(self, n: Notification, event_id: int | None = None) -> bool:
+    def submit(self, n: Notification, event_id: int | None = None, notification_id: int | None = None) -> bool:
         """Queue a notification; never blocks. False when the queue is full (recorded as dropped)."""
         with self._start_lock:
             if not self._started:
                 self._thread.start()
                 self._started = True
+        job = _Job(n, event_id, notification_id)
         try:
-            self._queue.put_nowait(_Job(n, event_id))
+            self._queue.put_nowait(job)
             return True
         except queue.Full:
             full = f"the queue of sink {self.sink.name} is full ({self._queue.maxsize}): the receiver is too slow"
-            self._report(_Job(n, event_id), Delivery("dropped", error=full))
+            self._report(job, Delivery("dropped", error=full))
             return False
 
     def _run(self) -> None:
@@ -247,6 +293,8 @@ class SinkWorker:
             try:
                 if job is None:
                     return
+                with self._jobs_lock:
+                    self._current = job
                 if self._cancel.is_set():
                     delivery = Delivery("dropped", error="the daemon stopped before it was delivered")
                 else:
@@ -256,17 +304,24 @@ class SinkWorker:
                         log.error("sink %s: delivery crashed: %s: %s", self.sink.name, type(exc).__name__, exc,
                                   exc_info=True)
                         delivery = Delivery("failed", error=f"{type(exc).__name__}: {exc}")
+                with self._jobs_lock:
+                    self._current = None
                 self._report(job, delivery)
             finally:
                 self._queue.task_done()
 
     def _report(self, job: _Job, delivery: Delivery) -> None:
+        with self._jobs_lock:  # once per job: close() may have recorded it as abandoned already
+            if job.reported:
+                return
+            job.reported = True
+        delivery.error = self.sink.mask(delivery.error)
         n = job.notification
         if delivery.outcome != "delivered":
             log.error("sink %s: %s notification of %s/%s %s after %d attempt(s): %s", self.sink.name, n.status,
                       n.monitor, n.rule, delivery.outcome, delivery.attempts, delivery.error)
         try:
-            self._record(self.sink, n, job.event_id, delivery)
+            self._record(self.sink, n, job.event_id, delivery, job.notification_id)
         except Exception as exc:  # the store may be down: the log line above still says it
             log.error("sink %s: could not record a delivery: %s", self.sink.name, exc)
 
@@ -274,17 +329,39 @@ class SinkWorker:
         return self._queue.unfinished_tasks == 0
 
     def close(self, deadline: float) -> None:
-        """Deliver what is queued until `deadline` (time.time()), then drop the rest and stop."""
+        """Deliver what is queued until `deadline` (time.time()), then drop the rest and stop.
+
+        A delivery still in flight then (a receiver that does not answer) is recorded as
+        'abandoned', and what is still queued behind it as 'dropped', before this returns: the
+        process may end right after, and the alert service retries them from the store."""
         while not self.idle() and time.time() < deadline:
             time.sleep(0.02)
         self._cancel.set()  # from here on, queued jobs are recorded as dropped, backoffs end
-        if self._started:
+        if not self._started:
+            return
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass  # the worker drains the queue (dropping) and stays parked; it is a daemon thread
+        self._thread.join(timeout=max(0.0, deadline - time.time()) + 1.0)
+        if not self._thread.is_alive():
+            return
+        with self._jobs_lock:
+            stuck = self._current
+        if stuck is not None:
+            self._report(stuck, Delivery("abandoned", error="the daemon stopped while this delivery was in flight "
+                                                              "(no answer from the receiver yet)"))
+        while True:
             try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass  # the worker drains the queue (dropping) and stays parked; it is a daemon thread
-            self._thread.join(timeout=max(0.0, deadline - time.time()) + 1.0)
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._report(job, Delivery("dropped", error="the daemon stopped before it was delivered"))
+            self._queue.task_done()
+        # The stop sentinel went with the rest: the worker ends once its delivery returns.
+        self._queue.put_nowait(None)
 
 
 __all__ = ["AlertmanagerSink", "Delivery", "LogSink", "Notification", "SIGNATURE_HEADER", "Sink", "SinkWorker",
-           "WebhookSink", "build_sink", "signature", "slack_message"]
+           "WebhookSink", "build_sink", "retryable", "signature", "slack_message"]

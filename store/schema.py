@@ -17,7 +17,8 @@ from sqlmodel import Field, SQLModel
 RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
 FINAL_STATUSES = ("succeeded", "failed", "interrupted")
 ALERT_STATES = ("inactive", "pending", "firing", "resolved")
-DELIVERY_OUTCOMES = ("delivered", "failed", "dropped")
+DELIVERY_OUTCOMES = ("delivered", "failed", "dropped", "abandoned")
+NOTIFICATION_STATES = ("pending", "delivered", "failed", "superseded")
 
 
 def utcnow() -> datetime:
@@ -213,11 +214,13 @@ class AlertState(SQLModel, table=True):
 
 
 class AlertDelivery(SQLModel, table=True):
-    """One notification's delivery to one sink: what the receiver answered, after how many tries."""
+    """One attempt to deliver a notification to one sink: what the receiver answered, after how many
+    HTTP tries. 'abandoned': the process stopped while the attempt was in flight."""
 
     __tablename__ = "alert_deliveries"
     __table_args__ = (
-        CheckConstraint("outcome IN ('delivered', 'failed', 'dropped')", name="ck_alert_deliveries_outcome"),
+        CheckConstraint("outcome IN ('delivered', 'failed', 'dropped', 'abandoned')",
+                        name="ck_alert_deliveries_outcome"),
         Index("ix_alert_deliveries_monitor_at", "monitor", "at"),
     )
 
@@ -235,6 +238,41 @@ class AlertDelivery(SQLModel, table=True):
     # No foreign key, like alert_events.run_id: a repeat notification has no event of its own.
     event_id: int | None = None
     at: datetime = Field(sa_type=UTCDateTime)
+    notification_id: int | None = None
+    """The alert_notifications row this attempt delivers (None: an Alertmanager keep-alive)."""
+
+
+class AlertNotification(SQLModel, table=True):
+    """One notification to one sink, until that sink takes it (revision 0004).
+
+    'pending' until the sink answers 2xx ('delivered'); a failed attempt is retried from
+    `next_attempt_at` on (the daemon's tick, with backoff), which is also a lease while an attempt
+    is in flight. 'failed': given up (a 4xx that retrying cannot fix, or too old); 'superseded':
+    a newer notification of the same rule to the same sink replaced it before it was delivered.
+    """
+
+    __tablename__ = "alert_notifications"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed', 'superseded')",
+                        name="ck_alert_notifications_state"),
+        Index("ix_alert_notifications_state_next", "state", "next_attempt_at"),
+        Index("ix_alert_notifications_monitor_rule", "monitor", "rule", "sink"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    monitor: str
+    rule: str
+    sink: str
+    status: str
+    repeat: bool = False
+    event_id: int | None = None
+    payload: dict = Field(sa_type=json_type())
+    """The notification (Notification.to_json()), to send it again."""
+    state: str
+    attempts: int = 0
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 RUNS = Run.__table__
@@ -245,3 +283,4 @@ LOCKS = MonitorLock.__table__
 ALERT_EVENTS = AlertEvent.__table__
 ALERT_STATE = AlertState.__table__
 ALERT_DELIVERIES = AlertDelivery.__table__
+ALERT_NOTIFICATIONS = AlertNotification.__table__

@@ -1,4 +1,4 @@
-"""The store's alert_deliveries table (migration 3): recording, listing, validation."""
+"""The store's alert_deliveries table (revisions 0003, 0004): recording, listing, validation."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_deliveries_newest_first_with_filters(store):
     row = store.alert_deliveries("m1", "r1")[0]
     assert row == {"id": first, "monitor": "m1", "rule": "r1", "sink": "hook", "status": "firing", "repeat": False,
                    "outcome": "failed", "attempts": 4, "http_status": 503, "error": "HTTP 503 from https://hooks/x",
-                   "event_id": None, "at": T0}
+                   "event_id": None, "at": T0, "notification_id": None}
     assert store.alert_deliveries("m2")[0]["at"].tzinfo == timezone.utc  # `at` defaults to now, in UTC
 
 
@@ -40,7 +40,7 @@ def test_delivery_validation(store):
         store.add_alert_delivery(monitor="m", rule="r", sink="s", status="firing", outcome="delivered", colour=1)
     with pytest.raises(InputError, match="needs sink"):
         store.add_alert_delivery(monitor="m", rule="r", status="firing", outcome="delivered")
-    with pytest.raises(InputError, match="delivery outcome must be one of delivered, failed, dropped"):
+    with pytest.raises(InputError, match="delivery outcome must be one of delivered, failed, dropped, abandoned"):
         store.add_alert_delivery(monitor="m", rule="r", sink="s", status="firing", outcome="lost")
     with pytest.raises(InputError, match="timezone-aware"):
         store.add_alert_delivery(monitor="m", rule="r", sink="s", status="firing", outcome="failed",

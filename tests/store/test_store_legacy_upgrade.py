@@ -3,9 +3,10 @@
 tests/store/data (its README says how it was made) holds a database that release created and
 filled, every row of it as that release read it, and what its Store methods returned. On SQLite the
 test opens a copy of that very file; on PostgreSQL it restores the same rows into tables made by
-that release's recorded DDL. Either way the upgrade stamps the database at revision 0003, every row
-and value is still there, the Store returns what that release's Store returned, and the database
-goes on working."""
+that release's recorded DDL. Either way the upgrade stamps the database at revision 0003 and applies
+0004 (which adds a column, empty, to each delivery and a schema_version row), every row and value
+is still there, the Store returns what that release's Store returned, and the database goes on
+working."""
 
 from __future__ import annotations
 
@@ -38,10 +39,24 @@ RECORDED = json.loads((DATA / "legacy-v3.json").read_text())
 TABLES = [RUNS, ESTIMATES, SAMPLES, MODEL_VERSIONS, LOCKS, ALERT_EVENTS, ALERT_STATE, ALERT_DELIVERIES, LEGACY_TABLE]
 
 
-def every_row(engine) -> dict[str, list[dict]]:
-    """Every table's rows in primary-key order, datetimes as ISO 8601: the shape of RECORDED['tables']."""
+def upgraded(recorded: dict) -> dict:
+    """The recorded rows as revision 0004 leaves them: each delivery with notification_id None
+    (the attempts of that release tracked no notification)."""
+    return {**recorded, "alert_deliveries": [{**d, "notification_id": None} for d in recorded["alert_deliveries"]]}
+
+
+ADDED_BY_0004 = {"alert_deliveries": {"notification_id"}}
+
+
+def every_row(engine, legacy: bool = False) -> dict[str, list[dict]]:
+    """Every table's rows in primary-key order, datetimes as ISO 8601: the shape of RECORDED['tables'].
+    `legacy`: the columns of schema version 3 only (a database not upgraded yet)."""
+    def columns(t):
+        return [c for c in t.columns if not (legacy and c.name in ADDED_BY_0004.get(t.name, ()))]
+
     with engine.connect() as conn:
-        return {t.name: [to_jsonable(dict(r._mapping)) for r in conn.execute(select(t).order_by(*t.primary_key))]
+        return {t.name: [to_jsonable(dict(r._mapping))
+                         for r in conn.execute(select(*columns(t)).order_by(*t.primary_key))]
                 for t in TABLES}
 
 
@@ -84,15 +99,19 @@ def test_a_database_of_the_release_before_alembic_upgrades_without_loss(legacy_v
     try:
         with engine.connect() as conn:
             assert (recorded_revisions(conn), legacy_version(conn)) == ([], 3)  # as that release left it
-        assert every_row(engine) == RECORDED["tables"]  # and as it was recorded (PostgreSQL: restored)
+        assert every_row(engine, legacy=True) == RECORDED["tables"]  # and as it was recorded (PostgreSQL: restored)
     finally:
         engine.dispose()
 
     # stale_after_s=1: the recorded running run's heartbeat is long past.
     with Store(legacy_v3_url, instance_id="host-b", stale_after_s=1) as store:
         with store.engine.connect() as conn:
-            assert recorded_revisions(conn) == ["0003"]
-        assert every_row(store.engine) == RECORDED["tables"]  # schema_version included: rows 1..3 as they were
+            assert recorded_revisions(conn) == ["0004"]
+        rows = every_row(store.engine)
+        # schema_version included: rows 1..3 as they were, and one for revision 0004
+        assert [v["version"] for v in rows.pop("schema_version")[3:]] == [4]
+        assert rows == {k: v for k, v in upgraded(RECORDED["tables"]).items() if k != "schema_version"}
+        assert every_row(store.engine)["schema_version"][:3] == RECORDED["tables"]["schema_version"]
         run_ids = [run["id"] for run in api["runs"]]
         assert [to_jsonable(store.get_run(i)) for i in run_ids] == api["runs"]
         assert to_jsonable(store.list_runs(limit=10)) == api["list_runs"]
@@ -100,7 +119,7 @@ def test_a_database_of_the_release_before_alembic_upgrades_without_loss(legacy_v
         assert to_jsonable(store.lock_holder("toxicity")) == api["lock_holder"]
         assert to_jsonable(store.alert_events()) == api["alert_events"]
         assert to_jsonable(store.alert_states()) == api["alert_states"]
-        assert to_jsonable(store.alert_deliveries()) == api["alert_deliveries"]
+        assert to_jsonable(store.alert_deliveries()) == upgraded(api)["alert_deliveries"]
 
         # ... and it goes on from there: versions, ids, locks, stale runs, alerts.
         assert store.model_version("toxicity", "smollm2-ft", "sha-B") == api["model_version_again"] == 2

@@ -28,8 +28,11 @@ from tailmon.store.migrate import (
 )
 from tailmon.store.schema import ALERT_STATE, ESTIMATES, LOCKS, MODEL_VERSIONS, RUNS
 
-MODEL_TABLES = ["runs", "estimates", "samples", "model_versions", "monitor_locks", "alert_events", "alert_state",
-                "alert_deliveries"]
+LEGACY_TABLES = ["runs", "estimates", "samples", "model_versions", "monitor_locks", "alert_events", "alert_state",
+                 "alert_deliveries"]
+"""The tables of the release before Alembic (schema versions 1..3)."""
+MODEL_TABLES = LEGACY_TABLES + ["alert_notifications"]
+REVISION_4 = "alert_notifications; alert_deliveries.notification_id and outcome 'abandoned'"
 BOOKKEEPING = ["schema_version", VERSION_TABLE]
 
 
@@ -69,14 +72,14 @@ def describe_model(table):
     }
 
 
-def describe_ddl(engine) -> dict[str, list[tuple]]:
-    """Each model table's DDL as the database itself holds it: on SQLite its CREATE statements in
+def describe_ddl(engine, tables=LEGACY_TABLES) -> dict[str, list[tuple]]:
+    """Each of `tables`' DDL as the database itself holds it: on SQLite its CREATE statements in
     sqlite_master, on PostgreSQL every column, constraint and index definition from the catalog."""
-    names = {"names": MODEL_TABLES}
+    names = {"names": tables}
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             rows = conn.execute(text("SELECT tbl_name, type, name, sql FROM sqlite_master "
-                                     f"WHERE tbl_name IN ({', '.join(repr(t) for t in MODEL_TABLES)})")).all()
+                                     f"WHERE tbl_name IN ({', '.join(repr(t) for t in tables)})")).all()
         else:
             rows = conn.execute(text(
                 "SELECT table_name, 'column', column_name, data_type, is_nullable, column_default "
@@ -97,19 +100,21 @@ def describe_ddl(engine) -> dict[str, list[tuple]]:
 
 def test_a_fresh_database_is_created_at_head(store):
     """The frozen revision DDL and the models the queries use must describe the same tables."""
-    assert [s.revision for s in history()] == ["0001", "0002", "0003"]
-    assert revisions(store.engine) == [head_revision()] == ["0003"]
+    assert [s.revision for s in history()] == ["0001", "0002", "0003", "0004"]
+    assert revisions(store.engine) == [head_revision()] == ["0004"]
     insp = inspect(store.engine)
     assert set(insp.get_table_names()) == set(MODEL_TABLES) | set(BOOKKEEPING)
     for name in MODEL_TABLES:
         assert describe_reflected(insp, name) == describe_model(SQLModel.metadata.tables[name]), name
-    # The release before Alembic reads schema_version: it sees its own version 3 and opens this.
+    # The release before Alembic reads schema_version: it sees version 4, above its own 3, and
+    # refuses this database rather than misread the deliveries that revision 0004 changed.
     with store.engine.connect() as conn:
         assert conn.execute(select(LEGACY_TABLE.c.version, LEGACY_TABLE.c.description)
                             .order_by(LEGACY_TABLE.c.version)).all() == [
             (1, "runs, estimates, samples, model_versions, monitor_locks"),
             (2, "alert_events, alert_state"),
             (3, "alert_deliveries"),
+            (4, REVISION_4),
         ]
 
 
@@ -120,12 +125,12 @@ def test_the_revisions_run_the_ddl_of_the_release_before_alembic(db_url, legacy_
     try:
         legacy = describe_ddl(engine)
         with engine.begin() as conn:
-            for name in reversed(MODEL_TABLES + ["schema_version"]):
+            for name in reversed(LEGACY_TABLES + ["schema_version"]):
                 conn.exec_driver_sql(f"DROP TABLE {name}")
         assert inspect(engine).get_table_names() == []
-        assert upgrade_schema(engine) == "0003"
+        assert upgrade_schema(engine, target="0003") == "0003"
         assert describe_ddl(engine) == legacy
-        assert sorted(legacy) == sorted(MODEL_TABLES)  # not comparing nothing
+        assert sorted(legacy) == sorted(LEGACY_TABLES)  # not comparing nothing
     finally:
         engine.dispose()
 
@@ -163,9 +168,10 @@ def test_upgrade_from_version_1_keeps_the_data(db_url, legacy_database, caplog):
             f"{where}: schema version 1 of the release before Alembic recorded as revision 0001",
             f"{where}: schema revision 0002 applied (alert_events, alert_state)",
             f"{where}: schema revision 0003 applied (alert_deliveries)",
+            f"{where}: schema revision 0004 applied ({REVISION_4})",
         ]
-        assert revisions(store.engine) == ["0003"]
-        assert legacy_versions(store.engine) == [1, 2, 3]  # the release before Alembic still reads it
+        assert revisions(store.engine) == ["0004"]
+        assert legacy_versions(store.engine) == [1, 2, 3, 4]  # the release before Alembic reads it (and refuses)
         run = store.get_run(run_id)
         assert run["status"] == "succeeded" and run["started_at"] == t0
         assert run["p_hat"] == 1.5e-5 and run["reliable"] is True
@@ -198,8 +204,8 @@ def test_upgrade_from_version_2_keeps_the_alert_state(db_url, legacy_database):
     engine.dispose()
 
     with Store(db_url) as store:
-        assert revisions(store.engine) == ["0003"]
-        assert legacy_versions(store.engine) == [1, 2, 3]
+        assert revisions(store.engine) == ["0004"]
+        assert legacy_versions(store.engine) == [1, 2, 3, 4]
         state = store.get_alert_state("m1", "harm-high")
         assert (state["state"], state["consecutive"], state["since"], state["last_notified"]) == ("firing", 3, t0, t0)
         store.add_alert_delivery(monitor="m1", rule="harm-high", sink="log", status="resolved", outcome="failed",
@@ -217,8 +223,10 @@ def test_upgrades_in_steps_record_each_revision(db_url):
         assert upgrade_schema(engine, target="0002") == "0002"
         assert (revisions(engine), legacy_versions(engine)) == (["0002"], [1, 2])
         assert upgrade_schema(engine, target="0001") == "0002"  # never downwards
-        assert upgrade_schema(engine) == "0003"
+        assert upgrade_schema(engine, target="0003") == "0003"
         assert (revisions(engine), legacy_versions(engine)) == (["0003"], [1, 2, 3])
+        assert upgrade_schema(engine) == "0004"
+        assert (revisions(engine), legacy_versions(engine)) == (["0004"], [1, 2, 3, 4])
         with pytest.raises(ValueError, match="no revision '0009'"):
             upgrade_schema(engine, target="0009")
     finally:
@@ -256,21 +264,21 @@ def _assert_refused_untouched(db_url, message, run_id, tables):
 
 
 def test_a_newer_schema_version_of_the_release_before_alembic_is_refused(db_url, legacy_database):
-    """Version 4 in schema_version and no Alembic revision: a database this code cannot know."""
+    """Version 5 in schema_version and no Alembic revision: a database this code cannot know."""
     engine = legacy_database(db_url, 3)
     now = datetime.now(timezone.utc)
     with engine.begin() as conn:
         run_id = conn.execute(insert(RUNS).values(
             monitor="m1", model_ref="r", model_version=1, config_hash="c", status="running", owner_instance="h",
             owner_token="t", started_at=now, heartbeat_at=now)).inserted_primary_key[0]
-        conn.execute(insert(LEGACY_TABLE).values(version=4, description="from the future", applied_at=now))
+        conn.execute(insert(LEGACY_TABLE).values(version=5, description="from the future", applied_at=now))
     engine.dispose()
     _assert_refused_untouched(
-        db_url, f"database {safe_url(db_url)}: schema version 4 is newer than this tailmon supports (3); "
-                "upgrade tailmon", run_id, set(MODEL_TABLES) | {"schema_version"})
+        db_url, f"database {safe_url(db_url)}: schema version 5 is newer than this tailmon supports (4); "
+                "upgrade tailmon", run_id, set(LEGACY_TABLES) | {"schema_version"})
     engine = connect_database(db_url)
     try:
-        assert legacy_versions(engine) == [1, 2, 3, 4]
+        assert legacy_versions(engine) == [1, 2, 3, 5]
     finally:
         engine.dispose()
 
@@ -279,13 +287,13 @@ def test_an_unknown_revision_is_refused(db_url):
     with Store(db_url) as store:
         run_id = store.start_run("m1", model_ref="r", model_version=1, config_hash="c", settings={})
         with store.engine.begin() as conn:
-            conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '0004'"))
+            conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '0005'"))
     _assert_refused_untouched(
-        db_url, f"database {safe_url(db_url)}: schema revision 0004 is newer than this tailmon supports (0003); "
+        db_url, f"database {safe_url(db_url)}: schema revision 0005 is newer than this tailmon supports (0004); "
                 "upgrade tailmon", run_id, set(MODEL_TABLES) | set(BOOKKEEPING))
     engine = connect_database(db_url)
     try:
-        assert revisions(engine) == ["0004"]
+        assert revisions(engine) == ["0005"]
     finally:
         engine.dispose()
 
@@ -333,8 +341,8 @@ def test_first_opens_at_the_same_time_upgrade_once(postgres_url):
         t.join(timeout=60)
     try:
         assert errors == [] and len(opened) == 4
-        assert revisions(opened[0].engine) == ["0003"]
-        assert legacy_versions(opened[0].engine) == [1, 2, 3]
+        assert revisions(opened[0].engine) == ["0004"]
+        assert legacy_versions(opened[0].engine) == [1, 2, 3, 4]
     finally:
         for store in opened:
             store.close()
@@ -351,7 +359,7 @@ def test_alembic_operations_are_applied_one_database_at_a_time(tmp_path):
         assert thread.is_alive() and not done
     thread.join(timeout=30)
     try:
-        assert revisions(done[0].engine) == ["0003"]
+        assert revisions(done[0].engine) == ["0004"]
     finally:
         done[0].close()
 
