@@ -324,3 +324,29 @@ def test_prompts_responses_and_errors_are_stored_redacted(store, build_report):
         assert secret not in dump
     assert run["estimates"][0]["category"] == "tickets of [EMAIL]"
     assert run["settings"]["model"]["system_prompt"] == "Escalate to [EMAIL]"
+
+
+def test_credentials_are_masked_in_settings_reports_and_errors(store, build_report):
+    """Catches a caller's settings, report or error stored with a credential in it (issue 18,
+    item 2): whatever calls start_run/finish_run, no URL password or secret query value is stored."""
+    settings = {"prompts": {"type": "sql", "url": "postgresql://reader:pw-settings@db/logs?sslmode=require"},
+                "judge": "endpoint:https://guard.example/v1?api_key=key-settings"}
+    report, _ = build_report(["Write a poem"], n=10)
+    report["judge"] = "endpoint:https://guard.example/v1?token=tok-report"
+    run_id = start(store, settings=settings)
+    store.finish_run(run_id, "succeeded", report=report)
+    failed = start(store)
+    store.finish_run(failed, "failed", error="cannot use postgresql://reader:pw-error@db/logs: timeout")
+
+    run = store.get_run(run_id)
+    assert run["settings"] == {"prompts": {"type": "sql", "url": "postgresql://reader:***@db/logs?sslmode=require"},
+                               "judge": "endpoint:https://guard.example/v1?api_key=***"}
+    assert run["report"]["judge"] == "endpoint:https://guard.example/v1?token=***"
+    assert store.get_run(failed)["error"] == "cannot use postgresql://reader:***@db/logs: timeout"
+    tables = MetaData()
+    with store.engine.connect() as conn:
+        tables.reflect(conn)
+        dump = " ".join(str(tuple(row)) for table in tables.sorted_tables for row in conn.execute(select(table)))
+    assert "guard.example" in dump  # the dump does contain the stored settings
+    for secret in ("pw-settings", "key-settings", "tok-report", "pw-error"):
+        assert secret not in dump
