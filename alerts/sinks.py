@@ -28,9 +28,11 @@ from typing import Callable
 
 from tailmon import __version__, httpclient
 from tailmon.alerts.config import SinkConfig
-from tailmon.redact import mask_secrets, mask_url
+from tailmon.redact import SecretsFilter, mask_secrets, mask_url
 
 log = logging.getLogger("tailmon.alerts")
+# Errors quote URLs: no credential in any of its lines (the service logs here too).
+log.addFilter(SecretsFilter())
 
 SIGNATURE_HEADER = "X-Tailmon-Signature"
 QUEUE_SIZE = 1000

@@ -84,21 +84,22 @@ def run(config_path, once, monitor_names, fmt, log_level):
 
 
 def print_outcomes(outcomes, fmt) -> None:
-    from tailmon.redact import redact
+    from tailmon.redact import mask_secrets, mask_settings, redact
 
-    reports = {}
-    for o in outcomes:  # printed output is exported output: prompts redacted as in the store
-        report = o.result.to_dict() if o.result else None
+    reports, errors = {}, {}
+    for o in outcomes:  # printed output is exported output: prompts redacted, credentials masked, as stored
+        report = mask_settings(o.result.to_dict()) if o.result else None
+        errors[id(o)] = mask_secrets(o.error)
         for e in (report or {}).get("estimates", []):
             e["prompt"] = redact(e["prompt"])
         reports[id(o)] = report
     if fmt == "json":
-        click.echo(json.dumps([{"monitor": o.monitor, "run_id": o.run_id, "status": o.status, "error": o.error,
+        click.echo(json.dumps([{"monitor": o.monitor, "run_id": o.run_id, "status": o.status, "error": errors[id(o)],
                                 "firing_alerts": o.firing, "report": reports[id(o)]} for o in outcomes],
                               indent=2, allow_nan=False))
         return
     for o in outcomes:
-        click.echo(f"== monitor {o.monitor}: {_which_run(o)}{o.status}" + (f": {o.error}" if o.error else ""))
+        click.echo(f"== monitor {o.monitor}: {_which_run(o)}{o.status}" + (f": {errors[id(o)]}" if o.error else ""))
         report = reports[id(o)]
         if report:
             click.echo(estimates_table(report))

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tailmon.errors import InputError, RuntimeFailure
 from tailmon.estimation.prompts import PromptItem, RecordError, iter_records
+from tailmon.redact import mask_secrets, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +299,18 @@ class SqlSource(PromptSource):
             raise InputError(f"cannot use database URL {self.describe_url()}: {_first_line(exc)}") from None
 
     def describe_url(self) -> str:
-        return self.url.render_as_string(hide_password=True)
+        # mask_url: the password of the user info and of the query (`?password=`), other secrets too.
+        return mask_url(self.url.render_as_string(hide_password=False))
 
     def describe(self) -> str:
         return f"sql {self.describe_url()}"
 
     def _scrub(self, message: str) -> str:
-        password = self.url.password
-        return message.replace(str(password), "***") if password else message
+        # A driver may quote the password bare (not in a URL): the user info's and the query's.
+        for password in (self.url.password, self.url.query.get("password")):
+            if password and isinstance(password, str):
+                message = message.replace(password, "***")
+        return mask_secrets(message)
 
     def records(self) -> Iterator[PromptItem]:
         import sqlalchemy

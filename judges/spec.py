@@ -42,6 +42,7 @@ import re
 from typing import Callable, Literal, Sequence
 
 from tailmon.errors import SpecError
+from tailmon.redact import mask_secrets
 from tailmon.registry import Registry
 
 from .base import Judge
@@ -136,7 +137,7 @@ def _parse(spec: str) -> Judge:
     except SpecError as exc:
         if getattr(exc, "judge_spec", None) is not None:
             raise
-        located = SpecError(f"judge spec {spec!r}: {exc}")
+        located = SpecError(f"judge spec {mask_secrets(spec)!r}: {exc}")  # an endpoint URL may carry a key
         located.judge_spec = spec  # type: ignore[attr-defined]
         raise located from None
 

@@ -36,9 +36,12 @@ from tailmon.judges import parse_judge
 from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
 from tailmon.monitor.systemd import notify, watchdog_interval
+from tailmon.redact import SecretsFilter
 from tailmon.store import Store, resolve_database_url
 
 log = logging.getLogger("tailmon.daemon")
+# Errors quote URLs (a prompt database's, an endpoint's): no credential in any of its lines.
+log.addFilter(SecretsFilter())
 
 # How often the main loop wakes up (watchdog pings, reload and stop requests) at most.
 TICK_S = 1.0

@@ -141,3 +141,49 @@ def test_a_postgresql_prompts_database_password_is_never_stored(tmp_path, model_
     assert urls == ["${TEST_PROMPTS_DB}", f"postgresql://{url.username}:***@{url.host}:{url.port}/{url.database}"]
     printed = cli_outputs(tmp_path, [o.run_id for o in outcomes], monkeypatch)
     assert not [s for s in SECRETS if s in printed]
+
+
+def test_a_failing_source_s_credentials_stay_out_of_errors_logs_and_output(tmp_path, model_copy, caplog, capsys):
+    """Catches the password in a database URL's query string (`?password=`) quoted by the error
+    of a prompt source that cannot connect: in the stored error, the daemon's log, the printed
+    outcome of `run --once`, and `runs show`."""
+    from tailmon.cli.daemon import print_outcomes
+
+    with __import__("socket").socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://reader@127.0.0.1:{port}/logs?password={LITERAL_PASSWORD}&sslmode=disable"
+    daemon = run_config(tmp_path, [monitor("tiny", model_copy,
+                                           prompts={"type": "sql", "url": url, "query": "SELECT prompt FROM r"})])
+    with caplog.at_level(logging.INFO):
+        [outcome] = daemon.run_once()
+    assert outcome.status == "failed" and "cannot connect" in outcome.error
+    assert "password=***" in outcome.error  # masked where the source names itself
+    # Each way out masks on its own too: an error some other code wrote with a credential in it.
+    from tailmon.monitor.daemon import RunOutcome, log as daemon_log
+
+    raw = RunOutcome("other", None, "failed", error=f"cannot use https://h/v1?token={ENV_TOKEN}")
+    with caplog.at_level(logging.INFO):
+        daemon_log.error("monitor other: %s", raw.error)
+    print_outcomes([outcome, raw], "json")
+    print_outcomes([outcome, raw], "table")
+    printed = capsys.readouterr().out
+    assert f"127.0.0.1:{port}/logs?password=***&sslmode=disable" in printed
+    with Store(f"sqlite:///{tmp_path / 'tailmon.db'}") as store:
+        stored = store.get_run(outcome.run_id)
+    assert "password=***" in stored["error"]
+    assert "run 1 failed" in caplog.text  # the log has the failure ...
+    assert "token=***" in printed and "token=***" in caplog.text
+    for text in (printed, stored["error"], json.dumps(stored["settings"]), caplog.text):
+        assert LITERAL_PASSWORD not in text and ENV_TOKEN not in text  # ... and nowhere the password
+
+
+def test_an_endpoint_url_with_credentials_is_refused_without_echoing_them():
+    """Catches the key of `endpoint:http://user:KEY@host` echoed by the config error ('@' starts
+    the model, so what follows the user name reads as a port)."""
+    from tailmon.monitor.config import ConfigError, parse_config
+
+    cfg = {"monitors": [monitor("m", "smollm2-135m-instruct", judge=f"endpoint:http://user:{LITERAL_KEY}@127.0.0.1:9/v1")]}
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(cfg), "t.yaml")
+    assert "invalid port" in str(info.value) and LITERAL_KEY not in str(info.value)
