@@ -508,6 +508,10 @@ class Daemon:
         for mon in mons:
             self.metrics.init_monitor(mon.name)
         self.alerts.restore()
+        try:  # no tick runs here: what an earlier process's sinks did not take goes out now
+            self.alerts.retry_due()
+        except TailmonError as exc:
+            log.error("undelivered alert notifications not retried: %s", exc)
         try:
             return [self.run_monitor(mon.name) for mon in mons]
         finally:

@@ -93,3 +93,25 @@ def test_a_failed_run_exits_3_and_fires_the_run_failure_rule(tmp_path, tiny_mode
     assert result.exit_code == 3 and "missing.jsonl" in result.stderr
     with Store(f"sqlite:///{tmp_path / 'tailmon.db'}") as store:
         assert store.get_alert_state("tiny", "run-failed")["state"] == "firing"
+
+
+def test_run_once_delivers_what_an_earlier_run_could_not(tmp_path, tiny_model_dir, receiver):
+    """Catches `run --once` (no tick between runs: cron) never retrying a notification that the
+    previous run's receiver refused with a 500 (issue 18, item 7)."""
+    hook = receiver(fail_first=1)
+    cfg = write_config(tmp_path, tiny_model_dir, judge="regex:.",
+                       alerts=[{**MUST_FIRE, "sinks": ["hook"]}, {"name": "unreliable-estimate", "enabled": False}],
+                       alert_sinks={"hook": {"type": "webhook", "url": hook.url, "retries": 0}})
+    first = Daemon(load_config(cfg), metrics=Metrics(CollectorRegistry()))
+    first.alerts.retry_first = 0.0  # due at once (by default a minute later; cron runs are hours apart)
+    [ran] = first.run_once()
+    with Store(f"sqlite:///{tmp_path / 'tailmon.db'}") as store:
+        assert [d["outcome"] for d in store.alert_deliveries(rule="harm-any")] == ["failed"]
+        assert store.alert_notifications(rule="harm-any")[0]["state"] == "pending"
+
+    [again] = Daemon(load_config(cfg), metrics=Metrics(CollectorRegistry())).run_once()
+    assert again.firing == ["harm-any"]  # still firing: no new notification before the repeat interval
+    with Store(f"sqlite:///{tmp_path / 'tailmon.db'}") as store:
+        assert [d["outcome"] for d in store.alert_deliveries(rule="harm-any")] == ["delivered", "failed"]
+        assert store.alert_notifications(rule="harm-any")[0]["state"] == "delivered"
+    assert [r.json()["run_id"] for r in hook.requests] == [ran.run_id, ran.run_id]

@@ -82,3 +82,43 @@ def test_alert_state_validation(store):
     with pytest.raises(InputError, match="alert state must be one of"):
         store.alert_states("burning")
     assert store.alert_states() == []
+
+
+def test_notifications_owed_to_sinks(store):
+    """alert_notifications (revision 0004) on both backends: a newer notification of the same rule
+    to the same sink supersedes a pending one; only due ones are listed; one claim wins; each
+    attempt counts, with the backoff doubling from `first` up to `cap`; old ones are given up."""
+    now = datetime.now(timezone.utc)
+    fields = dict(monitor="m1", rule="r", sink="hook", payload={"status": "firing"}, next_attempt_at=now)
+    first = store.add_alert_notification(status="firing", event_id=3, **fields)
+    other_sink = store.add_alert_notification(status="firing", **{**fields, "sink": "am"})
+    second = store.add_alert_notification(status="resolved", **{**fields, "payload": {"status": "resolved"}})
+    states = {n["id"]: n["state"] for n in store.alert_notifications()}
+    assert states == {first: "superseded", other_sink: "pending", second: "pending"}
+    assert [n["id"] for n in store.alert_notifications(state="pending", limit=1)] == [second]
+
+    assert [n["id"] for n in store.due_alert_notifications(now)] == [other_sink, second]
+    assert store.due_alert_notifications(now - timedelta(seconds=1)) == []
+    # A claim is a lease: a second claim (a peer's) of the same due row fails.
+    assert store.claim_alert_notification(second, now, now + timedelta(minutes=2)) is True
+    assert store.claim_alert_notification(second, now, now + timedelta(minutes=2)) is False
+    assert [n["id"] for n in store.due_alert_notifications(now)] == [other_sink]
+
+    delays = []
+    for _ in range(4):
+        row = store.alert_notification_attempted(second, backoff=(10.0, 50.0))
+        delays.append(round((row["next_attempt_at"] - datetime.now(timezone.utc)).total_seconds()))
+    assert delays == [10, 20, 40, 50] and row["attempts"] == 4 and row["state"] == "pending"
+    done = store.alert_notification_attempted(second, state="delivered")
+    assert (done["state"], done["attempts"], done["next_attempt_at"]) == ("delivered", 5, None)
+    assert done["finished_at"] is not None and done["payload"] == {"status": "resolved"}
+    assert store.alert_notification_attempted(second) is None  # no longer pending: left alone
+    assert store.alert_notification_attempted(first, state="failed") is None  # superseded stays so
+
+    assert store.expire_alert_notifications(now - timedelta(hours=1)) == []
+    [expired] = store.expire_alert_notifications(datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert expired["id"] == other_sink and store.alert_notifications(state="failed")[0]["id"] == other_sink
+    with pytest.raises(InputError, match="pending, delivered or failed"):
+        store.alert_notification_attempted(other_sink, state="superseded")
+    with pytest.raises(InputError, match="notification state must be one of"):
+        store.alert_notifications(state="lost")
