@@ -186,8 +186,8 @@ class AlertService:
                 if not self.store.claim_alert_notification(row["id"], now, now + self._lease(name)):
                     continue  # a peer took it
                 n = Notification.from_json(row["payload"])
-                if n.status == "firing":  # sent now: Alertmanager's endsAt counts from here
-                    n = replace(n, at=now)
+                if n.status == "firing" and self.sinks[name].config.type == "alertmanager":
+                    n = replace(n, at=now)  # its endsAt counts from `at`: an old one would resolve it
                 self._submit(name, n, row["event_id"], row["id"])
                 submitted += 1
         return submitted

@@ -29,7 +29,8 @@ def alerts():
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="A table for people, or JSON for programs.")
 def alerts_list(config_path, state, monitor, fmt):
-    """Every alert rule's stored state (database from --config, else $TAILMON_DATABASE_URL).
+    """Every alert rule's stored state (database from --config, else $TAILMON_DATABASE_URL), and
+    the sinks that have not taken its last notification (JSON: `sinks`, each sink's last one).
 
     Example: tailmon alerts list --state firing
     """
@@ -38,8 +39,17 @@ def alerts_list(config_path, state, monitor, fmt):
     store = open_store(config_path)
     try:
         rows = [r for r in store.alert_states(state) if monitor is None or r["monitor"] == monitor]
+        latest = store.latest_alert_notifications()
     finally:
         store.close()
+    # Per sink, the last notification and whether that sink took it: `last_notified` is when the
+    # rule last notified, not that anyone received it.
+    sinks: dict[tuple, dict] = {}
+    for n in latest:
+        sinks.setdefault((n["monitor"], n["rule"]), {})[n["sink"]] = {
+            "status": n["status"], "state": n["state"], "attempts": n["attempts"], "at": n["created_at"],
+            "next_attempt_at": n["next_attempt_at"]}
+    rows = [{**r, "sinks": sinks.get((r["monitor"], r["rule"]), {})} for r in rows]
     if fmt == "json":
         click.echo(json.dumps(to_jsonable(rows), indent=2, allow_nan=False))
         return
@@ -50,8 +60,10 @@ def alerts_list(config_path, state, monitor, fmt):
     for r in rows:
         value = "" if r.get("last_value") is None else f"{r['last_value']:.3g}"
         severity = (r.get("labels") or {}).get("severity", "")
+        owed = [f"{name} ({n['status']}, {n['state']} after {n['attempts']} attempt(s))"
+                for name, n in r["sinks"].items() if n["state"] in ("pending", "failed")]
         click.echo(f"{r['monitor']:<20} {r['rule']:<24} {r['state']:<9} {severity:<9} {str(r['since'] or '')[:25]:<25} "
-                   f"{value:>10}  {r['last_notified'] or ''}")
+                   f"{value:>10}  {r['last_notified'] or ''}" + (f"  not delivered: {', '.join(owed)}" if owed else ""))
 
 
 @alerts.command("test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tailmon.errors import InputError
@@ -228,6 +228,16 @@ class AlertStore(StoreBase):
             if value is not None:
                 query = query.where(t.c[column] == value)
         with self._read("listing alert notifications") as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def latest_alert_notifications(self) -> list[dict]:
+        """The newest notification of every (monitor, rule, sink): whether each sink has taken
+        what it was last told. Without payloads; ordered by monitor, rule, sink."""
+        t = ALERT_NOTIFICATIONS
+        newest = select(func.max(t.c.id)).group_by(t.c.monitor, t.c.rule, t.c.sink)
+        query = (select(*(c for c in t.c if c.name != "payload")).where(t.c.id.in_(newest))
+                 .order_by(t.c.monitor, t.c.rule, t.c.sink))
+        with self._read("listing the latest alert notifications") as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def alert_states(self, state: str | None = None) -> list[dict]:

@@ -108,3 +108,22 @@ def test_test_usage_errors(tmp_path):
         assert result.exit_code == 2 and expected in result.stderr, (args, result.output)
     ok = runner.invoke(main, ["alerts", "test", "unreliable-estimate", "--monitor", "staging", "--config", cfg])
     assert ok.exit_code == 0 and ok.output.strip() == "log: delivered after 1 attempt(s)"
+
+
+def test_list_names_the_sinks_that_have_not_taken_the_last_notification(db):
+    """Catches `alerts list` presenting an alert as notified (its last_notified) while a sink never
+    took it (issue 18, item 7)."""
+    with Store(db) as store:
+        for sink in ("hook", "log"):
+            nid = store.add_alert_notification(monitor="prod", rule="harm-high", sink=sink, status="firing",
+                                               payload={}, next_attempt_at=T0)
+            store.alert_notification_attempted(nid, state="delivered" if sink == "log" else "pending")
+    result = CliRunner().invoke(main, ["alerts", "list"])
+    harm = result.output.splitlines()[1]
+    assert harm.endswith("not delivered: hook (firing, pending after 1 attempt(s))"), harm
+    assert "not delivered" not in result.output.splitlines()[2]
+    rows = json.loads(CliRunner().invoke(main, ["alerts", "list", "--format", "json"]).output)
+    sinks = rows[0]["sinks"]
+    assert {name: (s["state"], s["attempts"]) for name, s in sinks.items()} == {"hook": ("pending", 1),
+                                                                                "log": ("delivered", 1)}
+    assert rows[1]["sinks"] == {}
