@@ -346,13 +346,16 @@ def test_split_endpoint_arg():
         ("endpoint:ftp://h/v1", "endpoint URL must be http:// or https:// with a host"),
         ("endpoint:http:///v1", "endpoint URL must be http:// or https:// with a host"),
         ("endpoint:http://h/v1@", "the model after '@' is empty"),
-        ("endpoint:http://user:key@h/v1", r"endpoint URL 'http://user:key' has an invalid port "
+        # the key is never echoed (issue 18, item 2): neither in the URL nor in the spec
+        ("endpoint:http://user:key@h/v1", r"judge spec 'endpoint:http://user:\*\*\*@h/v1': endpoint URL "
+                                          r"http://user:\.\.\. has an invalid port "
                                           r"\(credentials go in \$TAILMON_ENDPOINT_API_KEY"),
     ],
 )
 def test_bad_endpoint_specs(spec, message):
-    with pytest.raises(SpecError, match=message):
+    with pytest.raises(SpecError, match=message) as info:
         parse_judge(spec)
+    assert ":key" not in str(info.value)
 
 
 # -- limits against a hostile server (tests/hostile_http.py) ---------------------------------------
