@@ -28,6 +28,7 @@ from tailmon.estimators import (
 from tailmon.judges import Judge
 from tailmon.proposals import Component, Proposal, build_mixture
 from tailmon.proposals.sampling import allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
+from tailmon.redact import mask_secrets
 
 METHODS = ("is", "mc")
 # Samples per prompt at most (README "Limits"). A prompt's samples are held in memory together
@@ -167,7 +168,7 @@ class EstimationReport:
             "model": self.model,
             "engine": self.engine,
             "method": plan.method,
-            "judge": plan.judge.spec,
+            "judge": mask_secrets(plan.judge.spec),  # an endpoint judge's URL may carry a key
             "system_prompt": plan.target.system_prompt,
             "decoding": {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
                          "max_new_tokens": d.max_new_tokens},

@@ -65,6 +65,16 @@ def test_report_schema_with_volume(tiny_engine):
     assert "worst_query" in agg
 
 
+def test_a_judge_s_credentials_never_reach_the_report(tiny_engine):
+    """Catches an endpoint judge's key (in its URL's query) in the report that `estimate` prints,
+    `check` writes and the daemon stores (issue 18, item 2)."""
+    plan = is_plan()
+    plan.judge.spec = "endpoint:https://guard.example/v1?api_key=k-8c1d@guard"  # what such a judge's spec says
+    d = run_estimation(tiny_engine, plan, PROMPTS[:1]).to_dict()
+    assert d["judge"] == "endpoint:https://guard.example/v1?api_key=***"
+    assert "k-8c1d" not in json.dumps(d)
+
+
 def test_report_without_volume_has_no_extrapolation(tiny_engine):
     d = run_estimation(tiny_engine, is_plan(), PROMPTS[:1]).to_dict()
     json.dumps(d, allow_nan=False)
