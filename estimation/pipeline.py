@@ -168,7 +168,7 @@ class EstimationReport:
             "model": self.model,
             "engine": self.engine,
             "method": plan.method,
-            "judge": mask_secrets(plan.judge.spec),  # an endpoint judge's URL may carry a key
+            "judge": mask_secrets(plan.judge.spec, pairs=False),  # an endpoint judge's URL may carry a key
             "system_prompt": plan.target.system_prompt,
             "decoding": {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
                          "max_new_tokens": d.max_new_tokens},

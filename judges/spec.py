@@ -137,7 +137,7 @@ def _parse(spec: str) -> Judge:
     except SpecError as exc:
         if getattr(exc, "judge_spec", None) is not None:
             raise
-        located = SpecError(f"judge spec {mask_secrets(spec)!r}: {exc}")  # an endpoint URL may carry a key
+        located = SpecError(f"judge spec {mask_secrets(spec, pairs=False)!r}: {exc}")  # an endpoint URL may carry a key
         located.judge_spec = spec  # type: ignore[attr-defined]
         raise located from None
 

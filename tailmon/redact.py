@@ -135,25 +135,28 @@ def _masked_url_in_text(match: re.Match) -> str:
     return mask_url(url) + match[0][len(url):]
 
 
-def mask_secrets(text: str) -> str:
-    """`text` with the credentials of every URL in it masked (mask_url), and the values of
-    `password=...`-like pairs outside URLs too. For errors and log lines, which quote URLs."""
+def mask_secrets(text: str, pairs: bool = True) -> str:
+    """`text` with the credentials of every URL in it masked (mask_url), and with `pairs` the
+    values of `password=...`-like pairs outside URLs too (a driver's conninfo in an error; not
+    in settings, where `regex:token=\\w+` is a judge, not a token)."""
     if not isinstance(text, str):
         return text
     text = _URL.sub(_masked_url_in_text, text)
     text = _USERINFO.sub(rf"\1{MASK}@", text)
+    if not pairs:
+        return text
     return _PAIR.sub(lambda m: f"{m['name']}{m['eq']}{MASK}"
                      if secret_param(m["name"]) and m["value"].strip("'\"") not in ("", MASK) else m[0], text)
 
 
 def mask_settings(value):
-    """A copy of a settings structure (dicts, lists, strings) with every string through
-    mask_secrets(): a monitor's settings as they may be stored and printed."""
+    """A copy of a settings structure (dicts, lists, strings) with the credentials of every URL
+    in its strings masked: a monitor's settings, a report, as they may be stored and printed."""
     if isinstance(value, dict):
         return {k: mask_settings(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [mask_settings(v) for v in value]
-    return mask_secrets(value) if isinstance(value, str) else value
+    return mask_secrets(value, pairs=False) if isinstance(value, str) else value
 
 
 class SecretsFilter(logging.Filter):

@@ -67,6 +67,8 @@ def test_mask_settings_walks_the_structure():
                       "model": {"base_urls": ["http://a:***@gpu1:8000"], "temperature": 1.0},
                       "judge": "endpoint:https://guard/v1?key=***", "n": 3, "x": None}
     assert settings["prompts"]["url"] == "postgresql://r:pw1@db/logs"  # a copy: the config is untouched
+    # Outside URLs a setting is left as written: this judge looks for leaked keys, it holds none.
+    assert mask_settings({"judge": r"regex:api_key=\w{20,}"}) == {"judge": r"regex:api_key=\w{20,}"}
 
 
 def test_the_log_filter_masks_messages_arguments_and_tracebacks():
