@@ -126,8 +126,10 @@ class _HttpSink(Sink):
     def mask(self, text: str | None) -> str | None:
         if text is None:
             return None
-        for url in (self.endpoint(), self.config.url):  # the longer first: the endpoint starts with the base
-            text = text.replace(url, mask_url(url, whole=self.url_is_secret))
+        if self.url_is_secret:  # as written, or as the HTTP client's errors quote it (strictly masked)
+            for url in (self.endpoint(), self.config.url):
+                for quoted in (url, mask_url(url, strict=True)):
+                    text = text.replace(quoted, mask_url(url, whole=True))
         return mask_secrets(text)
 
     def headers(self, body: bytes) -> dict:

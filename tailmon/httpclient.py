@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from email.message import Message
 
+from tailmon import redact
 from tailmon.errors import RuntimeFailure
 
 CHUNK = 64 * 1024
@@ -89,18 +90,9 @@ class Reply:
 
 def mask_url(url: str) -> str:
     """`url` without credentials: user info becomes `***@`, every query value `***` (a token
-    in a query string is as secret as a password)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            netloc = "***@" + netloc.rpartition("@")[2]
-        query = parts.query
-        if query:
-            query = "&".join(f"{p.partition('=')[0]}=***" if "=" in p else p for p in query.split("&"))
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    except ValueError:
-        return "<an unparseable URL>"
+    in a query string is as secret as a password). tailmon.redact.mask_url, the one place that
+    masks credentials, in its strict form."""
+    return redact.mask_url(url, strict=True)
 
 
 # -- the deadline watchdog ---------------------------------------------------------------------

@@ -99,10 +99,12 @@ def _mask_params(text: str) -> str:
                       else m[0], text)
 
 
-def mask_url(url: str, whole: bool = False) -> str:
+def mask_url(url: str, whole: bool = False, strict: bool = False) -> str:
     """`url` without its credentials: the password of its user info and the values of secret query
     and fragment parameters become ***. `whole`: the URL is itself the secret (a Slack-style
-    webhook): only scheme://host[:port] stays, the rest becomes /[REDACTED]."""
+    webhook): only scheme://host[:port] stays, the rest becomes /[REDACTED]. `strict` (the HTTP
+    clients' errors, tailmon.httpclient): all of the user info and every query value become ***,
+    the fragment goes."""
     from urllib.parse import urlsplit
 
     try:
@@ -118,6 +120,10 @@ def mask_url(url: str, whole: bool = False) -> str:
         rest = parts.path not in ("", "/") or parts.query or parts.fragment
         return f"{parts.scheme}://{host}" + (f"/{REDACTED_PATH}" if rest else "")
     netloc = parts.netloc
+    if strict:
+        netloc = f"{MASK}@{host}" if "@" in netloc else netloc
+        query = "&".join(f"{p.partition('=')[0]}={MASK}" if "=" in p else p for p in parts.query.split("&"))
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if parts.query else "")
     if "@" in netloc:
         user, colon, _ = netloc.rpartition("@")[0].partition(":")
         netloc = f"{user}:{MASK}@{host}" if colon else netloc
