@@ -75,7 +75,7 @@ REDACTED_PATH = "[REDACTED]"
 SECRET_PARAMS = frozenset({
     "token", "key", "apikey", "api_key", "password", "passwd", "pwd", "pass", "secret", "client_secret", "sig",
     "signature", "access_token", "refresh_token", "id_token", "auth", "authorization", "credential",
-    "credentials", "x_api_key", "private_token", "code", "session", "sessionid",
+    "credentials", "x_api_key", "private_token", "session", "sessionid",
 })
 # ... and any name ending like one (x-amz-signature, x-goog-credential, gitlab's private-token).
 _SECRET_SUFFIXES = ("_token", "_key", "_secret", "_password", "_signature", "_sig", "_credential")
@@ -170,7 +170,10 @@ class SecretsFilter(logging.Filter):
     (a driver's error quoting its URL, an exception's text). Installed by the CLI's logging."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call: the handler reports it as it always does
+            return True
         masked = mask_secrets(message)
         if masked != message:
             record.msg, record.args = masked, None
