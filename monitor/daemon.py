@@ -386,23 +386,38 @@ class Daemon:
             self.metrics.last_success.labels(mon.name).set(finished)
 
     def _schedule_all(self) -> None:
-        from datetime import datetime, timezone
-
         for mon in self.config.monitors:
             kwargs = {}
-            if mon.schedule.every is not None and self._due_now(mon):
-                kwargs["next_run_time"] = datetime.now(timezone.utc)
+            if mon.schedule.every is not None:
+                kwargs["next_run_time"] = self._next_interval_run(mon)
             self._scheduler.add_job(self.run_monitor, mon.schedule.trigger(), args=[mon.name], id=mon.name,
                                     name=f"monitor {mon.name}", replace_existing=True, **kwargs)
 
-    def _due_now(self, mon: MonitorConfig) -> bool:
-        """An interval monitor whose last success is older than its interval runs at once."""
+    def _next_interval_run(self, mon: MonitorConfig):
+        """When an interval monitor runs next after a start or a reload: one interval after the
+        start of its last stored run, as if the daemon had never stopped, or at once when that
+        moment has passed (a single catch-up run however many intervals were missed: the trigger
+        goes on from it) or no run is stored.
+
+        Left to the trigger, every interval restarted from now: with `every: 6h`, a restart just
+        before a run was due put it ~12 h after the last one (issue 18, item 15). The anchor is a
+        run that is going (a peer's, or ours during a reload) or ended succeeded or failed; an
+        interrupted one was cut short (by the very restart, often) and is redone at once."""
+        from datetime import datetime, timedelta, timezone
+
+        now = datetime.now(timezone.utc)
         try:
-            last = self.store.last_run(mon.name)
-        except TailmonError:
-            return True
-        finished = _timestamp(last.get("finished_at")) if last else None
-        return finished is None or time.time() - finished >= duration_seconds(mon.schedule.every)
+            last = self.store.last_start(mon.name)
+        except TailmonError as exc:
+            log.warning("monitor %s: last run not readable, scheduling it now: %s", mon.name, exc)
+            return now
+        if last is None:
+            return now
+        due = last + timedelta(seconds=duration_seconds(mon.schedule.every))
+        if due > now:
+            log.info("monitor %s: next run at %s (%s after the last one started)", mon.name,
+                     due.isoformat(timespec="seconds"), mon.schedule.every)
+        return max(now, due)
 
     def healthy(self) -> bool:
         return self._scheduler is not None and self._scheduler.running and not self._stop.is_set()

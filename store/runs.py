@@ -158,6 +158,17 @@ class RunStore(StoreBase):
             run_id = conn.execute(query.order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc()).limit(1)).scalar()
             return None if run_id is None else self._full_run(conn, RUNS.c.id == run_id)
 
+    def last_start(self, monitor: str, statuses: tuple[str, ...] = ("running", "succeeded", "failed")):
+        """When the monitor's newest run with one of `statuses` started (timezone-aware UTC), or
+        None: the anchor the daemon schedules an interval monitor's next run from."""
+        bad = [s for s in statuses if s not in RUN_STATUSES]
+        if bad or not statuses:
+            raise InputError(f"statuses must be among {', '.join(RUN_STATUSES)}, got {', '.join(bad) or 'none'}")
+        with self._read(f"reading the last start of monitor '{monitor}'") as conn:
+            return conn.execute(select(RUNS.c.started_at).where(RUNS.c.monitor == monitor,
+                                                                RUNS.c.status.in_(statuses))
+                                .order_by(RUNS.c.started_at.desc(), RUNS.c.id.desc()).limit(1)).scalar()
+
     def _full_run(self, conn: Connection, where) -> dict | None:
         row = conn.execute(select(RUNS).where(where)).first()
         if row is None:
