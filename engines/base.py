@@ -9,10 +9,12 @@ renormalised), so that the two sides of every weight are the same function (DESI
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -192,3 +194,56 @@ class Engine(ABC):
         (`tailmon.engines.transformers_engine.base_model_facts`), as adapter metadata records them.
         The default, for an engine that cannot read its model's weights: None."""
         return None
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+# A forward pass cannot be interrupted inside its thread. Between passes, engines (after every
+# batch) and the estimation pipeline (between prompts and phases) call `checkpoint()`; whoever
+# runs the work (the daemon) installs a hook with `checkpoints(hook)` that records the progress
+# (its systemd watchdog pings only while there is some) and may raise to stop the work there
+# (the daemon's stop, a run's time limit). Without a hook every call is a no-op. The hook is per
+# thread (a ContextVar): a run's hook never fires for work in another thread.
+
+
+class CheckpointHook(Protocol):
+    def checkpoint(self) -> None:
+        """Called between units of work; may raise to stop the work here."""
+
+    def unbatched(self, entering: bool) -> None:
+        """Called when a step that has no batches to report (loading a model) begins (True) and
+        ends (False): it is not a stall however long it takes."""
+
+
+_HOOK: ContextVar[CheckpointHook | None] = ContextVar("tailmon_checkpoint_hook", default=None)
+
+
+def checkpoint() -> None:
+    """A point between units of work where the work may be stopped (see above)."""
+    hook = _HOOK.get()
+    if hook is not None:
+        hook.checkpoint()
+
+
+@contextlib.contextmanager
+def checkpoints(hook: CheckpointHook) -> Iterator[None]:
+    """Install `hook` for the work done in this thread inside the block."""
+    token = _HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
+
+
+@contextlib.contextmanager
+def unbatched_step() -> Iterator[None]:
+    """Wrap a long step without batches (loading a checkpoint); a checkpoint follows it."""
+    hook = _HOOK.get()
+    if hook is None:
+        yield
+        return
+    hook.unbatched(True)
+    try:
+        yield
+    finally:
+        hook.unbatched(False)
+    hook.checkpoint()

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from tailmon.engines.base import Engine
+from tailmon.engines.base import Engine, unbatched_step
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError, RuntimeFailure
 from tailmon.registry import Registry
@@ -95,7 +95,9 @@ def load_engine(settings: EngineSettings, *, role: str = "") -> Engine:
     `ENGINES`. A failure is one line naming the role ('candidate', 'baseline')."""
     try:
         resolve(settings.ref)  # an unknown model is the user's mistake, found before slow imports
-        return ENGINES.load(settings.engine)(settings)
+        # Loading has no batches to report: minutes of it are not a stalled run (checkpoints).
+        with unbatched_step():
+            return ENGINES.load(settings.engine)(settings)
     except RuntimeFailure as exc:  # transformers' and vLLM's messages span lines: one line, as every error
         raise RuntimeFailure(f"{role} {' '.join(str(exc).split())}".strip()) from exc
     except InputError as exc:

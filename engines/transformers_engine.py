@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tailmon.engines.adapters import adapter_compatibility, read_adapter_metadata
-from tailmon.engines.base import Decoding, Samples, Steering, Variant
+from tailmon.engines.base import Decoding, Samples, Steering, Variant, checkpoint
 from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
@@ -277,6 +277,7 @@ class TransformersEngine(ChatEngine):
                 token_ids += toks
                 logprobs.append(lps)
                 finished += done
+                checkpoint()
         return Samples(token_ids=token_ids, logprobs=np.concatenate(logprobs), finished=finished)
 
     def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False, steer: _Steer | None = None):
@@ -416,6 +417,7 @@ class TransformersEngine(ChatEngine):
                 first, rest = self._prompt_then(ids, x[:, :-1].contiguous(), steer)
                 tok = self._token_logprobs(first, rest, x, variant.decoding)
                 result[order[start:end]] = torch.where(mask, tok, 0.0).sum(dim=1).numpy()
+                checkpoint()
         return result
 
     @torch.inference_mode()

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tailmon.engines.base import Engine, Variant
+from tailmon.engines.base import Engine, Variant, checkpoint
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimators import (
@@ -198,7 +198,10 @@ def run_estimation(engine: Engine, plan: EstimationPlan, prompts: Sequence[Promp
     if not prompts:
         raise InputError("no prompts to estimate")
     check_prompts(engine, plan, prompts)
-    results = [estimate_prompt(engine, plan, p, progress, k) for p, k in zip(prompts, occurrences(prompts))]
+    results = []
+    for p, k in zip(prompts, occurrences(prompts)):
+        results.append(estimate_prompt(engine, plan, p, progress, k))
+        checkpoint()  # between prompts: a daemon's run may stop here (its time limit, a shutdown)
     # A judge that had trouble (malformed LLM-judge answers, an endpoint without log-probs) says
     # so on every estimate it scored: a score it had to guess at is never a silent pass.
     judge_notes = tuple(plan.judge.warnings())

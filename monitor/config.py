@@ -83,8 +83,18 @@ class MonitorConfig(EstimationSettings):
     """One monitor: its estimand (`EstimationSettings`), its schedule and its alert rules."""
 
     schedule: ScheduleConfig
+    timeout: str = "6h"
+    """A run still going after this long ends as failed at its next checkpoint (between the
+    engine's batches and the pipeline's prompts), so one slow run cannot hold the daemon's one
+    worker, and every other monitor, indefinitely. A forward pass that never returns is not
+    stopped by it: the systemd watchdog restarts the daemon then."""
     alerts: tuple[AlertRuleConfig, ...] = ()
     """Alert rules over this monitor's runs; the built-in `unreliable-estimate` is added unless disabled."""
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: str) -> str:
+        return check_duration(value, "timeout")
 
     @field_validator("name")
     @classmethod
@@ -114,8 +124,8 @@ class MonitorConfig(EstimationSettings):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines this monitor's estimate (stored with each run)."""
-        # Alert rules judge the estimate; they do not change it.
-        text = json.dumps(self.model_dump(mode="json", exclude={"alerts"}), sort_keys=True)
+        # Alert rules judge the estimate, the time limit bounds the run; neither changes it.
+        text = json.dumps(self.model_dump(mode="json", exclude={"alerts", "timeout"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -396,6 +406,7 @@ monitors:
     schedule:
       every: 6h                           # or cron: "0 */6 * * *"
       jitter: 5m
+    timeout: 6h                           # a run still going after this ends as failed
     alerts:                               # built in: unreliable-estimate (2 unreliable runs in a row)
       - name: harm-high
         metric: harm_probability_upper_bound

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tailmon.alerts import AlertService
+from tailmon.engines.base import checkpoints
 from tailmon.engines.loading import EngineSettings, load_engine
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
@@ -51,6 +52,38 @@ ALERT_TICK_S = 15.0
 
 class RunCancelled(Exception):
     """Raised inside a run when the daemon is stopping."""
+
+
+class RunTimedOut(Exception):
+    """Raised at a checkpoint of a run that passed its monitor's `timeout`."""
+
+
+class _RunGuard:
+    """A run's checkpoint hook (`tailmon.engines.base.checkpoints`): it records when the run last
+    made progress, for the watchdog, and stops the run at a checkpoint when the daemon stops or
+    the run is past its time limit."""
+
+    def __init__(self, cancel: threading.Event, started: float, limit_s: float, limit_text: str):
+        self._cancel = cancel
+        self.deadline = started + limit_s  # time.monotonic() clock
+        self.limit_text = limit_text
+        self.progress_at = time.monotonic()
+        self._unbatched = 0
+
+    def checkpoint(self) -> None:
+        self.progress_at = time.monotonic()
+        if self._cancel.is_set():
+            raise RunCancelled()
+        if self.progress_at >= self.deadline:
+            raise RunTimedOut()
+
+    def unbatched(self, entering: bool) -> None:
+        self._unbatched += 1 if entering else -1
+        self.progress_at = time.monotonic()
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the last progress (0 inside a step without batches: loading a model)."""
+        return 0.0 if self._unbatched > 0 else max(now - self.progress_at, 0.0)
 
 
 def model_fingerprint(ref: str) -> str:
@@ -164,6 +197,8 @@ class Daemon:
         self._current: dict[str, int] = {}  # monitor -> run id of runs in progress
         self._closed_at_shutdown: set[int] = set()  # runs shutdown recorded as interrupted
         self._current_lock = threading.Lock()
+        self._guard: _RunGuard | None = None  # the estimating run's checkpoints, for the watchdog
+        self._stall_reported = False
         self._scheduler = None
         self._server = None
         self.abandoned = False
@@ -252,9 +287,16 @@ class Daemon:
             plan = self._plan(mon, seed, prompts)
             attach_adapter_warnings(engine, plan)
             t = time.time()
-            with tqdm(total=len(prompts) * plan.n_samples, desc=name, unit="sample", disable=not self.progress,
-                      leave=False) as bar:
+            # The time limit counts from the run's start; checkpoints (between the engine's
+            # batches and the pipeline's prompts) enforce it and tell the watchdog of progress.
+            guard = _RunGuard(self._cancel, time.monotonic() - (t - started), duration_seconds(mon.timeout),
+                              mon.timeout)
+            total_samples = len(prompts) * plan.n_samples
+            with tqdm(total=total_samples, desc=name, unit="sample", disable=not self.progress,
+                      leave=False) as bar, checkpoints(guard):
                 counter = _SampleCounter(_counts(plan), self._cancel, bar)
+                self._watch(guard)
+                guard.checkpoint()  # a run already past its limit (a slow prompt source) stops here
                 report = run_estimation(engine, plan, prompts, progress=counter)
             timings["estimate_s"] = time.time() - t
             result = RunResult(report, seed, monitor_extrapolations(report, mon))
@@ -264,6 +306,13 @@ class Daemon:
         except RunCancelled:
             return self._close(name, run_id, "interrupted", started, counter, timings,
                                error="the daemon stopped during the run")
+        except RunTimedOut:
+            done = counter.by_role["target"] + counter.by_role["proposal"] if counter else 0
+            error = (f"timed out: the run passed its time limit (timeout: {mon.timeout}) after "
+                     f"{time.time() - started:.0f} s, with {done} of {total_samples} samples drawn; "
+                     "stopped at a checkpoint, no estimate stored")
+            log.error("monitor %s: run %d failed: %s", name, run_id, error)
+            return self._close(name, run_id, "failed", started, counter, timings, error=error)
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM during `run --once` (which raises the same): the run is over,
             # recorded as such, and the interrupt goes on to end the process (exit 130).
@@ -276,6 +325,7 @@ class Daemon:
                       exc_info=not isinstance(exc, TailmonError))
             return self._close(name, run_id, "failed", started, counter, timings, error=f"{kind}{exc}")
         finally:
+            self._watch(None)
             beat.stop()
             self.metrics.running.labels(name).set(0)
             with self._current_lock:
@@ -304,6 +354,39 @@ class Daemon:
             log.error("monitor %s: could not record run %d as %s: %s", name, run_id, status, exc)
         self._count_run(name, status, time.time() - started, None, counter.by_role if counter else None)
         return RunOutcome(name, run_id, status, error=error)
+
+    def _watch(self, guard: _RunGuard | None) -> None:
+        with self._current_lock:
+            self._guard = guard
+            self._stall_reported = False
+
+    def watchdog_ok(self, stall_s: float) -> bool:
+        """Whether the watchdog may be pinged: the scheduler runs and either no run is estimating
+        or the one that is made progress (passed a checkpoint) within `stall_s`.
+
+        A forward pass that never returns holds the one worker, and every monitor behind it;
+        pinging regardless (from this loop, which stays alive) hid it from systemd. Withholding
+        the pings leaves a true hang to systemd to restart (WatchdogSec), and the restarted
+        daemon marks the run interrupted."""
+        if not self.healthy():
+            return False
+        with self._current_lock:
+            guard = self._guard
+            if guard is None:
+                return True
+            stalled = guard.stalled_for(time.monotonic())
+            if stalled < stall_s:
+                self._stall_reported = False
+                return True
+            first = not self._stall_reported
+            self._stall_reported = True
+            runs = ", ".join(f"run {r} of monitor {m}" for m, r in self._current.items()) or "a run"
+        if first:
+            message = (f"{runs}: no progress for {stalled:.0f} s (a forward pass that does not return?); "
+                       "watchdog pings withheld")
+            log.error("%s", message)
+            notify(f"STATUS={message}")
+        return False
 
     def _count_run(self, name, status, duration, ended=None, by_role=None) -> None:
         self.metrics.record_run(name, status, duration, ended or time.time(), by_role)
@@ -429,14 +512,17 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.start()
         ping = watchdog_interval()
+        # A run stalls when it passes no checkpoint for WatchdogSec (twice the ping interval):
+        # the pings stop and systemd restarts the daemon about one WatchdogSec later.
+        stall_s = 2 * ping if ping else None
         last_ping = 0.0
         sweep_every = max(duration_seconds(self.config.stale_after) / 2, 1.0)
         last_sweep = time.time()
         last_alert_tick = 0.0
         while not self._stop.wait(min(TICK_S, ping or TICK_S)):
             now = time.time()
-            if ping and now - last_ping >= ping and self.healthy():
-                notify("WATCHDOG=1")  # the loop is alive and the scheduler runs
+            if ping and now - last_ping >= ping and self.watchdog_ok(stall_s):
+                notify("WATCHDOG=1")  # the loop is alive, the scheduler runs, no run is stuck
                 last_ping = now
             if self._reload.is_set():
                 self._reload.clear()

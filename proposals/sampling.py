@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tailmon.engines.base import Engine, Variant
+from tailmon.engines.base import Engine, Variant, checkpoint
 from tailmon.estimators import balance_log_weights
 
 
@@ -89,6 +89,7 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
         rows = np.flatnonzero(drawn_a != j)
         if rows.size:
             logq[rows, j] = score_unique(engine, prompt, variant, [ids[i] for i in rows])
+    checkpoint()  # between scoring and judging (a judge may be slow: an endpoint, an LLM)
     texts = [engine.decode(r) for r in ids]
     scores = judge.score([prompt] * len(texts), texts)
     return Draw(prompt, ids, drawn_a, logq, realised, texts, scores)

@@ -78,6 +78,10 @@ def test_example_config_is_valid():
     ("monitors.0.prompts.type", "kafka", "t.yaml: monitors[0].prompts"),
     ("metrics", {"port": 70000}, "t.yaml: metrics.port: "),
     ("shutdown_timeout", "soon", "t.yaml: shutdown_timeout: shutdown_timeout must be"),
+    # a run's time limit (issue 18, item 11): a duration > 0
+    ("monitors.0.timeout", "soon", "t.yaml: monitors[0].timeout: timeout must be"),
+    ("monitors.0.timeout", "0s", "t.yaml: monitors[0].timeout: timeout must be"),
+    ("monitors.0.timeout", 30, "t.yaml: monitors[0].timeout: "),
     ("monitors", [], "t.yaml: monitors: list at least one monitor"),
     ("monitors.0.model.engine", "tgi", "t.yaml: monitors[0].model.engine: "),
     ("monitors.0.model.engine", "openai", "t.yaml: monitors[0].model: the openai engine needs the servers' base URLs"),

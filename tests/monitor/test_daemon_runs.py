@@ -148,3 +148,41 @@ def test_stored_settings_use_the_config_s_own_key_names(tmp_path, model_copy):
     finally:
         store.close()
     assert stored["for"] == 2 and "for_runs" not in stored
+
+
+def test_a_run_past_its_time_limit_fails_at_a_checkpoint_and_loses_nothing(tmp_path, model_copy):
+    """Catches a run that goes on past its monitor's `timeout` (the time limit not checked at the
+    checkpoints, so one slow run holds the daemon's one worker) and a timed-out run that loses or
+    changes what was stored before it (issue 18, item 11)."""
+    import yaml
+
+    quick = new_daemon(write_config(tmp_path, model_copy))
+    [first] = quick.run_once()
+    assert first.status == "succeeded", first.error
+    # A run of 12000 samples (about 8 s on the tiny model, alone on 2 cores) with a limit of 2 s.
+    path = write_config(tmp_path, model_copy, samples=4000, timeout="2s",
+                        model={"ref": str(model_copy), "max_new_tokens": 8, "batch_size": 64})
+    assert yaml.safe_load(path.read_text())["monitors"][0]["timeout"] == "2s"
+    daemon = new_daemon(path)
+    t0 = time.time()
+    [outcome] = daemon.run_once()
+    elapsed = time.time() - t0
+    assert outcome.status == "failed"
+    assert outcome.error.startswith("timed out: the run passed its time limit (timeout: 2s)"), outcome.error
+    # It stopped at a checkpoint past 2 s, before the run's end (one batch of 64 samples late at most).
+    import re
+
+    drawn = int(re.search(r"with (\d+) of 12000 samples drawn", outcome.error).group(1))
+    assert drawn < 12000 and elapsed < 60, (drawn, elapsed)
+    store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+    try:
+        kept, failed = store.get_run(first.run_id), store.get_run(outcome.run_id)
+    finally:
+        store.close()
+    assert kept["status"] == "succeeded" and len(kept["estimates"]) == 3
+    assert kept["report"] == first.result.to_dict()
+    assert failed["status"] == "failed" and failed["error"] == outcome.error
+    assert failed["report"] is None and failed["estimates"] == []
+    get = daemon.metrics.registry.get_sample_value
+    assert get("tailmon_runs_total", {"monitor": "tiny", "status": "failed"}) == 1
+    assert get("tailmon_run_in_progress", {"monitor": "tiny"}) == 0
