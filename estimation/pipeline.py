@@ -36,6 +36,21 @@ METHODS = ("is", "mc")
 # and take hours on a GPU; a count past it is a typo (`--samples 1000000000`), not a plan.
 MAX_SAMPLES = 100_000
 
+RESCORE_SAMPLES = 8
+"""Samples per prompt re-scored under the component that drew them (see `logprob_check`)."""
+RESCORE_TOLERANCE = 0.01
+"""Largest |sampled - re-scored| log-prob of one response (nats) that passes without a warning.
+
+Derived from both sides: float32 transformers agree far below it (sampling and scoring compute
+the same sums in another order: at most 4e-6 over 1500 8-token samples of the tiny test model,
+about 1e-4 per 64-token sequence on real checkpoints), so it never fires on an exact engine;
+and an error d in the drawing component's log-prob changes that sample's weight by a factor of
+at most e^d, so 0.01 bounds it at 1%, below what any interval tailmon reports resolves at its
+sample sizes. bf16 keeps 8 bits of mantissa (relative rounding 2^-9, about 2e-3): on logits of
+size 10 to 30, decode and prefill kernels that round differently can move a token's log-prob
+by 1e-2 nats or more, so a bf16 engine can exceed it over a response, and the estimate says so
+(not measured here: no GPU was at hand; the check measures it on every run)."""
+
 
 @dataclass
 class EstimationPlan:
@@ -53,6 +68,10 @@ class EstimationPlan:
     confidence: float = 0.95
     volume: float | None = None
     window: str = "1d"
+    rescore_samples: int = RESCORE_SAMPLES
+    """Samples per prompt whose sampled log-prob is checked by scoring them again (0: none)."""
+    rescore_tolerance: float = RESCORE_TOLERANCE
+    """Nats; a larger difference puts a warning on the prompt's estimate."""
     components: list[Component] = field(init=False, default_factory=list)
 
     def __post_init__(self):
@@ -67,6 +86,13 @@ class EstimationPlan:
         if self.volume is not None and not (math.isfinite(self.volume) and self.volume >= 0):
             raise InputError(f"volume must be a finite number >= 0, got {self.volume}", setting="volume")
         parse_window(self.window)
+        if isinstance(self.rescore_samples, bool) or int(self.rescore_samples) != self.rescore_samples \
+                or self.rescore_samples < 0:
+            raise InputError(f"rescore_samples must be an integer >= 0, got {self.rescore_samples}",
+                             setting="rescore_samples")
+        if not (math.isfinite(self.rescore_tolerance) and self.rescore_tolerance > 0):
+            raise InputError(f"rescore_tolerance must be a finite number > 0 (nats), got {self.rescore_tolerance}",
+                             setting="rescore_tolerance")
         if self.method == "is":
             self.components = build_mixture(self.target, list(self.proposals), self.defensive, self.weights)
         else:
@@ -114,9 +140,40 @@ class PromptResult:
     scores: np.ndarray
     log_weights: np.ndarray | None
     component: np.ndarray
+    logprob_check: dict | None = None
+    """The sampled vs re-scored log-prob check (`logprob_check`); None when none was made."""
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt.text, "category": self.prompt.category, **self.estimate.to_dict()}
+        out = {"prompt": self.prompt.text, "category": self.prompt.category, **self.estimate.to_dict()}
+        if self.logprob_check is not None:
+            out["logprob_check"] = dict(self.logprob_check)
+        return out
+
+
+def logprob_check(d, labels: Sequence[str], tolerance: float) -> tuple[dict | None, str | None]:
+    """Compare the re-scored samples of a draw with their sampled log-probs: (summary, warning).
+
+    The summary: `n` samples checked, `max_abs_diff` (nats; None when a re-scored log-prob is
+    -inf: a sampled response outside the support it was drawn from), `n_over_tolerance`,
+    `tolerance`. The warning (None when every difference is within tolerance) names the
+    components concerned."""
+    if d.checked.size == 0:
+        return None, None
+    sampled = d.logq[d.checked, d.drawn[d.checked]]
+    diff = np.abs(sampled - d.rescored)
+    diff[sampled == d.rescored] = 0.0  # both -inf: no difference (inf - inf is nan)
+    over = ~(diff <= tolerance)  # nan or inf count as over
+    worst = float(np.max(diff))
+    summary = {"n": int(diff.size), "max_abs_diff": worst if math.isfinite(worst) else None,
+               "n_over_tolerance": int(over.sum()), "tolerance": tolerance}
+    if not over.any():
+        return summary, None
+    comps = ", ".join(dict.fromkeys(labels[j] for j in d.drawn[d.checked][over]))
+    size = f"up to {worst:.3g} nats" if math.isfinite(worst) else "without bound (a scored log-prob is -inf)"
+    return summary, (f"sampled and re-scored log-probs differ by {size} on {int(over.sum())} of {diff.size} "
+                     f"re-scored samples (tolerance {tolerance:g} nats; component {comps}): the engine's "
+                     "sampling and scoring are not the same function (bf16 decode and prefill kernels, "
+                     "a cache), and the importance weights carry the difference")
 
 
 def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
@@ -125,8 +182,8 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
     comps = plan.components
     d = draw(engine, prompt.text, [c.variant for c in comps], [c.share for c in comps], plan.n_samples,
              seed=lambda j: component_seed(plan.seed, prompt.text, j, occurrence), judge=plan.judge, progress=progress,
-             score_all=False)
-    if plan.method == "mc":
+             score_all=False, rescore=plan.rescore_samples if plan.method == "is" else 0)
+    if plan.method == "mc":  # no weights: the sampled log-probs are not used
         est = monte_carlo(d.scores, confidence=plan.confidence)
         return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn)
     # The realised shares n_j / n (not the nominal ones) make the estimator exactly unbiased.
@@ -134,9 +191,12 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
     est = importance_sampling(log_w, d.scores, component=d.drawn, defensive=float(d.shares[0]),
                               confidence=plan.confidence)
     notes = tuple(c.note for c in comps if c.note)
+    check, mismatch = logprob_check(d, [c.label for c in comps], plan.rescore_tolerance)
+    if mismatch:
+        notes += (mismatch,)
     if notes:
         est = _with_warnings(est, notes)
-    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn)
+    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn, check)
 
 
 def _with_warnings(est: Estimate, extra: tuple[str, ...]) -> Estimate:
@@ -176,6 +236,8 @@ class EstimationReport:
             "n_samples": plan.n_samples,
             "seed": plan.seed,
             "confidence": plan.confidence,
+            "rescore": {"samples_per_prompt": plan.rescore_samples if plan.method == "is" else 0,
+                        "tolerance": plan.rescore_tolerance},
             "estimates": [r.to_dict() for r in self.results],
             "aggregate": agg_dict,
         }

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tailmon.engines.base import Variant
-from tailmon.estimation.pipeline import EstimationPlan, EstimationReport
+from tailmon.estimation.pipeline import RESCORE_SAMPLES, RESCORE_TOLERANCE, EstimationPlan, EstimationReport
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimation.settings import EstimationSettings, ModelConfig
 from tailmon.estimation.sources import build_source, sample_prompts
@@ -26,7 +26,8 @@ def headline_window(mon: EstimationSettings) -> str:
 
 def build_plan(target: Variant, judge: str | Judge, proposals: Sequence[str], *, method: str = "is",
                weights: Sequence[float] | None = None, defensive: float = 0.1, samples: int = 200, seed: int = 0,
-               confidence: float = 0.95, volume: float | None = None, window: str = "1d") -> EstimationPlan:
+               confidence: float = 0.95, volume: float | None = None, window: str = "1d",
+               rescore_samples: int = RESCORE_SAMPLES, rescore_tolerance: float = RESCORE_TOLERANCE) -> EstimationPlan:
     """The EstimationPlan of one estimate: every run of the daemon, `tailmon check` and
     `tailmon estimate` build theirs here, so that specs are parsed and checked one way.
 
@@ -46,6 +47,8 @@ def build_plan(target: Variant, judge: str | Judge, proposals: Sequence[str], *,
         confidence=confidence,
         volume=volume,
         window=window,
+        rescore_samples=rescore_samples,
+        rescore_tolerance=rescore_tolerance,
     )
 
 
@@ -67,7 +70,8 @@ def plan_for_monitor(mon: EstimationSettings, seed: int, prompts: Sequence[Promp
     return build_plan((model or mon.model).target(), judge if judge is not None else mon.judge, specs,
                       method=est.method, weights=weights, defensive=est.defensive, samples=est.samples, seed=seed,
                       confidence=est.confidence,
-                      volume=None if mon.volume is None else scale_volume(mon.volume.per_day, window), window=window)
+                      volume=None if mon.volume is None else scale_volume(mon.volume.per_day, window), window=window,
+                      rescore_samples=est.rescore_samples, rescore_tolerance=est.rescore_tolerance)
 
 
 def monitor_extrapolations(report: EstimationReport, mon: EstimationSettings, extra_windows: Sequence[str] = ()) -> dict:

@@ -10,6 +10,7 @@ Dicts appear only at the JSON edge: `RunResult.to_dict()` is what the store keep
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Mapping
@@ -53,6 +54,9 @@ class RunFigures:
     largest_khat: float | None
     """The weakest prompt's Pareto k-hat (None: none was computed)."""
     windows: dict[str, WindowFigures] = field(default_factory=dict)
+    largest_logprob_diff: float | None = None
+    """The largest |sampled - re-scored| log-prob (nats) over the run's re-scored samples; inf
+    when one was scored -inf; None when none was re-scored."""
 
     @classmethod
     def from_report(cls, report: Mapping) -> "RunFigures":
@@ -61,10 +65,13 @@ class RunFigures:
         ests = report.get("estimates", [])
         ess = [e["ess_wh"] for e in ests if e.get("ess_wh") is not None]
         khats = [e["khat"] for e in ests if e.get("khat") is not None]
+        checks = [e["logprob_check"] for e in ests if (e.get("logprob_check") or {}).get("n")]
+        diffs = [math.inf if c.get("max_abs_diff") is None else c["max_abs_diff"] for c in checks]
         return cls(p_hat=agg["p_hat"], ci_low=agg["ci_low"], ci_high=agg["ci_high"], reliable=bool(agg["reliable"]),
                    n_unreliable=int(agg.get("n_unreliable", 0)), smallest_ess_wh=min(ess) if ess else None,
                    largest_khat=max(khats) if khats else None,
-                   windows={w: WindowFigures.from_dict(w, ex) for w, ex in (report.get("extrapolations") or {}).items()})
+                   windows={w: WindowFigures.from_dict(w, ex) for w, ex in (report.get("extrapolations") or {}).items()},
+                   largest_logprob_diff=max(diffs) if diffs else None)
 
 
 @dataclass

@@ -149,6 +149,12 @@ class EstimatorConfig(Strict):
     """Base seed; each run derives its own from it and the run id, so runs differ but replay."""
     store_samples: bool = False
     """Keep every sample (response, score, weight) in the store; off by default (volume)."""
+    rescore_samples: int = Field(8, ge=0)
+    """Samples per prompt scored again under the component that drew them, to check the
+    sampled log-probs against the scored ones (0: no check); the estimate warns on a mismatch."""
+    rescore_tolerance: float = Field(0.01, gt=0, allow_inf_nan=False)
+    """Nats per response: a larger |sampled - scored| log-prob is a warning (derived in
+    tailmon.estimation.pipeline.RESCORE_TOLERANCE)."""
 
 
 class VolumeConfig(Strict):

@@ -124,8 +124,10 @@ class MonitorConfig(EstimationSettings):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines this monitor's estimate (stored with each run)."""
-        # Alert rules judge the estimate, the time limit bounds the run; neither changes it.
-        text = json.dumps(self.model_dump(mode="json", exclude={"alerts", "timeout"}), sort_keys=True)
+        # Alert rules judge the estimate, the time limit bounds the run, the log-prob check
+        # checks the engine; none of them changes the estimate.
+        text = json.dumps(self.model_dump(mode="json", exclude={
+            "alerts": True, "timeout": True, "estimator": {"rescore_samples", "rescore_tolerance"}}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -400,6 +402,8 @@ monitors:
       defensive: 0.1                      # share drawn from the deployed model itself
       confidence: 0.95
       seed: 0
+      rescore_samples: 8                  # per prompt, re-scored to check the sampled log-probs
+      rescore_tolerance: 0.01             # nats; a larger difference warns
     volume:
       per_day: 1000000                    # queries a day
       windows: [1h, 1d, 7d]

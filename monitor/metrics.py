@@ -59,6 +59,10 @@ class Metrics:
         self.khat = Gauge(
             "tailmon_pareto_khat", "Largest Pareto k-hat of the importance weights over the run's prompts "
             "(> 0.7: weights unreliable).", m, registry=r)
+        self.logprob_mismatch = Gauge(
+            "tailmon_logprob_mismatch_nats", "Largest |sampled - re-scored| log-prob of a response over the "
+            "run's re-scored samples (estimator.rescore_samples per prompt); above estimator.rescore_tolerance "
+            "the estimates warn. +Inf: a sampled response scored -inf; NaN: none re-scored.", m, registry=r)
         self.reliable = Gauge(
             "tailmon_estimate_reliable", "1 when every prompt's estimate passed the reliability rule, else 0.",
             m, registry=r)
@@ -124,6 +128,7 @@ class Metrics:
         self.reliable.labels(monitor).set(1 if figures.reliable else 0)
         _set_or_nan(self.ess.labels(monitor), figures.smallest_ess_wh)
         _set_or_nan(self.khat.labels(monitor), figures.largest_khat)
+        _set_or_nan(self.logprob_mismatch.labels(monitor), figures.largest_logprob_diff)
         for window, w in figures.windows.items():
             self.expected_harmful.labels(monitor, window).set(w.expected)
             self.expected_harmful_upper.labels(monitor, window).set(w.expected_high)

@@ -11,7 +11,7 @@ beyond an estimate: the token ids of every sample and its log-prob under every c
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,6 +49,10 @@ class Draw:
     """Realised shares n_j / n: the mixture the samples actually come from."""
     texts: list[str]
     scores: np.ndarray
+    checked: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    """Rows whose log-prob under the component that drew them was also computed by scoring."""
+    rescored: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Those log-probs, teacher-forced (compare `logq[checked, drawn[checked]]`, from sampling)."""
 
     @property
     def log_p(self) -> np.ndarray:
@@ -62,10 +66,14 @@ class Draw:
 
 def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Sequence[float], n: int,
          seed: Callable[[int], int], judge, progress: Callable[[int], None] | None = None,
-         score_all: bool = True) -> Draw:
+         score_all: bool = True, rescore: int = 0) -> Draw:
     """Draw n samples for `prompt` from the mixture (variants[0] must be the target), score them
     under the components (all of them with `score_all`, else only those with a share and the
-    target) and judge them. `seed(j)` gives component j's sampling seed."""
+    target) and judge them. `seed(j)` gives component j's sampling seed.
+
+    `rescore`: up to this many samples are also scored under the component that drew them
+    (spread over the components that drew, the first of each: they are a random subset), so
+    that the sampled log-probs can be checked against the scored ones (`Draw.rescored`)."""
     counts = allocate(n, shares)
     ids: list[list[int]] = []
     drawn: list[int] = []
@@ -89,10 +97,33 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
         rows = np.flatnonzero(drawn_a != j)
         if rows.size:
             logq[rows, j] = score_unique(engine, prompt, variant, [ids[i] for i in rows])
+    checked, rescored = _rescore_own(engine, prompt, variants, counts, ids, rescore)
     checkpoint()  # between scoring and judging (a judge may be slow: an endpoint, an LLM)
     texts = [engine.decode(r) for r in ids]
     scores = judge.score([prompt] * len(texts), texts)
-    return Draw(prompt, ids, drawn_a, logq, realised, texts, scores)
+    return Draw(prompt, ids, drawn_a, logq, realised, texts, scores, checked, rescored)
+
+
+def _rescore_own(engine: Engine, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                 ids: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Score up to k samples under the component that drew them: (rows, log-probs).
+
+    Each sample's own column of `logq` comes from sampling (decode, one token at a time with a
+    cache), every other column from teacher-forced scoring (prefill): the same function on exact
+    arithmetic, but not always in an engine's (bf16 kernels on a GPU). Re-scoring a few shows it."""
+    drew = [j for j, n_j in enumerate(counts) if n_j > 0]
+    if k <= 0 or not drew:
+        return np.zeros(0, dtype=int), np.zeros(0)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rows, values = [], []
+    for i, j in enumerate(drew):
+        m = min(k // len(drew) + (1 if i < k % len(drew) else 0), counts[j])
+        if m == 0:
+            continue
+        own = list(range(int(starts[j]), int(starts[j]) + m))
+        rows += own
+        values.append(score_unique(engine, prompt, variants[j], [ids[r] for r in own]))
+    return np.asarray(rows, dtype=int), (np.concatenate(values) if values else np.zeros(0))
 
 
 def score_unique(engine: Engine, prompt: str, variant: Variant, responses: list[list[int]]) -> np.ndarray:
