@@ -432,6 +432,7 @@ class TransformersEngine(ChatEngine):
                 logits = self._next_logits(ids, chunk, steer)
                 last = torch.stack([logits[i, len(s)] for i, s in enumerate(chunk)])
                 rows.append(processed_logprobs(last, variant.decoding).cpu().double().numpy())
+                checkpoint()
         return np.concatenate(rows) if rows else np.zeros((0, self.vocab_size))
 
     # -- activations ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tailmon.engines.base import checkpoint
 from tailmon.errors import InputError, RuntimeFailure, SpecError
 
 from .base import Judge
@@ -197,4 +198,5 @@ class ClassifierJudge(Judge):
                 logits = self._model(**batch).logits.double()
                 probs = torch.softmax(logits, dim=-1)[:, self.label_index]
                 out[start:end] = probs.cpu().numpy()
+                checkpoint()
         return out

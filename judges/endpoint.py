@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tailmon import httpclient
+from tailmon.engines.base import checkpoint
 from tailmon.errors import InputError, RuntimeFailure, SpecError
 from tailmon.httpclient import HttpFailure, mask_url
 
@@ -260,7 +261,10 @@ class EndpointJudge(Judge):
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tailmon-endpoint") as pool:
             futures = [pool.submit(self._judge_one, model, p, r) for p, r in zip(prompts, responses)]
             try:
-                results = [f.result() for f in futures]
+                results = []
+                for f in futures:
+                    results.append(f.result())
+                    checkpoint()  # each reply is progress, and a place where a daemon's run may stop
             except BaseException:
                 for f in futures:
                     f.cancel()

@@ -63,10 +63,9 @@ class _RunGuard:
     made progress, for the watchdog, and stops the run at a checkpoint when the daemon stops or
     the run is past its time limit."""
 
-    def __init__(self, cancel: threading.Event, started: float, limit_s: float, limit_text: str):
+    def __init__(self, cancel: threading.Event, started: float, limit_s: float):
         self._cancel = cancel
         self.deadline = started + limit_s  # time.monotonic() clock
-        self.limit_text = limit_text
         self.progress_at = time.monotonic()
         self._unbatched = 0
 
@@ -288,9 +287,9 @@ class Daemon:
             attach_adapter_warnings(engine, plan)
             t = time.time()
             # The time limit counts from the run's start; checkpoints (between the engine's
-            # batches and the pipeline's prompts) enforce it and tell the watchdog of progress.
-            guard = _RunGuard(self._cancel, time.monotonic() - (t - started), duration_seconds(mon.timeout),
-                              mon.timeout)
+            # batches, the pipeline's prompts, a judge's batches or replies) enforce it and tell
+            # the watchdog of progress.
+            guard = _RunGuard(self._cancel, time.monotonic() - (t - started), duration_seconds(mon.timeout))
             total_samples = len(prompts) * plan.n_samples
             with tqdm(total=total_samples, desc=name, unit="sample", disable=not self.progress,
                       leave=False) as bar, checkpoints(guard):
