@@ -236,7 +236,8 @@ def checkpoints(hook: CheckpointHook) -> Iterator[None]:
 
 @contextlib.contextmanager
 def unbatched_step() -> Iterator[None]:
-    """Wrap a long step without batches (loading a checkpoint); a checkpoint follows it."""
+    """Wrap a long step without batches (loading a checkpoint). No checkpoint follows it: what
+    it built (a loaded model) would be thrown away by a stop there; the next batch is one."""
     hook = _HOOK.get()
     if hook is None:
         yield
@@ -246,4 +247,3 @@ def unbatched_step() -> Iterator[None]:
         yield
     finally:
         hook.unbatched(False)
-    hook.checkpoint()

@@ -52,10 +52,14 @@ def test_a_raising_hook_stops_sampling_between_batches(make_tiny_engine):
     assert hook.calls == 2  # 2 of 10 batches ran
 
 
-def test_an_unbatched_step_is_reported_and_followed_by_a_checkpoint():
-    """Catches a model load counted as a stall (no progress for minutes) or not closed."""
+def test_an_unbatched_step_is_reported_and_closed():
+    """Catches a model load counted as a stall (no progress for minutes) or left open (a later
+    stall never seen), also when the load fails."""
     hook = Hook()
     with checkpoints(hook):
         with unbatched_step():
             assert hook.unbatched_calls == [True]
-        assert hook.unbatched_calls == [True, False] and hook.calls == 1
+        assert hook.unbatched_calls == [True, False] and hook.calls == 0
+        with pytest.raises(OSError), unbatched_step():
+            raise OSError("no such model")
+        assert hook.unbatched_calls == [True, False, True, False]
