@@ -143,6 +143,11 @@ class PromptResult:
     component: np.ndarray
     logprob_check: dict | None = None
     """The sampled vs re-scored log-prob check (`logprob_check`); None when none was made."""
+    token_ids: list[list[int]] | None = None
+    """The samples' token ids, and (next) their log-probs under every component and the realised
+    shares: what an adaptive monitor learns from after the run (tailmon.proposals.adaptive)."""
+    logq: np.ndarray | None = None
+    shares: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         out = {"prompt": self.prompt.text, "category": self.prompt.category, **self.estimate.to_dict()}
@@ -186,7 +191,7 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
              score_all=False, rescore=plan.rescore_samples if plan.method == "is" else 0)
     if plan.method == "mc":  # no weights: the sampled log-probs are not used
         est = monte_carlo(d.scores, confidence=plan.confidence)
-        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn)
+        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn, d.ids, d.logq, d.shares)
     # The realised shares n_j / n (not the nominal ones) make the estimator exactly unbiased.
     log_w = d.log_w
     est = importance_sampling(log_w, d.scores, component=d.drawn, defensive=float(d.shares[0]),
@@ -197,7 +202,7 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
         notes += (mismatch,)
     if notes:
         est = _with_warnings(est, notes)
-    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn, check)
+    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn, check, d.ids, d.logq, d.shares)
 
 
 def _with_warnings(est: Estimate, extra: tuple[str, ...]) -> Estimate:

@@ -16,6 +16,7 @@ from tailmon.estimation.sources import build_source, sample_prompts
 from tailmon.estimators import extrapolate, scale_volume
 from tailmon.judges import Judge, parse_judge
 from tailmon.proposals import default_proposals, parse_proposal
+from tailmon.proposals.adaptive import hot_spec
 
 
 def headline_window(mon: EstimationSettings) -> str:
@@ -52,18 +53,32 @@ def build_plan(target: Variant, judge: str | Judge, proposals: Sequence[str], *,
     )
 
 
+def adaptive_start_specs(mon: EstimationSettings, prompts: Sequence[PromptItem]) -> list[str]:
+    """The starting components of an adaptive monitor's mixture: its own proposals, or the
+    library's system prompts for the categories of `prompts` and the target at a hotter
+    temperature (what finds hits before an adapter has been learnt)."""
+    if mon.proposals:
+        return [p.spec for p in mon.proposals]
+    return default_proposals({p.category for p in prompts}) + [
+        hot_spec(mon.model.target(), mon.adaptive.learner_settings())]
+
+
 def plan_for_monitor(mon: EstimationSettings, seed: int, prompts: Sequence[PromptItem] = (), *,
-                     model: ModelConfig | None = None, judge: Judge | None = None) -> EstimationPlan:
+                     model: ModelConfig | None = None, judge: Judge | None = None,
+                     mixture: tuple[Sequence[str], Sequence[float]] | None = None) -> EstimationPlan:
     """The EstimationPlan of one run of a monitor on `prompts`.
 
     `model` replaces the monitor's model settings (a candidate checkpoint, another deployed
     system prompt); `judge` is an already built judge for `mon.judge`, else it is parsed here. A
     monitor with method `is` and no proposals gets the shipped library's adversarial system
-    prompts for the categories of `prompts`, as a daemon run does.
+    prompts for the categories of `prompts`, as a daemon run does. `mixture` (proposal specs and
+    their relative weights) replaces the monitor's proposals: an adaptive monitor's learnt mixture.
     """
     specs = [p.spec for p in mon.proposals]
     weights = [p.weight for p in mon.proposals] or None
-    if mon.estimator.method == "is" and not specs:
+    if mixture is not None:
+        specs, weights = list(mixture[0]), list(mixture[1])
+    elif mon.estimator.method == "is" and not specs:
         specs, weights = default_proposals({p.category for p in prompts}), None
     est = mon.estimator
     window = headline_window(mon)

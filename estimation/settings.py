@@ -24,6 +24,7 @@ from tailmon.estimation.sources import SourceConfig
 from tailmon.estimators import parse_window
 from tailmon.judges import parse_judge
 from tailmon.proposals import parse_proposal
+from tailmon.proposals.adaptive import AdaptiveSettings
 
 
 def duration_seconds(text: str) -> int:
@@ -157,6 +158,28 @@ class EstimatorConfig(Strict):
     tailmon.estimation.pipeline.RESCORE_TOLERANCE)."""
 
 
+class AdaptiveConfig(Strict):
+    """A monitor whose proposal learns across runs (`tailmon.proposals.adaptive`)."""
+
+    enabled: bool | None = None
+    """None: on for a monitor with method 'is' and no proposals (`proposals: adaptive` says so
+    explicitly); true with proposals: they are the starting components instead of the library's."""
+    state_dir: str | None = None
+    """Where the learnt state lives; default $TAILMON_STATE_DIR/adaptive/<monitor>."""
+    steps: int = Field(20, ge=1)
+    time_share: float = Field(0.5, gt=0, allow_inf_nan=False)
+    holdout: float = Field(0.5, gt=0, lt=1)
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0, allow_inf_nan=False)
+    lr: float = Field(5e-3, gt=0, allow_inf_nan=False)
+    batch_size: int = Field(8, ge=1)
+    kl: float = Field(0.25, ge=0, allow_inf_nan=False)
+    hot_temperature: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    def learner_settings(self) -> AdaptiveSettings:
+        return AdaptiveSettings(**self.model_dump(exclude={"enabled", "state_dir"}))
+
+
 class VolumeConfig(Strict):
     per_day: float = Field(ge=0, allow_inf_nan=False)
     """Queries per day the deployed model answers (the monitor's traffic)."""
@@ -182,6 +205,26 @@ class EstimationSettings(Strict):
     proposals: tuple[ProposalConfig, ...] = ()
     estimator: EstimatorConfig = EstimatorConfig()
     volume: VolumeConfig | None = None
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adaptive_shorthand(cls, data):
+        # `proposals: adaptive`: no fixed proposals, and the monitor learns its own.
+        if isinstance(data, dict) and data.get("proposals") == "adaptive":
+            data = dict(data)
+            data["proposals"] = []
+            adaptive = data.get("adaptive")
+            data["adaptive"] = {**(adaptive if isinstance(adaptive, dict) else {}), "enabled": True}
+        return data
+
+    @property
+    def is_adaptive(self) -> bool:
+        """Whether the monitor learns its proposal across runs."""
+        if self.adaptive.enabled is None:
+            # Learning an adapter needs the weights in this process: the transformers engine.
+            return self.estimator.method == "is" and not self.proposals and self.model.engine == "transformers"
+        return self.adaptive.enabled
 
     @field_validator("judge")
     @classmethod
@@ -206,6 +249,12 @@ class EstimationSettings(Strict):
         # the categories of each run's prompts (tailmon.proposals.default_proposals).
         if self.estimator.method == "mc" and self.proposals:
             raise ValueError("estimator.method 'mc' samples the target only: remove the proposals")
+        if self.estimator.method == "mc" and self.adaptive.enabled:
+            raise ValueError("adaptive.enabled: a monitor with estimator.method 'mc' draws no proposal to adapt")
+        if self.is_adaptive and self.model.engine != "transformers":
+            if self.adaptive.enabled:
+                raise ValueError(f"adaptive.enabled: learning an adapter needs the transformers engine, "
+                                 f"not {self.model.engine}")
         try:
             check_proposals(self.model.engine, [p.spec for p in self.proposals])
             # Each proposal as a run builds it (a LoRA folder that is not there, a proposal that
@@ -220,5 +269,5 @@ class EstimationSettings(Strict):
     def engine_settings(self, model: ModelConfig | None = None) -> EngineSettings:
         """How to load `model` (default: these settings' own) for these proposals: a vLLM
         engine is built with LoRA support only when a proposal needs it."""
-        lora = any(p.spec.split(":", 1)[0].strip() == "lora" for p in self.proposals)
+        lora = any(p.spec.split(":", 1)[0].strip() == "lora" for p in self.proposals) or self.is_adaptive
         return (model or self.model).engine_settings(enable_lora=lora)

@@ -125,9 +125,12 @@ class MonitorConfig(EstimationSettings):
     def fingerprint(self) -> str:
         """Hash of everything that defines this monitor's estimate (stored with each run)."""
         # Alert rules judge the estimate, the time limit bounds the run, the log-prob check
-        # checks the engine; none of them changes the estimate.
-        text = json.dumps(self.model_dump(mode="json", exclude={
-            "alerts": True, "timeout": True, "estimator": {"rescore_samples", "rescore_tolerance"}}), sort_keys=True)
+        # checks the engine; none of them changes the estimate. The adaptive block at its
+        # defaults is left out, so configs written before it keep their hash.
+        exclude = {"alerts": True, "timeout": True, "estimator": {"rescore_samples", "rescore_tolerance"}}
+        if self.adaptive == type(self.adaptive)():
+            exclude["adaptive"] = True
+        text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -31,12 +31,14 @@ from tailmon.engines.loading import EngineSettings, load_engine
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
 from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
-from tailmon.estimation.plan import draw_prompts, monitor_extrapolations, plan_for_monitor
+from tailmon.estimation.plan import adaptive_start_specs, draw_prompts, monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.result import RunFigures, RunResult
 from tailmon.judges import parse_judge
 from tailmon.monitor.config import Config, LoadedConfig, MonitorConfig, duration_seconds, load_config
 from tailmon.monitor.metrics import Metrics, MetricsServer
 from tailmon.monitor.systemd import notify, watchdog_interval
+from tailmon.paths import state_dir
+from tailmon.proposals.adaptive import AdaptiveLearner, default_state_dir
 from tailmon.redact import SecretsFilter
 from tailmon.store import Store, resolve_database_url
 
@@ -283,7 +285,11 @@ class Daemon:
             t = time.time()
             prompts = self._draw_prompts(mon, seed)
             timings["prompts_s"] = time.time() - t
-            plan = self._plan(mon, seed, prompts)
+            learner = self._learner(mon)
+            mixture = None if learner is None else learner.mixture(
+                adaptive_start_specs(mon, prompts), model_fingerprint=fingerprint, model_version=version,
+                run_id=run_id)
+            plan = self._plan(mon, seed, prompts, mixture)
             attach_adapter_warnings(engine, plan)
             t = time.time()
             # The time limit counts from the run's start; checkpoints (between the engine's
@@ -299,6 +305,8 @@ class Daemon:
                 report = run_estimation(engine, plan, prompts, progress=counter)
             timings["estimate_s"] = time.time() - t
             result = RunResult(report, seed, monitor_extrapolations(report, mon))
+            if mixture is not None:  # which adapter and weights this run used (fixed before its draws)
+                result.data["adaptive"] = mixture.record
             samples = _samples(report) if mon.estimator.store_samples else None
             timings["total_s"] = time.time() - started
             self.store.finish_run(run_id, "succeeded", report=result.to_dict(), timings=timings, samples=samples)
@@ -329,6 +337,8 @@ class Daemon:
             self.metrics.running.labels(name).set(0)
             with self._current_lock:
                 self._current.pop(name, None)
+        if learner is not None:
+            self._adapt(mon, learner, engine, report, run_id, seed, timings, fingerprint, version)
         ended = time.time()
         figures = result.figures
         self.metrics.record_figures(name, figures)
@@ -403,8 +413,40 @@ class Daemon:
         judge.new_run()  # scores are cached, and problems counted, per run
         return judge
 
-    def _plan(self, mon: MonitorConfig, seed: int, prompts):
-        return plan_for_monitor(mon, seed, prompts, judge=self._judge(mon.judge))
+    def _plan(self, mon: MonitorConfig, seed: int, prompts, mixture=None):
+        return plan_for_monitor(mon, seed, prompts, judge=self._judge(mon.judge),
+                                mixture=None if mixture is None else (mixture.specs, mixture.weights))
+
+    def _learner(self, mon: MonitorConfig) -> AdaptiveLearner | None:
+        """An adaptive monitor's learnt state, read afresh for every run (so a restart changes nothing)."""
+        if not mon.is_adaptive:
+            return None
+        folder = (self.loaded.base_dir / mon.adaptive.state_dir if mon.adaptive.state_dir
+                  else default_state_dir(state_dir(), mon.name))
+        return AdaptiveLearner(folder, mon.adaptive.learner_settings())
+
+    def _adapt(self, mon, learner, engine, report, run_id, seed, timings, fingerprint, version) -> None:
+        """After a stored run: learn from its samples (tailmon.proposals.adaptive) and record the
+        update with the run. A failure is logged and never changes the run's outcome."""
+        plan = report.plan
+        try:
+            record = learner.update(engine, plan.target, plan.components, report.results, seed=seed,
+                                    time_budget_s=mon.adaptive.time_share * timings.get("estimate_s", 0.0),
+                                    judge=mon.judge, run_id=run_id, model_fingerprint=fingerprint,
+                                    model_version=version)
+        except Exception as exc:
+            log.error("monitor %s: run %d: the adaptive proposal was not updated: %s%s", mon.name, run_id,
+                      "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: ", exc,
+                      exc_info=not isinstance(exc, TailmonError))
+            record = {"run_id": run_id, "adopted": False, "reason": f"update failed: {exc}",
+                      "generation_before": learner.generation, "generation_after": learner.generation}
+        log.info("monitor %s: run %d: adaptive proposal generation %d -> %d (%s)", mon.name, run_id,
+                 record["generation_before"], record["generation_after"], record["reason"])
+        try:
+            self.store.record_adaptive_update(run_id, record)
+        except TailmonError as exc:
+            log.error("monitor %s: run %d: the adaptive update was not recorded in the store: %s", mon.name,
+                      run_id, exc)
 
     # -- the service ----------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -325,13 +326,16 @@ class _Trainer:
             out.append(loss)
         return torch.stack(out)
 
-    def fit(self, examples: list[_Example], seed: int, progress: bool, desc: str) -> tuple[float, float]:
+    def fit(self, examples: list[_Example], seed: int, progress: bool, desc: str,
+            deadline: float | None = None) -> tuple[float, float]:
         """Maximise sum_i v_i log q(y_i) over the adapter: minibatches drawn with probability v_i / sum v
         (an unbiased gradient of the weighted objective that spends no steps on weight-0 samples).
 
         Returns the mean minibatch loss of the first and of the last steps (a fifth of them each,
         at least one): each minibatch loss is an unbiased estimate of the weighted loss, and a pass
-        over all the samples to measure it exactly would cost more than the fit.
+        over all the samples to measure it exactly would cost more than the fit. With `deadline`
+        (a `time.monotonic()` value) it stops after the step that passes it (at least one step);
+        `steps_done` says how many ran.
         """
         from tqdm import tqdm
 
@@ -351,6 +355,9 @@ class _Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        self.steps_done = len(losses)
         k = max(1, len(losses) // 5)
         return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
 

@@ -4,6 +4,7 @@ queries over runs, their estimates and samples."""
 from __future__ import annotations
 
 from sqlalchemy import insert, select, update
+from sqlalchemy import update as update_  # `update` is also a parameter name below
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -100,6 +101,18 @@ class RunStore(StoreBase):
                 conn.execute(insert(ESTIMATES), estimate_rows)
             if new_samples:
                 conn.execute(insert(SAMPLES), new_samples)
+
+    def record_adaptive_update(self, run_id: int, update: dict) -> None:
+        """Keep what an adaptive monitor learnt from a closed run with that run: its report's
+        `adaptive.update` (the run's `adaptive` block says which adapter and weights it used;
+        `tailmon.proposals.adaptive`). No schema change: the report is the run's JSON column."""
+        with self._tx(f"recording the adaptive update of run {run_id}") as conn:
+            row = conn.execute(select(RUNS.c.report).where(RUNS.c.id == run_id).with_for_update()).first()
+            if row is None or row.report is None:
+                raise RuntimeFailure(f"database {self.safe_url}: run {run_id} has no report to add the update to")
+            report = dict(row.report)
+            report["adaptive"] = {**(report.get("adaptive") or {}), "update": update}
+            conn.execute(update_(RUNS).where(RUNS.c.id == run_id).values(report=report))
 
     def interrupt_stale_runs(self) -> list[int]:
         """Mark dead runs `interrupted`; returns their ids.

@@ -1,0 +1,480 @@
+"""Adaptive proposals: a monitor whose mixture learns from its own runs (issue 17, item 2).
+
+A run of an adaptive monitor draws from a mixture that is **fixed before its draws**: the target
+with the defensive share, the starting components (the monitor's own proposals, or the shipped
+library's system prompts for the run's categories and the target at a hotter temperature) and,
+once one has been learnt, a LoRA adapter, with the relative weights learnt so far. Whatever
+earlier runs taught it, the run's estimate is an importance-sampling estimate under a mixture
+chosen independently of the run's own draws, so it is unbiased.
+
+After the run, `AdaptiveLearner.update` learns from the run's weighted samples:
+
+1. **Split.** Within every prompt and mixture component, a random `holdout` share of the samples
+   is held out; the rest is the fit half. Both halves are stratified draws from the run's mixture.
+2. **Cross-entropy steps.** The adapter (the current one, or a fresh one in the first update)
+   takes at most `steps` optimiser steps on the fit half's samples weighted by v = w h (the
+   balance-heuristic weight times the judge's score), normalised within each prompt: the fit of
+   q to q* ~ p h, the target's own harmful responses, that `tailmon proposals train-lora` runs in
+   its CEM rounds (same trainer, same KL(p || q) penalty that keeps q covering the target). The
+   steps stop early when they have used `time_share` of the run's estimation time.
+3. **Weights.** Every sample of the run is scored under the new adapter; the relative mixture
+   weights of the starting components, the current adapter and the new one are tuned by
+   coordinate descent over a grid on the fit half, minimising the estimated variance of the
+   estimate (the formulas of `tailmon.proposals.tuning`: any candidate mixture's variance is
+   estimated from the run's samples by reweighting, since every sample has its log-prob under
+   every component). The last run is the next run's pilot.
+4. **Adoption.** The tuned candidate replaces the current mixture only if its estimated variance
+   on the held-out samples, which neither fitted the adapter nor chose the weights, is lower than
+   the current mixture's on the same samples. Otherwise nothing changes (the candidate adapter is
+   deleted).
+
+**State** lives in a folder per monitor: `state.json` (format tailmon-adaptive/1: generation, the
+current adapter's folder, the weights by component, the checkpoint the adapter was trained on,
+the history of updates and of checkpoint changes) and `adapters/gen-NNNN/` (peft adapters with
+their `tailmon_lora.json` provenance). It is written atomically after each update, so a restarted
+daemon carries on where the last one stopped. A **checkpoint change** keeps the state: the
+weights stay exact, since p is always scored under the current target and q under the current
+target plus the adapter; the change is recorded (in `state.json` and in the runs' records) and
+the engine adds its warning about an adapter trained on another checkpoint to every estimate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tailmon import __version__
+from tailmon.engines.adapters import ADAPTER_FORMAT, ADAPTER_METADATA
+from tailmon.engines.base import Variant
+from tailmon.engines.steering import model_sha256
+from tailmon.errors import InputError
+from tailmon.paths import write_atomically
+
+from .lora import LoraSettings, _Example, _Trainer
+from .sampling import derive_seed, score_unique
+from .tuning import candidate_moments, stratified_variance
+from .variants import LoraProposal
+
+STATE_FORMAT = "tailmon-adaptive/1"
+STATE_FILE = "state.json"
+ADAPTERS_DIR = "adapters"
+ADAPTER_KEY = "adapter"
+"""The key of the learnt adapter's weight in the state (the others are proposal specs)."""
+HISTORY_KEPT = 100
+
+# Relative weights the coordinate descent may give a component. Starting components never drop
+# to 0: a component that leaves the mixture is no longer scored, so no later run could bring it
+# back; an adapter may (the new one is then not adopted, or the old one retires).
+BASE_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+ADAPTER_GRID = (0.0,) + BASE_GRID
+SWEEPS = 3
+
+_SPLIT, _FIT, _INIT = 21, 22, 23  # seed tags
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """How an adaptive monitor learns (the monitor config's `adaptive:` block)."""
+
+    steps: int = 20
+    """Cross-entropy (optimiser) steps per update, at most."""
+    time_share: float = 0.5
+    """The steps stop once they have taken this share of the run's estimation time (at least one)."""
+    holdout: float = 0.5
+    """Share of each run's samples held out to decide whether an update is adopted."""
+    rank: int = 4
+    alpha: float = 8.0
+    lr: float = 5e-3
+    batch_size: int = 8
+    kl: float = 0.25
+    hot_temperature: float | None = None
+    """The hotter starting component's temperature; None: 1.5 x the deployed temperature."""
+
+    def __post_init__(self):
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise InputError(f"adaptive steps must be an integer >= 1, got {self.steps}", setting="steps")
+        if not (math.isfinite(self.time_share) and self.time_share > 0):
+            raise InputError(f"adaptive time_share must be > 0, got {self.time_share}", setting="time_share")
+        if not 0 < self.holdout < 1:
+            raise InputError(f"adaptive holdout must be in (0, 1), got {self.holdout}", setting="holdout")
+        if self.hot_temperature is not None and not self.hot_temperature > 0:
+            raise InputError(f"adaptive hot_temperature must be > 0, got {self.hot_temperature}",
+                             setting="hot_temperature")
+        self.lora()  # its own checks (rank, lr, ...)
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.rank, alpha=self.alpha, lr=self.lr, steps=self.steps,
+                            batch_size=self.batch_size, kl=self.kl)
+
+
+def hot_spec(target: Variant, settings: AdaptiveSettings) -> str:
+    """The hotter starting component: the target at `hot_temperature` (default 1.5 x its own)."""
+    t = settings.hot_temperature or 1.5 * target.decoding.temperature
+    return f"temperature:{t:g}"
+
+
+@dataclass
+class AdaptiveMixture:
+    """One run's mixture, fixed before its draws, and what the run's record says about it."""
+
+    specs: list[str]
+    weights: list[float]
+    record: dict
+    """generation, adapter (folder and sha256), weights by component, the checkpoint the adapter
+    was trained on and whether it changed since: stored with the run (`adaptive` in its report)."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str | None:
+    f = path / "adapter_model.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
+def _finite(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+@dataclass
+class _Half:
+    """One prompt's samples of one half of the split."""
+
+    prompt: str
+    ids: list[list[int]]
+    logq: np.ndarray
+    """(n, K + 1): the run's K components, then the new adapter (-inf until it is scored)."""
+    union: np.ndarray
+    """Realised shares of the run's components within this half (0 for the new adapter column)."""
+    scores: np.ndarray
+    v: np.ndarray
+    """w h under the run's mixture (w with the run's realised shares)."""
+
+    @property
+    def hits(self) -> int:
+        return int(np.count_nonzero(self.scores > 0))
+
+
+@dataclass
+class AdaptiveLearner:
+    """The learnt state of one monitor, in `folder` (see the module docstring)."""
+
+    folder: Path
+    settings: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    state: dict = field(init=False)
+
+    def __post_init__(self):
+        self.folder = Path(self.folder)
+        self.state = self._load()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _load(self) -> dict:
+        path = self.folder / STATE_FILE
+        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "weights": {}, "model": None,
+                 "history": [], "checkpoint_changes": []}
+        if not path.is_file():
+            return fresh
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"adaptive state {path} is unreadable ({exc}): move it away to start learning afresh")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise InputError(f"{path} is not a tailmon adaptive state ({STATE_FORMAT})")
+        if state.get("adapter") and not (self.folder / state["adapter"] / "adapter_config.json").is_file():
+            raise InputError(f"adaptive state {path} names adapter {state['adapter']}, which is not there: "
+                             "restore it, or move the state away to start learning afresh")
+        return {**fresh, **state}
+
+    def _save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.folder / STATE_FILE, json.dumps(self.state, indent=2, allow_nan=False))
+
+    @property
+    def generation(self) -> int:
+        return int(self.state["generation"])
+
+    @property
+    def adapter_path(self) -> str | None:
+        name = self.state.get("adapter")
+        return str((self.folder / name).resolve()) if name else None
+
+    @property
+    def adapter_spec(self) -> str | None:
+        path = self.adapter_path
+        return None if path is None else f"lora:{path}"
+
+    # -- before a run ---------------------------------------------------------------------------
+
+    def mixture(self, base_specs: Sequence[str], *, model_fingerprint: str | None = None,
+                model_version: int | None = None, run_id: int | None = None) -> AdaptiveMixture:
+        """The next run's proposal specs and relative weights: the starting components with their
+        learnt weights (1 for one not seen yet) and the current adapter, if any."""
+        base = list(dict.fromkeys(base_specs))
+        if not base and self.adapter_spec is None:
+            raise InputError("an adaptive monitor needs starting proposals until it has learnt an adapter")
+        learnt = self.state["weights"]
+        specs = base + ([self.adapter_spec] if self.adapter_spec else [])
+        weights = [float(learnt.get(s, 1.0)) for s in base]
+        if self.adapter_spec:
+            weights.append(float(learnt.get(ADAPTER_KEY, 1.0)))
+        trained_on = self.state.get("model")
+        changed = bool(trained_on and model_fingerprint and trained_on.get("fingerprint") != model_fingerprint)
+        if changed:
+            seen = self.state["checkpoint_changes"]
+            if not seen or seen[-1].get("to") != model_fingerprint:
+                # Recorded once per new checkpoint: the adapter is kept (the weights stay exact),
+                # and the next adopted update is trained on the new checkpoint.
+                seen.append({"at": _now(), "run_id": run_id, "from": trained_on.get("fingerprint"),
+                             "from_version": trained_on.get("version"), "to": model_fingerprint,
+                             "to_version": model_version, "generation": self.generation})
+                self._save()
+        record = {
+            "generation": self.generation,
+            "state_dir": str(self.folder),
+            "adapter": self.adapter_path,
+            "adapter_sha256": _sha256(Path(self.adapter_path)) if self.adapter_path else None,
+            "weights": {(ADAPTER_KEY if s == self.adapter_spec else s): w for s, w in zip(specs, weights)},
+            "adapter_trained_on": trained_on,
+            "checkpoint_changed": changed,
+        }
+        return AdaptiveMixture(specs, weights, record)
+
+    # -- after a run ----------------------------------------------------------------------------
+
+    def update(self, engine, target: Variant, components: Sequence, results: Sequence, *, seed: int,
+               time_budget_s: float | None = None, judge: str | None = None, run_id: int | None = None,
+               model_fingerprint: str | None = None, model_version: int | None = None) -> dict:
+        """Learn from one run's samples (see the module docstring); returns the update's record,
+        which is also appended to the state's history.
+
+        `components` are the run's mixture components (label, variant, share; component 0 the
+        target), `results` its per-prompt results (prompt.text, token_ids, logq, shares,
+        component, scores): what the estimation pipeline returns.
+        """
+        t0 = time.monotonic()
+        labels = [c.label for c in components]
+        a0 = float(components[0].share)
+        keys = [ADAPTER_KEY if lab == self.adapter_spec else lab for lab in labels]
+        record = {"run_id": run_id, "at": _now(), "generation_before": self.generation, "adopted": False}
+        if any(r.logq is None for r in results) or len(labels) < 2:
+            return self._finish(record, "the run drew from the target only (Monte Carlo): nothing to learn")
+        fit, held = self._split(results, derive_seed(seed, _SPLIT))
+        record.update(fit_samples=sum(len(h.scores) for h in fit), held_out_samples=sum(len(h.scores) for h in held),
+                      fit_hits=sum(h.hits for h in fit), held_out_hits=sum(h.hits for h in held))
+        if record["fit_hits"] + record["held_out_hits"] == 0:
+            return self._finish(record, "no harmful sample in the run: nothing to learn from")
+
+        # 1. cross-entropy steps on the fit half (from the current adapter)
+        new_dir = None
+        cols = len(labels)
+        if record["fit_hits"]:
+            new_dir = self.folder / ADAPTERS_DIR / f"gen-{self.generation + 1:04d}"
+            deadline = None if time_budget_s is None else t0 + max(0.0, float(time_budget_s))
+            steps, before, after = self._fit(engine, target, fit, new_dir, seed, deadline, judge, run_id,
+                                             model_fingerprint, model_version)
+            record.update(steps=steps, loss_before=before, loss_after=after)
+            variant = LoraProposal(str(new_dir.resolve())).variant(target)
+            for half in fit + held:
+                half.logq[:, cols] = score_unique(engine, half.prompt, variant, half.ids)
+        record["fit_seconds"] = round(time.monotonic() - t0, 3)
+
+        # 2. weights: coordinate descent on the fit half's estimated variance
+        slots = [(j, keys[j], BASE_GRID if keys[j] != ADAPTER_KEY else ADAPTER_GRID) for j in range(1, cols)]
+        current = {j: float(self.state["weights"].get(keys[j], 1.0)) for j in range(1, cols)}
+        if new_dir is not None:
+            slots.append((cols, "new adapter", ADAPTER_GRID))
+            old = [j for j in range(1, cols) if keys[j] == ADAPTER_KEY]
+            current[cols] = current[old[0]] if old else 1.0
+            for j in old:  # start from the new adapter in place of the old one
+                current[j] = 0.0
+        fit_info = [h for h in fit if h.hits]
+        if fit_info:
+            best = self._descend(fit_info, slots, current, a0)
+        else:
+            best = current
+        chosen = {j: w for j, w in best.items() if w > 0}
+
+        # 3. adoption on the held-out half
+        held_info = [h for h in held if h.hits]
+        run_cols = list(range(1, cols))
+        run_alphas = [float(c.share) for c in components[1:]]
+        base_var, base_ess = _objective(held_info, [0] + run_cols, [a0] + run_alphas)
+        alphas = _alphas(chosen, a0)
+        new_var, new_ess = _objective(held_info, [0] + list(chosen), [a0] + alphas)
+        record["held_out"] = {"prompts_with_hits": len(held_info), "variance_before": _finite(base_var),
+                              "variance_after": _finite(new_var), "ess_wh_per_sample_before": _finite(base_ess),
+                              "ess_wh_per_sample_after": _finite(new_ess)}
+        record["candidate_weights"] = {("new adapter" if j == cols else keys[j]): w for j, w in chosen.items()}
+        if not held_info:
+            reason = "no harmful sample among the held-out samples: the update cannot be judged, not adopted"
+        elif not new_var < base_var:
+            reason = "the update does not lower the variance estimated on the held-out samples: not adopted"
+        else:
+            record["adopted"] = True
+            reason = "adopted: lower variance estimated on the held-out samples"
+            self._adopt(chosen, keys, cols, new_dir, model_fingerprint, model_version)
+        if not record["adopted"] and new_dir is not None:
+            shutil.rmtree(new_dir, ignore_errors=True)
+        self._prune()
+        record["seconds"] = round(time.monotonic() - t0, 3)
+        return self._finish(record, reason)
+
+    def _finish(self, record: dict, reason: str) -> dict:
+        record["reason"] = reason
+        record["generation_after"] = self.generation
+        self.state["history"] = (self.state["history"] + [record])[-HISTORY_KEPT:]
+        self._save()
+        return record
+
+    def _split(self, results, seed: int) -> tuple[list[_Half], list[_Half]]:
+        rng = np.random.default_rng(seed)
+        fit, held = [], []
+        for r in results:
+            k = r.logq.shape[1]
+            logq = np.concatenate([r.logq, np.full((len(r.token_ids), 1), -np.inf)], axis=1)
+            comp = np.asarray(r.component)
+            shares = np.asarray(r.shares, dtype=float)
+            # w under the run's mixture, with the realised shares, as the estimate weighted them
+            used = shares > 0
+            log_mix = np.logaddexp.reduce(r.logq[:, used] + np.log(shares[used]), axis=1)
+            v = np.where(r.scores > 0, np.exp(r.logq[:, 0] - log_mix) * r.scores, 0.0)
+            out = np.zeros(len(comp), dtype=bool)
+            for j in np.unique(comp):
+                rows = np.flatnonzero(comp == j)
+                take = int(round(self.settings.holdout * len(rows)))
+                out[rng.choice(rows, size=take, replace=False)] = True
+            for mask, dest in ((~out, fit), (out, held)):
+                rows = np.flatnonzero(mask)
+                if not rows.size:
+                    continue
+                union = np.zeros(k + 1)
+                union[:k] = np.bincount(comp[rows], minlength=k) / rows.size
+                dest.append(_Half(r.prompt.text, [list(r.token_ids[i]) for i in rows], logq[rows].copy(), union,
+                                  np.asarray(r.scores, dtype=float)[rows], v[rows]))
+        return fit, held
+
+    def _fit(self, engine, target, fit, new_dir, seed, deadline, judge, run_id, fingerprint, version):
+        examples = []
+        for h in fit:
+            total = h.v.sum()
+            if total > 0:
+                ids = engine.prompt_ids(h.prompt, target.system_prompt)
+                # normalised within the prompt: every prompt's q* counts alike (as in train-lora)
+                examples += [_Example(ids, r, float(x / total)) for r, x in zip(h.ids, h.v) if x > 0]
+        settings = self.settings.lora()
+        trainer = _Trainer(engine, target.decoding.temperature, settings, derive_seed(seed, _INIT),
+                           resume_from=self.adapter_path)
+        before, after = trainer.fit(examples, derive_seed(seed, _FIT), False, "adaptive", deadline=deadline)
+        new_dir.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save(new_dir)
+        facts = engine.base_facts()
+        d = target.decoding
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "base_model": {"ref": engine.model_id, "model_sha256": model_sha256(engine.model, engine.tokenizer),
+                           **(facts or {})},
+            "target": {"system_prompt": target.system_prompt, "temperature": d.temperature, "top_p": d.top_p,
+                       "top_k": d.top_k, "max_new_tokens": d.max_new_tokens},
+            "judge": judge,
+            "data": None,
+            "cem": None,
+            "adaptive": {"state_dir": str(self.folder), "generation": self.generation + 1, "run_id": run_id,
+                         "resumed_from": self.state.get("adapter"), "examples": len(examples),
+                         "steps": trainer.steps_done, "model_fingerprint": fingerprint, "model_version": version},
+            "lora": asdict(settings),
+            "seed": int(seed),
+            "stages": [],
+            "created": _now(),
+            "tailmon_version": __version__,
+        }
+        write_atomically(new_dir / ADAPTER_METADATA, json.dumps(meta, indent=2, allow_nan=False))
+        return trainer.steps_done, before, after
+
+    def _descend(self, halves, slots, start: dict, a0: float) -> dict:
+        """Coordinate descent over the weight grids from `start`, on the halves' estimated variance."""
+        best = dict(start)
+        best_var, _ = _objective(halves, [0] + [j for j, w in best.items() if w > 0], [a0] + _alphas(best, a0))
+        for _ in range(SWEEPS):
+            moved = False
+            for j, _key, grid in slots:
+                for value in grid:
+                    if value == best[j]:
+                        continue
+                    trial = {**best, j: value}
+                    if not any(w > 0 for w in trial.values()):
+                        continue
+                    on = {i: w for i, w in trial.items() if w > 0}
+                    var, _ = _objective(halves, [0] + list(on), [a0] + _alphas(on, a0))
+                    if var < best_var:
+                        best, best_var, moved = trial, var, True
+            if not moved:
+                break
+        return best
+
+    def _adopt(self, chosen: dict, keys: list[str], cols: int, new_dir: Path | None, fingerprint, version) -> None:
+        weights = {}
+        adapter = None
+        for j, w in chosen.items():
+            if j == cols:
+                adapter = new_dir
+            elif keys[j] == ADAPTER_KEY:
+                adapter = Path(self.adapter_path)
+            if j == cols or keys[j] == ADAPTER_KEY:
+                weights[ADAPTER_KEY] = float(w)
+            else:
+                weights[keys[j]] = float(w)
+        # Starting components not in this run (other categories) keep what they had learnt.
+        kept = {k: w for k, w in self.state["weights"].items() if k not in keys and k != ADAPTER_KEY}
+        self.state["weights"] = {**kept, **weights}
+        if adapter is None:
+            self.state["adapter"], self.state["model"] = None, None
+        elif adapter == new_dir:
+            self.state["adapter"] = str(new_dir.relative_to(self.folder))
+            self.state["model"] = {"fingerprint": fingerprint, "version": version}
+        self.state["generation"] = self.generation + 1
+
+    def _prune(self) -> None:
+        """Keep the current adapter's folder only (an engine that loaded an older one keeps it in memory)."""
+        root = self.folder / ADAPTERS_DIR
+        if not root.is_dir():
+            return
+        keep = self.state.get("adapter")
+        for d in root.iterdir():
+            if d.is_dir() and str(d.relative_to(self.folder)) != keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _alphas(weights: dict, a0: float) -> list[float]:
+    total = sum(w for w in weights.values() if w > 0)
+    return [(1 - a0) * w / total for w in weights.values() if w > 0]
+
+
+def _objective(halves: Sequence[_Half], cols: list[int], alphas: list[float]) -> tuple[float, float]:
+    """(sum over prompts of n Var(p_hat), mean ESS of w h per sample) of the mixture (`cols`,
+    `alphas`), estimated from the halves' samples (`tailmon.proposals.tuning`'s formulas)."""
+    if not halves:
+        return math.nan, math.nan
+    var, ess = 0.0, []
+    for h in halves:
+        p, m2, m1 = candidate_moments(h.logq, h.union, h.scores, cols, alphas)
+        var += stratified_variance(m2, m1, alphas)
+        ess.append(p * p / m2 if m2 > 0 else 0.0)
+    return var, float(np.mean(ess))
+
+
+def default_state_dir(root: str | os.PathLike, monitor: str) -> Path:
+    """`ROOT/adaptive/<monitor>`: where a monitor keeps its learnt state by default."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in monitor)
+    return Path(root) / "adaptive" / safe
