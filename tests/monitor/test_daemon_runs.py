@@ -124,16 +124,65 @@ def test_a_locked_monitor_is_skipped(tmp_path, model_copy):
     peer.close()
 
 
-def test_a_monitor_without_proposals_uses_the_library(tmp_path, model_copy):
+def test_a_monitor_without_proposals_is_adaptive_and_starts_from_the_library(tmp_path, model_copy, monkeypatch):
+    """No proposals: the library's system prompts and a hotter target, and the monitor learns
+    (its state under $TAILMON_STATE_DIR/adaptive/<monitor>); `adaptive: {enabled: false}` keeps
+    the library alone."""
     from tailmon.proposals import default_proposals
 
+    monkeypatch.setenv("TAILMON_STATE_DIR", str(tmp_path / "state"))
     daemon = new_daemon(write_config(tmp_path, model_copy, proposals=[]))
     [outcome] = daemon.run_once()
     assert outcome.status == "succeeded", outcome.error
     labels = [c.label for c in outcome.result.report.plan.components]
-    # The prompts' categories are x and y (unknown to the library): the general prompt only.
-    assert labels == ["target"] + default_proposals({"x", "y"})
+    # The prompts' categories are x and y (unknown to the library): the general prompt only,
+    # and the target at 1.5 x its temperature (1).
+    assert labels == ["target"] + default_proposals({"x", "y"}) + ["temperature:1.5"]
     assert labels[1].startswith("system:")
+    assert outcome.result.to_dict()["adaptive"]["generation"] == 0
+    assert (tmp_path / "state" / "adaptive" / "tiny" / "state.json").is_file()
+
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    daemon = new_daemon(write_config(fixed, model_copy, proposals=[], adaptive={"enabled": False}))
+    [outcome] = daemon.run_once()
+    assert [c.label for c in outcome.result.report.plan.components] == ["target"] + default_proposals({"x", "y"})
+    assert "adaptive" not in outcome.result.to_dict()
+
+
+def test_an_adaptive_monitor_learns_across_restarts(tmp_path, model_copy):
+    """Three runs, each by a new daemon (a restart) on one state folder: each run's mixture is the
+    state left by the runs before, recorded with the run, and the update after each run is
+    recorded with it.
+
+    Catches: state kept in memory only (the third run would start from scratch), a run that does
+    not record which adapter and weights it used, an update that is not stored."""
+    cfg = write_config(tmp_path, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
+                       adaptive={"state_dir": "learnt", "steps": 10})
+    runs = []
+    for _ in range(3):
+        [outcome] = new_daemon(cfg).run_once()
+        assert outcome.status == "succeeded", outcome.error
+        store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
+        runs.append(store.get_run(outcome.run_id))
+        store.close()
+    used = [r["report"]["adaptive"] for r in runs]
+    updates = [u["update"] for u in used]
+    adopted = [u["adopted"] for u in updates]
+    assert adopted[:2] == [True, True], updates  # these seeds adopt both: the third run uses both
+    assert [u["generation"] for u in used] == [0, 1, 2]
+    assert [u["generation_after"] for u in updates] == [1, 2, 2 + adopted[2]]
+    third = runs[2]["report"]
+    lora = [c for c in third["components"] if c["label"].startswith("lora:")]
+    assert [c["label"] for c in lora] == [f"lora:{used[2]['adapter']}"]
+    assert used[2]["adapter"].startswith(str(tmp_path / "learnt" / "adapters"))
+    assert used[2]["adapter_sha256"] and "adapter" in used[2]["weights"]
+    # the shares the run drew with are the recorded weights, normalised in what the defensive share leaves
+    weights = used[2]["weights"]
+    total = sum(weights.values())
+    for c in third["components"][1:]:
+        key = "adapter" if c["label"].startswith("lora:") else c["label"]
+        assert c["share"] == pytest.approx(0.8 * weights[key] / total)
 
 
 def test_stored_settings_use_the_config_s_own_key_names(tmp_path, model_copy):

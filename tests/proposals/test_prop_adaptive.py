@@ -1,0 +1,197 @@
+"""Adaptive proposals (tailmon.proposals.adaptive) on the tiny model, against exact values.
+
+The event: a whole-response judge, `regex: is` (" is" anywhere in the reply), on prompt "ab",
+target temperature 0.5, 2-token replies: P = 4.37e-3, computed exactly by enumerating all 307
+responses. The monitor starts from `temperature:1.5` (and the target, defensive share 0.1) and
+learns after every run from that run's 200 samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tailmon.engines.base import Decoding, Variant
+from tailmon.errors import InputError
+from tailmon.estimation.pipeline import EstimationPlan, allocate, run_estimation
+from tailmon.estimation.prompts import PromptItem
+from tailmon.judges import parse_judge
+from tailmon.proposals import parse_proposal
+from tailmon.proposals.adaptive import ADAPTER_KEY, STATE_FILE, AdaptiveLearner, AdaptiveSettings
+
+PROMPT = "ab"
+JUDGE = "regex: is"
+TARGET = Variant("target", Decoding(temperature=0.5, max_new_tokens=2))
+START = ["temperature:1.5"]
+SETTINGS = AdaptiveSettings(steps=20, lr=0.01, rank=4, alpha=8, batch_size=16)
+N = 200
+REPEATS, RUNS = 25, 3
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_engine, enumerate_all):
+    """Every response the target can give (the untruncated support), its p and its score h."""
+    seqs, _ = enumerate_all(tiny_engine, PROMPT, Variant("all", Decoding(max_new_tokens=2)))
+    judge = parse_judge(JUDGE)
+    h = judge.score([PROMPT] * len(seqs), [tiny_engine.decode(s) for s in seqs])
+    p = np.exp(tiny_engine.score(PROMPT, TARGET, seqs))
+    return seqs, p, h
+
+
+def exact_sd(engine, plan, exact) -> float:
+    """The exact sd of the plan's stratified IS estimate (the formula of conftest.exact_is_design,
+    for any judge): Var = (1/n^2) sum_j n_j Var_{q_j}(w h), w = p / sum_j a_j q_j."""
+    seqs, p, h = exact
+    counts = np.array(allocate(plan.n_samples, [c.share for c in plan.components]))
+    q = np.exp(np.stack([engine.score(PROMPT, c.variant, seqs) for c in plan.components], axis=1))
+    mix = q @ (counts / plan.n_samples)
+    x = np.divide(p, mix, out=np.zeros_like(p), where=mix > 0) * h
+    var = sum(n_j * (np.sum(q[:, j] * x * x) - np.sum(q[:, j] * x) ** 2) for j, n_j in enumerate(counts) if n_j)
+    return math.sqrt(var) / plan.n_samples
+
+
+def one_run(engine, learner, seed, judge):
+    """A run as the daemon makes it: the mixture fixed from the state, estimate, then learn."""
+    mix = learner.mixture(START)
+    plan = EstimationPlan(target=TARGET, judge=judge, proposals=[parse_proposal(s) for s in mix.specs],
+                          weights=mix.weights, defensive=0.1, n_samples=N, seed=seed)
+    report = run_estimation(engine, plan, [PromptItem(PROMPT)])
+    record = learner.update(engine, TARGET, plan.components, report.results, seed=seed, judge=JUDGE)
+    return mix, plan, report.results[0].estimate, record
+
+
+@pytest.fixture(scope="module")
+def sequences(make_tiny_engine, exact, tmp_path_factory):
+    """REPEATS independent monitors (state folders, engines, seeds), RUNS runs each:
+    (generation, p_hat, exact sd of the run's own plan, update record) per run."""
+    P = float(exact[1] @ exact[2])
+    judge = parse_judge(JUDGE)
+    out = []
+    for r in range(REPEATS):
+        engine = make_tiny_engine()
+        learner = AdaptiveLearner(tmp_path_factory.mktemp(f"adaptive-{r}"), SETTINGS)
+        runs = []
+        for k in range(RUNS):
+            mix, plan, est, record = one_run(engine, learner, 1000 * r + k, judge)
+            runs.append((mix.record["generation"], est.p_hat, exact_sd(engine, plan, exact), record))
+        out.append(runs)
+    return P, out
+
+
+def test_the_event_is_rare_and_read_by_a_whole_response_judge(exact):
+    seqs, p, h = exact
+    P = float(p @ h)
+    assert 4e-3 < P < 5e-3, P
+    # hits that do not start with " is": the judge reads the whole reply, not a prefix
+    assert any(h[i] > 0 and seqs[i][0] != seqs[j][0] for i in range(len(seqs)) for j in [int(np.argmax(h))])
+
+
+def test_every_run_is_unbiased(sequences):
+    """Each run's mixture is fixed before its draws, so p_hat - P has mean 0 given the runs before.
+
+    Catches: weights that are not exact under the learnt adapter (sampling and scoring the adapter
+    differently, e.g. scoring it switched off: checked by making the engine score every LoRA
+    variant as the target, which fails this test with a mean z of about -5), and a mixture chosen
+    from the run's own draws.
+
+    Tolerance: z = (p_hat - P) / sd, sd the exact sd of that run's plan (computed from the plan,
+    which the earlier runs chose). Given the history, each z has mean 0 and variance 1 exactly, so
+    the z's of one sequence are martingale differences and their sum over all REPEATS x RUNS runs
+    has variance REPEATS x RUNS; |sum| / sqrt(75) > 4 has probability about 6e-5 under the normal
+    approximation (the z's are skewed: few hits in run 1; a mean of 25 of them per run index is
+    still close to normal, and 4 sd leaves room). The per-run-index means (independent repeats)
+    get the same 4 sd bound.
+    """
+    P, seqs = sequences
+    z = np.array([[(p_hat - P) / sd for _, p_hat, sd, _ in runs] for runs in seqs])
+    assert abs(z.sum()) / math.sqrt(z.size) < 4, z.mean(axis=0)
+    for k in range(RUNS):
+        assert abs(z[:, k].mean()) * math.sqrt(REPEATS) < 4, (k, z[:, k].mean())
+
+
+def test_the_variance_falls_over_runs(sequences):
+    """The third run's exact variance is far below the first's: what the first two runs learnt.
+
+    Catches: a monitor that does not learn (no update adopted, or the learnt adapter and weights
+    not used by the next run): then run 3's plan is run 1's and the ratio is exactly 1.
+
+    Measured with these seeds: run 1 (temperature:1.5 and the target) has sd 1.96e-3 in every
+    repeat; at run 3 the variance ratio has median 0.20 (0.04 .. 1); 21 of 25 repeats are lower,
+    and the 4 at 1.0 never adopted an update (no harmful sample among run 1's held-out half, so no
+    update could be judged). The assertions leave a margin from both that and no learning at all:
+    the median ratio below 0.5 and at least 60% of the repeats lower at run 3.
+    """
+    _, seqs = sequences
+    ratio = np.array([(runs[2][2] / runs[0][2]) ** 2 for runs in seqs])
+    assert np.median(ratio) < 0.5, np.sort(ratio)
+    assert np.mean(ratio < 1) >= 0.6, np.sort(ratio)
+    # the runs that fell used a learnt state (generation >= 1 before run 3)
+    assert all(runs[2][0] >= 1 for runs, r in zip(seqs, ratio) if r < 1)
+
+
+def test_updates_are_adopted_only_on_a_lower_held_out_variance(sequences):
+    """Every record says why; an adopted one has a lower held-out variance, a refused one not.
+
+    Catches: adoption decided on the samples that fitted the adapter (or not at all)."""
+    _, seqs = sequences
+    records = [rec for runs in seqs for *_, rec in runs]
+    assert any(r["adopted"] for r in records)
+    for r in records:
+        held = r["held_out"]
+        assert r["fit_samples"] + r["held_out_samples"] == N
+        assert abs(r["held_out_samples"] - N * SETTINGS.holdout) <= 2  # rounded within each component
+        if r["adopted"]:
+            assert held["variance_after"] < held["variance_before"], r
+            assert r["generation_after"] == r["generation_before"] + 1
+        else:
+            assert r["generation_after"] == r["generation_before"]
+            assert held["prompts_with_hits"] == 0 or held["variance_after"] >= held["variance_before"], r
+
+
+def test_the_state_survives_a_restart_and_a_checkpoint_change(make_tiny_engine, tmp_path):
+    """A new learner on the same folder (a restarted daemon) proposes exactly what the old one
+    would have; a new checkpoint keeps the adapter and is recorded once.
+
+    Catches: state kept in memory only, an adapter folder pruned while still current, a
+    checkpoint change that silently drops (or silently keeps, unrecorded) the learnt adapter."""
+    engine = make_tiny_engine()
+    judge = parse_judge(JUDGE)
+    learner = AdaptiveLearner(tmp_path, SETTINGS)
+    for k in range(3):
+        one_run(engine, learner, 7 + k, judge)
+    assert learner.generation >= 1 and learner.adapter_path is not None
+    before = learner.mixture(START, model_fingerprint=None)
+    again = AdaptiveLearner(tmp_path, SETTINGS)
+    after = again.mixture(START)
+    assert (after.specs, after.weights) == (before.specs, before.weights)
+    assert after.record["adapter_sha256"] == before.record["adapter_sha256"] is not None
+    assert [d.name for d in (tmp_path / "adapters").iterdir()] == [again.state["adapter"].split("/")[-1]]
+    assert len(again.state["history"]) == 3
+
+    # The adapter was trained with no fingerprint given: record one, then change it.
+    again.state["model"] = {"fingerprint": "A", "version": 1}
+    moved = again.mixture(START, model_fingerprint="B", model_version=2, run_id=9)
+    assert moved.record["checkpoint_changed"] and moved.specs == after.specs
+    again.mixture(START, model_fingerprint="B", model_version=2, run_id=10)
+    changes = json.loads((tmp_path / STATE_FILE).read_text())["checkpoint_changes"]
+    assert [(c["from"], c["to"], c["run_id"]) for c in changes] == [("A", "B", 9)]
+
+    (tmp_path / STATE_FILE).write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        AdaptiveLearner(tmp_path, SETTINGS)
+
+
+def test_a_run_without_hits_changes_nothing(make_tiny_engine, tmp_path):
+    """No harmful sample: nothing to fit, the state stays at generation 0 and says why.
+    Catches: an update fitted to nothing (a fresh random adapter adopted on no evidence)."""
+    engine = make_tiny_engine()
+    learner = AdaptiveLearner(tmp_path, SETTINGS)
+    mix, plan, est, record = one_run(engine, learner, 3, parse_judge("regex:^never$"))
+    assert est.p_hat == 0 and not record["adopted"] and "nothing to learn" in record["reason"]
+    assert learner.generation == 0 and learner.adapter_path is None
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+    assert AdaptiveLearner(tmp_path, SETTINGS).state["history"][-1]["reason"] == record["reason"]
+    assert ADAPTER_KEY not in learner.mixture(START).record["weights"]
