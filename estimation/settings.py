@@ -171,7 +171,7 @@ class AdaptiveConfig(Strict):
     holdout: float = Field(0.5, gt=0, lt=1)
     rank: int = Field(4, ge=1)
     alpha: float = Field(8.0, gt=0, allow_inf_nan=False)
-    lr: float = Field(5e-3, gt=0, allow_inf_nan=False)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     batch_size: int = Field(8, ge=1)
     kl: float = Field(0.25, ge=0, allow_inf_nan=False)
     hot_temperature: float | None = Field(None, gt=0, allow_inf_nan=False)

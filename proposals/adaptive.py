@@ -18,15 +18,16 @@ After the run, `AdaptiveLearner.update` learns from the run's weighted samples:
    its CEM rounds (same trainer, same KL(p || q) penalty that keeps q covering the target). The
    steps stop early when they have used `time_share` of the run's estimation time.
 3. **Weights.** Every sample of the run is scored under the new adapter; the relative mixture
-   weights of the starting components, the current adapter and the new one are tuned by
-   coordinate descent over a grid on the fit half, minimising the estimated variance of the
-   estimate (the formulas of `tailmon.proposals.tuning`: any candidate mixture's variance is
-   estimated from the run's samples by reweighting, since every sample has its log-prob under
-   every component). The last run is the next run's pilot.
-4. **Adoption.** The tuned candidate replaces the current mixture only if its estimated variance
-   on the held-out samples, which neither fitted the adapter nor chose the weights, is lower than
-   the current mixture's on the same samples. Otherwise nothing changes (the candidate adapter is
-   deleted).
+   weights are tuned by coordinate descent over a grid on the fit half, minimising the estimated
+   variance of the estimate (the formulas of `tailmon.proposals.tuning`: any candidate mixture's
+   variance is estimated from the run's samples by reweighting, since every sample has its
+   log-prob under every component), twice: over the run's own components (new weights only),
+   and over them with the new adapter in place of the current one. The last run is the next
+   run's pilot.
+4. **Adoption.** Of the two candidates, the one with the lower estimated variance on the
+   held-out samples (which neither fitted the adapter nor chose the weights) replaces the
+   current mixture only if that variance is lower than the current mixture's on the same
+   samples. Otherwise nothing changes (the candidate adapter is deleted).
 
 **State** lives in a folder per monitor: `state.json` (format tailmon-adaptive/1: generation, the
 current adapter's folder, the weights by component, the checkpoint the adapter was trained on,
@@ -94,7 +95,7 @@ class AdaptiveSettings:
     """Share of each run's samples held out to decide whether an update is adopted."""
     rank: int = 4
     alpha: float = 8.0
-    lr: float = 5e-3
+    lr: float = 1e-3
     batch_size: int = 8
     kl: float = 0.25
     hot_temperature: float | None = None
@@ -300,19 +301,24 @@ class AdaptiveLearner:
             for j in old:  # start from the new adapter in place of the old one
                 current[j] = 0.0
         fit_info = [h for h in fit if h.hits]
+        # Two candidates: the weights alone (the run's components), and the weights with the new
+        # adapter. The fit half flatters the adapter fitted to it; the held-out half decides.
+        weights_only = {j: float(self.state["weights"].get(keys[j], 1.0)) for j in range(1, cols)}
+        candidates = [weights_only] + ([current] if new_dir is not None else [])
         if fit_info:
-            best = self._descend(fit_info, slots, current, a0)
-        else:
-            best = current
-        chosen = {j: w for j, w in best.items() if w > 0}
+            candidates = [self._descend(fit_info, [s for s in slots if s[0] in c], c, a0) for c in candidates]
 
         # 3. adoption on the held-out half
         held_info = [h for h in held if h.hits]
         run_cols = list(range(1, cols))
         run_alphas = [float(c.share) for c in components[1:]]
         base_var, base_ess = _objective(held_info, [0] + run_cols, [a0] + run_alphas)
-        alphas = _alphas(chosen, a0)
-        new_var, new_ess = _objective(held_info, [0] + list(chosen), [a0] + alphas)
+        scored = []
+        for cand in candidates:
+            on = {j: w for j, w in cand.items() if w > 0}
+            scored.append((*_objective(held_info, [0] + list(on), [a0] + _alphas(on, a0)), on))
+        # NaN (no held-out hits) sorts as it comes: the first candidate, never adopted below
+        new_var, new_ess, chosen = min(scored, key=lambda t: (math.inf if math.isnan(t[0]) else t[0]))
         record["held_out"] = {"prompts_with_hits": len(held_info), "variance_before": _finite(base_var),
                               "variance_after": _finite(new_var), "ess_wh_per_sample_before": _finite(base_ess),
                               "ess_wh_per_sample_after": _finite(new_ess)}
