@@ -83,3 +83,21 @@ def runs_show(run_id, config_path, fmt):
     if run.get("report"):
         click.echo(estimates_table(run["report"]))
         click.echo(extrapolation_lines(run["report"]))
+        if run["report"].get("adaptive"):
+            click.echo(_adaptive_lines(run["report"]["adaptive"]))
+
+
+def _adaptive_lines(a: dict) -> str:
+    """What an adaptive monitor's run drew with, and what it learnt after."""
+    adapter = f"adapter {a['adapter']}" if a.get("adapter") else "no adapter yet"
+    lines = [f"adaptive proposal: generation {a['generation']}, {adapter}"
+             + (" (trained on another checkpoint)" if a.get("checkpoint_changed") else "")]
+    update = a.get("update")
+    if update:
+        held = update.get("held_out") or {}
+        before, after = held.get("variance_before"), held.get("variance_after")
+        figures = (f"; held-out variance {before:.3g} -> {after:.3g}"
+                   if before is not None and after is not None else "")
+        lines.append(f"after the run: generation {update['generation_before']} -> {update['generation_after']}: "
+                     f"{update['reason']}{figures}")
+    return "\n".join(lines)

@@ -48,6 +48,36 @@ def test_good_config_parses():
     assert cfg.metrics.address == "127.0.0.1"
 
 
+def test_adaptive_monitors_in_the_config():
+    """No proposals (or `proposals: adaptive`) make a monitor adaptive; fixed proposals do not,
+    unless `adaptive.enabled` says so; MC and a misspelt adaptive key are refused.
+    Catches: a monitor without proposals that silently stays on the fixed library, or the
+    shorthand read as a proposal spec."""
+    def mon(**change):
+        cfg = yaml.safe_load(yaml.safe_dump(GOOD))
+        cfg["monitors"][0].update(change)
+        return parse_config(yaml.safe_dump(cfg), "t.yaml").monitors[0]
+
+    assert not mon().is_adaptive
+    assert mon(proposals=[]).is_adaptive
+    explicit = mon(proposals="adaptive")
+    assert explicit.is_adaptive and explicit.proposals == () and explicit.adaptive.enabled
+    assert mon(adaptive={"enabled": True, "steps": 5}).is_adaptive
+    assert not mon(proposals=[], adaptive={"enabled": False}).is_adaptive
+    assert mon(proposals=[], adaptive={"steps": 3}).adaptive.learner_settings().steps == 3
+    # the default block leaves the stored config hash as before; a changed one changes it
+    assert mon().fingerprint() != mon(adaptive={"steps": 3}).fingerprint()
+    for change, expected in [
+        ({"proposals": [], "estimator": {"method": "mc"}, "adaptive": {"enabled": True}},
+         "t.yaml: monitors[0]: adaptive.enabled: a monitor with estimator.method 'mc'"),
+        ({"adaptive": {"stepz": 3}}, "t.yaml: monitors[0].adaptive.stepz: unknown key"),
+        ({"adaptive": {"holdout": 1}}, "t.yaml: monitors[0].adaptive.holdout: "),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            mon(**change)
+        assert str(err.value).startswith(expected), str(err.value)
+
+
 def test_example_config_is_valid():
     cfg = parse_config(EXAMPLE, "example")
     assert cfg.monitors[0].name == "assistant-prod"

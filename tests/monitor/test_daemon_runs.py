@@ -183,6 +183,15 @@ def test_an_adaptive_monitor_learns_across_restarts(tmp_path, model_copy):
     for c in third["components"][1:]:
         key = "adapter" if c["label"].startswith("lora:") else c["label"]
         assert c["share"] == pytest.approx(0.8 * weights[key] / total)
+    # `tailmon runs show` says it too
+    from click.testing import CliRunner
+
+    from tailmon.cli.main import main
+
+    shown = CliRunner().invoke(main, ["runs", "show", str(runs[2]["id"]), "--config", str(cfg)])
+    assert shown.exit_code == 0, shown.output
+    assert f"adaptive proposal: generation 2, adapter {used[2]['adapter']}" in shown.output
+    assert f"after the run: generation 2 -> {updates[2]['generation_after']}: {updates[2]['reason']}" in shown.output
 
 
 def test_stored_settings_use_the_config_s_own_key_names(tmp_path, model_copy):
