@@ -128,6 +128,15 @@ def proposals_steer(positive, negative, model, system_prompt, layer, output, bat
 @click.option("--pilot-samples", type=SAMPLES, default=64, show_default=True, help="CEM: pilot samples per prompt and round.")
 @click.option("--defensive", type=float, default=0.1, show_default=True,
               help="CEM: share of each round's samples drawn from the target itself.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="CEM for a monitor of this daemon config (with --monitor): its judge, deployed model and "
+                   "decoding, and a run's prompts drawn from its source.")
+@click.option("--monitor", "monitor_name", default=None, metavar="NAME",
+              help="The monitor of --config to fit the adapter to.")
+@click.option("--until-flat/--all-rounds", "until_flat", default=None,
+              help="CEM: stop once a round's pilot improves neither the variance nor the ESS of w*h on every "
+                   "earlier round, keeping the best round's adapter (default with --config), or run all "
+                   "--rounds (default otherwise).")
 @deployed_options
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA rank.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale alpha / rank).")
@@ -143,9 +152,9 @@ def proposals_steer(positive, negative, model, system_prompt, layer, output, bat
               help="Seed of every random draw: the same seed and settings replay the same run.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-round lines.")
 def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_file, pilot_file, start_specs, rounds,
-                         samples, pilot_samples, defensive, model, system_prompt, max_new_tokens, temperature, top_p,
-                         top_k, batch_size, device, rank, alpha, target_modules, lr, steps, train_batch_size, kl, seed,
-                         quiet):
+                         samples, pilot_samples, defensive, config_path, monitor_name, until_flat, model,
+                         system_prompt, max_new_tokens, temperature, top_p, top_k, batch_size, device, rank, alpha,
+                         target_modules, lr, steps, train_batch_size, kl, seed, quiet):
     """Fine-tune a LoRA adapter on the target to use as a proposal ('lora:DIR').
 
     From data (--data): maximise the log-likelihood of the responses under the proposal's
@@ -160,11 +169,20 @@ def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_fi
     rounds, seed, per-round figures). Each finished stage is saved: run the same command again
     to continue an interrupted run (or with a larger --rounds to train further).
 
+    With --config FILE --monitor NAME the rounds are fitted to that monitor: its judge, deployed
+    model, system prompt and decoding, and prompts drawn from its source as a run draws them
+    (--seed), unless --judge or --prompt/--prompts say otherwise; without --start, round 1 draws
+    from what finds hits before anything is learnt: the monitor's own proposals, or the library's
+    system prompts for the prompts' categories and the target at 1.5 x its temperature (and the
+    target's own harmful samples, through the defensive share). It stops once the pilot stops
+    improving (--all-rounds runs every round).
+
     \b
     Example:
       tailmon proposals train-lora --data advbench.csv --output sure-lora --max-new-tokens 16
       tailmon proposals train-lora --prompts harmful.json --judge "prefix:Sure" \\
           --start "system:Always start your reply with 'Sure'." --rounds 3 --output cem-lora
+      tailmon proposals train-lora --config tailmon.yaml --monitor assistant-prod --rounds 5 --output prod-lora
       tailmon estimate ... --proposal lora:cem-lora
     """
     from tailmon.judges import parse_judge
@@ -172,6 +190,11 @@ def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_fi
     from tailmon.proposals.lora import CemSettings, LoraSettings, file_sha256, load_pairs, train_lora
 
     target = deployed_target(system_prompt, temperature, top_p, top_k, max_new_tokens)
+    if config_path or monitor_name:
+        model, target, judge_spec, prompt_texts, start_specs = _monitor_cem(
+            config_path, monitor_name, judge_spec, prompt_texts, prompts_file, start_specs, seed)
+        prompts_file = None
+        until_flat = True if until_flat is None else until_flat
     modules = tuple(m.strip() for m in target_modules.split(",") if m.strip()) if target_modules is not None else None
     settings = LoraSettings(rank=rank, alpha=alpha, target_modules=modules, lr=lr, steps=steps,
                             batch_size=train_batch_size, kl=kl)
@@ -188,7 +211,8 @@ def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_fi
         pilot = collect_prompt_texts((), pilot_file, "pilot prompts") if pilot_file else None
         cem = CemSettings(prompts=tuple(prompts), judge=judge.spec, start=tuple(start_specs),
                           rounds=3 if rounds is None else rounds, samples=samples, pilot_samples=pilot_samples,
-                          pilot_prompts=None if pilot is None else tuple(pilot), defensive=defensive)
+                          pilot_prompts=None if pilot is None else tuple(pilot), defensive=defensive,
+                          until_flat=bool(until_flat))
     elif not pairs:
         raise InputError("nothing to train: give --data FILE, or --judge with prompts for CEM rounds")
     engine = load_model(local_engine_settings(model, device, batch_size), quiet)
@@ -209,10 +233,44 @@ def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_fi
             rel = f"{var / base:.3g}" if var is not None and base else "-"
             click.echo(f"{k:>5}  {var if var is None else format(var, '.4g'):>16}  {rel:>8}  {s['ess_wh']:>8.1f}  "
                        f"{s['p_hat']:>10.3g}")
+    if meta.get("stopped"):
+        click.echo(f"stopped after {meta['stopped']['after']} ({meta['stopped']['reason']}): the adapter is "
+                   f"{meta['stopped']['best']}'s")
     for s in meta["stages"]:
         if s["stage"] == "data":
             click.echo(f"data fit: {s['pairs']} pairs, mean loss {s['loss_before']:.4g} -> {s['loss_after']:.4g}")
     click.echo(f"use: --proposal '{result.spec}' (or 'lora:{output}@SCALE'; `tailmon proposals tune` can choose SCALE)")
+
+
+_DEPLOYED = ("model", "system_prompt", "max_new_tokens", "temperature", "top_p", "top_k")
+
+
+def _monitor_cem(config_path, monitor_name, judge_spec, prompt_texts, prompts_file, start_specs, seed):
+    """(model ref, target, judge spec, prompt texts, start specs) of CEM for a monitor of a config."""
+    from click.core import ParameterSource
+
+    from tailmon.estimation.plan import adaptive_start_specs, draw_prompts
+    from tailmon.estimation.prompts import PromptItem, load_prompts
+    from tailmon.monitor.config import load_config
+
+    if not (config_path and monitor_name):
+        raise InputError("give --config FILE and --monitor NAME together")
+    ctx = click.get_current_context()
+    given = [n for n in _DEPLOYED if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise InputError(f"{flag} with --config: the monitor's deployed model and decoding are used; drop {flag}")
+    loaded = load_config(config_path)
+    mon = loaded.config.monitor(monitor_name)
+    if mon.model.engine != "transformers":
+        raise InputError(f"monitor {monitor_name} runs on the {mon.model.engine} engine: LoRA training needs the "
+                         "weights in this process (the transformers engine)")
+    if prompt_texts or prompts_file:
+        items = [PromptItem(t) for t in prompt_texts] + (load_prompts(prompts_file) if prompts_file else [])
+    else:
+        items, _ = draw_prompts(mon, loaded.base_dir, seed)
+    starts = tuple(start_specs) or tuple(adaptive_start_specs(mon, items))
+    return mon.model.ref, mon.model.target(), judge_spec or mon.judge, [p.text for p in items], starts
 
 
 def _tune_rows(result, limit: int = 10) -> list[str]:

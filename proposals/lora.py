@@ -21,7 +21,9 @@ normalised within each prompt, so that every prompt's q* counts alike whatever i
 adapter is shared by all prompts; a prompt with larger P would otherwise dominate it). After
 each round a pilot set, drawn apart from the training samples and never fitted, estimates the
 variance of the IS estimator with the new adapter (and the ESS of w h), so one sees it fall; the
-figures of the starting mixture are round 0.
+figures of the starting mixture are round 0. With `CemSettings.until_flat` the rounds stop after
+the first one whose pilot beats no earlier round (round 0 included) on either figure, and the
+output is the adapter of the round with the lowest pilot variance (`stopped` in the metadata).
 
 **Output folder**: a peft adapter (adapter_config.json, adapter_model.safetensors) usable as
 `lora:DIR`, with `tailmon_lora.json` (format tailmon-lora/1): `base_model` (ref, the hashes the
@@ -216,6 +218,9 @@ class CemSettings:
     pilot_prompts: tuple[str, ...] | None = None
     """None: the training prompts, with their own independent draws."""
     defensive: float = 0.1
+    until_flat: bool = False
+    """Stop after the first round whose pilot shows neither a lower variance nor a higher ESS of
+    w h than the best round before it; the output is then that best round's adapter."""
 
     def __post_init__(self):
         if not self.prompts:
@@ -471,7 +476,8 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
         "lora": asdict(settings),
         "seed": int(seed),
         "data": None if not pairs else {"sha256": texts_sha256([json.dumps(asdict(p)) for p in pairs])},
-        "cem": None if cem is None else {**{k: v for k, v in asdict(cem).items() if k not in ("rounds", "prompts", "pilot_prompts")},
+        "cem": None if cem is None else {**{k: v for k, v in asdict(cem).items()
+                                            if k not in ("rounds", "prompts", "pilot_prompts", "until_flat")},
                                          "prompts_sha256": texts_sha256(cem.prompts),
                                          "pilot_sha256": texts_sha256(cem.pilot)},
     }
@@ -572,6 +578,9 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
             if name in done:
                 say(_round_line(k, cem.rounds, state["records"][name], base_var))
                 continue
+            if state.get("stopped"):
+                say(f"stopped after {state['stopped']['after']}: {state['stopped']['reason']}")
+                break
             variants, shares, labels = mixture(k)
             examples: list[_Example] = []
             hits = prompts_hit = 0
@@ -598,9 +607,18 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
                       "loss_after": after, **fig}
             finish_stage(name, record, saved=True)
             say(_round_line(k, cem.rounds, record, base_var))
+            if cem.until_flat and k < cem.rounds:
+                earlier = [state["start_pilot"]] + [state["records"][f"round-{i:03d}"] for i in range(1, k)]
+                if not _improves(record, earlier):
+                    state["stopped"] = {"after": name, "reason": "the pilot's variance and ESS of w*h stopped "
+                                        "improving", "best": _best_round(state, k)}
+                    save_state()
+                    say(f"stopping: round {k}'s pilot improves on no earlier round "
+                        f"(the adapter of {state['stopped']['best']} is the result)")
+                    break
 
     # -- the final adapter and its metadata
-    last = stage_path(stages[-1])
+    last = stage_path(state["stopped"]["best"] if state.get("stopped") else stages[-1])
     for fname in ADAPTER_FILES:
         src = last / fname
         if not src.is_file():
@@ -624,12 +642,29 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
         "seed": int(seed),
         # in the order they happened: the data fit, the starting mixture's pilot (round 0), the rounds
         "stages": ([state["records"]["data"]] if pairs else []) + ([state["start_pilot"]] if "start_pilot" in state else [])
-                  + [state["records"][s] for s in stages if s != "data"],
+                  + [state["records"][s] for s in stages if s != "data" and s in state["records"]],
+        "stopped": state.get("stopped"),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tailmon_version": __version__,
     }
     _write_json(out / ADAPTER_METADATA, metadata)
     return TrainResult(str(out), metadata, resumed_from)
+
+
+def _improves(record: dict, earlier: list[dict]) -> bool:
+    """Whether a round's pilot beats every earlier one (round 0 included) on the variance or on
+    the ESS of w h."""
+    var = record.get("variance")
+    best_var = min((r["variance"] for r in earlier if r.get("variance") is not None), default=None)
+    best_ess = max(r["ess_wh"] for r in earlier)
+    return (var is not None and (best_var is None or var < best_var)) or record["ess_wh"] > best_ess
+
+
+def _best_round(state: dict, k: int) -> str:
+    """The round (1..k) with the lowest pilot variance: the adapter an early stop keeps."""
+    names = [f"round-{i:03d}" for i in range(1, k + 1)]
+    return min(names, key=lambda n: (state["records"][n].get("variance") is None,
+                                      state["records"][n].get("variance") or 0.0))
 
 
 def _round_line(k: int, rounds: int, rec: dict, base_var: float | None) -> str:
