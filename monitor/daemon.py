@@ -337,8 +337,6 @@ class Daemon:
             self.metrics.running.labels(name).set(0)
             with self._current_lock:
                 self._current.pop(name, None)
-        if learner is not None:
-            self._adapt(mon, learner, engine, report, run_id, seed, timings, fingerprint, version)
         ended = time.time()
         figures = result.figures
         self.metrics.record_figures(name, figures)
@@ -346,6 +344,8 @@ class Daemon:
         log.info("monitor %s: run %d succeeded in %.0f s: P(harm) = %.3g [%.3g, %.3g]%s", name, run_id,
                  ended - started, figures.p_hat, figures.ci_low, figures.ci_high,
                  "" if figures.reliable else f" (unreliable for {figures.n_unreliable} prompt(s))")
+        if learner is not None and not self._cancel.is_set():  # after the run is stored and exported
+            self._adapt(mon, learner, engine, report, run_id, seed, timings, fingerprint, version)
         return RunOutcome(name, run_id, "succeeded", result=result)
 
     def _close(self, name, run_id, status, started, counter, timings, error) -> RunOutcome:
