@@ -350,3 +350,25 @@ def test_credentials_are_masked_in_settings_reports_and_errors(store, build_repo
     assert "guard.example" in dump  # the dump does contain the stored settings
     for secret in ("pw-settings", "key-settings", "tok-report", "pw-error"):
         assert secret not in dump
+
+
+def test_an_adaptive_update_is_kept_with_its_run(store, build_report):
+    """`record_adaptive_update` adds the update to the closed run's report, keeping what the run
+    drew with, on both backends; a run without a report is refused.
+    Catches: the update overwriting the run's `adaptive` block (which adapter and weights it
+    used), or written to another run."""
+    report, _ = build_report(["a b", "c d"])
+    report["adaptive"] = {"generation": 2, "adapter": "/state/adapters/gen-0002", "weights": {"adapter": 4.0}}
+    first, second = start(store), start(store)
+    store.finish_run(first, "succeeded", report=report)
+    store.finish_run(second, "succeeded", report=build_report(["e f"])[0])
+    update = {"adopted": True, "generation_before": 2, "generation_after": 3, "reason": "adopted: ...",
+              "held_out": {"variance_before": 2.5e-5, "variance_after": 1.0e-5}}
+    store.record_adaptive_update(first, update)
+    stored = store.get_run(first)["report"]
+    assert stored["adaptive"] == {**report["adaptive"], "update": update}
+    assert {k: v for k, v in stored.items() if k != "adaptive"} == {k: v for k, v in report.items() if k != "adaptive"}
+    assert "adaptive" not in store.get_run(second)["report"]
+    running = start(store)
+    with pytest.raises(RuntimeFailure, match=f"run {running} has no report"):
+        store.record_adaptive_update(running, update)
