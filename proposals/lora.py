@@ -607,7 +607,7 @@ def train_lora(engine, output: str | os.PathLike, *, target: Variant, settings: 
                       "loss_after": after, **fig}
             finish_stage(name, record, saved=True)
             say(_round_line(k, cem.rounds, record, base_var))
-            if cem.until_flat and k < cem.rounds:
+            if cem.until_flat:
                 earlier = [state["start_pilot"]] + [state["records"][f"round-{i:03d}"] for i in range(1, k)]
                 if not _improves(record, earlier):
                     state["stopped"] = {"after": name, "reason": "the pilot's variance and ESS of w*h stopped "
