@@ -244,3 +244,36 @@ def test_a_run_past_its_time_limit_fails_at_a_checkpoint_and_loses_nothing(tmp_p
     get = daemon.metrics.registry.get_sample_value
     assert get("tailmon_runs_total", {"monitor": "tiny", "status": "failed"}) == 1
     assert get("tailmon_run_in_progress", {"monitor": "tiny"}) == 0
+
+
+def test_an_adaptive_monitor_keeps_its_adapter_across_a_checkpoint_change(tmp_path, model_copy):
+    """A new checkpoint in the model folder: the next run still draws with the learnt adapter
+    (its weights stay exact: p is scored under the new target), says so in its record and in
+    every estimate's warnings, and the state records the change once.
+
+    Catches: a learnt adapter silently dropped, or silently kept without a record, when the
+    deployed checkpoint changes."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = write_config(tmp_path, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
+                       adaptive={"state_dir": "learnt", "steps": 10})
+    for _ in range(2):
+        [outcome] = new_daemon(cfg).run_once()
+    learnt = outcome.result.to_dict()["adaptive"]
+    adapter = json.loads((tmp_path / "learnt" / "state.json").read_text())["adapter"]
+    assert adapter is not None  # these seeds adopt an adapter in the first two runs
+    weights = next(model_copy.glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.01  # another checkpoint of the same model
+    save_file(tensors, weights, metadata={"format": "pt"})
+    [changed] = new_daemon(cfg).run_once()
+    assert changed.status == "succeeded", changed.error
+    record = changed.result.to_dict()["adaptive"]
+    assert record["checkpoint_changed"] and record["adapter"] == str((tmp_path / "learnt" / adapter).resolve())
+    assert record["generation"] >= learnt["generation"]
+    assert record["adapter_trained_on"]["version"] == 1
+    assert all(any("another checkpoint" in w for w in r.estimate.warnings) for r in changed.result.report.results)
+    changes = json.loads((tmp_path / "learnt" / "state.json").read_text())["checkpoint_changes"]
+    assert [(c["from_version"], c["to_version"], c["run_id"]) for c in changes] == [(1, 2, changed.run_id)]
