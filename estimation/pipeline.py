@@ -191,7 +191,7 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
              score_all=False, rescore=plan.rescore_samples if plan.method == "is" else 0)
     if plan.method == "mc":  # no weights: the sampled log-probs are not used
         est = monte_carlo(d.scores, confidence=plan.confidence)
-        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn, d.ids, d.logq, d.shares)
+        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn, None, d.ids, d.logq, d.shares)
     # The realised shares n_j / n (not the nominal ones) make the estimator exactly unbiased.
     log_w = d.log_w
     est = importance_sampling(log_w, d.scores, component=d.drawn, defensive=float(d.shares[0]),
