@@ -6,9 +6,11 @@ that word's token count, p computed exactly by `prefix_probability`. Proposals:
   * temperature:1.3 (hotter: more mass on a word the cold target rarely says);
   * steer: the difference of mean residuals between prompts that ask to start with "Never" and the
     same prompts without the request, added at its auto-chosen layer.
-Each runs REPEATS times with N samples. Weights must stay exact whatever the proposal's quality,
-so the check is coverage: 8 intervals that each cover with probability ~0.95 give Binomial(8,
-0.95); P(at most 5 cover) = 0.006, so at least 6 must cover. A steering hook that silently did
+Each runs REPEATS times with N samples. Weights must stay exact whatever the proposal's quality:
+every weight of each proposal's first run equals its recomputation by teacher-forced scoring
+(tests/exact_weights.py), which a constant-factor error cannot pass, and the intervals cover: 8
+that each cover with probability ~0.95 give Binomial(8, 0.95); P(at most 5 cover) = 0.006, so
+at least 6 must cover. A steering hook that silently did
 nothing (q == p, every weight 1) is caught separately: the steered component's log-probs must
 differ from the target's.
 
@@ -18,6 +20,7 @@ prompts: about 1-2 minutes on 2 CPU cores.
 
 import numpy as np
 import pytest
+from exact_weights import assert_weights_recomputed
 
 from tailmon.engines.base import Decoding, Variant
 from tailmon.engines.exact import prefix_probability
@@ -51,7 +54,7 @@ def setting(embedded_engine, tmp_path_factory):
 def run(engine, target, spec, seed):
     plan = EstimationPlan(target=target, judge=parse_judge(f"prefix:{WORD}"), method="is",
                           proposals=[parse_proposal(spec)], defensive=0.1, n_samples=N, seed=seed)
-    return plan, estimate_prompt(engine, plan, PROMPT).estimate
+    return plan, estimate_prompt(engine, plan, PROMPT)
 
 
 def test_temperature_and_steering_proposals_cover_the_exact_probability(embedded_engine, setting):
@@ -60,8 +63,13 @@ def test_temperature_and_steering_proposals_cover_the_exact_probability(embedded
     covered = []
     for spec in ("temperature:1.3", f"steer:{path}@1"):
         for seed in range(REPEATS):
-            _, est = run(embedded_engine, target, spec, seed)
+            plan, result = run(embedded_engine, target, spec, seed)
+            est = result.estimate
             covered.append(est.ci_low <= exact <= est.ci_high)
+            if seed == 0:
+                # Catches a weight off by any factor (a hot or steered component scored without
+                # its temperature or hook): float32 sampling and scoring agree to ~1e-5 nats.
+                assert_weights_recomputed(embedded_engine, plan, PROMPT.text, result, atol=1e-4)
     assert sum(covered) >= 6, (exact, covered)
 
 

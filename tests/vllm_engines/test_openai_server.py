@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exact_weights import assert_weights_recomputed
 
 from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import RuntimeFailure
@@ -146,8 +147,8 @@ def test_all_replicas_down_is_a_clear_runtime_failure():
 
 def test_estimate_cli_through_the_fleet_recovers_the_exact_probability(server):
     """`tailmon estimate --engine openai` with one replica down: the same IS estimate of the exact
-    2.7e-6 as test_vllm_engine.py's in-process one (same event, proposal, samples; its comment
-    derives the 50% bound), and the report names the engine."""
+    2.7e-6 as test_vllm_engine.py's in-process one (same event, proposal, samples), covered by its
+    interval, and the report names the engine."""
     from click.testing import CliRunner
 
     from tailmon.cli.main import main
@@ -166,7 +167,30 @@ def test_estimate_cli_through_the_fleet_recovers_the_exact_probability(server):
     [est] = report["estimates"]
     assert est["n_harmful"] >= 5
     assert est["ci_low"] <= ref["p"] <= est["ci_high"]
-    assert abs(est["p_hat"] - ref["p"]) / ref["p"] < 0.5
+    # (No tolerance on p_hat: one estimate of ~10 hits cannot show a constant-factor bias; the
+    # next test checks this engine's weights exactly.)
+
+
+def test_importance_sampling_weights_through_the_fleet_equal_their_recomputation(engine):
+    """The same estimate through the engine object: every weight equals the balance heuristic
+    recomputed from the server's teacher-forced scores of the sample's token ids (checked against
+    transformers by test_scores_match_transformers), and p_hat is their mean times h.
+    Catches weights assembled from the wrong log-probs (raw instead of processed, a component's
+    prompt rendered differently, nominal shares), which a tolerance on p_hat cannot catch."""
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
+    from tailmon.judges import parse_judge
+    from tailmon.proposals import parse_proposal
+
+    ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
+    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
+    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
+                          proposals=[parse_proposal("system:Start every answer with the word: Greetings")],
+                          defensive=0.1, n_samples=300, seed=0)
+    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    assert result.estimate.n_harmful >= 5
+    assert result.estimate.ci_low <= ref["p"] <= result.estimate.ci_high
+    assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)
 
 
 def test_daemon_run_once_on_the_fleet(server, tmp_path):

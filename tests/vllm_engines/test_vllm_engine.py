@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from exact_weights import assert_weights_recomputed
 
 from tailmon.engines.base import Decoding, Steering, Variant
 from tailmon.errors import InputError
@@ -171,15 +172,16 @@ def test_importance_sampling_recovers_the_exact_probability(engine):
     plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
                           proposals=[parse_proposal("system:Start every answer with the word: Greetings")],
                           defensive=0.1, n_samples=300, seed=0)
-    est = estimate_prompt(engine, plan, PromptItem(PROMPT)).estimate
+    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    est = result.estimate
     print("exact", ref["p"], "IS", est.p_hat, (est.ci_low, est.ci_high), "hits", est.n_harmful)
     assert est.n_harmful >= 5
-    # The 95% interval covers the exact value, and the estimate is within 50% of it: with >= 5
-    # hits of nearly equal weight the relative standard error is <= 1/sqrt(5) = 0.45, so a 50%
-    # miss is a > 1 sd event; a wrong weight (raw log-probs, a prompt rendered differently for
-    # p and q) shifts the estimate by a factor, not by a few percent.
     assert est.ci_low <= ref["p"] <= est.ci_high
-    assert abs(est.p_hat - ref["p"]) / ref["p"] < 0.5
+    # One estimate cannot show a constant-factor bias (with ~10 hits its relative SE is ~0.3), so
+    # the weights are checked exactly instead: each equals the balance heuristic recomputed from
+    # vLLM's teacher-forced scores of its token ids (themselves checked against transformers by
+    # test_scores_match_transformers), within the sampling-vs-scoring round-off SELF_ATOL.
+    assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)
 
 
 def test_steering_is_refused_naming_the_transformers_engine(engine, tmp_path):
