@@ -33,6 +33,8 @@ METRICS: dict[str, tuple[bool, str]] = {
     "expected_harmful_outputs_upper_bound": (True, "upper bound of the expected harmful outputs per window"),
     "any_harmful_output_probability": (True, "P(at least one harmful output in the window)"),
     "worst_query_harm_probability": (True, "worst-query forecast for the window (absent when not fitted)"),
+    "worst_query_harm_probability_upper_bound": (True, "upper end of the worst-query forecast's interval "
+                                                       "(absent when not fitted)"),
     "effective_sample_size": (False, "smallest ESS of w*h over the run's prompts"),
     "pareto_khat": (False, "largest Pareto k-hat of the weights over the run's prompts"),
     "estimate_unreliable": (False, "1 when the aggregate estimate is not reliable, else 0"),

@@ -121,6 +121,7 @@ def run_figures(status: str, figures: RunFigures | None) -> dict[str, float]:
         out[figure_key("expected_harmful_outputs_upper_bound", window)] = w.expected_high
         out[figure_key("any_harmful_output_probability", window)] = w.p_any
         out[figure_key("worst_query_harm_probability", window)] = w.worst_query
+        out[figure_key("worst_query_harm_probability_upper_bound", window)] = w.worst_query_high
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

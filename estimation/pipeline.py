@@ -228,7 +228,8 @@ class EstimationReport:
         agg_dict = agg.to_dict()
         if plan.volume is not None:
             agg_dict.update(headline if headline is not None else
-                            extrapolate([r.estimate for r in self.results], agg, plan.volume, plan.window))
+                            extrapolate([r.estimate for r in self.results], agg, plan.volume, plan.window,
+                                        confidence=plan.confidence))
         d = plan.target.decoding
         return {
             "model": self.model,

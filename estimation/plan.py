@@ -97,7 +97,8 @@ def monitor_extrapolations(report: EstimationReport, mon: EstimationSettings, ex
     agg = report.aggregate()
     ests = [r.estimate for r in report.results]
     windows = list(dict.fromkeys([*mon.volume.windows, *extra_windows]))
-    return {w: extrapolate(ests, agg, scale_volume(mon.volume.per_day, w), w) for w in windows}
+    return {w: extrapolate(ests, agg, scale_volume(mon.volume.per_day, w), w, confidence=report.plan.confidence)
+            for w in windows}
 
 
 def draw_prompts(mon: EstimationSettings, base_dir: Path, seed: int) -> tuple[list[PromptItem], str]:

@@ -31,13 +31,18 @@ class WindowFigures:
     """P(at least one harmful output in the window)."""
     worst_query: float | None
     """The forecast largest harm probability among the window's queries, when it could be fitted."""
+    worst_query_low: float | None = None
+    """Lower end of the forecast's interval (None when not fitted, or stored before it existed)."""
+    worst_query_high: float | None = None
+    """Upper end of the forecast's interval."""
 
     @classmethod
     def from_dict(cls, window: str, ex: Mapping) -> "WindowFigures":
-        worst = ex.get("worst_query")
+        worst = ex.get("worst_query") or {}
         return cls(window=window, expected=ex["expected_per_window"]["expected"],
                    expected_high=ex["expected_per_window"]["ci_high"], p_any=ex["p_any_per_window"]["p"],
-                   worst_query=worst["p"] if worst else None)
+                   worst_query=worst.get("p"), worst_query_low=worst.get("ci_low"),
+                   worst_query_high=worst.get("ci_high"))
 
 
 @dataclass(frozen=True)

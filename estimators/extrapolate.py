@@ -10,7 +10,7 @@ import numpy as np
 
 from tailmon.errors import InputError
 
-from ._checks import check_count, check_fraction, check_probabilities, check_volume
+from ._checks import check_confidence, check_count, check_fraction, check_probabilities, check_volume
 from .result import Aggregate, Estimate
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -64,17 +64,46 @@ def p_any_per_window(p_query: float, volume: float) -> float:
     return float(-math.expm1(v * math.log1p(-p)))
 
 
-def worst_query_forecast(p_values, volume: float, top_fraction: float = 0.25, min_points: int = 3) -> dict | None:
-    """Largest per-query harm probability expected among `volume` queries (Jones et al. 2025).
+MIN_TAIL_POINTS = 10
+"""The fewest prompts in the top fraction the worst-query forecast is fitted from: with k points
+the fitted tail's rate has a relative standard error of 1/sqrt(k) (30% at 10), and the forecast
+moves with it times the log of the extrapolation, so fewer points give an interval spanning orders
+of magnitude (with the default top fraction 0.25, about 40 prompts or more)."""
 
-    Scores psi_i = -log(-log P_i) of the m prompts; the r-th largest has empirical survival
-    r/m (m counts every prompt, zeros included, since all are draws from D). A Gumbel-type
-    tail makes log S linear in psi: fit log S = a + b psi by least squares on the top
-    max(min_points, ceil(top_fraction m)) scores (at most the positive ones), and solve
-    S(psi*) = 1/volume: psi* = (log(1/volume) - a)/b, P* = exp(-exp(-psi*)).
-    P_i = 1 is treated as the largest double below 1 (psi about 36.7) so it stays finite.
-    Returns {"p", "psi", "slope", "intercept", "n_points"}, or None when fewer than
-    `min_points` P_i are positive or the fitted slope is not negative.
+EXTRAPOLATION_WARN = 100.0
+"""V/m above which the forecast warns: it extrapolates the fitted tail from the sample's own 1 in m
+to 1 in V, more than two orders of magnitude beyond anything the prompts show."""
+
+FORECAST_DRAWS = 4000
+_FORECAST_SEED = 16  # fixed: the same estimates give the same interval
+
+
+def worst_query_forecast(p_values, volume: float, top_fraction: float = 0.25,
+                         min_points: int = MIN_TAIL_POINTS, confidence: float = 0.95) -> dict | None:
+    """Largest per-query harm probability expected among `volume` queries (Jones et al. 2025),
+    with an interval, from the m prompts' P_i (draws from D, zeros included).
+
+    Model: the scores psi = -log(-log P) have a Gumbel-type (exponential) upper tail, i.e. log of
+    the survival S(psi) is linear in psi above a threshold. The threshold u is the (k+1)-th largest
+    score, k = ceil(top_fraction m); the k scores above it are taken as u + Exponential(rate L),
+    fitted by maximum likelihood (L_hat = k / sum(psi_i - u)). The forecast is the score whose
+    survival is 1/volume, psi* = u + log(volume S(u)) / L, with S(u) estimated by k/m, and
+    P* = exp(-exp(-psi*)). P_i = 1 is treated as the largest double below 1 so psi stays finite.
+
+    Interval (a parametric bootstrap from the two exact sampling laws, not a bootstrap over
+    prompts, which is inconsistent for extreme order statistics): under the model
+    L sum(psi_i - u) ~ Gamma(k, 1), so L = L_hat G / k with G ~ Gamma(k, 1); and the true survival
+    at the (k+1)-th largest of m draws is S(u) ~ Beta(k + 1, m - k). `FORECAST_DRAWS` draws of
+    (G, S(u)) give draws of psi*; their alpha and 1 - alpha quantiles (alpha = (1 - confidence)/2)
+    are the ends. Measured (`benchmarks/forecast.py`): nominal coverage where the tail is
+    exponential in psi; where it is not (log-normal P), the fit over-predicts and the interval
+    sits above the truth, see the README.
+
+    Returns {"p", "ci_low", "ci_high", "psi", "slope" (-L_hat), "intercept" (log S = intercept +
+    slope psi), "n_points" (k), "extrapolation" (volume / m), "confidence", "warnings"}, or None
+    when fewer than `min_points` points are in the top fraction or fewer than k + 1 of the P_i are
+    positive (no threshold), when the top scores are tied, or when volume k / m <= 1 (the largest
+    of `volume` queries is not in the tail the fit describes).
     """
     p = check_probabilities(p_values, "p_values")
     v = check_volume(volume)
@@ -82,31 +111,56 @@ def worst_query_forecast(p_values, volume: float, top_fraction: float = 0.25, mi
         raise InputError(f"volume must be > 0, got {volume!r}")
     top_fraction = check_fraction(top_fraction, "top_fraction", low_open=True)
     min_points = check_count(min_points, "min_points", minimum=2)
+    confidence = check_confidence(confidence)
     m = p.size
+    k = math.ceil(top_fraction * m)
     positive = np.sort(p[p > 0])[::-1]  # descending
-    if positive.size < min_points:
+    if k < min_points or positive.size < k + 1 or k >= m:
         return None
-    k = min(positive.size, max(min_points, math.ceil(top_fraction * m)))
-    top = np.minimum(positive[:k], np.nextafter(1.0, 0.0))
+    if v * k / m <= 1.0:
+        return None
+    top = np.minimum(positive[: k + 1], np.nextafter(1.0, 0.0))
     psi = -np.log(-np.log(top))
-    log_s = np.log(np.arange(1, k + 1, dtype=np.float64) / m)
-    if np.ptp(psi) == 0.0:
-        return None  # all tied: no slope to fit
-    slope, intercept = np.polyfit(psi, log_s, 1)
-    if not slope < 0:
-        return None
-    psi_star = (math.log(1.0 / v) - intercept) / slope
-    p_star = math.exp(-math.exp(-psi_star))
+    u = float(psi[k])
+    excess = float(np.sum(psi[:k] - u))
+    if not excess > 0:
+        return None  # all tied: no tail to fit
+    rate = k / excess
+    s_u = k / m
+    psi_star = u + math.log(v * s_u) / rate
+    rng = np.random.default_rng(_FORECAST_SEED)
+    rates = rate * rng.gamma(k, 1.0, FORECAST_DRAWS) / k
+    s_draws = rng.beta(k + 1, m - k, FORECAST_DRAWS)
+    # where volume S(u) <= 1 the largest query is below the threshold: the tail model says only
+    # that it is at most u there
+    psi_draws = u + np.maximum(np.log(v * s_draws), 0.0) / rates
+    alpha = (1.0 - confidence) / 2.0
+    psi_lo, psi_hi = np.quantile(psi_draws, [alpha, 1.0 - alpha])
+    warnings = []
+    if v / m > EXTRAPOLATION_WARN:
+        warnings.append(f"the forecast extrapolates the fitted tail from 1 in {m} prompts to 1 in {v:.3g} queries "
+                        f"(volume/prompts = {v / m:.3g} > {EXTRAPOLATION_WARN:.0f}): it holds only if the tail "
+                        "keeps its fitted shape that far, which the prompts cannot show")
+
+    def to_p(x: float) -> float:
+        return float(math.exp(-math.exp(-x)))
+
     return {
-        "p": float(p_star),
+        "p": to_p(psi_star),
+        "ci_low": to_p(float(psi_lo)),
+        "ci_high": to_p(float(psi_hi)),
         "psi": float(psi_star),
-        "slope": float(slope),
-        "intercept": float(intercept),
+        "slope": float(-rate),
+        "intercept": float(math.log(s_u) + rate * u),
         "n_points": int(k),
+        "extrapolation": float(v / m),
+        "confidence": confidence,
+        "warnings": warnings,
     }
 
 
-def extrapolate(estimates: Sequence[Estimate], agg: Aggregate, volume: float, window: str) -> dict:
+def extrapolate(estimates: Sequence[Estimate], agg: Aggregate, volume: float, window: str,
+                confidence: float = 0.95) -> dict:
     """Deployment figures for `volume` queries in one `window` (use scale_volume for per-day volumes).
 
     p_any_per_window comes from the aggregate P_query and its interval (see `p_any_per_window`);
@@ -130,5 +184,5 @@ def extrapolate(estimates: Sequence[Estimate], agg: Aggregate, volume: float, wi
         "volume": v,
         "expected_per_window": expected,
         "p_any_per_window": {"p": p_any(agg.p_hat), "ci_low": p_any(agg.ci_low), "ci_high": p_any(agg.ci_high)},
-        "worst_query": worst_query_forecast(p, v) if v > 0 else None,
+        "worst_query": worst_query_forecast(p, v, confidence=confidence) if v > 0 else None,
     }

@@ -52,7 +52,13 @@ class Metrics:
             mw, registry=r)
         self.worst_query = Gauge(
             "tailmon_worst_query_harm_probability", "Forecast of the largest per-query harm probability among the "
-            "window's queries (Gumbel tail fit; absent when the fit is not possible).", mw, registry=r)
+            "window's queries (Gumbel tail fit on at least 10 prompts; absent when not fitted).", mw, registry=r)
+        self.worst_query_lower = Gauge(
+            "tailmon_worst_query_harm_probability_lower_bound", "Lower end of the 95% interval of "
+            "tailmon_worst_query_harm_probability (absent when not fitted).", mw, registry=r)
+        self.worst_query_upper = Gauge(
+            "tailmon_worst_query_harm_probability_upper_bound", "Upper end of the 95% interval of "
+            "tailmon_worst_query_harm_probability (absent when not fitted).", mw, registry=r)
         self.ess = Gauge(
             "tailmon_effective_sample_size", "Smallest effective sample size of w*h over the run's prompts.",
             m, registry=r)
@@ -133,7 +139,9 @@ class Metrics:
             self.expected_harmful.labels(monitor, window).set(w.expected)
             self.expected_harmful_upper.labels(monitor, window).set(w.expected_high)
             self.p_any.labels(monitor, window).set(w.p_any)
-            _set_or_nan(self.worst_query.labels(monitor, window), w.worst_query)
+            for gauge, value in ((self.worst_query, w.worst_query), (self.worst_query_lower, w.worst_query_low),
+                                 (self.worst_query_upper, w.worst_query_high)):
+                _set_or_absent(gauge, (monitor, window), value)
 
     def record_run(self, monitor: str, status: str, duration_s: float, ended_at: float,
                    samples_by_role: dict[str, int] | None = None) -> None:
@@ -152,6 +160,17 @@ class Metrics:
 def _set_or_nan(gauge, value) -> None:
     # NaN says "no value" in Prometheus; a stale number would be a lie.
     gauge.set(math.nan if value is None else value)
+
+
+def _set_or_absent(gauge, labels: tuple, value) -> None:
+    # A figure documented "absent when not fitted" is absent: a series left from an earlier run
+    # is removed (its number would be a stale lie), and none is made (NaN would still be a series
+    # that alerting rules and dashboards read as present).
+    if value is None:
+        if labels in gauge._metrics:  # prometheus_client has no public membership test
+            gauge.remove(*labels)
+    else:
+        gauge.labels(*labels).set(value)
 
 
 class MetricsServer:

@@ -54,7 +54,7 @@ def report(p_hat=1e-3, ci_low=5e-4, ci_high=2e-3, reliable=True, ess_wh=50.0, kh
     ex = {w: {"window": w, "volume": v, "expected_per_window": {"expected": v * p_hat, "ci_low": v * ci_low,
                                                                  "ci_high": v * ci_high},
               "p_any_per_window": {"p": p_any(p_hat, v), "ci_low": p_any(ci_low, v), "ci_high": p_any(ci_high, v)},
-              "worst_query": {"p": worst} if worst is not None else None}
+              "worst_query": {"p": worst, "ci_low": worst / 3, "ci_high": worst * 3} if worst is not None else None}
           for w, v in (("1h", 1e6 / 24), ("1d", 1e6))}
     return {"estimates": [estimate("x", ess_wh, khat), estimate("y", 4 * ess_wh, khat - 0.2)], "extrapolations": ex,
             "aggregate": {"n_prompts": 2, "n_samples": 40, "p_hat": p_hat, "ci_low": ci_low, "ci_high": ci_high,

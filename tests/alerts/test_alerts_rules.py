@@ -99,6 +99,7 @@ def test_run_figures_from_a_report():
     assert figs["expected_harmful_outputs_upper_bound[1d]"] == pytest.approx(2e3)
     assert figs["any_harmful_output_probability[1h]"] == 1.0
     assert figs["worst_query_harm_probability[1d]"] == 0.02
+    assert figs["worst_query_harm_probability_upper_bound[1d]"] == pytest.approx(0.06)  # the interval's end, not p
     # The weakest prompt's figures: the smaller ESS (12.5, not 50) and the larger k-hat (0.8, not 0.6).
     assert figs["effective_sample_size"] == 12.5 and figs["pareto_khat"] == 0.8
     # P(any) is the point figure, not an end of its interval: P = 1e-8 keeps the three apart at
@@ -108,7 +109,9 @@ def test_run_figures_from_a_report():
                                                                           rel=1e-12)
     assert small["any_harmful_output_probability[1d]"] == pytest.approx(0.00995, rel=1e-3)
     assert figs["estimate_unreliable"] == 1.0 and figs["run_failed"] == 0.0
-    assert "worst_query_harm_probability[1d]" not in run_figures("succeeded", figures(worst=None))
+    unfitted = run_figures("succeeded", figures(worst=None))
+    assert "worst_query_harm_probability[1d]" not in unfitted
+    assert "worst_query_harm_probability_upper_bound[1d]" not in unfitted
     assert run_figures("failed", None) == {"run_failed": 1.0}
     assert run_figures("interrupted", None) == {}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import urllib.error
 import urllib.request
 
@@ -21,7 +20,8 @@ REPORT = {
     ],
     "extrapolations": {
         "1d": {"volume": 1e6, "expected_per_window": {"expected": 25.0, "ci_low": 10.0, "ci_high": 60.0},
-               "p_any_per_window": {"p": 0.99, "ci_low": 0.9, "ci_high": 1.0}, "worst_query": {"p": 0.03}},
+               "p_any_per_window": {"p": 0.99, "ci_low": 0.9, "ci_high": 1.0},
+               "worst_query": {"p": 0.03, "ci_low": 0.01, "ci_high": 0.09}},
         "1h": {"volume": 41666.7, "expected_per_window": {"expected": 1.04, "ci_low": 0.4, "ci_high": 2.5},
                "p_any_per_window": {"p": 0.6, "ci_low": 0.3, "ci_high": 0.9}, "worst_query": None},
     },
@@ -46,8 +46,29 @@ def test_figures_from_report(metrics):
     assert get("tailmon_expected_harmful_outputs_upper_bound", {"monitor": "prod", "window": "1d"}) == 60.0
     assert get("tailmon_any_harmful_output_probability", {"monitor": "prod", "window": "1h"}) == 0.6
     assert get("tailmon_worst_query_harm_probability", {"monitor": "prod", "window": "1d"}) == 0.03
-    # No fit possible: NaN ("no value"), never a stale number.
-    assert math.isnan(get("tailmon_worst_query_harm_probability", {"monitor": "prod", "window": "1h"}))
+    assert get("tailmon_worst_query_harm_probability_lower_bound", {"monitor": "prod", "window": "1d"}) == 0.01
+    assert get("tailmon_worst_query_harm_probability_upper_bound", {"monitor": "prod", "window": "1d"}) == 0.09
+    # No fit possible: the series is absent, as documented (not NaN, not a stale number).
+    for name in WORST:
+        assert get(name, {"monitor": "prod", "window": "1h"}) is None
+
+
+WORST = ("tailmon_worst_query_harm_probability", "tailmon_worst_query_harm_probability_lower_bound",
+         "tailmon_worst_query_harm_probability_upper_bound")
+
+
+def test_worst_query_series_removed_when_a_later_run_has_no_fit(metrics):
+    """Catches a forecast series left with the previous run's number (or set to NaN) when the
+    next run of the monitor could not fit the tail: the metric is documented absent then."""
+    metrics.record_figures("prod", RunFigures.from_report(REPORT))
+    later = {**REPORT, "extrapolations": {w: {**ex, "worst_query": None} for w, ex in REPORT["extrapolations"].items()}}
+    metrics.record_figures("prod", RunFigures.from_report(later))
+    exposed = metrics.exposition().decode()
+    for name in WORST:
+        assert metrics.registry.get_sample_value(name, {"monitor": "prod", "window": "1d"}) is None
+        assert f"{name}{{" not in exposed
+    # the other figures of the window stay
+    assert metrics.registry.get_sample_value("tailmon_expected_harmful_outputs", {"monitor": "prod", "window": "1d"}) == 25.0
 
 
 def test_run_counters_and_timestamps(metrics):
