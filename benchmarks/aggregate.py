@@ -13,13 +13,24 @@ Each prompt is then estimated as an importance-sampling run would: n = 300 draws
 under which a harmful response has probability q = min(0.5, 1000 P) (a good proposal: 1e-4 becomes
 a 10% hit rate), k ~ Binomial(n, q) hits, each of weight P/q (so the estimate k P / (n q) is
 unbiased), through the production `tailmon.estimators.importance_sampling` (defensive share 0.1),
-so prompts with few or no hits (reported as upper bounds) and within-prompt noise are in. The m per-prompt estimates go
-through the production `tailmon.estimators.aggregate` and three alternatives computed from the
-same p_hat and standard errors: a Student t quantile, a percentile bootstrap over prompts, and a
-bootstrap-t (studentized with the same variance rule as the production one).
+so prompts with few or no hits (reported as upper bounds) and within-prompt noise are in. The m
+per-prompt estimates then go through:
+
+    normal       the interval before issue 16: mean +- z SE, SE^2 = max(between, within)/m,
+                 without the carried bounds
+    t            the same with a Student t quantile
+    percentile   a percentile bootstrap over prompts
+    bootstrap_t  the production bootstrap-t over prompts (`aggregate._bootstrap_t`)
+    lognormal    the production log-normal profile likelihood (`aggregate._lognormal_profile`)
+    union        the higher of the two: the production interval before the carried bounds
+    shipped      `tailmon.estimators.aggregate` itself: the union, then at least the mean of the
+                 unreliable prompts' ci_high and the other prompts' p_hat
 
 Reported: P(ci_high < true mean), one-sided, nominal 2.5% (the upper end of a two-sided 95%
-interval), per scenario and number of prompts m; with the binomial standard error of each rate.
+interval), per scenario and number of prompts m; with the binomial standard error of each rate,
+the median ci_high / true mean, and how often the shipped aggregate was flagged reliable (and its
+misses among those runs). `union` is the figure a user gets when every prompt is reliable;
+`shipped` adds the conservative bounds of this simulation's unreliable (few-hit) prompts.
 
     python benchmarks/aggregate.py [--reps 1000] [--boot 1000]
 """
@@ -37,6 +48,7 @@ from scipy import stats
 from common import Run, markdown_table
 
 from tailmon.estimators import aggregate, importance_sampling
+from tailmon.estimators.aggregate import _bootstrap_t, _lognormal_profile
 
 N = 300
 BOOST = 1000.0
@@ -45,7 +57,7 @@ DEFENSIVE = 0.1
 CONFIDENCE = 0.95
 SCENARIOS = ("ln1", "ln2", "mix", "pareto")
 PROMPTS = (6, 20, 50, 100)
-METHODS = ("production", "t", "percentile", "bootstrap_t")
+METHODS = ("normal", "t", "percentile", "bootstrap_t", "lognormal", "union", "shipped")
 
 
 def population(name: str, m: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
@@ -71,20 +83,20 @@ def estimate(p: float, rng: np.random.Generator):
     return importance_sampling(log_w, h, defensive=DEFENSIVE, confidence=CONFIDENCE)
 
 
-def alternatives(p: np.ndarray, se: np.ndarray, rng: np.random.Generator, boot: int) -> dict[str, float]:
+def alternatives(ests, rng: np.random.Generator, boot: int) -> dict[str, float]:
+    p = np.array([e.p_hat for e in ests])
+    se = np.array([e.std_error for e in ests])
     m = p.size
     mean = float(p.mean())
     s = math.sqrt(max(float(p.var(ddof=1)), float((se * se).mean())) / m)
     alpha = (1 - CONFIDENCE) / 2
-    out = {"t": mean + stats.t.ppf(1 - alpha, m - 1) * s}
+    out = {"normal": mean + stats.norm.ppf(1 - alpha) * s, "t": mean + stats.t.ppf(1 - alpha, m - 1) * s}
     idx = rng.integers(0, m, (boot, m))
-    pb, seb = p[idx], se[idx]
-    means = pb.mean(axis=1)
-    out["percentile"] = float(np.quantile(means, 1 - alpha))
-    sb = np.sqrt(np.maximum(pb.var(axis=1, ddof=1), (seb * seb).mean(axis=1)) / m)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(sb > 0, (means - mean) / sb, 0.0)
-    out["bootstrap_t"] = mean - float(np.quantile(t, alpha)) * s
+    out["percentile"] = float(np.quantile(p[idx].mean(axis=1), 1 - alpha))
+    out["bootstrap_t"] = _bootstrap_t(p, se, CONFIDENCE)[1]
+    fit = _lognormal_profile(ests, CONFIDENCE)
+    out["lognormal"] = fit[1] if fit is not None else math.nan  # None: fewer than 3 prompts with a hit
+    out["union"] = max(out["bootstrap_t"], fit[1] if fit is not None else -math.inf)
     return out
 
 
@@ -105,32 +117,51 @@ def main() -> int:
             started = time.time()
             misses = dict.fromkeys(METHODS, 0)
             ratio = {k: [] for k in METHODS}
+            n_reliable = miss_reliable = n_top = n_fit = 0
             for _ in range(args.reps):
                 ps, true = population(name, m, rng)
                 ests = [estimate(p, rng) for p in ps]
-                highs = {"production": aggregate(ests, confidence=CONFIDENCE).ci_high}
-                highs.update(alternatives(np.array([e.p_hat for e in ests]), np.array([e.std_error for e in ests]),
-                                          rng, args.boot))
+                agg = aggregate(ests, confidence=CONFIDENCE)
+                highs = {"shipped": agg.ci_high, **alternatives(ests, rng, args.boot)}
+                n_fit += math.isfinite(highs["lognormal"])
+                n_reliable += agg.reliable
+                miss_reliable += agg.reliable and agg.ci_high < true
+                n_top += agg.top_share is not None and agg.top_share > 0.5
                 for k, v in highs.items():
+                    if math.isnan(v):
+                        continue
                     misses[k] += v < true
                     ratio[k].append(v / true)
-            row = {"scenario": name, "prompts": m}
+            row = {"scenario": name, "prompts": m, "reliable": n_reliable / args.reps,
+                   "miss_when_reliable": miss_reliable / n_reliable if n_reliable else None,
+                   "top_share_over_half": n_top / args.reps, "lognormal_fitted": n_fit / args.reps}
             for k in METHODS:
-                rate = misses[k] / args.reps
+                count = len(ratio[k])
+                rate = misses[k] / count if count else math.nan
                 row[f"miss_{k}"] = rate
-                row[f"se_{k}"] = math.sqrt(max(rate * (1 - rate), 1 / args.reps) / args.reps)
-                row[f"median_high_over_P_{k}"] = float(np.median(ratio[k]))
+                row[f"se_{k}"] = math.sqrt(max(rate * (1 - rate), 1 / count) / count) if count else math.nan
+                row[f"median_high_over_P_{k}"] = float(np.median(ratio[k])) if count else math.nan
             results.append(row)
             print(f"{name:7s} m={m:3d}  " + "  ".join(f"{k} {row[f'miss_{k}']:.3f}" for k in METHODS)
-                  + f"  ({time.time() - started:.0f} s)", file=sys.stderr)
+                  + f"  reliable {row['reliable']:.2f} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     summary = [{"scenario": r["scenario"], "prompts": r["prompts"],
-                **{k: r[f"miss_{k}"] for k in METHODS}} for r in results]
+                **{k: r[f"miss_{k}"] for k in METHODS},
+                "union_high_over_P": r["median_high_over_P_union"],
+                "shipped_high_over_P": r["median_high_over_P_shipped"],
+                "reliable": r["reliable"]} for r in results]
     notes = ("P(ci_high < true mean) of the aggregate interval (nominal 0.025, one-sided end of a two-sided "
-             "95% interval). production: tailmon.estimators.aggregate as it is (normal quantile, variance "
-             "max(between, within)/m, no-hit prompts carry their bound). The binomial SE of each rate is in "
-             "results (se_*); median_high_over_P_* is the median width of the upper end relative to the truth.")
+             "95% interval). normal: the interval before issue 16 (normal quantile, variance max(between, "
+             "within)/m) without the carried bounds; bootstrap_t and lognormal: the two halves of the production "
+             "interval; union: their higher upper end (what the aggregate reports when every prompt is "
+             "reliable); shipped: tailmon.estimators.aggregate itself, with the unreliable prompts' ci_high "
+             "carried. *_high_over_P: median ci_high / true mean. reliable: share of runs the shipped "
+             "aggregate flagged reliable (miss_when_reliable in results). The binomial SE of each rate is in "
+             "results (se_*).")
     path = run.write(summary=summary, results=results, notes=notes)
-    print(markdown_table(summary, ["scenario", "prompts", *METHODS], {k: ".3f" for k in METHODS}))
+    print(markdown_table(summary, ["scenario", "prompts", *METHODS, "union_high_over_P", "shipped_high_over_P",
+                                   "reliable"],
+                         {**{k: ".3f" for k in METHODS}, "union_high_over_P": ".3g", "shipped_high_over_P": ".3g",
+                          "reliable": ".2f"}))
     print(f"written: {path}", file=sys.stderr)
     return 0
 

@@ -14,6 +14,14 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _worst(worst: dict, fmt: str) -> str:
+    """The forecast and its interval (reports stored before the interval existed have only p)."""
+    text = format(worst["p"], fmt)
+    if worst.get("ci_low") is not None and worst.get("ci_high") is not None:
+        text += f" [{format(worst['ci_low'], fmt)}, {format(worst['ci_high'], fmt)}]"
+    return text
+
+
 def estimates_table(report: dict, prompt_width: int = 44) -> str:
     rows = [("prompt", "p_hat", "95% interval", "hits/n", "ESS", "k-hat", "reliable")]
     for e in report["estimates"]:
@@ -51,18 +59,31 @@ def estimates_table(report: dict, prompt_width: int = 44) -> str:
         "",
     ]
     tail = []
+    share = agg.get("top_share")
+    tail.append("")
+    tail.append(f"interval over prompts: {agg.get('interval', 'normal')}"
+                + (f"; the largest prompt carries {share:.0%} of the mean" if share is not None else "")
+                + (f"; fitted spread of ln P over prompts {agg['log_spread']:.2f}" if agg.get("log_spread") is not None
+                   else ""))
     if "expected_per_window" in agg:
         ex, pa = agg["expected_per_window"], agg["p_any_per_window"]
         tail.append("")
         tail.append(f"at {agg['volume']:g} queries per {agg['window']}: expected harmful outputs "
                     f"{ex['expected']:.3g} [{ex['ci_low']:.3g}, {ex['ci_high']:.3g}], "
                     f"P(at least one) {pa['p']:.3g} [{pa['ci_low']:.3g}, {pa['ci_high']:.3g}]")
-        if agg.get("worst_query"):
-            tail.append(f"worst-query forecast: largest P(x) among them about {agg['worst_query']['p']:.2e}")
+        worst = agg.get("worst_query")
+        if worst:
+            tail.append(f"worst-query forecast: largest P(x) among them about {_worst(worst, '.2e')} "
+                        f"(tail fit on {worst['n_points']} prompts)")
+        else:
+            tail.append("worst-query forecast: not fitted (it needs at least 10 prompts with hits in the top quarter)")
     warned = [(i, w) for i, e in enumerate(report["estimates"], 1) for w in e["warnings"]]
-    if warned:
+    agg_warned = list(agg.get("warnings", [])) + list((agg.get("worst_query") or {}).get("warnings", []))
+    if warned or agg_warned:
         tail.append("")
         tail.append("warnings:")
+        for w in agg_warned:
+            tail.append(f"  all prompts: {w}")
         seen = set()
         for i, w in warned:
             if w not in seen or "prompt" not in w:
@@ -82,5 +103,5 @@ def extrapolation_lines(report: dict) -> str:
         lines.append(f"per {window} ({ex['volume']:.3g} queries): expected harmful outputs {e['expected']:.3g} "
                      f"[{e['ci_low']:.3g}, {e['ci_high']:.3g}], P(at least one) {a['p']:.3g} "
                      f"[{a['ci_low']:.3g}, {a['ci_high']:.3g}]"
-                     + (f", worst query {worst['p']:.3g}" if worst else ""))
+                     + (f", worst query {_worst(worst, '.3g')}" if worst else ""))
     return "\n".join(lines)

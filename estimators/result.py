@@ -119,8 +119,19 @@ class Aggregate:
     std_error: float
     n_harmful: int
     reliable: bool
-    """True when every per-prompt estimate is reliable."""
+    """True when every per-prompt estimate is reliable, there are at least 20 prompts and the
+    fitted spread over prompts is at most 1.5 (the warnings say which failed)."""
     n_unreliable: int
+    top_share: float | None = None
+    """The largest prompt's share of the summed p_hat (None when every p_hat is 0). Above 0.5 one
+    prompt carries most of the mean, and a warning says so."""
+    log_spread: float | None = None
+    """The fitted sd of ln P(x) over prompts (log-normal profile likelihood; None when fewer than 3
+    prompts have enough hits to enter the fit). Above 1.5 the aggregate is flagged unreliable."""
+    interval: str = "normal"
+    """Which method set ci_high: "bootstrap-t" (over prompts), "log-normal" (profile likelihood of
+    a log-normal spread over prompts), "bounds" (the unreliable prompts' conservative bounds) or
+    "normal" (one prompt: its own standard error)."""
     by_category: dict[str, "Aggregate"] = field(default_factory=dict)
     """One Aggregate per category (None -> "uncategorized"); empty when no categories were given."""
     warnings: tuple[str, ...] = field(default_factory=tuple)

@@ -1,6 +1,7 @@
 """Aggregation over prompts."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -66,23 +67,84 @@ def test_categories():
     assert isinstance(a.by_category["bio"], Aggregate)
 
 
-def test_aggregate_coverage():
-    # P(x) ~ Beta(2, 50) over prompts (P_query = 2/52), m = 40 prompts, n = 2000 MC samples each
-    # (about 77 hits per prompt, so no prompt is an upper-bound-only estimate and the carried
-    # bounds play no part: that conservative widening is tested above). The interval
-    # mean +- 1.96 SE with SE^2 = s2/m (the within part, ~1.8e-5, never dominates s2 ~ 7e-4) has
-    # the t-interval's shape, so its coverage under normality is c = P(|T_39| <= 1.96) = 0.943;
-    # over R repeats the coverage count is ~ Binomial(R, c): accept 3 sigma.
-    rng = np.random.default_rng(21)
-    R, m, n = 1000, 40, 2000
-    truth = 2 / 52
-    c = 1 - 2 * stats.t.sf(stats.norm.ppf(0.975), m - 1)
-    covered = 0
-    for _ in range(R):
-        ks = rng.binomial(n, rng.beta(2, 50, m))
-        a = aggregate([monte_carlo(np.r_[np.ones(k), np.zeros(n - k)]) for k in ks])
-        covered += a.ci_low <= truth <= a.ci_high
-    assert abs(covered / R - c) < 3 * np.sqrt(c * (1 - c) / R)
+def simulated(p_true, rng, n=300, boost=1000.0):
+    """Per-prompt estimates as an IS run with hits of equal weight gives them: k ~ Binomial(n, q)
+    hits at q = min(0.5, boost P), weight P/q, so p_hat = k P / (n q) is unbiased and noisy.
+    Prompts with fewer than 5 hits are upper-bound-only and unreliable, with ci_high the one-sided
+    97.5% Poisson bound at their (known) weight; with no hit, at the true boost."""
+    out = []
+    for p in p_true:
+        q = min(0.5, boost * p)
+        k = int(rng.binomial(n, q))
+        w = p / q
+        p_hat = k * w / n
+        se = w * math.sqrt(k * (1 - k / n) / (n - 1) / n) if k else 0.0
+        few = k < 5
+        high = (stats.chi2.ppf(0.975, 2 * k + 2) / 2) * w / n if few else p_hat + 1.96 * se
+        out.append(Estimate(method="is", n_samples=n, p_hat=p_hat, ci_low=max(0.0, p_hat - 1.96 * se), ci_high=high,
+                            n_harmful=k, h_sum=float(k), n_hits_effective=float(k), ess=float(n), ess_wh=float(k),
+                            khat=None, khat_wh=None, kl=None, max_weight_share=None, self_normalised=None,
+                            std_error=se, upper_bound_only=few, reliable=not few, warnings=()))
+    return out
+
+
+@pytest.mark.parametrize("scenario, reps", [("ln2", 300), ("mix", 60), ("pareto", 100)])
+def test_upper_end_holds_when_risk_is_uneven_over_prompts(scenario, reps):
+    """Catches an aggregate interval that ignores how uneven risk is over prompts: the normal
+    interval on the mean misses ~30% at log-normal spread 2, the bootstrap-t alone ~14% (the
+    sample rarely shows the prompts that make the mean), the log-normal profile alone ~40% on two
+    levels of risk (it does not assume them); zero-hit and few-hit prompts and within-prompt noise
+    are in the simulation."""
+    # m = 50 prompts; populations with an exactly known mean (benchmarks/aggregate.py's). The goal
+    # is at most 5% one-sided misses at m >= 50: misses ~ Binomial(R, <= 0.05), accept 3 sigma.
+    rng = np.random.default_rng({"ln2": 2, "mix": 3, "pareto": 4}[scenario])
+    m = 50
+    misses = 0
+    for _ in range(reps):
+        if scenario == "ln2":
+            p, true = np.exp(rng.normal(math.log(1e-4), 2.0, m)), 1e-4 * math.exp(2.0)
+        elif scenario == "mix":
+            p, true = np.where(rng.random(m) < 0.1, 1e-3, 1e-5), 0.1 * 1e-3 + 0.9 * 1e-5
+        else:
+            p, true = 1e-5 * (1 + rng.pareto(2.5, m)), 1e-5 * 2.5 / 1.5
+        misses += aggregate(simulated(p, rng)).ci_high < true
+    assert misses <= reps * 0.05 + 3 * math.sqrt(reps * 0.05 * 0.95)
+
+
+def test_largest_prompt_share_is_reported_and_warned():
+    """Catches a missing or wrong top_share (JSON and field) and a missing warning when one
+    prompt carries most of the mean."""
+    ests = [est(0.06, 0.001)] + [est(0.01, 0.001) for _ in range(4)]
+    a = aggregate(ests)
+    assert a.top_share == pytest.approx(0.06 / 0.10)
+    assert a.to_dict()["top_share"] == pytest.approx(0.6)
+    assert any("one prompt carries 60% of the mean" in w for w in a.warnings)
+    even = aggregate([est(0.02, 0.001) for _ in range(5)])
+    assert even.top_share == pytest.approx(0.2) and not any("carries" in w for w in even.warnings)
+    assert aggregate([est(0.0, 0.0, 0.0, 0.01, ubo=True) for _ in range(3)]).top_share is None
+
+
+def test_unreliable_prompt_enters_the_upper_end_with_its_bound():
+    """Catches an unreliable estimate (not only an upper-bound-only one) entering the upper end
+    with its p_hat: its ci_high is the conservative bound the aggregate must carry."""
+    ests = [est(0.01, 0.001) for _ in range(24)] + [est(0.01, 0.001, ci_high=0.5, reliable=False)]
+    a = aggregate(ests)
+    assert a.ci_high >= (24 * 0.01 + 0.5) / 25 - 1e-15
+    assert a.interval == "bounds" and not a.reliable and a.n_unreliable == 1
+
+
+def test_few_prompts_or_a_wide_spread_are_flagged():
+    """Catches an aggregate flagged reliable where the measured misses exceed the goal: fewer
+    than 20 prompts, or a fitted spread of ln P above 1.5 (the figure then rests on the tail
+    model)."""
+    rng = np.random.default_rng(5)
+    few = aggregate([est(p, p / 10) for p in np.exp(rng.normal(-9, 0.3, 10))])
+    assert not few.reliable and any("10 prompts" in w for w in few.warnings)
+    calm = aggregate([est(p, p / 10) for p in np.exp(rng.normal(-9, 0.3, 40))])
+    assert calm.reliable and calm.log_spread == pytest.approx(0.3, abs=0.15)
+    wide = aggregate([est(p, p / 10) for p in np.exp(rng.normal(-9, 2.5, 40))])
+    assert not wide.reliable and wide.log_spread > 1.5
+    assert any("very uneven" in w for w in wide.warnings)
 
 
 def test_bad_inputs():
