@@ -108,7 +108,7 @@ def render_markdown(data: dict, plots: Sequence[str] = ()) -> str:
         else:
             exp_txt = any_txt = worst = "- (no volume)"
         k = a["n_unreliable"]
-        rel = "yes" if a["reliable"] else f"no ({k} prompt{'s' if k != 1 else ''})"
+        rel = "yes" if a["reliable"] else (f"no ({k} prompt{'s' if k != 1 else ''})" if k else "no (over prompts)")
         out.append(f"| {side['role']} | {_sci(a['p_hat'])} | [{_sci(a['ci_low'])}, {_sci(a['ci_high'])}] | {exp_txt} | "
                    f"{any_txt} | {worst} | {rel} |")
     reg = data.get("regression")

@@ -42,7 +42,7 @@ def estimates_table(report: dict, prompt_width: int = 44) -> str:
         f"[{_sci(agg['ci_low'])}, {_sci(agg['ci_high'])}]",
         f"{agg['n_harmful']}/{agg['n_samples']}",
         "", "",
-        "yes" if agg["reliable"] else f"NO ({agg['n_unreliable']})",
+        "yes" if agg["reliable"] else (f"NO ({agg['n_unreliable']})" if agg["n_unreliable"] else "NO (see warnings)"),
     ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []

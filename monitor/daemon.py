@@ -343,7 +343,8 @@ class Daemon:
         self._count_run(name, "succeeded", ended - started, ended, counter.by_role)
         log.info("monitor %s: run %d succeeded in %.0f s: P(harm) = %.3g [%.3g, %.3g]%s", name, run_id,
                  ended - started, figures.p_hat, figures.ci_low, figures.ci_high,
-                 "" if figures.reliable else f" (unreliable for {figures.n_unreliable} prompt(s))")
+                 "" if figures.reliable else (f" (unreliable for {figures.n_unreliable} prompt(s))" if figures.n_unreliable
+                                              else " (unreliable over prompts: see the report's warnings)"))
         if learner is not None and not self._cancel.is_set():  # after the run is stored and exported
             self._adapt(mon, learner, engine, report, run_id, seed, timings, fingerprint, version)
         return RunOutcome(name, run_id, "succeeded", result=result)

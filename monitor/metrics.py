@@ -70,7 +70,8 @@ class Metrics:
             "run's re-scored samples (estimator.rescore_samples per prompt); above estimator.rescore_tolerance "
             "the estimates warn. +Inf: a sampled response scored -inf; NaN: none re-scored.", m, registry=r)
         self.reliable = Gauge(
-            "tailmon_estimate_reliable", "1 when every prompt's estimate passed the reliability rule, else 0.",
+            "tailmon_estimate_reliable", "1 when the aggregate is reliable (every prompt's estimate passed the "
+            "reliability rule, at least 20 prompts, fitted spread of ln P over prompts at most 1.5), else 0.",
             m, registry=r)
         self.samples = Counter(
             "tailmon_samples_generated", "Responses generated, by role (target: the deployed model itself; "
