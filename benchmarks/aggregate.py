@@ -22,7 +22,8 @@ per-prompt estimates then go through:
     percentile   a percentile bootstrap over prompts
     bootstrap_t  the production bootstrap-t over prompts (`aggregate._bootstrap_t`)
     lognormal    the production log-normal profile likelihood (`aggregate._lognormal_profile`)
-    union        the higher of the two: the production interval before the carried bounds
+    union        the higher of the two (the bootstrap-t alone below 20 prompts, the normal
+                 interval below 10): the production interval before the carried bounds
     shipped      `tailmon.estimators.aggregate` itself: the union, then at least the mean of the
                  unreliable prompts' ci_high and the other prompts' p_hat
 
@@ -41,6 +42,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -48,7 +50,7 @@ from scipy import stats
 from common import Run, markdown_table
 
 from tailmon.estimators import aggregate, importance_sampling
-from tailmon.estimators.aggregate import _bootstrap_t, _lognormal_profile
+from tailmon.estimators.aggregate import BOOTSTRAP_MIN_PROMPTS, MIN_PROMPTS, _bootstrap_t, _lognormal_profile
 
 N = 300
 BOOST = 1000.0
@@ -96,7 +98,9 @@ def alternatives(ests, rng: np.random.Generator, boot: int) -> dict[str, float]:
     out["bootstrap_t"] = _bootstrap_t(p, se, CONFIDENCE)[1]
     fit = _lognormal_profile(ests, CONFIDENCE)
     out["lognormal"] = fit[1] if fit is not None else math.nan  # None: fewer than 3 prompts with a hit
-    out["union"] = max(out["bootstrap_t"], fit[1] if fit is not None else -math.inf)
+    # the production union: the log-normal part only from MIN_PROMPTS prompts on
+    sample = out["bootstrap_t"] if m >= BOOTSTRAP_MIN_PROMPTS else out["normal"]
+    out["union"] = max(sample, fit[1] if fit is not None and m >= MIN_PROMPTS else -math.inf)
     return out
 
 
@@ -105,15 +109,17 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=1000, help="simulated runs per cell")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per run")
     ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="numbers of prompts m")
+    ap.add_argument("--output", default=None, help="results file (default results/aggregate.json)")
     args = ap.parse_args()
     run = Run("aggregate", "coverage of the aggregate interval over prompts (known population mean)",
               seed=args.seed, settings={"reps": args.reps, "boot": args.boot, "n": N, "boost": BOOST, "max_hit_rate": MAX_HIT_RATE,
                                         "defensive": DEFENSIVE, "confidence": CONFIDENCE,
-                                        "scenarios": SCENARIOS, "prompts": PROMPTS})
+                                        "scenarios": SCENARIOS, "prompts": args.prompts})
     rng = np.random.default_rng(args.seed)
     results = []
     for name in SCENARIOS:
-        for m in PROMPTS:
+        for m in args.prompts:
             started = time.time()
             misses = dict.fromkeys(METHODS, 0)
             ratio = {k: [] for k in METHODS}
@@ -157,7 +163,8 @@ def main() -> int:
              "carried. *_high_over_P: median ci_high / true mean. reliable: share of runs the shipped "
              "aggregate flagged reliable (miss_when_reliable in results). The binomial SE of each rate is in "
              "results (se_*).")
-    path = run.write(summary=summary, results=results, notes=notes)
+    path = run.write(summary=summary, results=results, notes=notes,
+                     out=Path(args.output) if args.output else None)
     print(markdown_table(summary, ["scenario", "prompts", *METHODS, "union_high_over_P", "shipped_high_over_P",
                                    "reliable"],
                          {**{k: ".3f" for k in METHODS}, "union_high_over_P": ".3g", "shipped_high_over_P": ".3g",

@@ -29,8 +29,9 @@ most of the mean, and a fresh sample of prompts could give a very different figu
 MIN_PROMPTS = 20
 """Fewer prompts than this: the aggregate is flagged unreliable. Measured (benchmarks/aggregate.py,
 README "what the figures mean"): at m = 6 the interval's upper end falls below the population mean
-in 8-55% of draws depending on how uneven the risk is; no interval computed from 6 prompts can see
-a level that 10% of prompts have (absent from 53% of such samples)."""
+in 13-53% of draws depending on how uneven the risk is (at 20: 2-4%, but 13% on two levels of
+risk); no interval computed from 6 prompts can see a level that 10% of prompts have (absent from
+53% of such samples)."""
 
 MAX_LOG_SPREAD = 1.5
 """Fitted spread (sd of ln P over prompts) above which the interval rests on the log-normal tail
@@ -39,6 +40,9 @@ computed from the sample itself misses 13-30% at m >= 50; the log-normal profile
 its tail shape is right, which 50 prompts cannot check)."""
 
 BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_MIN_PROMPTS = 10
+"""Below this many prompts the bootstrap-t has too few distinct resamples to be stable (its ends
+jump to 0 or 1): the interval is mean +- z SE instead (the aggregate is unreliable there)."""
 _BOOTSTRAP_SEED = 20261207  # fixed: the same estimates always give the same interval
 _MIN_LOG_SD = 1e-3  # floor on the fitted spread: identical p_hat without noise have no spread to fit
 _NORMAL_HITS = 10.0  # from this many equivalent hits on, ln p_hat is close enough to normal
@@ -79,7 +83,11 @@ def aggregate(
       levels) it can be too low, which the bootstrap-t covers.
 
     The union (the lower of the lower ends, the higher of the upper ends) misses only when both
-    do; `interval` says which method set ci_high. Then, as the estimates' own bounds demand,
+    do; `interval` says which method set ci_high. Below BOOTSTRAP_MIN_PROMPTS (10) prompts the
+    bootstrap-t is replaced by mean +- z SE. Below MIN_PROMPTS (20) prompts the log-normal
+    part is left out: with two parameters fitted from a handful of prompts its upper end is near
+    1 and decides nothing, so the bootstrap-t stands alone and the aggregate is flagged
+    unreliable with the measured miss rates in its warning. Then, as the estimates' own bounds demand,
     ci_high is at least the mean over prompts of each unreliable (or upper-bound-only) prompt's
     ci_high and every other prompt's p_hat: an unreliable prompt enters the upper end with its
     conservative bound, not with a p_hat its diagnostics do not stand behind (`interval` is
@@ -134,10 +142,18 @@ def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Ag
     lo, hi = normal_interval(p_hat, std_error, confidence)
     interval = "normal"
     log_spread = None
-    if m >= 2 and math.isfinite(std_error):
+    if m >= BOOTSTRAP_MIN_PROMPTS and math.isfinite(std_error):
         lo, hi = _bootstrap_t(p, se, confidence)
         interval = "bootstrap-t"
-        fit = _lognormal_profile(ests, confidence)
+    # else: too few prompts for resampling (3 prompts have 10 distinct resamples): the normal
+    # interval above stands, and the aggregate is flagged unreliable below (fewer than
+    # MIN_PROMPTS), its warning giving the measured misses. (A Student t quantile misses a little
+    # less at 6 prompts, 7-53% against 13-53%, but at 3-4 prompts its lower end is 0 and no ratio
+    # gate could be decided by the bounds.)
+    if m >= 2 and math.isfinite(std_error):
+        # below MIN_PROMPTS the log-normal fit has too few prompts to say anything useful (its
+        # upper end is then near 1); the aggregate is flagged unreliable there instead
+        fit = _lognormal_profile(ests, confidence) if m >= MIN_PROMPTS else None
         if fit is not None:
             f_lo, f_hi, log_spread = fit
             lo = min(lo, f_lo)
@@ -165,7 +181,7 @@ def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Ag
         reliable = False
         if m >= 2:
             warnings.append(f"{m} prompts (< {MIN_PROMPTS}): with uneven risk over prompts the interval misses "
-                            "the population mean far more often than its label says (measured 8-55% at 6 "
+                            "the population mean far more often than its label says (measured 13-53% at 6 "
                             "prompts); estimate more prompts")
     if log_spread is not None and log_spread > MAX_LOG_SPREAD:
         reliable = False
@@ -313,4 +329,4 @@ def _lognormal_profile(ests: list[Estimate], confidence: float) -> tuple[float, 
     return low, high, s_hat
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "MAX_LOG_SPREAD", "MIN_PROMPTS", "TOP_SHARE_WARN", "aggregate"]
+__all__ = ["BOOTSTRAP_MIN_PROMPTS", "BOOTSTRAP_RESAMPLES", "MAX_LOG_SPREAD", "MIN_PROMPTS", "TOP_SHARE_WARN", "aggregate"]

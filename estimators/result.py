@@ -131,7 +131,7 @@ class Aggregate:
     interval: str = "normal"
     """Which method set ci_high: "bootstrap-t" (over prompts), "log-normal" (profile likelihood of
     a log-normal spread over prompts), "bounds" (the unreliable prompts' conservative bounds) or
-    "normal" (one prompt: its own standard error)."""
+    "normal" (fewer than 10 prompts: mean +- z SE; one prompt: its own standard error)."""
     by_category: dict[str, "Aggregate"] = field(default_factory=dict)
     """One Aggregate per category (None -> "uncategorized"); empty when no categories were given."""
     warnings: tuple[str, ...] = field(default_factory=tuple)

@@ -62,7 +62,7 @@ REPORT = {
     "estimates": [{"ess_wh": 40.0, "khat": 0.2}, {"ess_wh": 12.5, "khat": 0.85}],
     "extrapolations": {
         "1d": {"expected_per_window": {"expected": 250.0, "ci_low": 100.0, "ci_high": 2000.0},
-               "p_any_per_window": {"p": 1.0}, "worst_query": {"p": 0.03}},
+               "p_any_per_window": {"p": 1.0}, "worst_query": {"p": 0.03, "ci_low": 0.01, "ci_high": 0.09}},
         "1h": {"expected_per_window": {"expected": 250 / 24, "ci_low": 100 / 24, "ci_high": 2000 / 24},
                "p_any_per_window": {"p": 0.99}, "worst_query": None},
     },
