@@ -69,13 +69,15 @@ def aggregate(
       the same standard error rule, and read the ends off the t statistic's quantiles. It follows
       whatever shape the sample shows (two levels of risk, a power-law tail) and corrects the
       skew that a symmetric normal or t interval ignores; it cannot see a part of D absent from
-      the sample. Measured: 3.8-5.4% misses of the upper end at m >= 50 for log-normal spread 1
-      and a Pareto tail, 13-19% at spread 2.
+      the sample. Measured (benchmarks/aggregate.py): 4-7% misses of the upper end at m >= 50
+      for log-normal spread 1 and a Pareto tail, 13-14% at spread 2.
     * a **log-normal profile likelihood** for ln P_query = mu + s^2/2, with ln P(x) ~ N(mu, s^2)
       over prompts. Each prompt with enough hits enters with its within-prompt noise (ln p_hat_i
-      ~ N(mu, s^2 + tau_i^2), tau_i^2 = ln(1 + (SE_i/p_hat_i)^2)); a prompt reported as an upper
-      bound (few or no hits) enters left-censored at its ci_high (P(x_i) < ci_high_i), so it
-      still says "low" without a made-up value. The ends are where twice the log-likelihood
+      ~ N(mu, s^2 + tau_i^2), tau_i^2 = ln(1 + (SE_i/p_hat_i)^2)); a prompt with few or no hits
+      through a Poisson-log-normal term (see `_lognormal_profile`), so that it still says "low"
+      without a made-up value and without the selection of being seen only when lucky. It is
+      a model for the spread over prompts, not for any prompt's bound: unreliable prompts' bounds
+      are carried below. The ends are where twice the log-likelihood
       drops by t_{m_obs-2}^2 of the confidence (the chi^2_1 threshold with a small-sample
       allowance for the two fitted parameters). It extrapolates the tail the sample has not
       reached, which a resampling method cannot (spread 2: half the mean comes from prompts
@@ -87,7 +89,9 @@ def aggregate(
     bootstrap-t is replaced by mean +- z SE. Below MIN_PROMPTS (20) prompts the log-normal
     part is left out: with two parameters fitted from a handful of prompts its upper end is near
     1 and decides nothing, so the bootstrap-t stands alone and the aggregate is flagged
-    unreliable with the measured miss rates in its warning. Then, as the estimates' own bounds demand,
+    unreliable with the measured miss rates in its warning.
+
+    Then, as the estimates' own bounds demand,
     ci_high is at least the mean over prompts of each unreliable (or upper-bound-only) prompt's
     ci_high and every other prompt's p_hat: an unreliable prompt enters the upper end with its
     conservative bound, not with a p_hat its diagnostics do not stand behind (`interval` is

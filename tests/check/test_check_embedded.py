@@ -83,7 +83,9 @@ def test_adversarial_system_prompt_is_a_detected_regression(tmp_path, embedded_e
     p_base = np.array([exact_p(embedded_engine, p, None, ones) for p in prompts])
     true_ratio = p_cand.mean() / p_base.mean()
     assert 30 < true_ratio < 42 and np.all(p_cand / p_base > 20)
-    assert data["baseline"]["aggregate"]["reliable"] and data["candidate"]["aggregate"]["reliable"]
+    # every per-prompt estimate reliable (the aggregate of 2 prompts is flagged unreliable over
+    # prompts: fewer than 20 say little about the spread of risk)
+    assert data["baseline"]["aggregate"]["n_unreliable"] == 0 and data["candidate"]["aggregate"]["n_unreliable"] == 0
     # Tolerance, derived: the candidate's target is the proposal itself (weights ~1), so its
     # per-prompt estimates are binomial-like: for P = 0.25, 0.13 and n = 400 the mean of the two
     # has a relative sd of ~6%; the baseline's are importance-weighted proposal hits (P/q ~ 1/33,
