@@ -29,7 +29,7 @@ most of the mean, and a fresh sample of prompts could give a very different figu
 MIN_PROMPTS = 20
 """Fewer prompts than this: the aggregate is flagged unreliable. Measured (benchmarks/aggregate.py,
 README "what the figures mean"): at m = 6 the interval's upper end falls below the population mean
-in 13-53% of draws depending on how uneven the risk is (at 20: 2-4%, but 13% on two levels of
+in 13-52% of draws depending on how uneven the risk is (at 20: 2-5%, but 13% on two levels of
 risk); no interval computed from 6 prompts can see a level that 10% of prompts have (absent from
 53% of such samples)."""
 
@@ -152,7 +152,7 @@ def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Ag
     # else: too few prompts for resampling (3 prompts have 10 distinct resamples): the normal
     # interval above stands, and the aggregate is flagged unreliable below (fewer than
     # MIN_PROMPTS), its warning giving the measured misses. (A Student t quantile misses a little
-    # less at 6 prompts, 7-53% against 13-53%, but at 3-4 prompts its lower end is 0 and no ratio
+    # less at 6 prompts, 5-52% against 13-52%, but at 3-4 prompts its lower end is 0 and no ratio
     # gate could be decided by the bounds.)
     if m >= 2 and math.isfinite(std_error):
         # below MIN_PROMPTS the log-normal fit has too few prompts to say anything useful (its
@@ -185,7 +185,7 @@ def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Ag
         reliable = False
         if m >= 2:
             warnings.append(f"{m} prompts (< {MIN_PROMPTS}): with uneven risk over prompts the interval misses "
-                            "the population mean far more often than its label says (measured 13-53% at 6 "
+                            "the population mean far more often than its label says (measured 13-52% at 6 "
                             "prompts); estimate more prompts")
     if log_spread is not None and log_spread > MAX_LOG_SPREAD:
         reliable = False
