@@ -217,21 +217,22 @@ def test_a_run_past_its_time_limit_fails_at_a_checkpoint_and_loses_nothing(tmp_p
     quick = new_daemon(write_config(tmp_path, model_copy))
     [first] = quick.run_once()
     assert first.status == "succeeded", first.error
-    # A run of 12000 samples (about 8 s on the tiny model, alone on 2 cores) with a limit of 2 s.
-    path = write_config(tmp_path, model_copy, samples=4000, timeout="2s",
+    # A run of 60000 samples with a limit of 1 s: 12000 took 2.0 s on an idle 2-core machine
+    # (8 s under load), so this one needs ~10 s: only a machine ~10x faster could finish before its limit.
+    path = write_config(tmp_path, model_copy, samples=20000, timeout="1s",
                         model={"ref": str(model_copy), "max_new_tokens": 8, "batch_size": 64})
-    assert yaml.safe_load(path.read_text())["monitors"][0]["timeout"] == "2s"
+    assert yaml.safe_load(path.read_text())["monitors"][0]["timeout"] == "1s"
     daemon = new_daemon(path)
     t0 = time.time()
     [outcome] = daemon.run_once()
     elapsed = time.time() - t0
     assert outcome.status == "failed"
-    assert outcome.error.startswith("timed out: the run passed its time limit (timeout: 2s)"), outcome.error
-    # It stopped at a checkpoint past 2 s, before the run's end (one batch of 64 samples late at most).
+    assert outcome.error.startswith("timed out: the run passed its time limit (timeout: 1s)"), outcome.error
+    # It stopped at a checkpoint past 1 s, before the run's end (one batch of 64 samples late at most).
     import re
 
-    drawn = int(re.search(r"with (\d+) of 12000 samples drawn", outcome.error).group(1))
-    assert drawn < 12000 and elapsed < 60, (drawn, elapsed)
+    drawn = int(re.search(r"with (\d+) of 60000 samples drawn", outcome.error).group(1))
+    assert drawn < 60000 and elapsed < 60, (drawn, elapsed)
     store = Store(f"sqlite:///{tmp_path / 'tailmon.db'}").open()
     try:
         kept, failed = store.get_run(first.run_id), store.get_run(outcome.run_id)
