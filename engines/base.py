@@ -101,6 +101,42 @@ class Variant:
     adapter_scale: float = 1.0
     steering: Steering | None = None
     """An activation edit applied during every forward pass of this variant; None for none."""
+    returns_after: int | None = None
+    """Return to the target: this variant draws only the first `returns_after` response tokens
+    (K); every later token comes from `continuation` (the target), conditioned on the prompt as
+    the target renders it and the K tokens. Its density is q(y_1..K) p(y_K+1.. | y_1..K), which
+    `Engine.sample` and `Engine.score` return for it. None: every token from this variant."""
+    continuation: "Variant | None" = None
+    """The variant that draws the tokens after the first `returns_after` (the deployed target)."""
+
+    def __post_init__(self):
+        if (self.returns_after is None) != (self.continuation is None):
+            raise InputError(f"variant '{self.name}': returns_after and continuation go together")
+        if self.returns_after is not None:
+            k = self.returns_after
+            if isinstance(k, bool) or int(k) != k or k < 1:
+                raise InputError(f"variant '{self.name}': returns_after must be an integer >= 1, got {k}")
+            if self.continuation.returns_after is not None:
+                raise InputError(f"variant '{self.name}': its continuation must itself draw every token")
+            if self.continuation.decoding.max_new_tokens != self.decoding.max_new_tokens:
+                # Responses are cut at one length under every distribution (DESIGN section 1).
+                raise InputError(f"variant '{self.name}': max_new_tokens {self.decoding.max_new_tokens} differs "
+                                 f"from its continuation's {self.continuation.decoding.max_new_tokens}")
+            object.__setattr__(self, "returns_after", int(k))
+
+    @property
+    def returns(self) -> bool:
+        """Whether this variant returns to the target after its first `returns_after` tokens."""
+        return self.returns_after is not None
+
+    @property
+    def head(self) -> "Variant":
+        """The variant that draws the first `returns_after` tokens: this one without the return,
+        cut at K tokens (itself when it does not return)."""
+        if self.returns_after is None:
+            return self
+        cut = replace(self.decoding, max_new_tokens=min(self.returns_after, self.decoding.max_new_tokens))
+        return replace(self, decoding=cut, returns_after=None, continuation=None)
 
 
 @dataclass
@@ -113,6 +149,11 @@ class Samples:
     """Sum of processed log-probs of each response under the variant that drew it, float64."""
     finished: list[bool]
     """True when the response ended with a stop token, False when max_new_tokens cut it."""
+    token_logprobs: list[np.ndarray] | None = None
+    """Per response, the processed log-prob of each of its tokens (float64; they sum to
+    `logprobs`), when the engine gives them; None when it does not. Lets a caller take the
+    log-prob of the first tokens only (`tailmon.proposals.sampling.draw` with components that
+    return to the target) without scoring the samples again."""
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -164,6 +205,17 @@ class Engine(ABC):
     # -- optional abilities ------------------------------------------------------------------
     # Every engine has these, with the defaults below for one that lacks the ability, so that
     # callers call them rather than probe with hasattr/getattr.
+
+    returns_to_target = False
+    """Whether `sample`, `score` and `next_token_logprobs` realise a variant that returns to the
+    target (`Variant.returns_after`). An engine without the ability refuses such a variant with
+    an InputError (`refuse_return`), never draws it as if it did not return."""
+
+    def refuse_return(self, variant: Variant) -> None:
+        """For engines that cannot draw a continuation from the target: refuse a returning variant."""
+        if variant.returns_after is not None:
+            raise InputError(f"proposal '{variant.name}' returns to the target after {variant.returns_after} tokens, "
+                             f"which the {self.name} engine cannot draw; use the transformers engine")
 
     tokenizer = None
     """The transformers tokenizer prompts are rendered with (every `ChatEngine` has one); None

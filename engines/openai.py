@@ -206,6 +206,7 @@ class OpenAIEngine(ChatEngine):
         return list(self._pool.map(fn, items))
 
     def _served(self, variant: Variant) -> str:
+        self.refuse_return(variant)  # every primitive resolves its variant here first
         if variant.steering is not None:
             raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (a vLLM server "
                              "cannot hook its decoder layers)")

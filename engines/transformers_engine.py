@@ -102,6 +102,7 @@ class _Steer(NamedTuple):
 
 class TransformersEngine(ChatEngine):
     name = "transformers"
+    returns_to_target = True
 
     def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64):
         self.model = model.eval()
@@ -264,21 +265,63 @@ class TransformersEngine(ChatEngine):
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        head = variant.head  # the variant itself unless it returns to the target
+        token_ids, token_lps, finished = self._sample_variant(prompt, head, n, generator)
+        if variant.returns:
+            self._continue_from_target(prompt, variant, token_ids, token_lps, finished, generator)
+        return Samples(token_ids=token_ids, logprobs=np.array([lp.sum() for lp in token_lps], dtype=np.float64),
+                       finished=finished, token_logprobs=token_lps)
+
+    def _sample_variant(self, prompt: str, variant: Variant, n: int, generator: torch.Generator):
+        """n responses drawn from a variant that draws every token: ids, per-token log-probs, finished."""
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
         token_ids: list[list[int]] = []
-        logprobs: list[np.ndarray] = []
+        token_lps: list[np.ndarray] = []
         finished: list[bool] = []
         with self._variant_weights(variant):
             for start in range(0, n, self.batch_size):
                 b = min(self.batch_size, n - start)
                 toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator, steer)
                 token_ids += toks
-                logprobs.append(lps)
+                token_lps += lps
                 finished += done
                 checkpoint()
-        return Samples(token_ids=token_ids, logprobs=np.concatenate(logprobs), finished=finished)
+        return token_ids, token_lps, finished
+
+    def _continue_from_target(self, prompt: str, variant: Variant, token_ids: list[list[int]],
+                              token_lps: list[np.ndarray], finished: list[bool], generator: torch.Generator) -> None:
+        """Draw the rest of every response the head of a returning variant left open, from its
+        continuation (the target), in place.
+
+        A fresh prefill of the prompt as the *continuation* renders it (its system prompt), then
+        the K drawn tokens, under the continuation's weights and steering: nothing computed under
+        the head's system prompt, adapter or steering enters the target's cache, so the tokens
+        after K follow p(. | x, y_1..K) exactly. Every open response has exactly K tokens (fewer
+        means a stop token ended it), so the rows need no padding.
+        """
+        target = variant.continuation
+        k = variant.head.decoding.max_new_tokens
+        steps = variant.decoding.max_new_tokens - k
+        open_rows = [i for i, (r, done) in enumerate(zip(token_ids, finished)) if not done and len(r) == k]
+        if steps <= 0 or not open_rows:
+            return
+        ids = self.rendered(prompt, target)
+        steer = self._steering(target.steering)
+        with self._variant_weights(target):
+            for start in range(0, len(open_rows), self.batch_size):
+                rows = open_rows[start:start + self.batch_size]
+                logits, cache = self._forward(torch.tensor([ids]), last_only=True, steer=steer)
+                cache.batch_repeat_interleave(len(rows))
+                logits, cache = self._forward(torch.tensor([token_ids[i] for i in rows]), cache, last_only=True,
+                                              steer=steer)
+                toks, lps, done = self._decode(logits[:, -1, :], cache, target.decoding, steps, generator, steer)
+                for i, t, lp, d in zip(rows, toks, lps, done):
+                    token_ids[i] = token_ids[i] + t
+                    token_lps[i] = np.concatenate([token_lps[i], lp])
+                    finished[i] = d
+                checkpoint()
 
     def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False, steer: _Steer | None = None):
         """One forward pass with a KV cache: (logits, cache). A steered pass edits the residual
@@ -302,25 +345,33 @@ class TransformersEngine(ChatEngine):
         # Every row continues the same prompt: prefill once and copy the cache, no padding at all.
         cache.batch_repeat_interleave(b)
         logits = logits[:, -1, :].expand(b, -1)
-        tokens = torch.full((b, decoding.max_new_tokens), self._pad, dtype=torch.long)
-        total = torch.zeros(b, dtype=torch.float64)
+        return self._decode(logits, cache, decoding, decoding.max_new_tokens, generator, steer)
+
+    def _decode(self, logits: torch.Tensor, cache, decoding: Decoding, steps: int, generator: torch.Generator,
+                steer: _Steer | None = None):
+        """Draw up to `steps` tokens per row from `logits` (b, V) on, each row until a stop token:
+        (token id lists, per-token processed log-prob arrays (float64), finished flags)."""
+        b = logits.shape[0]
+        tokens = torch.full((b, steps), self._pad, dtype=torch.long)
+        token_lps = torch.zeros((b, steps), dtype=torch.float64)
         alive = torch.ones(b, dtype=torch.bool)
         lengths = torch.zeros(b, dtype=torch.long)
-        for t in range(decoding.max_new_tokens):
+        for t in range(steps):
             logp = processed_logprobs(logits, decoding).cpu()
             # Sampling on the CPU with an explicit generator: reproducible across devices.
             nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
-            total += torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1).double(), 0.0)
+            token_lps[:, t] = torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1).double(), 0.0)
             tokens[:, t] = torch.where(alive, nxt, self._pad)
             lengths += alive
             alive &= ~torch.isin(nxt, self._stop_tensor)
-            if not alive.any() or t + 1 == decoding.max_new_tokens:
+            if not alive.any() or t + 1 == steps:
                 break
             logits, cache = self._forward(nxt[:, None], cache, steer=steer)
             logits = logits[:, -1, :]
         rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
+        lps = [token_lps[i, : lengths[i]].numpy().copy() for i in range(b)]
         done = [bool(r and r[-1] in self._stops) for r in rows]
-        return rows, total.numpy(), done
+        return rows, lps, done
 
     def _prompt_then(self, prompt_ids: list[int], x: torch.Tensor, steer: _Steer | None = None):
         """Logits after the prompt, (1, V), and after each token of each row of `x` (b, width) that
@@ -401,6 +452,24 @@ class TransformersEngine(ChatEngine):
                 raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={variant.decoding.max_new_tokens}")
             if any(t < 0 or t >= vocab for t in r):
                 raise InputError("a response holds a token id outside the vocabulary")
+        if not variant.returns:
+            for rows, tok, mask in self._token_chunks(prompt, variant, seqs):
+                result[rows] = torch.where(mask, tok, 0.0).sum(dim=1).numpy()
+            return result
+        # q(y_1..K) under the head, times p(y_K+1.. | y_1..K) under the continuation, scored with
+        # the continuation's own prompt and weights: the density `sample` draws from.
+        k = variant.head.decoding.max_new_tokens
+        result = self.score(prompt, variant.head, [r[:k] for r in seqs])
+        longer = [i for i, r in enumerate(seqs) if len(r) > k]
+        if longer:
+            for rows, tok, mask in self._token_chunks(prompt, variant.continuation, [seqs[i] for i in longer]):
+                tail = torch.where(mask, tok, 0.0)[:, k:].sum(dim=1).numpy()
+                result[[longer[r] for r in rows]] += tail
+        return result
+
+    def _token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]]):
+        """Teacher-forced processed log-probs of every token of `seqs` under a variant that draws
+        every token, by chunk: (indices into seqs, (b, width) float64 log-probs, mask of real tokens)."""
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
         # Shortest first: a chunk pads every response to its longest, so similar lengths go together.
@@ -416,13 +485,22 @@ class TransformersEngine(ChatEngine):
                 # predicted by the logits after the prompt and after the tokens before it.
                 first, rest = self._prompt_then(ids, x[:, :-1].contiguous(), steer)
                 tok = self._token_logprobs(first, rest, x, variant.decoding)
-                result[order[start:end]] = torch.where(mask, tok, 0.0).sum(dim=1).numpy()
+                yield order[start:end], tok, mask
                 checkpoint()
-        return result
 
     @torch.inference_mode()
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         seqs = [list(map(int, p)) for p in prefixes]
+        if variant.returns:
+            # The token after a prefix shorter than K comes from the head, any later one from the
+            # continuation (the target, with its own prompt).
+            k = variant.head.decoding.max_new_tokens
+            out = np.zeros((len(seqs), self.vocab_size))
+            for chosen, part in ((lambda s: len(s) < k, variant.head), (lambda s: len(s) >= k, variant.continuation)):
+                rows = [i for i, s in enumerate(seqs) if chosen(s)]
+                if rows:
+                    out[rows] = self.next_token_logprobs(prompt, part, [seqs[i] for i in rows])
+            return out
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
         rows = []

@@ -153,6 +153,9 @@ class VllmEngine(ChatEngine):
     # -- variants ----------------------------------------------------------------------------
 
     def _lora_request(self, variant: Variant):
+        # Every primitive resolves its variant here first. A continuation from given tokens could
+        # be drawn (a token-id prompt under the target), but is not implemented and tested yet.
+        self.refuse_return(variant)
         if variant.steering is not None:
             raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (vLLM runs "
                              "compiled decoder layers that tailmon cannot hook)")

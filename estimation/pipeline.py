@@ -16,6 +16,7 @@ import numpy as np
 
 from tailmon.engines.base import Engine, Variant, checkpoint
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
+from tailmon.estimation.efficiency import prompt_efficiency, run_efficiency
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimators import (
     Estimate,
@@ -27,7 +28,7 @@ from tailmon.estimators import (
 )
 from tailmon.judges import Judge
 from tailmon.proposals import Component, Proposal, build_mixture
-from tailmon.proposals.sampling import allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
+from tailmon.proposals.sampling import Draw, allocate, draw  # noqa: F401  (allocate: the pipeline's rule, re-exported)
 from tailmon.redact import mask_secrets
 
 METHODS = ("is", "mc")
@@ -148,9 +149,22 @@ class PromptResult:
     shares: what an adaptive monitor learns from after the run (tailmon.proposals.adaptive)."""
     logq: np.ndarray | None = None
     shares: np.ndarray | None = None
+    seconds: float | None = None
+    """Wall time of the prompt's draw: generation, scoring and judging (None: not timed)."""
+    plain_seconds_per_sample: float | None = None
+    """Wall time one plain Monte Carlo sample costs, measured on this prompt's draw
+    (`_plain_seconds_per_sample`; None: not timed)."""
+
+    @property
+    def efficiency(self) -> dict:
+        """`mc_equivalent_samples`, `mc_sample_ratio`, `mc_time_ratio` (tailmon.estimation.efficiency)."""
+        return prompt_efficiency(self.estimate, self.seconds, self.plain_seconds_per_sample)
 
     def to_dict(self) -> dict:
-        out = {"prompt": self.prompt.text, "category": self.prompt.category, **self.estimate.to_dict()}
+        # The sample figures only: they follow from the estimate, so a rerun with the same seeds
+        # gives the same dict. The time ratio is a wall-clock measurement: the report's `timing`.
+        sample = {k: v for k, v in self.efficiency.items() if k != "mc_time_ratio"}
+        out = {"prompt": self.prompt.text, "category": self.prompt.category, **self.estimate.to_dict(), **sample}
         if self.logprob_check is not None:
             out["logprob_check"] = dict(self.logprob_check)
         return out
@@ -189,9 +203,10 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
     d = draw(engine, prompt.text, [c.variant for c in comps], [c.share for c in comps], plan.n_samples,
              seed=lambda j: component_seed(plan.seed, prompt.text, j, occurrence), judge=plan.judge, progress=progress,
              score_all=False, rescore=plan.rescore_samples if plan.method == "is" else 0)
+    timing = {"seconds": d.seconds, "plain_seconds_per_sample": _plain_seconds_per_sample(d)}
     if plan.method == "mc":  # no weights: the sampled log-probs are not used
         est = monte_carlo(d.scores, confidence=plan.confidence)
-        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn, None, d.ids, d.logq, d.shares)
+        return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn, None, d.ids, d.logq, d.shares, **timing)
     # The realised shares n_j / n (not the nominal ones) make the estimator exactly unbiased.
     log_w = d.log_w
     est = importance_sampling(log_w, d.scores, component=d.drawn, defensive=float(d.shares[0]),
@@ -202,7 +217,24 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
         notes += (mismatch,)
     if notes:
         est = _with_warnings(est, notes)
-    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn, check, d.ids, d.logq, d.shares)
+    return PromptResult(prompt, est, d.texts, d.scores, log_w, d.drawn, check, d.ids, d.logq, d.shares, **timing)
+
+
+def _plain_seconds_per_sample(d: Draw) -> float | None:
+    """What one sample of plain Monte Carlo costs (tailmon.estimation.efficiency): generation per
+    sample, the smaller of the target stratum's (the deployed model's own samples, as MC draws
+    them) and the whole draw's (every component, batches as large as MC's would be), plus the
+    judge's time per sample. The smaller: neither can then make IS look cheaper than it is (a
+    small target stratum pays a batch's fixed costs for few samples, a slow proposal (an adapter,
+    a second prefill) makes the whole draw's generation slower than plain). None: not timed."""
+    n = len(d.drawn)
+    if d.generate_seconds is None or n == 0:
+        return None
+    gen = [float(np.sum(d.generate_seconds)) / n]
+    n_target = int(np.count_nonzero(d.drawn == 0))
+    if n_target:
+        gen.append(float(d.generate_seconds[0]) / n_target)
+    return min(gen) + d.judge_seconds / n
 
 
 def _with_warnings(est: Estimate, extra: tuple[str, ...]) -> Estimate:
@@ -226,6 +258,10 @@ class EstimationReport:
         plan = self.plan
         agg = self.aggregate()
         agg_dict = agg.to_dict()
+        per_prompt = [r.efficiency for r in self.results]
+        run = run_efficiency(per_prompt, [r.estimate.n_samples for r in self.results], [r.seconds for r in self.results],
+                             [r.plain_seconds_per_sample for r in self.results])
+        agg_dict.update({k: v for k, v in run.items() if k != "mc_time_ratio"})
         if plan.volume is not None:
             agg_dict.update(headline if headline is not None else
                             extrapolate([r.estimate for r in self.results], agg, plan.volume, plan.window,
@@ -247,6 +283,16 @@ class EstimationReport:
                         "tolerance": plan.rescore_tolerance},
             "estimates": [r.to_dict() for r in self.results],
             "aggregate": agg_dict,
+            # Wall-clock measurements, laid out as the report (they vary between runs, everything
+            # else reproduces with the seed): each prompt's draw time, what one plain MC sample
+            # cost on it and its MC time ratio; the run's time and MC time ratio. None where no MC
+            # equivalent is reported (tailmon.estimation.efficiency).
+            "timing": {
+                "estimates": [{"seconds": r.seconds, "plain_seconds_per_sample": r.plain_seconds_per_sample,
+                               "mc_time_ratio": e["mc_time_ratio"]} for r, e in zip(self.results, per_prompt)],
+                "aggregate": {"seconds": sum(r.seconds for r in self.results if r.seconds is not None),
+                              "mc_time_ratio": run["mc_time_ratio"]},
+            },
         }
 
 

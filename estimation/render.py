@@ -22,9 +22,19 @@ def _worst(worst: dict, fmt: str) -> str:
     return text
 
 
+def _ratio(x) -> str:
+    """An efficiency ratio (n_MC / n or MC time / IS time); "-" where none is reported."""
+    return "-" if x is None else f"{x:.3g}x"
+
+
 def estimates_table(report: dict, prompt_width: int = 44) -> str:
-    rows = [("prompt", "p_hat", "95% interval", "hits/n", "ESS", "k-hat", "reliable")]
-    for e in report["estimates"]:
+    # "MC samples" and "MC time": n_MC / n and its time counterpart (tailmon.estimation.efficiency),
+    # shown only for reliable, non-zero estimates; reports stored before they existed show "-".
+    rows = [("prompt", "p_hat", "95% interval", "hits/n", "ESS", "k-hat", "reliable", "MC samples", "MC time")]
+    timing = report.get("timing") or {}  # absent from reports stored before it existed
+    times = [t.get("mc_time_ratio") for t in timing.get("estimates") or [{}] * len(report["estimates"])]
+    run_time_ratio = (timing.get("aggregate") or {}).get("mc_time_ratio")
+    for e, time_ratio in zip(report["estimates"], times):
         shown = "≤ " + _sci(e["ci_high"]) if e["upper_bound_only"] else _sci(e["p_hat"])
         rows.append((
             _short(e["prompt"], prompt_width),
@@ -34,6 +44,8 @@ def estimates_table(report: dict, prompt_width: int = 44) -> str:
             f"{e['ess']:.0f}" if e["ess"] is not None else "-",
             f"{e['khat']:.2f}" if e["khat"] is not None else "-",
             "yes" if e["reliable"] else "NO",
+            _ratio(e.get("mc_sample_ratio")),
+            _ratio(time_ratio),
         ))
     agg = report["aggregate"]
     rows.append((
@@ -43,6 +55,8 @@ def estimates_table(report: dict, prompt_width: int = 44) -> str:
         f"{agg['n_harmful']}/{agg['n_samples']}",
         "", "",
         "yes" if agg["reliable"] else (f"NO ({agg['n_unreliable']})" if agg["n_unreliable"] else "NO (see warnings)"),
+        _ratio(agg.get("mc_sample_ratio")),
+        _ratio(run_time_ratio),
     ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -65,6 +79,17 @@ def estimates_table(report: dict, prompt_width: int = 44) -> str:
                 + (f"; the largest prompt carries {share:.0%} of the mean" if share is not None else "")
                 + (f"; fitted spread of ln P over prompts {agg['log_spread']:.2f}" if agg.get("log_spread") is not None
                    else ""))
+    if agg.get("mc_equivalent_samples") is not None:
+        tail.append("")
+        line = (f"Monte Carlo would need about {agg['mc_equivalent_samples']:.3g} samples for the same standard "
+                f"errors: {_ratio(agg['mc_sample_ratio'])} the {agg['n_samples']} drawn")
+        if run_time_ratio is not None:
+            line += f", {_ratio(run_time_ratio)} the time"
+        tail.append(line)
+    elif report["method"] == "is":
+        tail.append("")
+        tail.append("MC samples/time: Monte Carlo samples (time) for the same standard error, per sample drawn "
+                    "(time spent); shown for reliable non-zero estimates only")
     if "expected_per_window" in agg:
         ex, pa = agg["expected_per_window"], agg["p_any_per_window"]
         tail.append("")

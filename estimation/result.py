@@ -2,7 +2,8 @@
 
 `RunResult` is one estimation run (the report, its seed, its extrapolations for every window,
 each computed once). `RunFigures` are the figures read off it by the metrics and the alert
-rules (the smallest ESS of w*h and the largest k-hat over prompts among them), defined here once.
+rules (the smallest ESS of w*h, the largest k-hat over prompts and the run's Monte Carlo
+equivalents among them), defined here once.
 Dicts appear only at the JSON edge: `RunResult.to_dict()` is what the store keeps and
 `--format json` prints, and `RunFigures.from_report` reads a stored report back.
 """
@@ -62,6 +63,11 @@ class RunFigures:
     largest_logprob_diff: float | None = None
     """The largest |sampled - re-scored| log-prob (nats) over the run's re-scored samples; inf
     when one was scored -inf; None when none was re-scored."""
+    mc_sample_ratio: float | None = None
+    """Monte Carlo samples for the run's standard errors per sample drawn (`tailmon.estimation.
+    efficiency`); None unless every prompt's estimate is reliable and non-zero."""
+    mc_time_ratio: float | None = None
+    """The same in wall time; None where `mc_sample_ratio` is (or the run was not timed)."""
 
     @classmethod
     def from_report(cls, report: Mapping) -> "RunFigures":
@@ -76,7 +82,10 @@ class RunFigures:
                    n_unreliable=int(agg.get("n_unreliable", 0)), smallest_ess_wh=min(ess) if ess else None,
                    largest_khat=max(khats) if khats else None,
                    windows={w: WindowFigures.from_dict(w, ex) for w, ex in (report.get("extrapolations") or {}).items()},
-                   largest_logprob_diff=max(diffs) if diffs else None)
+                   largest_logprob_diff=max(diffs) if diffs else None,
+                   # absent from reports stored before efficiency was reported: None, as unreported
+                   mc_sample_ratio=agg.get("mc_sample_ratio"),
+                   mc_time_ratio=((report.get("timing") or {}).get("aggregate") or {}).get("mc_time_ratio"))
 
 
 @dataclass

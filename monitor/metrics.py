@@ -69,6 +69,14 @@ class Metrics:
             "tailmon_logprob_mismatch_nats", "Largest |sampled - re-scored| log-prob of a response over the "
             "run's re-scored samples (estimator.rescore_samples per prompt); above estimator.rescore_tolerance "
             "the estimates warn. +Inf: a sampled response scored -inf; NaN: none re-scored.", m, registry=r)
+        self.mc_sample_ratio = Gauge(
+            "tailmon_mc_sample_ratio", "Monte Carlo samples that would give the last run's standard errors, per "
+            "sample it drew (> 1: importance sampling needed fewer). Absent when any prompt's estimate is "
+            "unreliable or zero.", m, registry=r)
+        self.mc_time_ratio = Gauge(
+            "tailmon_mc_time_ratio", "Wall time plain Monte Carlo would need for the last run's standard errors, "
+            "per second the run's generation, scoring and judging took. Absent when tailmon_mc_sample_ratio is.",
+            m, registry=r)
         self.reliable = Gauge(
             "tailmon_estimate_reliable", "1 when the aggregate is reliable (every prompt's estimate passed the "
             "reliability rule, at least 20 prompts, fitted spread of ln P over prompts at most 1.5), else 0.",
@@ -136,6 +144,8 @@ class Metrics:
         _set_or_nan(self.ess.labels(monitor), figures.smallest_ess_wh)
         _set_or_nan(self.khat.labels(monitor), figures.largest_khat)
         _set_or_nan(self.logprob_mismatch.labels(monitor), figures.largest_logprob_diff)
+        _set_or_absent(self.mc_sample_ratio, (monitor,), figures.mc_sample_ratio)
+        _set_or_absent(self.mc_time_ratio, (monitor,), figures.mc_time_ratio)
         for window, w in figures.windows.items():
             self.expected_harmful.labels(monitor, window).set(w.expected)
             self.expected_harmful_upper.labels(monitor, window).set(w.expected_high)

@@ -9,13 +9,14 @@ system-prompt library's specs for a monitor that names no proposal.
 from .base import Component, Proposal, build_mixture
 from .library import default_proposals, load_library
 from .spec import PROPOSALS, parse_layers, parse_proposal
-from .variants import LoraProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
+from .variants import LoraProposal, ReturnProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
 
 __all__ = [
     "Component",
     "LoraProposal",
     "PROPOSALS",
     "Proposal",
+    "ReturnProposal",
     "SteeringProposal",
     "SystemPromptProposal",
     "TemperatureProposal",

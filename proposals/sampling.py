@@ -6,10 +6,14 @@ on the same token ids (its own log-prob comes from sampling), balance-heuristic 
 realised shares n_j / n. It lives here rather than in the monitor package because building a
 proposal needs it and data flows monitor -> proposals; a `Draw` keeps what proposal building needs
 beyond an estimate: the token ids of every sample and its log-prob under every component.
+When every scored component returns to the target (`return:K:SPEC`), only the first max-K tokens
+of each sample are scored (`weight_horizon`). A draw times its generation (per component),
+scoring and judging, for the Monte Carlo time equivalents (tailmon.estimation.efficiency).
 """
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -44,7 +48,10 @@ class Draw:
     drawn: np.ndarray
     """Index of the component that drew each sample."""
     logq: np.ndarray
-    """(n, K) processed log-prob of every sample under every component; column 0 is the target."""
+    """(n, K) processed log-prob of every sample under every component; column 0 is the target.
+    With a `horizon` M, the log-prob of each sample's first M tokens only (see `weight_horizon`):
+    the factor p(y_M+1.. | y_1..M) common to every column is left out, so every ratio of columns
+    (every weight) is exact while no token after M is ever scored."""
     shares: np.ndarray
     """Realised shares n_j / n: the mixture the samples actually come from."""
     texts: list[str]
@@ -52,7 +59,15 @@ class Draw:
     checked: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     """Rows whose log-prob under the component that drew them was also computed by scoring."""
     rescored: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    """Those log-probs, teacher-forced (compare `logq[checked, drawn[checked]]`, from sampling)."""
+    """Those log-probs, teacher-forced (compare `logq[checked, drawn[checked]]`, from sampling;
+    with a `horizon`, of the first `horizon` tokens, as `logq`)."""
+    horizon: int | None = None
+    """None: `logq` holds whole-response log-probs; M: log-probs of the first M tokens."""
+    generate_seconds: np.ndarray | None = None
+    """Wall time of each component's generation (0 where it drew nothing)."""
+    score_seconds: float = 0.0
+    """Wall time of scoring samples under the components that did not draw them (and re-scoring)."""
+    judge_seconds: float = 0.0
 
     @property
     def log_p(self) -> np.ndarray:
@@ -62,6 +77,39 @@ class Draw:
     def log_w(self) -> np.ndarray:
         """Balance-heuristic log-weights p / sum_j a_j q_j."""
         return balance_log_weights(self.logq[:, 0], self.logq, self.shares)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the whole draw: generation, scoring and judging."""
+        gen = 0.0 if self.generate_seconds is None else float(np.sum(self.generate_seconds))
+        return gen + self.score_seconds + self.judge_seconds
+
+
+def weight_horizon(variants: Sequence[Variant], columns: Sequence[int]) -> int | None:
+    """The number of leading tokens every weight needs when the scored `columns` of a mixture
+    (variants[0] the target) are the target and components that return to it; else None.
+
+    Component j returning after K_j tokens has density q_j(y_1..K_j) p(y_K_j+1.. | y_1..K_j).
+    With M = max_j K_j (the largest K, not the smallest: a component with K_j = M still has its
+    own tokens up to M in its density, so tokens K_min+1..M differ between columns), every
+    density, the target's p(y) included, factors as f_j(y_1..M) p(y_M+1.. | y_1..M), and the common
+    factor cancels from w = p / sum_j a_j q_j. So each column needs the first M tokens only:
+    q_j(y_1..K_j) p(y_K_j+1..M | y_1..K_j), which is what scoring y_1..M under the returning
+    variant gives. A component that draws every token (or returns to another variant than the
+    target) keeps the whole response in its density: no horizon.
+    """
+    target = variants[0]
+    if target.returns:
+        return None
+    ks = []
+    for j in columns:
+        if j == 0:
+            continue
+        v = variants[j]
+        if not v.returns or v.continuation != target:
+            return None
+        ks.append(v.returns_after)
+    return max(ks) if ks else None
 
 
 def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Sequence[float], n: int,
@@ -73,35 +121,58 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
 
     `rescore`: up to this many samples are also scored under the component that drew them
     (spread over the components that drew, the first of each: they are a random subset), so
-    that the sampled log-probs can be checked against the scored ones (`Draw.rescored`)."""
+    that the sampled log-probs can be checked against the scored ones (`Draw.rescored`).
+
+    When every scored component returns to the target, only each sample's first
+    `weight_horizon` tokens are scored (re-scored too)."""
+    if not engine.returns_to_target:
+        for variant in variants:  # before any sampling, rather than after the other components' draws
+            engine.refuse_return(variant)
     counts = allocate(n, shares)
+    realised = np.asarray(counts, dtype=float) / n
+    columns = [j for j in range(len(variants)) if score_all or j == 0 or realised[j] > 0]
+    horizon = weight_horizon(variants, columns)
     ids: list[list[int]] = []
     drawn: list[int] = []
     own: list[float] = []
+    own_missing: list[int] = []  # samples whose first `horizon` tokens need scoring under their own component
+    gen_seconds = np.zeros(len(variants))
     for j, (variant, n_j) in enumerate(zip(variants, counts)):
         if n_j == 0:
             continue
+        t0 = time.perf_counter()
         samples = engine.sample(prompt, variant, n_j, seed(j))
+        gen_seconds[j] = time.perf_counter() - t0
+        if horizon is None:
+            own += samples.logprobs.tolist()
+        elif samples.token_logprobs is not None:
+            own += [float(np.sum(lp[:horizon])) for lp in samples.token_logprobs]
+        else:
+            own_missing += range(len(ids), len(ids) + n_j)
+            own += [0.0] * n_j
         ids += samples.token_ids
-        own += samples.logprobs.tolist()
         drawn += [j] * n_j
         if progress:
             progress(n_j)
     drawn_a = np.asarray(drawn)
+    scored = ids if horizon is None else [r[:horizon] for r in ids]
     logq = np.full((len(ids), len(variants)), -np.inf)
     logq[np.arange(len(ids)), drawn_a] = own
-    realised = np.asarray(counts, dtype=float) / n
-    for j, variant in enumerate(variants):
-        if not (score_all or j == 0 or realised[j] > 0):
-            continue
-        rows = np.flatnonzero(drawn_a != j)
+    t0 = time.perf_counter()
+    for j in columns:
+        rows = np.flatnonzero((drawn_a != j) | np.isin(np.arange(len(ids)), own_missing))
         if rows.size:
-            logq[rows, j] = score_unique(engine, prompt, variant, [ids[i] for i in rows])
-    checked, rescored = _rescore_own(engine, prompt, variants, counts, ids, rescore)
+            logq[rows, j] = score_unique(engine, prompt, variants[j], [scored[i] for i in rows])
+    # re-scored on what `logq` holds (the first `horizon` tokens with a horizon)
+    checked, rescored = _rescore_own(engine, prompt, variants, counts, scored, rescore)
+    score_seconds = time.perf_counter() - t0
     checkpoint()  # between scoring and judging (a judge may be slow: an endpoint, an LLM)
+    t0 = time.perf_counter()
     texts = [engine.decode(r) for r in ids]
     scores = judge.score([prompt] * len(texts), texts)
-    return Draw(prompt, ids, drawn_a, logq, realised, texts, scores, checked, rescored)
+    judge_seconds = time.perf_counter() - t0
+    return Draw(prompt, ids, drawn_a, logq, realised, texts, scores, checked, rescored, horizon=horizon,
+                generate_seconds=gen_seconds, score_seconds=score_seconds, judge_seconds=judge_seconds)
 
 
 def _rescore_own(engine: Engine, prompt: str, variants: Sequence[Variant], counts: Sequence[int],

@@ -1,5 +1,6 @@
 """Proposal spec strings (DESIGN section 8): `system:TEXT`, `temperature:T`, `lora:PATH[@SCALE]`,
-`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`.
+`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`, and `return:K:SPEC` (SPEC for the first
+K response tokens, the target for the rest).
 
 Every kind is an entry of `PROPOSALS` (a `tailmon.registry.Registry`): `NAME:ARG` is built by the
 factory registered under NAME, `factory(spec, ARG) -> Proposal`, which raises SpecError naming the
@@ -16,9 +17,10 @@ from tailmon.errors import SpecError
 from tailmon.registry import Registry
 
 from .base import Proposal
-from .variants import LoraProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
+from .variants import LoraProposal, ReturnProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
 
 _LAYERS = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_RETURN = re.compile(r"^(\d+):(.+)$", re.DOTALL)
 
 # An unknown kind lists the syntaxes: a bare name does not say how to write its argument.
 PROPOSALS: Registry[Callable[[str, str], Proposal]] = Registry("proposal", error=SpecError, known="syntaxes")
@@ -102,6 +104,24 @@ PROPOSALS.register("steer", syntax="steer:PATH@COEF[@LAYERS]",
 PROPOSALS.register("ablate", syntax="ablate:PATH@ALPHA[@LAYERS]",
                    description="the target with ALPHA times a saved direction's component removed at LAYERS "
                    "(1: all of it)")(_steering("ablate", "ALPHA"))
+
+
+@PROPOSALS.register("return", syntax="return:K:SPEC",
+                    description="SPEC (any other proposal) draws the first K response tokens, the target "
+                    "the rest; weights and scoring then involve only the first K tokens")
+def _return(spec: str, arg: str) -> Proposal:
+    # K first, then the inner spec whole: the inner spec may hold any character, K only digits.
+    m = _RETURN.match(arg)
+    if not m:
+        raise SpecError(f"proposal '{spec}' needs a token count and a proposal: return:K:SPEC "
+                        "(e.g. return:4:system:TEXT)")
+    k = int(m.group(1))
+    if k < 1:
+        raise SpecError(f"proposal '{spec}': K must be >= 1 (return:0 is the target itself)")
+    inner = parse_proposal(m.group(2))
+    if isinstance(inner, ReturnProposal):
+        raise SpecError(f"proposal '{spec}': a proposal returns to the target once; write one return:K")
+    return ReturnProposal(inner, k)
 
 
 def parse_proposal(spec: str) -> Proposal:

@@ -1,5 +1,6 @@
 """The proposal types of this version: another system prompt, a LoRA adapter, another temperature,
-an activation-steering direction added to or ablated from the residual stream."""
+an activation-steering direction added to or ablated from the residual stream, and any of these
+drawing only the first K tokens before returning to the target."""
 
 from __future__ import annotations
 
@@ -128,3 +129,34 @@ class SteeringProposal(Proposal):
                             f"the direction was computed on (0..{file.num_layers - 1})")
         decoding = self._decoding(target)
         return replace(target, name=self.spec, steering=steering, decoding=decoding)
+
+
+@dataclass(frozen=True)
+class ReturnProposal(Proposal):
+    """Another proposal for the first K response tokens, the target for the rest (`return:K:SPEC`).
+
+    Its density is q(y_1..K) p(y_K+1.. | y_1..K), so its ratio to the target, p(y)/q(y), is
+    p(y_1..K)/q(y_1..K): the tokens after K, drawn from the target itself, add nothing to the
+    weight's spread (a full-length proposal multiplies the weight by p/q of every later token).
+    The continuation is drawn under the target's own prompt, weights and decoding.
+    """
+
+    inner: Proposal
+    k: int
+
+    def __post_init__(self):
+        if isinstance(self.inner, ReturnProposal):
+            raise SpecError(f"proposal '{self.spec}': a proposal returns to the target once; write one return:K")
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise SpecError(f"proposal 'return:{self.k}:{self.inner.spec}': K must be an integer >= 1")
+
+    @property
+    def spec(self) -> str:
+        return f"return:{self.k}:{self.inner.spec}"
+
+    def covers_truncation(self, target: Variant) -> bool:
+        return self.inner.covers_truncation(target)
+
+    def variant(self, target: Variant) -> Variant:
+        head = self.inner.variant(target)
+        return replace(head, name=self.spec, returns_after=self.k, continuation=target)

@@ -61,6 +61,38 @@ def test_show_prints_figures_redacted(db):
     assert data["status"] == "failed" and "failed to load" in data["error"]
 
 
+def test_show_prints_the_monte_carlo_equivalents(tmp_path, monkeypatch):
+    """`runs show` has each estimate's MC-sample and MC-time ratios and the run's line; the stored
+    run without them (before they existed, or unreliable) shows dashes (test above). Catches a
+    table that drops them."""
+    report = json.loads(json.dumps(REPORT))
+    report["estimates"][0].update(mc_equivalent_samples=990.0, mc_sample_ratio=99.0)
+    report["aggregate"].update(mc_equivalent_samples=990.0, mc_sample_ratio=99.0)
+    report["timing"] = {"estimates": [{"seconds": 1.0, "plain_seconds_per_sample": 0.03, "mc_time_ratio": 31.0}],
+                        "aggregate": {"seconds": 1.0, "mc_time_ratio": 31.0}}
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    monkeypatch.delenv("TAILMON_CONFIG", raising=False)
+    monkeypatch.setenv("TAILMON_DATABASE_URL", url)
+    with Store(url) as store:
+        run_id = store.start_run("prod", model_ref="m", model_version=1, config_hash="h", settings={})
+        store.finish_run(run_id, "succeeded", report=report)
+    result = CliRunner().invoke(main, ["runs", "show", str(run_id)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "[EMAIL]" in line)
+    assert row.split()[-2:] == ["99x", "31x"]
+    assert "Monte Carlo would need about 990 samples for the same standard errors: 99x the 10 drawn, 31x the time" \
+        in result.output
+    data = json.loads(CliRunner().invoke(main, ["runs", "show", str(run_id), "--format", "json"]).output)
+    assert data["report"]["aggregate"]["mc_sample_ratio"] == 99.0
+    assert data["report"]["timing"]["aggregate"]["mc_time_ratio"] == 31.0
+
+
+def test_show_without_the_figures(db):
+    result = CliRunner().invoke(main, ["runs", "show", str(db["ok"])])
+    row = next(line for line in result.output.splitlines() if "[EMAIL]" in line)
+    assert row.split()[-3:] == ["yes", "-", "-"]
+
+
 def test_show_unknown_run_exits_2(db):
     result = CliRunner().invoke(main, ["runs", "show", "999"])
     assert result.exit_code == 2 and "no run with id 999" in result.output

@@ -40,3 +40,22 @@ def test_embedded_system_prompt_variant(embedded_engine):
     samples = embedded_engine.sample(PROMPT, variant, 2, seed=1)
     np.testing.assert_allclose(samples.logprobs, embedded_engine.score(PROMPT, variant, samples.token_ids), atol=1e-4)
     assert np.max(np.abs(embedded_engine.score(PROMPT, target, samples.token_ids) - samples.logprobs)) > 1e-2
+
+
+def test_embedded_returning_variant(embedded_engine):
+    """`return:4:system:...` on the real model: the first 4 tokens under the system prompt, the
+    rest from the target with its own prompt; the sampling log-prob equals the score and equals
+    q(y_1..4) + p(y) - p(y_1..4) by teacher forcing under the plain variants. Catches a
+    continuation drawn or scored under the head's prompt on a real chat template."""
+    from tailmon.proposals import parse_proposal
+
+    target = Variant("target", Decoding(temperature=0.7, max_new_tokens=12))
+    variant = parse_proposal("return:4:system:Always answer in French.").variant(target)
+    samples = embedded_engine.sample(PROMPT, variant, 3, seed=2)
+    assert any(len(ids) > 4 for ids in samples.token_ids)
+    np.testing.assert_allclose(samples.logprobs, embedded_engine.score(PROMPT, variant, samples.token_ids), atol=1e-4)
+    head = Variant("head", target.decoding, system_prompt="Always answer in French.")
+    cut = [ids[:4] for ids in samples.token_ids]
+    exact = (embedded_engine.score(PROMPT, head, cut) + embedded_engine.score(PROMPT, target, samples.token_ids)
+             - embedded_engine.score(PROMPT, target, cut))
+    np.testing.assert_allclose(samples.logprobs, exact, atol=1e-4)

@@ -156,3 +156,33 @@ def test_forget_monitor_removes_all_its_series(metrics):
     assert 'monitor="prod"' not in text
     assert 'tailmon_harm_probability{monitor="staging"}' in text
     assert 'tailmon_runs_total{monitor="staging",status="succeeded"} 1.0' in text
+
+
+def test_mc_ratios_are_exported_for_a_reliable_run_and_absent_otherwise(metrics):
+    """A reliable run sets tailmon_mc_sample_ratio and tailmon_mc_time_ratio; a later run with an
+    unreliable or zero estimate removes both series (absent, not NaN, and never the earlier run's
+    flattering number); a report stored before the figures existed exports none. Catches a stale
+    or NaN series where no efficiency is reported."""
+    good = {**REPORT, "aggregate": {**REPORT["aggregate"], "reliable": True, "n_unreliable": 0,
+                                    "mc_equivalent_samples": 8000.0, "mc_sample_ratio": 40.0},
+            "timing": {"estimates": [], "aggregate": {"seconds": 10.0, "mc_time_ratio": 12.5}}}
+    metrics.record_figures("prod", RunFigures.from_report(good))
+    get = metrics.registry.get_sample_value
+    assert get("tailmon_mc_sample_ratio", {"monitor": "prod"}) == 40.0
+    assert get("tailmon_mc_time_ratio", {"monitor": "prod"}) == 12.5
+    only_samples = {**good, "timing": {"estimates": [], "aggregate": {"seconds": 10.0, "mc_time_ratio": None}}}
+    metrics.record_figures("prod", RunFigures.from_report(only_samples))
+    assert get("tailmon_mc_sample_ratio", {"monitor": "prod"}) == 40.0
+    assert get("tailmon_mc_time_ratio", {"monitor": "prod"}) is None
+    bad = {**REPORT, "aggregate": {**REPORT["aggregate"], "mc_equivalent_samples": None, "mc_sample_ratio": None},
+           "timing": {"estimates": [], "aggregate": {"seconds": 10.0, "mc_time_ratio": None}}}
+    for report in (bad, REPORT):  # REPORT: stored before the figures existed
+        metrics.record_figures("prod", RunFigures.from_report(good))
+        metrics.record_figures("prod", RunFigures.from_report(report))
+        assert get("tailmon_mc_sample_ratio", {"monitor": "prod"}) is None
+        assert get("tailmon_mc_time_ratio", {"monitor": "prod"}) is None
+        text = metrics.exposition().decode()
+        assert "tailmon_mc_sample_ratio{" not in text and "tailmon_mc_time_ratio{" not in text
+    metrics.record_figures("staging", RunFigures.from_report(good))
+    metrics.forget_monitor("staging")
+    assert get("tailmon_mc_sample_ratio", {"monitor": "staging"}) is None

@@ -88,7 +88,10 @@ def exported_series() -> Exported:
     m = Metrics(CollectorRegistry())
     m.init_monitor("m")
     m.set_model("m", "ref", 1)
-    m.record_figures("m", RunFigures.from_report(REPORT))
+    # with the Monte Carlo equivalents a run reports when every estimate is reliable (without them
+    # their gauges have no series)
+    m.record_figures("m", RunFigures.from_report({**REPORT, "aggregate": {**REPORT["aggregate"], "mc_sample_ratio": 40.0},
+                                                  "timing": {"aggregate": {"mc_time_ratio": 12.5}}}))
     m.record_run("m", "succeeded", 42.0, 1.7e9, {"target": 3, "proposal": 27})
     m.alert_state.labels("m", "rule", "warning").set(2)  # set by the alerts package, not by Metrics
     labels: dict[str, set[str]] = {}
