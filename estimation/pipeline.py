@@ -154,6 +154,9 @@ class PromptResult:
     plain_seconds_per_sample: float | None = None
     """Wall time one plain Monte Carlo sample costs, measured on this prompt's draw
     (`_plain_seconds_per_sample`; None: not timed)."""
+    horizon: int | None = None
+    """`logq` covers each sample's first `horizon` tokens only (every component returned to the
+    target, tailmon.proposals.sampling.weight_horizon); None: whole responses."""
 
     @property
     def efficiency(self) -> dict:
@@ -203,7 +206,7 @@ def estimate_prompt(engine: Engine, plan: EstimationPlan, prompt: PromptItem,
     d = draw(engine, prompt.text, [c.variant for c in comps], [c.share for c in comps], plan.n_samples,
              seed=lambda j: component_seed(plan.seed, prompt.text, j, occurrence), judge=plan.judge, progress=progress,
              score_all=False, rescore=plan.rescore_samples if plan.method == "is" else 0)
-    timing = {"seconds": d.seconds, "plain_seconds_per_sample": _plain_seconds_per_sample(d)}
+    timing = {"seconds": d.seconds, "plain_seconds_per_sample": _plain_seconds_per_sample(d), "horizon": d.horizon}
     if plan.method == "mc":  # no weights: the sampled log-probs are not used
         est = monte_carlo(d.scores, confidence=plan.confidence)
         return PromptResult(prompt, est, d.texts, d.scores, None, d.drawn, None, d.ids, d.logq, d.shares, **timing)

@@ -271,6 +271,11 @@ class AdaptiveLearner:
         record = {"run_id": run_id, "at": _now(), "generation_before": self.generation, "adopted": False}
         if any(r.logq is None for r in results) or len(labels) < 2:
             return self._finish(record, "the run drew from the target only (Monte Carlo): nothing to learn")
+        if any(getattr(r, "horizon", None) is not None for r in results):
+            # Its log-probs cover the first tokens only (tailmon.proposals.sampling.weight_horizon),
+            # while a new adapter's density covers whole responses: they cannot share one mixture.
+            return self._finish(record, "the run's components return to the target, so its log-probs cover only "
+                                "the first tokens of each response: nothing to learn an adapter from")
         fit, held = self._split(results, derive_seed(seed, _SPLIT))
         record.update(fit_samples=sum(len(h.scores) for h in fit), held_out_samples=sum(len(h.scores) for h in held),
                       fit_hits=sum(h.hits for h in fit), held_out_hits=sum(h.hits for h in held))

@@ -70,3 +70,23 @@ def test_listed_with_the_other_kinds():
 
     entry = PROPOSALS.get("return")
     assert entry.syntax == "return:K:SPEC"
+
+
+def test_an_adaptive_monitor_does_not_learn_from_a_returning_mixture(tiny_engine, tmp_path):
+    """A run whose every component returns to the target keeps log-probs of the first tokens only;
+    an adapter's whole-response density cannot join them, so the learner records why and keeps
+    its state. Catches an update fitted on mismatched columns (weights off by the later tokens)."""
+    from tailmon.estimation.pipeline import EstimationPlan, run_estimation
+    from tailmon.estimation.prompts import PromptItem
+    from tailmon.judges import parse_judge
+    from tailmon.proposals.adaptive import AdaptiveLearner, AdaptiveSettings
+
+    target = Variant("target", Decoding(temperature=0.7, max_new_tokens=3))
+    plan = EstimationPlan(target=target, judge=parse_judge("prefix:a"), proposals=[parse_proposal("return:1:temperature:2")],
+                          defensive=0.1, n_samples=60, seed=0)
+    report = run_estimation(tiny_engine, plan, [PromptItem("ab")])
+    assert report.results[0].horizon == 1
+    learner = AdaptiveLearner(tmp_path / "state", AdaptiveSettings(steps=2, lr=0.01, rank=4, alpha=8, batch_size=16))
+    record = learner.update(tiny_engine, target, plan.components, report.results, seed=0, judge="prefix:a")
+    assert not record["adopted"] and "return to the target" in record["reason"]
+    assert learner.generation == 0
