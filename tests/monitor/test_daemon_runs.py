@@ -157,8 +157,10 @@ def test_an_adaptive_monitor_learns_across_restarts(tmp_path, model_copy):
 
     Catches: state kept in memory only (the third run would start from scratch), a run that does
     not record which adapter and weights it used, an update that is not stored."""
+    # time_share 1000: all 10 steps always run (the default caps them at half the run's time, so
+    # how many ran, and whether an update was adopted, would depend on the machine's load).
     cfg = write_config(tmp_path, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
-                       adaptive={"state_dir": "learnt", "steps": 10})
+                       adaptive={"state_dir": "learnt", "steps": 10, "time_share": 1000})
     runs = []
     for _ in range(3):
         [outcome] = new_daemon(cfg).run_once()
@@ -259,7 +261,7 @@ def test_an_adaptive_monitor_keeps_its_adapter_across_a_checkpoint_change(tmp_pa
     from safetensors.torch import load_file, save_file
 
     cfg = write_config(tmp_path, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
-                       adaptive={"state_dir": "learnt", "steps": 10})
+                       adaptive={"state_dir": "learnt", "steps": 10, "time_share": 1000})
     for _ in range(2):
         [outcome] = new_daemon(cfg).run_once()
     learnt = outcome.result.to_dict()["adaptive"]
