@@ -19,6 +19,15 @@ from tailmon.errors import InputError
 
 from ._checks import as_1d
 
+# Weights whose logs differ by at most this many nats are ties. The same response drawn by two
+# components gets its weight from two float32 computations (the drawing component's sampled
+# log-prob, the other's teacher-forced score), which differ by up to 1.2e-4 nats on the embedded
+# model (measured, see tailmon.estimation.pipeline.RESCORE_TOLERANCE); 1e-3 is 8 times that. Left
+# exact, a plateau of one frequent response sitting on the tail's threshold enters the fit as
+# exceedances of 1e-7 relative to it, which the GPD reads as a shape of 6 to 7 (measured on the
+# demo's bounded weights, w <= 10). A genuine tail's exceedances are on the scale of the weights.
+TIE_LOG_TOL = 1e-3
+
 # Returned when the largest weights are all tied (constant weights included): a tail with no
 # spread at all is bounded, the lightest possible kind. Its GPD shape is -inf in theory; we
 # report the finite, JSON-safe -1.0 (the shape of a uniform, i.e. bounded, GPD), which passes
@@ -62,7 +71,8 @@ def tail_length(n: int) -> int:
 def pareto_khat(weights) -> float | None:
     """PSIS k-hat of importance weights (scale-free: only ratios of weights matter).
 
-    The tail is the weights strictly above the (M+1)-th largest, M = ceil(min(0.2 n, 3 sqrt(n))).
+    The tail is the weights strictly above the (M+1)-th largest, M = ceil(min(0.2 n, 3 sqrt(n))),
+    weights within TIE_LOG_TOL nats of each other counting as equal (float rounding).
     Returns:
       * None when n < 10 (too few draws to say anything), or when ties leave 1 to 4 weights
         strictly above the threshold (too few to fit, and a handful of weights standing out
@@ -111,14 +121,15 @@ def _khat(w: np.ndarray) -> float | None:
     ws = np.sort(w / m)  # ascending, largest = 1
     M = tail_length(n)
     threshold = ws[n - M - 1]  # the (M+1)-th largest
+    tie = math.exp(TIE_LOG_TOL)
     tail = ws[n - M:]
-    tail = tail[tail > threshold]
+    tail = tail[tail > threshold * tie]  # ties with the threshold, up to rounding, are no tail
     if tail.size == 0:
         return KHAT_TIED_TAIL
     if tail.size < 5:
         return None
     exceed = tail - threshold
-    if exceed[-1] - exceed[0] <= 1e-12 * exceed[-1]:
+    if tail[-1] <= tail[0] * tie:  # five or more tied weights above the threshold: an atom
         return KHAT_TIED_TAIL
     return _gpd_shape(exceed)
 
