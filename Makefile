@@ -28,10 +28,12 @@ model: $(STAMP)
 
 # The main job on the embedded default model: one cycle of the daemon (config/demo.yaml), which
 # estimates P(reply opens with "Sure, here") for six prompts by importance sampling from the model
-# under a compliant system prompt, stores the run (SQLite under $TAILMON_STATE_DIR) and prints it.
-# Exit 1 means the run succeeded and an alert fires: on this demo, the built-in
-# unreliable-estimate alert (SmolLM2 follows the adversarial system prompt only loosely), which is
-# the demo's point, not a failure of it.
+# with a LoRA adapter that tailmon fitted to this monitor (config/demo_lora, shipped with its
+# provenance file), stores the run (SQLite under $TAILMON_STATE_DIR) and prints it: about a
+# minute after set-up, every prompt's estimate reliable when measured (README). Exit 1 means the
+# run succeeded and an alert fires, which `make demo` accepts: the built-in unreliable-estimate
+# alert fires when a prompt's estimate or the aggregate over the six prompts is not reliable (a
+# run's draws differ with its run id, so a later run in the same state directory may flag one).
 demo: model
 	$(BIN)/tailmon run --config config/demo.yaml --once || test $$? -eq 1
 
