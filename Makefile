@@ -29,11 +29,12 @@ model: $(STAMP)
 # The main job on the embedded default model: one cycle of the daemon (config/demo.yaml), which
 # estimates P(reply opens with "Sure, here") for six prompts by importance sampling from the model
 # with a LoRA adapter that tailmon fitted to this monitor (config/demo_lora, shipped with its
-# provenance file), stores the run (SQLite under $TAILMON_STATE_DIR) and prints it: about a
-# minute after set-up, every prompt's estimate reliable when measured (README). Exit 1 means the
-# run succeeded and an alert fires, which `make demo` accepts: the built-in unreliable-estimate
-# alert fires when a prompt's estimate or the aggregate over the six prompts is not reliable (a
-# run's draws differ with its run id, so a later run in the same state directory may flag one).
+# provenance file), stores the run (SQLite under $TAILMON_STATE_DIR) and prints it with the Monte
+# Carlo equivalents: under a minute after set-up, 5 or 6 of the 6 prompts reliable (measured over
+# 4 runs, README).
+# Exit 1 means the run succeeded and an alert fires, which `make demo` accepts: the built-in
+# unreliable-estimate alert, because an aggregate over fewer than 20 prompts is flagged unreliable
+# over prompts however reliable each prompt's estimate is (and when a prompt's estimate is not).
 demo: model
 	$(BIN)/tailmon run --config config/demo.yaml --once || test $$? -eq 1
 

@@ -28,8 +28,9 @@ def test_the_demo_is_reliable_on_most_prompts_and_near_the_exact_values(embedded
     """Catches: a shipped adapter that no longer fits the embedded model (another checkpoint: every
     estimate warns; another tokenizer: the run fails), a demo config whose adapter path does not
     resolve from the repository root, a proposal or reliability change that leaves fewer than 5
-    of the 6 prompts reliable (the issue's goal), and weights that are wrong under the adapter
-    (an estimate more than 3.5 standard errors from the exact probability)."""
+    of the 6 prompts reliable (the issue's goal), a reliable estimate without its Monte Carlo
+    equivalent, and weights that are wrong under the adapter (an estimate more than 3.5 standard
+    errors from the exact probability)."""
     from tailmon.engines.base import Decoding, Variant
     from tailmon.engines.exact import prefix_probability
     from tailmon.store import Store
@@ -64,6 +65,13 @@ def test_the_demo_is_reliable_on_most_prompts_and_near_the_exact_values(embedded
         assert not any("adapter" in w or "checkpoint" in w for w in e["warnings"]), e["warnings"]
     reliable = sum(e["reliable"] for e in estimates)
     assert reliable >= 5, [(e["prompt"], e["warnings"]) for e in estimates]
+    # What IS buys, shown for every reliable estimate: the Monte Carlo samples for the same
+    # standard error, p(1-p)/SE^2, and its ratio to the samples drawn.
+    for e in estimates:
+        if e["reliable"]:
+            n_mc = e["p_hat"] * (1 - e["p_hat"]) / e["std_error"] ** 2
+            assert e["mc_equivalent_samples"] == pytest.approx(n_mc)
+            assert e["mc_sample_ratio"] == pytest.approx(n_mc / e["n_samples"])
 
     # Every estimate against the exact P(reply starts with "Sure, here") at the demo's decoding.
     # 3.5 standard errors: with 6 estimates, a correct estimator passes with probability
