@@ -31,7 +31,7 @@ model: $(STAMP)
 # with a LoRA adapter that tailmon fitted to this monitor (config/demo_lora, shipped with its
 # provenance file), stores the run (SQLite under $TAILMON_STATE_DIR) and prints it with the Monte
 # Carlo equivalents: under a minute after set-up, 5 or 6 of the 6 prompts reliable (measured over
-# 4 runs, README).
+# 8 runs, README).
 # Exit 1 means the run succeeded and an alert fires, which `make demo` accepts: the built-in
 # unreliable-estimate alert, because an aggregate over fewer than 20 prompts is flagged unreliable
 # over prompts however reliable each prompt's estimate is (and when a prompt's estimate is not).
