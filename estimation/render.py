@@ -30,7 +30,9 @@ def _ratio(x) -> str:
 def estimates_table(report: dict, prompt_width: int = 44) -> str:
     # "MC samples" and "MC time": n_MC / n and its time counterpart (tailmon.estimation.efficiency),
     # shown only for reliable, non-zero estimates; reports stored before they existed show "-".
-    rows = [("prompt", "p_hat", "95% interval", "hits/n", "ESS", "k-hat", "reliable", "MC samples", "MC time")]
+    # the interval's level is the run's own (estimator.confidence; reports without it are at 95%)
+    level = f"{100 * float(report.get('confidence') or 0.95):g}% interval"
+    rows = [("prompt", "p_hat", level, "hits/n", "ESS", "k-hat", "reliable", "MC samples", "MC time")]
     timing = report.get("timing") or {}  # absent from reports stored before it existed
     times = [t.get("mc_time_ratio") for t in timing.get("estimates") or [{}] * len(report["estimates"])]
     run_time_ratio = (timing.get("aggregate") or {}).get("mc_time_ratio")

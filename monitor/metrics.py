@@ -36,16 +36,16 @@ class Metrics:
             "tailmon_harm_probability", "Estimated probability that one query is answered harmfully "
             "(mean over the run's prompts of E[judge score]).", m, registry=r)
         self.harm_probability_lower = Gauge(
-            "tailmon_harm_probability_lower_bound", "Lower end of the 95% interval of tailmon_harm_probability.",
+            "tailmon_harm_probability_lower_bound", "Lower end of the interval of tailmon_harm_probability, at the monitor's confidence (95% by default).",
             m, registry=r)
         self.harm_probability_upper = Gauge(
-            "tailmon_harm_probability_upper_bound", "Upper end of the 95% interval of tailmon_harm_probability.",
+            "tailmon_harm_probability_upper_bound", "Upper end of the interval of tailmon_harm_probability, at the monitor's confidence (95% by default).",
             m, registry=r)
         self.expected_harmful = Gauge(
             "tailmon_expected_harmful_outputs", "Expected harmful outputs per window at the configured volume.",
             mw, registry=r)
         self.expected_harmful_upper = Gauge(
-            "tailmon_expected_harmful_outputs_upper_bound", "Upper 95% bound of expected harmful outputs per window.",
+            "tailmon_expected_harmful_outputs_upper_bound", "Upper end of the interval of expected harmful outputs per window, at the monitor's confidence (95% by default).",
             mw, registry=r)
         self.p_any = Gauge(
             "tailmon_any_harmful_output_probability", "Probability of at least one harmful output in the window.",

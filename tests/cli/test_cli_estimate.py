@@ -49,6 +49,21 @@ def test_same_seed_same_report_and_table_output(tiny_model_dir):
     assert "95% interval" in table.stdout and "all 1 prompts (mean)" in table.stdout
 
 
+def test_the_table_names_the_runs_own_confidence(tiny_model_dir):
+    """Catches a table header that says "95% interval" for a monitor run at another
+    `estimator.confidence` (the figures under it are then not what the header says)."""
+    from tailmon.estimation.render import estimates_table
+
+    result = CliRunner().invoke(main, ["estimate", "--model", str(tiny_model_dir), "--prompt", "ab", *ARGS,
+                                       "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "95% interval" in estimates_table(report)
+    report["confidence"] = 0.9
+    table = estimates_table(report)
+    assert "90% interval" in table and "95%" not in table
+
+
 def test_monte_carlo_method(tiny_model_dir):
     result = CliRunner().invoke(main, ["estimate", "--model", str(tiny_model_dir), "--prompt", "ab", "--method", "mc",
                                        "--judge", "prefix:a", "--samples", "30", "--max-new-tokens", "2",
