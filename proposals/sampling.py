@@ -158,9 +158,11 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
     scored = ids if horizon is None else [r[:horizon] for r in ids]
     logq = np.full((len(ids), len(variants)), -np.inf)
     logq[np.arange(len(ids)), drawn_a] = own
+    missing = np.zeros(len(ids), dtype=bool)
+    missing[own_missing] = True
     t0 = time.perf_counter()
     for j in columns:
-        rows = np.flatnonzero((drawn_a != j) | np.isin(np.arange(len(ids)), own_missing))
+        rows = np.flatnonzero((drawn_a != j) | missing)
         if rows.size:
             logq[rows, j] = score_unique(engine, prompt, variants[j], [scored[i] for i in rows])
     # re-scored on what `logq` holds (the first `horizon` tokens with a horizon)
