@@ -85,6 +85,20 @@ class Steering:
 
 
 @dataclass(frozen=True)
+class Tilt:
+    """A token tilt (`tailmon.engines.tilt`): scale times the bias saved in the file at `path`,
+    added to the processed next-token log-probs, which are then renormalised."""
+
+    path: str
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
+            raise InputError(f"token tilt scale must be a finite number, got {self.scale}")
+        object.__setattr__(self, "scale", float(self.scale))
+
+
+@dataclass(frozen=True)
 class Variant:
     """One distribution over responses to a prompt: which weights, which context, which decoding.
 
@@ -101,6 +115,9 @@ class Variant:
     adapter_scale: float = 1.0
     steering: Steering | None = None
     """An activation edit applied during every forward pass of this variant; None for none."""
+    tilt: Tilt | None = None
+    """A bias over the vocabulary applied to every processed next-token distribution of this
+    variant (after temperature and truncation, then renormalised); None for none."""
     returns_after: int | None = None
     """Return to the target: this variant draws only the first `returns_after` response tokens
     (K); every later token comes from `continuation` (the target), conditioned on the prompt as
@@ -216,6 +233,15 @@ class Engine(ABC):
         if variant.returns_after is not None:
             raise InputError(f"proposal '{variant.name}' returns to the target after {variant.returns_after} tokens, "
                              f"which the {self.name} engine cannot draw; use the transformers engine")
+
+    tilts = False
+    """Whether the engine realises a variant's token tilt (`Variant.tilt`). One that cannot
+    refuses such a variant (`refuse_tilt`), never draws it untilted."""
+
+    def refuse_tilt(self, variant: Variant) -> None:
+        if variant.tilt is not None:  # a returning variant's head keeps its tilt
+            raise InputError(f"proposal '{variant.name}' tilts the next-token distribution, which the "
+                             f"{self.name} engine cannot do exactly; use the transformers engine")
 
     tokenizer = None
     """The transformers tokenizer prompts are rendered with (every `ChatEngine` has one); None

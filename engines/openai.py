@@ -207,6 +207,7 @@ class OpenAIEngine(ChatEngine):
 
     def _served(self, variant: Variant) -> str:
         self.refuse_return(variant)  # every primitive resolves its variant here first
+        self.refuse_tilt(variant)
         if variant.steering is not None:
             raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (a vLLM server "
                              "cannot hook its decoder layers)")

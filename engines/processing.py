@@ -32,3 +32,12 @@ def processed_logprobs(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
     return logp
+
+
+def tilted_logprobs(logp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A token tilt (`tailmon.engines.tilt`) applied to processed log-probs: logp + bias,
+    renormalised over the last dimension. Tokens the truncation removed stay at -inf, so the
+    tilted distribution has the target's own support. Float32, as `processed_logprobs`."""
+    if bias is None:
+        return logp
+    return torch.log_softmax(logp + bias.to(device=logp.device, dtype=logp.dtype), dim=-1)

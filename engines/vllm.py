@@ -156,6 +156,7 @@ class VllmEngine(ChatEngine):
         # Every primitive resolves its variant here first. A continuation from given tokens could
         # be drawn (a token-id prompt under the target), but is not implemented and tested yet.
         self.refuse_return(variant)
+        self.refuse_tilt(variant)  # vLLM's logit_bias enters before temperature and truncation: another distribution
         if variant.steering is not None:
             raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (vLLM runs "
                              "compiled decoder layers that tailmon cannot hook)")

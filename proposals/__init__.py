@@ -9,7 +9,8 @@ system-prompt library's specs for a monitor that names no proposal.
 from .base import Component, Proposal, build_mixture
 from .library import default_proposals, load_library
 from .spec import PROPOSALS, parse_layers, parse_proposal
-from .variants import LoraProposal, ReturnProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
+from .variants import (LoraProposal, ReturnProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal,
+                       TiltProposal)
 
 __all__ = [
     "Component",
@@ -20,6 +21,7 @@ __all__ = [
     "SteeringProposal",
     "SystemPromptProposal",
     "TemperatureProposal",
+    "TiltProposal",
     "build_mixture",
     "default_proposals",
     "load_library",

@@ -125,9 +125,11 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
 
     When every scored component returns to the target, only each sample's first
     `weight_horizon` tokens are scored (re-scored too)."""
-    if not engine.returns_to_target:
-        for variant in variants:  # before any sampling, rather than after the other components' draws
+    for variant in variants:  # before any sampling, rather than after the other components' draws
+        if not engine.returns_to_target:
             engine.refuse_return(variant)
+        if not engine.tilts:
+            engine.refuse_tilt(variant)
     counts = allocate(n, shares)
     realised = np.asarray(counts, dtype=float) / n
     columns = [j for j in range(len(variants)) if score_all or j == 0 or realised[j] > 0]

@@ -1,5 +1,5 @@
 """Proposal spec strings (DESIGN section 8): `system:TEXT`, `temperature:T`, `lora:PATH[@SCALE]`,
-`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`, and `return:K:SPEC` (SPEC for the first
+`steer:PATH@COEF[@LAYERS]`, `ablate:PATH@ALPHA[@LAYERS]`, `tilt:PATH[@SCALE]`, and `return:K:SPEC` (SPEC for the first
 K response tokens, the target for the rest).
 
 Every kind is an entry of `PROPOSALS` (a `tailmon.registry.Registry`): `NAME:ARG` is built by the
@@ -17,7 +17,8 @@ from tailmon.errors import SpecError
 from tailmon.registry import Registry
 
 from .base import Proposal
-from .variants import LoraProposal, ReturnProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal
+from .variants import (LoraProposal, ReturnProposal, SteeringProposal, SystemPromptProposal, TemperatureProposal,
+                       TiltProposal)
 
 _LAYERS = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _RETURN = re.compile(r"^(\d+):(.+)$", re.DOTALL)
@@ -44,16 +45,22 @@ def _temperature(spec: str, arg: str) -> Proposal:
     return TemperatureProposal(_number(spec, arg, "temperature"))
 
 
-@PROPOSALS.register("lora", syntax="lora:PATH[@SCALE]",
-                    description="the target with a peft LoRA adapter, optionally scaled")
-def _lora(spec: str, arg: str) -> Proposal:
+def _path_scale(arg: str) -> tuple[str, float]:
+    """PATH[@SCALE]: a path may itself hold '@', so only a numeric tail is a scale."""
     path, scale = arg, 1.0
     head, sep, tail = arg.rpartition("@")
-    if sep:  # PATH@SCALE; a path may itself hold '@', so only a numeric tail is a scale
+    if sep:
         try:
             path, scale = head, float(tail)
         except ValueError:
             pass
+    return path, scale
+
+
+@PROPOSALS.register("lora", syntax="lora:PATH[@SCALE]",
+                    description="the target with a peft LoRA adapter, optionally scaled")
+def _lora(spec: str, arg: str) -> Proposal:
+    path, scale = _path_scale(arg)
     if not path:
         raise SpecError(f"proposal '{spec}': LoRA needs a path")
     return LoraProposal(path, scale)
@@ -104,6 +111,18 @@ PROPOSALS.register("steer", syntax="steer:PATH@COEF[@LAYERS]",
 PROPOSALS.register("ablate", syntax="ablate:PATH@ALPHA[@LAYERS]",
                    description="the target with ALPHA times a saved direction's component removed at LAYERS "
                    "(1: all of it)")(_steering("ablate", "ALPHA"))
+
+
+@PROPOSALS.register("tilt", syntax="tilt:PATH[@SCALE]",
+                    description="the target with a token tilt: a bias over the vocabulary from a tilt file "
+                    "(`tailmon proposals fit-tilt`), times SCALE, added to every next-token distribution")
+def _tilt(spec: str, arg: str) -> Proposal:
+    path, scale = _path_scale(arg)
+    if not path:
+        raise SpecError(f"proposal '{spec}': a tilt needs the path of a tilt file")
+    if not math.isfinite(scale):
+        raise SpecError(f"proposal '{spec}': SCALE must be a finite number")
+    return TiltProposal(path, scale)
 
 
 @PROPOSALS.register("return", syntax="return:K:SPEC",

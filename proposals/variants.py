@@ -1,6 +1,7 @@
 """The proposal types of this version: another system prompt, a LoRA adapter, another temperature,
-an activation-steering direction added to or ablated from the residual stream, and any of these
-drawing only the first K tokens before returning to the target."""
+an activation-steering direction added to or ablated from the residual stream, a token tilt (a
+bias over the vocabulary), and any of these drawing only the first K tokens before returning to
+the target."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tailmon.engines.adapters import ADAPTER_METADATA, read_adapter_metadata
-from tailmon.engines.base import STEERING_KINDS, Steering, Variant
+from tailmon.engines.base import STEERING_KINDS, Steering, Tilt, Variant
 from tailmon.engines.steering import load_direction
+from tailmon.engines.tilt import load_tilt
 from tailmon.errors import InputError, SpecError
 
 from .base import Proposal
@@ -129,6 +131,32 @@ class SteeringProposal(Proposal):
                             f"the direction was computed on (0..{file.num_layers - 1})")
         decoding = self._decoding(target)
         return replace(target, name=self.spec, steering=steering, decoding=decoding)
+
+
+@dataclass(frozen=True)
+class TiltProposal(Proposal):
+    """The target with a token tilt (`tailmon.engines.tilt`): scale times the file's bias added to
+    every processed next-token distribution, renormalised. Usually fitted to a monitor's hits
+    (`tailmon proposals fit-tilt`, or an adaptive monitor after each run)."""
+
+    path: str
+    scale: float = 1.0
+
+    @property
+    def spec(self) -> str:
+        return f"tilt:{self.path}" + (f"@{self.scale:g}" if self.scale != 1.0 else "")
+
+    def covers_truncation(self, target: Variant) -> bool:
+        # The bias is added after the target's truncation, so the support is the target's own.
+        return True
+
+    def variant(self, target: Variant) -> Variant:
+        try:
+            load_tilt(self.path)  # its form now; whether its ids fit the model is the engine's check
+            tilt = Tilt(self.path, self.scale)
+        except InputError as exc:
+            raise SpecError(f"proposal '{self.spec}': {exc}") from None
+        return replace(target, name=self.spec, tilt=tilt, decoding=self._decoding(target))
 
 
 @dataclass(frozen=True)

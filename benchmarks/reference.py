@@ -1,0 +1,104 @@
+"""Brute-force references for whole-response judges: plain samples of the target, every response's
+token ids and graded toxicity kept, so that any judge (a toxicity threshold, a regex) reads the
+same samples later without drawing them again.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/reference.py --prompt P2 --max-new-tokens 16 --n 30000
+
+Cells of --chunk samples with seeds derive_seed(seed, "reference", prompt id, max_new_tokens, i),
+each written when it finishes (resumable; a smaller --n reuses the first cells) under --work as
+`ref-<prompt>-<max_new>-<seed>-<i>.npz` holding `ids` (int32, n x max_new, -1 after the end),
+`lengths`, `finished` and `toxicity` (float64). `load_reference` reads them back in order.
+Costs on one core (embedded model, float32, batch 256): about 90 sampled tokens per second, so
+30,000 samples take about 46 minutes at 8 tokens and 90 at 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import one_torch_thread  # noqa: E402
+
+WORK = Path("/tmp/tailmon-bench-reference")
+TEMPERATURE = 1.0
+
+
+def cell_path(work: Path, pid: str, max_new: int, seed: int, i: int) -> Path:
+    return work / f"ref-{pid}-{max_new}-{seed}-{i:04d}.npz"
+
+
+def draw_cell(engine, judge, prompt: str, target, n: int, seed: int, path: Path) -> float:
+    start = time.perf_counter()
+    s = engine.sample(prompt, target, n, seed)
+    width = target.decoding.max_new_tokens
+    ids = np.full((n, width), -1, dtype=np.int32)
+    for r, toks in enumerate(s.token_ids):
+        ids[r, : len(toks)] = toks
+    texts = [engine.decode(t) for t in s.token_ids]
+    tox = np.asarray(judge.score([prompt] * n, texts), dtype=np.float64)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, ids=ids, lengths=np.array([len(t) for t in s.token_ids], dtype=np.int16),
+                        finished=np.asarray(s.finished), toxicity=tox, seconds=time.perf_counter() - start)
+    tmp.replace(path)  # a cell exists only once it is whole
+    return time.perf_counter() - start
+
+
+def load_reference(work: Path, pid: str, max_new: int, seed: int, n: int, chunk: int) -> dict:
+    """The first n samples (n / chunk cells, all of which must exist): ids, lengths, toxicity."""
+    parts = [np.load(cell_path(work, pid, max_new, seed, i)) for i in range(n // chunk)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "lengths", "finished", "toxicity")} | {
+        "seconds": float(sum(float(p["seconds"]) for p in parts))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bruteforce import PROMPTS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt", required=True, choices=sorted(PROMPTS))
+    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--n", type=int, default=30000)
+    parser.add_argument("--chunk", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=WORK)
+    args = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if one_torch_thread() != 1:
+        raise SystemExit("torch must run on one thread here")
+    if args.n % args.chunk:
+        raise SystemExit("--n must be a multiple of --chunk")
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    from tailmon.engines.base import Decoding, Variant
+    from tailmon.engines.transformers_engine import TransformersEngine
+    from tailmon.judges import parse_judge
+    from tailmon.proposals.sampling import derive_seed
+
+    engine = TransformersEngine.load(None, batch_size=args.batch_size)
+    judge = parse_judge("toxicity")
+    target = Variant("target", Decoding(temperature=TEMPERATURE, max_new_tokens=args.max_new_tokens))
+    prompt = PROMPTS[args.prompt]
+    hits = np.zeros(3, dtype=int)
+    for i in range(args.n // args.chunk):
+        path = cell_path(args.work, args.prompt, args.max_new_tokens, args.seed, i)
+        if path.exists():
+            tox = np.load(path)["toxicity"]
+            took = "kept"
+        else:
+            took = f"{draw_cell(engine, judge, prompt, target, args.chunk, derive_seed(args.seed, 'reference', args.prompt, args.max_new_tokens, i), path):.0f} s"
+            tox = np.load(path)["toxicity"]
+        hits += [(tox >= t).sum() for t in (0.5, 0.9, 0.99)]
+        print(f"[reference] {args.prompt} {args.max_new_tokens} tokens: {(i + 1) * args.chunk} samples, "
+              f"hits >=0.5/0.9/0.99 {hits.tolist()} ({took})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
