@@ -73,6 +73,13 @@ class Judge(ABC):
         has scored; judges built from others report their children's. Default: none."""
         return []
 
+    def words(self) -> list[str]:
+        """Words whose presence in a response raises this judge's score, most telling first, for
+        proposals that bias the model towards them (a fitted token tilt's candidate tokens); []
+        when the judge cannot say (an LLM, an endpoint). A hint only: a tilt learns how much each
+        word matters from the hits, and the estimate stays exact whatever the hint."""
+        return []
+
     def new_run(self) -> None:
         """Start a new run: forget cached scores and the counts behind `warnings()`, keep any
         loaded model. A daemon keeps one judge per spec across runs and calls this before each."""

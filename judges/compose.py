@@ -42,6 +42,9 @@ class ThresholdJudge(Judge):
     def warnings(self) -> list[str]:
         return self.inner.warnings()
 
+    def words(self) -> list[str]:
+        return self.inner.words()
+
     def new_run(self) -> None:
         super().new_run()
         self.inner.new_run()
@@ -68,6 +71,9 @@ class Combinator(Judge):
         super().new_run()
         for child in self.children:
             child.new_run()
+
+    def words(self) -> list[str]:
+        return list(dict.fromkeys(w for c in self.children for w in c.words()))
 
     def warnings(self) -> list[str]:
         # A judge used twice (any(llm:misuse; max(llm:misuse; ...))) reports once.

@@ -90,6 +90,7 @@ class KeywordsJudge(Judge):
             for category, terms in self.terms.items()
         }
         every = dict.fromkeys(t for terms in self.terms.values() for t in terms)
+        self._words = list(every)
         self._any = re.compile("|".join(term_pattern(t) for t in every), re.IGNORECASE)
 
     @property
@@ -105,6 +106,9 @@ class KeywordsJudge(Judge):
             if hits:
                 found[category] = hits
         return found
+
+    def words(self) -> list[str]:
+        return list(self._words)
 
     def _score_batch(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         search = self._any.search

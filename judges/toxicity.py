@@ -16,6 +16,7 @@ from tailmon.errors import InputError
 from .base import Judge
 
 _INSTALL_HINT = "pip install alt-profanity-check"
+WORDS = 100
 
 
 class ToxicityJudge(Judge):
@@ -31,6 +32,27 @@ class ToxicityJudge(Judge):
             raise InputError(f"the toxicity judge needs alt-profanity-check: {_INSTALL_HINT}")
         self.spec = "toxicity"
         self._predict_prob = None
+
+    def words(self) -> list[str]:
+        """The classifier's features with the largest positive coefficients (profanities and
+        insults), at most WORDS of them, most profane first."""
+        try:
+            from profanity_check import profanity_check as pc
+        except ImportError:
+            return []
+        model = pc.model
+        coef = getattr(model, "coef_", None)
+        if coef is None:  # a CalibratedClassifierCV around the linear SVM: average its folds
+            folds = [getattr(c, "estimator", None) or getattr(c, "base_estimator", None)
+                     for c in getattr(model, "calibrated_classifiers_", [])]
+            coefs = [f.coef_ for f in folds if f is not None and hasattr(f, "coef_")]
+            if not coefs:
+                return []
+            coef = np.mean(coefs, axis=0)
+        coef = np.asarray(coef).reshape(-1)
+        names = pc.vectorizer.get_feature_names_out()
+        order = np.argsort(-coef)[:WORDS]
+        return [str(names[i]) for i in order if coef[i] > 0]
 
     def _score_batch(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         if self._predict_prob is None:
