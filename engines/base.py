@@ -192,6 +192,23 @@ class Engine(ABC):
         -inf where a token lies outside the variant's truncated support.
         """
 
+    def score_many(self, prompt: str, variants: Sequence[Variant], responses: Sequence[Sequence[int]],
+                   need: np.ndarray | None = None) -> np.ndarray:
+        """`score` of every response under every variant at once: (n, len(variants)) float64.
+
+        `need` (n, len(variants)) bool says which entries the caller reads; the others are NaN
+        (never computed, or dropped: an engine may compute more where that costs nothing). None:
+        every entry. The default scores each variant on the rows that need it, one `score` call per
+        variant; an engine that can share work between variants (one forward pass for variants
+        that differ only in decoding) overrides it, with the same values to float round-off."""
+        need = score_need(need, len(responses), len(variants))
+        out = np.full(need.shape, np.nan)
+        for j, variant in enumerate(variants):
+            rows = np.flatnonzero(need[:, j])
+            if rows.size:
+                out[rows, j] = self.score(prompt, variant, [responses[i] for i in rows])
+        return out
+
     @abstractmethod
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         """Processed log-probs over the vocabulary of the token following each response prefix, (b, V)."""
@@ -272,6 +289,16 @@ class Engine(ABC):
         (`tailmon.engines.transformers_engine.base_model_facts`), as adapter metadata records them.
         The default, for an engine that cannot read its model's weights: None."""
         return None
+
+
+def score_need(need, n: int, m: int) -> np.ndarray:
+    """`Engine.score_many`'s `need` as an (n, m) bool array (all True for None); InputError for another shape."""
+    if need is None:
+        return np.ones((n, m), dtype=bool)
+    need = np.asarray(need, dtype=bool)
+    if need.shape != (n, m):
+        raise InputError(f"need has shape {need.shape}, expected ({n}, {m}) (responses x variants)")
+    return need
 
 
 # -- checkpoints ------------------------------------------------------------------------------

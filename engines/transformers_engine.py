@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from tailmon.engines.adapters import adapter_compatibility, read_adapter_metadata
-from tailmon.engines.base import Decoding, Samples, Steering, Tilt, Variant, checkpoint
+from tailmon.engines.base import Decoding, Samples, Steering, Tilt, Variant, checkpoint, score_need
 from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
@@ -502,9 +503,78 @@ class TransformersEngine(ChatEngine):
     def _token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]]):
         """Teacher-forced processed log-probs of every token of `seqs` under a variant that draws
         every token, by chunk: (indices into seqs, (b, width) float64 log-probs, mask of real tokens)."""
+        key = self._processing_key(variant)
+        for rows, toks, mask in self._shared_token_chunks(prompt, variant, seqs, [key]):
+            yield rows, toks[key], mask
+
+    @staticmethod
+    def _pass_key(ids: list[int], variant: Variant) -> tuple:
+        """What a forward pass depends on: the rendered prompt, the weights (adapter and its scale)
+        and the steering. Variants with one key differ only in how their logits become log-probs
+        (`_processing_key`: decoding and token tilt) and share one pass."""
+        scale = variant.adapter_scale if variant.adapter is not None else None
+        return tuple(ids), variant.adapter, scale, variant.steering
+
+    @staticmethod
+    def _processing_key(variant: Variant) -> tuple[Decoding, Tilt | None]:
+        """How a variant turns logits into log-probs: its decoding without the length (which only
+        bounds the responses), so that a return-to-target head (cut at K tokens) shares the
+        processing of its untruncated twin, and its token tilt."""
+        return replace(variant.decoding, max_new_tokens=1), variant.tilt
+
+    @torch.inference_mode()
+    def score_many(self, prompt: str, variants: Sequence[Variant], responses: Sequence[Sequence[int]],
+                   need: np.ndarray | None = None) -> np.ndarray:
+        """`score` under every variant, one forward pass per distinct (prompt, adapter, scale,
+        steering) over the rows that need any of its variants; each decoding processes that pass's
+        logits once. A variant that returns to the target is two segments: its head (first K
+        tokens, a pass cut at K tokens) and its continuation (tokens after K, sharing the
+        continuation's pass, usually the target's own)."""
+        seqs = [list(map(int, r)) for r in responses]
+        need = score_need(need, len(seqs), len(variants))
+        out = np.full(need.shape, np.nan)
+        vocab = self.vocab_size
+        if any(t < 0 or t >= vocab for r in seqs for t in r):
+            raise InputError("a response holds a token id outside the vocabulary")
+        # pass key -> (a variant of that key, [(column, processing, first token, end or None)])
+        groups: dict[tuple, tuple[Variant, list]] = {}
+        for j, variant in enumerate(variants):
+            rows = np.flatnonzero(need[:, j])
+            if not rows.size:
+                continue
+            longest = max(len(seqs[i]) for i in rows)
+            if longest > variant.decoding.max_new_tokens:
+                raise InputError(f"a response of {longest} tokens is longer than "
+                                 f"max_new_tokens={variant.decoding.max_new_tokens}")
+            if variant.returns:
+                k = variant.head.decoding.max_new_tokens
+                parts = [(variant.head, 0, k), (variant.continuation, k, None)]
+            else:
+                parts = [(variant, 0, None)]
+            for part, start, end in parts:
+                key = self._pass_key(self.rendered(prompt, part), part)
+                groups.setdefault(key, (part, []))[1].append((j, self._processing_key(part), start, end))
+            out[rows, j] = 0.0
+        for part, segments in groups.values():
+            rows = np.flatnonzero(need[:, sorted({s[0] for s in segments})].any(axis=1))
+            # No token past the last segment's end is scored (a head alone needs its first K).
+            end = None if any(s[3] is None for s in segments) else max(s[3] for s in segments)
+            processings = list(dict.fromkeys(s[1] for s in segments))
+            for idx, toks, mask in self._shared_token_chunks(prompt, part, [seqs[i][:end] for i in rows],
+                                                             processings):
+                at = rows[idx]
+                toks = {p: torch.where(mask, t, 0.0) for p, t in toks.items()}
+                for j, processing, start, stop in segments:
+                    out[at, j] += toks[processing][:, start:stop].sum(dim=1).numpy()
+        out[~need] = np.nan  # rows scored in a shared pass for another column
+        return out
+
+    def _shared_token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]],
+                             processings: list[tuple[Decoding, Tilt | None]]):
+        """`_token_chunks` for several processings of one pass: (indices into seqs, {processing:
+        (b, width) float64 log-probs}, mask of real tokens). The logits are computed once per chunk."""
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
-        bias = self._tilt(variant.tilt)
         # Shortest first: a chunk pads every response to its longest, so similar lengths go together.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         ordered = [seqs[i] for i in order]
@@ -517,8 +587,8 @@ class TransformersEngine(ChatEngine):
                 # The last column is never an input whose output is needed: each response token is
                 # predicted by the logits after the prompt and after the tokens before it.
                 first, rest = self._prompt_then(ids, x[:, :-1].contiguous(), steer)
-                tok = self._token_logprobs(first, rest, x, variant.decoding, bias)
-                yield order[start:end], tok, mask
+                toks = {p: self._token_logprobs(first, rest, x, p[0], self._tilt(p[1])) for p in processings}
+                yield order[start:end], toks, mask
                 checkpoint()
 
     @torch.inference_mode()

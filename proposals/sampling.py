@@ -163,12 +163,17 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
     missing = np.zeros(len(ids), dtype=bool)
     missing[own_missing] = True
     t0 = time.perf_counter()
+    # Every column a row lacks, and the re-scored rows' own columns (on what `logq` holds: the
+    # first `horizon` tokens with a horizon), in one call: the engine shares what passes it can.
+    need = np.zeros(logq.shape, dtype=bool)
     for j in columns:
-        rows = np.flatnonzero((drawn_a != j) | missing)
-        if rows.size:
-            logq[rows, j] = score_unique(engine, prompt, variants[j], [scored[i] for i in rows])
-    # re-scored on what `logq` holds (the first `horizon` tokens with a horizon)
-    checked, rescored = _rescore_own(engine, prompt, variants, counts, scored, rescore)
+        need[:, j] = (drawn_a != j) | missing
+    checked = _rescore_rows(counts, rescore)
+    own_need = np.zeros(logq.shape, dtype=bool)
+    own_need[checked, drawn_a[checked]] = True
+    values = score_many_unique(engine, prompt, variants, scored, need | own_need)
+    logq[need] = values[need]
+    rescored = values[checked, drawn_a[checked]]
     score_seconds = time.perf_counter() - t0
     checkpoint()  # between scoring and judging (a judge may be slow: an endpoint, an LLM)
     t0 = time.perf_counter()
@@ -179,26 +184,39 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
                 generate_seconds=gen_seconds, score_seconds=score_seconds, judge_seconds=judge_seconds)
 
 
-def _rescore_own(engine: Engine, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
-                 ids: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Score up to k samples under the component that drew them: (rows, log-probs).
+def _rescore_rows(counts: Sequence[int], k: int) -> np.ndarray:
+    """Up to k samples to score under the component that drew them, spread over the components
+    that drew, the first of each (they are a random subset).
 
     Each sample's own column of `logq` comes from sampling (decode, one token at a time with a
     cache), every other column from teacher-forced scoring (prefill): the same function on exact
     arithmetic, but not always in an engine's (bf16 kernels on a GPU). Re-scoring a few shows it."""
     drew = [j for j, n_j in enumerate(counts) if n_j > 0]
     if k <= 0 or not drew:
-        return np.zeros(0, dtype=int), np.zeros(0)
+        return np.zeros(0, dtype=int)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    rows, values = [], []
+    rows = []
     for i, j in enumerate(drew):
         m = min(k // len(drew) + (1 if i < k % len(drew) else 0), counts[j])
-        if m == 0:
-            continue
-        own = list(range(int(starts[j]), int(starts[j]) + m))
-        rows += own
-        values.append(score_unique(engine, prompt, variants[j], [ids[r] for r in own]))
-    return np.asarray(rows, dtype=int), (np.concatenate(values) if values else np.zeros(0))
+        rows += range(int(starts[j]), int(starts[j]) + m)
+    return np.asarray(rows, dtype=int)
+
+
+def score_many_unique(engine: Engine, prompt: str, variants: Sequence[Variant], responses: list[list[int]],
+                      need: np.ndarray) -> np.ndarray:
+    """`engine.score_many` with each distinct response scored once (short responses repeat often):
+    a distinct response needs a column when any of its copies does. (n, len(variants)), NaN where
+    `need` is False."""
+    keys = [tuple(r) for r in responses]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    where = np.array([index[k] for k in keys], dtype=int)
+    unique_need = np.zeros((len(index), len(variants)), dtype=bool)
+    np.logical_or.at(unique_need, where, need)
+    out = np.full(need.shape, np.nan)
+    if unique_need.any():
+        values = engine.score_many(prompt, variants, [list(k) for k in index], unique_need)
+        out[need] = values[where][need]
+    return out
 
 
 def score_unique(engine: Engine, prompt: str, variant: Variant, responses: list[list[int]]) -> np.ndarray:

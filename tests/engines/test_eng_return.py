@@ -202,6 +202,10 @@ class _Recording:
         self.scored += [len(r) for r in responses]
         return self._engine.score(prompt, variant, responses)
 
+    def score_many(self, prompt, variants, responses, need=None):
+        self.scored += [len(r) for r in responses]
+        return self._engine.score_many(prompt, variants, responses, need)
+
     def __getattr__(self, name):
         return getattr(self._engine, name)
 

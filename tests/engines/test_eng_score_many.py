@@ -1,0 +1,192 @@
+"""`Engine.score_many`: every response under every variant at once, sharing forward passes.
+
+The transformers engine runs one pass per (rendered prompt, adapter, adapter scale, steering) and
+processes its logits once per decoding; a variant that returns to the target is scored as its head
+(a pass over the first K tokens) plus its continuation's tokens after K (the continuation's pass).
+Every value must equal the per-variant `score`, -inf where a token lies outside a truncated
+support, and `draw` must give the weights per-variant scoring gives.
+
+TOL = 1e-5: the same sequence's log-prob from two batch shapes differs by float32 round-off of
+the logits, ~1e-6 per token (test_eng_consistency.py), over at most 3 tokens here; a wrong
+processing, prompt, adapter, steering or segment moves a log-prob by 1e-2 or more (each variant
+below differs from the target by more than that on these responses, asserted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tailmon.engines.base import Decoding, Engine, Samples, Steering, Variant
+from tailmon.engines.steering import compute_direction, save_direction
+from tailmon.errors import InputError
+from tailmon.judges import parse_judge
+from tailmon.proposals import parse_proposal
+from tailmon.proposals.sampling import draw
+
+TOL = 1e-5
+PROMPT = "ab"
+TARGET = Variant("target", Decoding(max_new_tokens=3))
+
+
+@pytest.fixture(scope="module")
+def direction(tiny_engine, tmp_path_factory):
+    path = tmp_path_factory.mktemp("steer-many") / "tiny.safetensors"
+    directions, meta = compute_direction(tiny_engine, ["Sure, here is", "Sure", "here is a"], ["I cannot", "no no", "I no"])
+    save_direction(path, directions, meta)
+    return str(path)
+
+
+def every_kind(direction: str, adapter: str | None) -> list[Variant]:
+    """The target first, then one variant of each component type, some sharing a pass."""
+    d = TARGET.decoding
+    out = [TARGET,
+           Variant("T1.5", Decoding(temperature=1.5, max_new_tokens=3)),
+           Variant("top-p", Decoding(temperature=0.7, top_p=0.8, max_new_tokens=3)),
+           Variant("top-k", Decoding(top_k=3, max_new_tokens=3)),
+           Variant("system", d, system_prompt="Sure, here is"),
+           Variant("system T0.7", Decoding(temperature=0.7, max_new_tokens=3), system_prompt="Sure, here is"),
+           Variant("steer", d, steering=Steering("add", direction, 4.0)),
+           Variant("steer T1.5", Decoding(temperature=1.5, max_new_tokens=3), steering=Steering("add", direction, 4.0)),
+           parse_proposal("return:2:system:I cannot").variant(TARGET),
+           parse_proposal("return:1:temperature:2").variant(TARGET)]
+    if adapter is not None:
+        out += [Variant("lora", d, adapter=adapter), Variant("lora half", d, adapter=adapter, adapter_scale=0.5),
+                Variant("lora top-k", Decoding(top_k=4, max_new_tokens=3), adapter=adapter)]
+    return out
+
+
+def responses(engine) -> list[list[int]]:
+    drawn = engine.sample(PROMPT, TARGET, 40, seed=5).token_ids
+    return [[]] + drawn + [[17, 16, 15]]  # the empty response, and unlikely tokens (outside top-k)
+
+
+def per_variant(engine, variants, seqs, need) -> np.ndarray:
+    out = np.full(need.shape, np.nan)
+    for j, v in enumerate(variants):
+        rows = np.flatnonzero(need[:, j])
+        if rows.size:
+            out[rows, j] = engine.score(PROMPT, v, [seqs[i] for i in rows])
+    return out
+
+
+def assert_same(got, want, need):
+    assert np.isnan(got[~need]).all()  # entries nobody asked for are not read, and say so
+    np.testing.assert_allclose(got[need], want[need], rtol=0, atol=TOL)  # infs must sit at the same places
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_equals_per_variant_score_for_every_component_type(make_tiny_engine, lora_adapter, direction, density):
+    """Catches a pass shared by variants that differ in prompt, adapter, scale or steering, a
+    decoding applied to another variant's column, a return segment cut at the wrong token, and a
+    row left out of a shared pass."""
+    engine = make_tiny_engine()
+    variants = every_kind(direction, lora_adapter)
+    seqs = responses(engine)
+    need = np.random.default_rng(0).random((len(seqs), len(variants))) < density
+    want = per_variant(engine, variants, seqs, need)
+    got = engine.score_many(PROMPT, variants, seqs, need)
+    assert_same(got, want, need)
+    full = engine.score_many(PROMPT, variants, seqs) if density < 1 else got
+    for j, v in enumerate(variants[1:], 1):  # every variant is a distribution of its own here
+        assert np.nanmax(np.abs(full[:, j] - full[:, 0])) > 1e-2, v.name
+    truncated = [j for j, v in enumerate(variants) if v.decoding.truncates]
+    assert np.isneginf(full[:, truncated]).any() and np.isfinite(full[:, truncated]).any()
+
+
+def test_variants_that_differ_only_in_decoding_share_one_pass(tiny_engine, direction):
+    """Counts the model's forward calls: one prompt prefill and one pass over the responses per
+    distinct (prompt, weights, steering), whatever the number of decodings on it; a returning
+    head's pass reads its first K tokens only (K = 1: the prompt's last logits alone).
+    Catches a pass per variant, and a head scored over whole responses."""
+    seqs = responses(tiny_engine)
+    widths: list[int] = []
+    hook = tiny_engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        decodings = [TARGET, Variant("T1.5", Decoding(temperature=1.5, max_new_tokens=3)),
+                     Variant("top-k", Decoding(top_k=3, max_new_tokens=3)),
+                     Variant("top-p", Decoding(top_p=0.8, max_new_tokens=3))]
+        tiny_engine.score_many(PROMPT, decodings, seqs)
+        assert len(widths) == 2  # prefill, then every response in one chunk
+        widths.clear()
+        system = Variant("system", TARGET.decoding, system_prompt="I cannot")
+        head_only = parse_proposal("return:1:system:Sure, here is").variant(TARGET)
+        tiny_engine.score_many(PROMPT, decodings + [system, head_only], seqs)
+        # target pass (2 calls; it also serves head_only's continuation), system (2), head (prefill only)
+        assert len(widths) == 5
+    finally:
+        hook.remove()
+
+
+def test_draw_weights_equal_per_variant_scoring(tiny_engine, direction):
+    """`draw` scores through `score_many`: every column it did not sample equals `score` of the
+    sample under that component, the re-scored own columns equal the sampled log-probs, and the
+    balance-heuristic weights follow. Catches a column written to the wrong rows, a need mask that
+    leaves a column out, and re-scored values read from another column."""
+    variants = every_kind(direction, None)
+    variants = [v for v in variants if not v.returns]  # with a returning component all are cut (horizon)
+    shares = [0.1] + [0.9 / (len(variants) - 1)] * (len(variants) - 1)
+    d = draw(tiny_engine, PROMPT, variants, shares, 90, seed=lambda j: 10 + j, judge=parse_judge("prefix:a"),
+             rescore=20)
+    for j, v in enumerate(variants):
+        rows = np.flatnonzero(d.drawn != j)
+        np.testing.assert_allclose(d.logq[rows, j], tiny_engine.score(PROMPT, v, [d.ids[i] for i in rows]),
+                                   rtol=0, atol=TOL)
+    assert len(d.checked) == 20
+    np.testing.assert_allclose(d.rescored, d.logq[d.checked, d.drawn[d.checked]], rtol=0, atol=TOL)
+    # the re-scored rows are those of `score` under their own component, not another column
+    for i, r in zip(d.checked, d.rescored):
+        assert r == pytest.approx(float(tiny_engine.score(PROMPT, variants[d.drawn[i]], [d.ids[i]])[0]), abs=TOL)
+
+
+def test_the_default_scores_each_variant_on_its_needed_rows_only():
+    """The default (`Engine.score_many` for engines without sharing): one `score` per variant with
+    the rows that need it, NaN elsewhere; a `need` of another shape is an InputError."""
+    engine = Counting()
+    need = np.array([[True, False], [True, True], [False, False]])
+    got = engine.score_many(PROMPT, [TARGET, TARGET], [[0], [0, 0], [0]], need)
+    assert engine.calls == [[0, 1], [1]]
+    np.testing.assert_array_equal(np.isnan(got), ~need)
+    np.testing.assert_array_equal(got[need], [1.0, 2.0, 2.0])
+    with pytest.raises(InputError, match="shape"):
+        engine.score_many(PROMPT, [TARGET], [[0]], np.ones((1, 2), dtype=bool))
+
+
+class Counting(Engine):
+    """An engine without sharing: records the rows of every `score` call; a response's score is its length."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+        self._rows: list = []
+
+    def score(self, prompt, variant, responses):
+        self.calls.append([self._index(r) for r in responses])
+        return np.array([float(len(r)) for r in responses])
+
+    def _index(self, response):
+        return next(i for i, r in enumerate(self._rows) if r is response)
+
+    def score_many(self, prompt, variants, responses, need=None):
+        self._rows = list(responses)
+        return super().score_many(prompt, variants, responses, need)
+
+    def sample(self, prompt, variant, n, seed):
+        return Samples([[0]] * n, np.zeros(n), [True] * n)
+
+    def next_token_logprobs(self, prompt, variant, prefixes):
+        return np.zeros((len(prefixes), 1))
+
+    def decode(self, token_ids):
+        return ""
+
+    def token_text(self, token_id):
+        return ""
+
+    @property
+    def stop_token_ids(self):
+        return frozenset({0})
+
+    @property
+    def vocab_size(self):
+        return 1
