@@ -152,6 +152,7 @@ class Meter:
         self.reset()
 
     def reset(self):
+        self._inside: set[str] = set()
         self.wall = dict.fromkeys(self.PARTS, 0.0)
         self.cpu = dict.fromkeys(self.PARTS, 0.0)
         self.scored_rows = 0
@@ -163,10 +164,14 @@ class Meter:
         fn = getattr(obj, method)
 
         def timed(*args, **kwargs):
+            if part in self._inside:  # `score_many`'s default calls `score`: time the outer call only
+                return fn(*args, **kwargs)
+            self._inside.add(part)
             w0, c0 = self.clock.now()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._inside.discard(part)
                 w1, c1 = self.clock.now()
                 self.wall[part] += w1 - w0
                 self.cpu[part] += c1 - c0
@@ -416,6 +421,7 @@ def instrument(loaded: Loaded, meter: Meter):
     """Time the engine's sample and score, and count the tokens its samples hold."""
     engine = loaded.engine
     meter.wrap(engine, "score", "scoring")
+    meter.wrap(engine, "score_many", "scoring")  # what `draw` calls
     sample = engine.sample
 
     def counted(prompt, variant, n, seed):
@@ -502,6 +508,136 @@ def run_engine(name: str, args, prompts: list[str], work: Path, clock: Clock, lo
         loaded.close()
         del loaded
         gc.collect()
+
+
+# -- scoring: per variant against shared passes -------------------------------------------------
+
+SCORING_CONFIGS = {
+    "system K=2": [f"system:{SYSTEM_A}"],
+    "system K=3": [f"system:{SYSTEM_A}", f"system:{SYSTEM_B}"],
+    "system K=4": [f"system:{SYSTEM_A}", f"system:{SYSTEM_B}", f"system:{SYSTEM_C}"],
+    "temperature K=2": ["temperature:1.5"],
+    "temperature K=3": ["temperature:1.5", "temperature:0.7"],
+    "temperature K=4": ["temperature:1.5", "temperature:0.7", "temperature:2"],
+    "system+T K=3": [f"system:{SYSTEM_A}", "temperature:1.5"],
+    "return K=2": [f"return:4:system:{SYSTEM_A}"],
+    "return+system K=3": [f"return:4:system:{SYSTEM_A}", f"system:{SYSTEM_B}"],
+}
+
+
+def pass_units(variants, need) -> float:
+    """Forward passes the shared path runs, in units of n rows: per distinct (system prompt,
+    adapter, scale, steering) of the scored variants' segments (a returning variant: its head's
+    and its continuation's), the rows that need any variant on it, over n."""
+    import numpy as np
+
+    rows: dict[tuple, np.ndarray] = {}
+    for j, v in enumerate(variants):
+        for part in ((v.head, v.continuation) if v.returns else (v,)):
+            key = (part.system_prompt, part.adapter, part.adapter_scale, part.steering)
+            rows[key] = rows.get(key, np.zeros(need.shape[0], dtype=bool)) | need[:, j]
+    return float(sum(r.sum() for r in rows.values()) / need.shape[0])
+
+
+def per_variant_scoring(engine, prompt, variants, scored, need):
+    """The scoring of `draw` before `score_many`: one `score_unique` per column on the rows that
+    need it (re-scored rows included), each variant its own passes."""
+    import numpy as np
+
+    from tailmon.proposals.sampling import score_unique
+
+    out = np.full(need.shape, np.nan)
+    for j, v in enumerate(variants):
+        rows = np.flatnonzero(need[:, j])
+        if rows.size:
+            out[rows, j] = score_unique(engine, prompt, v, [scored[i] for i in rows])
+    return out
+
+
+def run_scoring(args, prompts: list[str], clock: Clock, log) -> list[dict]:
+    """Scoring alone, per variant (before) and through `score_many` (after), on the samples of the
+    production `draw` of each configuration, against plain generation of the same n."""
+    import numpy as np
+
+    from tailmon.engines.base import Decoding, Variant
+    from tailmon.estimation.pipeline import component_seed
+    from tailmon.proposals.sampling import _rescore_rows, draw, score_many_unique
+    from tailmon.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine.load(None, device="cuda" if cuda() else "cpu")
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    target = Variant("target", decoding)
+    warm_up(Loaded("transformers", engine), prompts[0], clock)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        w0, c0 = clock.now()
+        plain = engine.sample(prompt, target, args.n, component_seed(args.seed, prompt, 0))
+        w1, c1 = clock.now()
+        plain_tokens = sum(len(t) for t in plain.token_ids)
+        for name, specs in SCORING_CONFIGS.items():
+            plan = plan_for(len(specs) + 1, decoding, args.n, args.seed, specs)
+            variants = [c.variant for c in plan.components]
+            d = draw(engine, prompt, variants, [c.share for c in plan.components], args.n,
+                     seed=lambda j: component_seed(args.seed, prompt, j), judge=plan.judge, score_all=False,
+                     rescore=plan.rescore_samples)
+            # the need of `draw`: every column a row lacks (of the components that drew), and re-scoring
+            scored = d.ids if d.horizon is None else [r[: d.horizon] for r in d.ids]
+            need = np.zeros(d.logq.shape, dtype=bool)
+            for j in range(len(variants)):
+                if j == 0 or d.shares[j] > 0:
+                    need[:, j] = d.drawn != j
+            checked = _rescore_rows(np.bincount(d.drawn, minlength=len(variants)).tolist(), plan.rescore_samples)
+            need[checked, d.drawn[checked]] = True
+            b0 = clock.now()
+            before = per_variant_scoring(engine, prompt, variants, scored, need)
+            b1 = clock.now()
+            after = score_many_unique(engine, prompt, variants, scored, need)
+            a1 = clock.now()
+            diff = np.abs(before[need] - after[need])
+            finite = np.isfinite(before[need])
+            assert np.array_equal(finite, np.isfinite(after[need])), "before and after disagree on -inf"
+            tokens = sum(len(t) for t in d.ids)
+            row = {"config": name, "K": len(variants), "prompt": i, "n": args.n,
+                   "max_new_tokens": args.max_new_tokens, "horizon": d.horizon,
+                   "plain_wall": round(w1 - w0, 3), "plain_cpu": round(c1 - c0, 3), "plain_tokens": plain_tokens,
+                   "generate_wall": round(float(np.sum(d.generate_seconds)), 3), "tokens": tokens,
+                   "before_wall": round(b1[0] - b0[0], 3), "before_cpu": round(b1[1] - b0[1], 3),
+                   "after_wall": round(a1[0] - b1[0], 3), "after_cpu": round(a1[1] - b1[1], 3),
+                   "draw_score_wall": round(d.score_seconds, 3),
+                   "before_units": round(float(need.sum() / args.n), 3),
+                   "after_units": round(pass_units(variants, need), 3),
+                   "max_abs_diff": float(diff[finite].max()) if finite.any() else 0.0,
+                   "load_average_after": load_average()}
+            rows.append(row)
+            log(f"[scoring] prompt {i} {name}: before {row['before_cpu']:.1f} s cpu ({row['before_units']} n), "
+                f"after {row['after_cpu']:.1f} s cpu ({row['after_units']} n), plain {row['plain_cpu']:.1f} s, "
+                f"max diff {row['max_abs_diff']:.1e}, load {row['load_average_after']}")
+    return rows
+
+
+def summarise_scoring(rows: list[dict]) -> list[dict]:
+    """Per configuration, summed over prompts: scoring CPU time over plain generation's (x), and
+    per pass unit (n rows through one forward pass), before and after."""
+    out = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        rs = [r for r in rows if r["config"] == name]
+        plain = sum(r["plain_cpu"] for r in rs)
+        per_token = sum(r["plain_tokens"] for r in rs) / max(1, sum(r["tokens"] for r in rs))
+        b, a = sum(r["before_cpu"] for r in rs) / plain, sum(r["after_cpu"] for r in rs) / plain
+        bu, au = sum(r["before_units"] for r in rs) / len(rs), sum(r["after_units"] for r in rs) / len(rs)
+        out.append({"config": name, "K": rs[0]["K"], "prompts": len(rs), "horizon": rs[0]["horizon"],
+                    "before_x": round(b, 2), "after_x": round(a, 2), "after/before": round(a / b, 2) if b else None,
+                    "before_x_per_token": round(b * per_token, 2), "after_x_per_token": round(a * per_token, 2),
+                    "before_passes": round(bu, 2), "after_passes": round(au, 2),
+                    "before_x_per_pass": round(b / bu, 2) if bu else None,
+                    "after_x_per_pass": round(a / au, 2) if au else None,
+                    "max_abs_diff": max(r["max_abs_diff"] for r in rs)})
+    return out
+
+
+SCORING_COLUMNS = ["config", "K", "horizon", "before_x", "after_x", "after/before", "before_x_per_token",
+                   "after_x_per_token", "before_passes", "after_passes", "before_x_per_pass", "after_x_per_pass",
+                   "max_abs_diff"]
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -632,7 +768,12 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/tailmon-bench-engines", help="server log")
     p.add_argument("--out", default=str(RESULTS / "engines.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the chart and print the table from --out")
+    p.add_argument("--scoring", action="store_true",
+                   help="only the scoring comparison (transformers): per-variant scoring against score_many, "
+                        "on the samples of each configuration's draw; writes results/engines_scoring.json")
     args = p.parse_args(argv)
+    if args.scoring:
+        return scoring_main(args, argv)
     out = Path(args.out)
     if args.replot:
         summary = json.loads(out.read_text(encoding="utf-8"))["summary"]
@@ -689,6 +830,41 @@ def main(argv=None):
         log(f"wrote {out} after {name}")
     summary = summarise(rows)
     print(markdown_table(summary, TABLE_COLUMNS))
+    return 0
+
+
+def scoring_main(args, argv) -> int:
+    """`--scoring`: the transformers engine's scoring before (per variant) and after (`score_many`)."""
+    from common import one_torch_thread
+
+    if args.quick:
+        args.prompts, args.n, args.max_new_tokens = 1, 16, 16
+    out = Path(args.out) if args.out != str(RESULTS / "engines.json") else RESULTS / "engines_scoring.json"
+    threads = one_torch_thread()
+    prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
+    settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "judge": JUDGE,
+                "defensive": DEFENSIVE, "configs": SCORING_CONFIGS, "torch_threads": threads, "cuda": cuda(),
+                "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
+    run = Run("engines_scoring", "transformers scoring: per-variant passes against score_many's shared passes",
+              seed=args.seed, settings=settings)
+
+    def log(msg):
+        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    rows = run_scoring(args, prompts, Clock(), log)
+    summary = summarise_scoring(rows)
+    notes = ("Per configuration (target plus the listed proposals, defensive share 0.1, n samples of the production "
+             "draw, score_all=False, the plan's re-scoring): the need of draw (each row's columns of the components "
+             "that did not draw it, plus the re-scored rows' own) scored per variant (before: score_unique per "
+             "column, each its own passes) and through score_many_unique (after: one pass per distinct prompt / "
+             "adapter / steering, processed per decoding), one after the other on the same samples. x = scoring "
+             "CPU seconds / plain generation's (engine.sample of the target, same n, summed over prompts); "
+             "x_per_token scales by plain's tokens over the mixture's; passes = rows through a forward pass / n "
+             "(before: one per needed entry; after: one per pass key and row); x_per_pass = x / passes. "
+             "max_abs_diff: largest |before - after| over needed entries (both -inf at the same entries).")
+    run.write(summary=summary, results=rows, notes=notes, out=out, complete=True)
+    log(f"wrote {out}")
+    print(markdown_table(summary, SCORING_COLUMNS))
     return 0
 
 
