@@ -566,8 +566,7 @@ class TransformersEngine(ChatEngine):
                 toks = {p: torch.where(mask, t, 0.0) for p, t in toks.items()}
                 for j, processing, start, stop in segments:
                     out[at, j] += toks[processing][:, start:stop].sum(dim=1).numpy()
-        out[~need] = np.nan  # rows scored in a shared pass for another column
-        return out
+        return out  # NaN stays NaN where a row was in a shared pass for another column only
 
     def _shared_token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]],
                              processings: list[tuple[Decoding, Tilt | None]]):
