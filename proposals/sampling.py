@@ -124,7 +124,11 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
     that the sampled log-probs can be checked against the scored ones (`Draw.rescored`).
 
     When every scored component returns to the target, only each sample's first
-    `weight_horizon` tokens are scored (re-scored too)."""
+    `weight_horizon` tokens are scored (re-scored too).
+
+    Scoring is one `engine.score_many` call for every column and the re-scored rows, so that an
+    engine can share forward passes between components (the transformers engine: one pass per
+    prompt, adapter and steering, whatever the temperatures and truncations on it)."""
     for variant in variants:  # before any sampling, rather than after the other components' draws
         if not engine.returns_to_target:
             engine.refuse_return(variant)
