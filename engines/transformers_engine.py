@@ -567,8 +567,8 @@ class TransformersEngine(ChatEngine):
                         toks[p] = torch.full(x.shape, float("nan"), dtype=torch.float64)
                         if sub.size:
                             sel = torch.from_numpy(sub)
-                            toks[p][sel] = self._token_logprobs(first, None if rest is None else rest[sel.to(rest.device)],
-                                                                x[sel], p)
+                            picked = None if rest is None else rest[sel.to(rest.device)]
+                            toks[p][sel] = self._token_logprobs(first, picked, x[sel], p)
                 yield order[start:end], toks, mask
                 checkpoint()
 
