@@ -176,10 +176,20 @@ class Meter:
                 self.wall[part] += w1 - w0
                 self.cpu[part] += c1 - c0
                 if part == "scoring":
+                    import numpy as np
+
                     responses = args[2] if len(args) > 2 else kwargs["responses"]
+                    # rows x columns scored, so that `score` and `score_many` count alike
+                    if method == "score_many":
+                        variants = args[1] if len(args) > 1 else kwargs["variants"]
+                        need = args[3] if len(args) > 3 else kwargs.get("need")
+                        per_row = (np.ones(len(responses), dtype=int) * len(variants) if need is None
+                                   else np.asarray(need).sum(axis=1))
+                    else:
+                        per_row = np.ones(len(responses), dtype=int)
                     self.score_calls += 1
-                    self.scored_rows += len(responses)
-                    self.scored_tokens += sum(len(r) for r in responses)
+                    self.scored_rows += int(per_row.sum())
+                    self.scored_tokens += int(sum(k * len(r) for k, r in zip(per_row, responses)))
                 elif part == "sampling":
                     self.sample_calls += 1
 
@@ -747,7 +757,7 @@ def notes(args) -> str:
         "prompts; target = 1 + 0.3 (K - 1); ratio_cpu = the same in CPU seconds of this process and its descendants "
         "(EngineCore, API server): steadier on shared cores; ratio_per_token divides each side by the tokens it "
         "generated. sampling_x / scoring_x / judging_x / other_x: each part's wall time over plain's (they sum to "
-        "ratio); the *_cpu_x columns the same in CPU seconds (they sum to ratio_cpu). scoring_s_per_row: wall seconds of scoring per scored response. Warm-up call per engine first; torch "
+        "ratio); the *_cpu_x columns the same in CPU seconds (they sum to ratio_cpu). scoring_s_per_row: wall seconds of scoring per scored (response, component) pair. Warm-up call per engine first; torch "
         "on one thread. Figures on shared cores vary with the other jobs (load_average in every row).")
 
 
