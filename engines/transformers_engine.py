@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from tailmon.engines.adapters import adapter_compatibility, read_adapter_metadata
-from tailmon.engines.base import Decoding, Samples, Steering, Variant, checkpoint, score_need
+from tailmon.engines.base import Decoding, Samples, Steering, Tilt, Variant, checkpoint, score_need
 from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
-from tailmon.engines.processing import processed_logprobs
+from tailmon.engines.processing import processed_logprobs, tilted_logprobs
 from tailmon.engines.steering import DirectionFile, decoder_layers, load_direction, steering_hooks
+from tailmon.engines.tilt import load_tilt
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -104,6 +105,7 @@ class _Steer(NamedTuple):
 class TransformersEngine(ChatEngine):
     name = "transformers"
     returns_to_target = True
+    tilts = True
 
     def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64):
         self.model = model.eval()
@@ -114,6 +116,7 @@ class TransformersEngine(ChatEngine):
         # (resolved path, content hash) -> direction file: loaded once, again only when rewritten
         self._directions: dict[tuple, DirectionFile] = {}
         self._steer_vectors: dict[tuple, torch.Tensor] = {}  # (file key, kind, dtype, device) -> vector
+        self._tilts: dict[tuple, torch.Tensor] = {}  # (resolved path, content hash, scale) -> dense float32 bias
         stops = set()
         for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
             if source is None:
@@ -260,6 +263,32 @@ class TransformersEngine(ChatEngine):
             self._steer_vectors[vkey] = v.to(device=param.device, dtype=param.dtype)
         return _Steer(layers, tuple(indices), steering.kind, steering.coef, self._steer_vectors[vkey])
 
+    def _tilt(self, tilt: Tilt | None) -> torch.Tensor | None:
+        """A variant's token tilt as a dense float32 bias over the vocabulary, checked against
+        this model's vocabulary and tokenizer before any forward pass; None for no tilt."""
+        if tilt is None:
+            return None
+        path = Path(tilt.path)
+        try:
+            content = path.read_bytes()
+        except OSError:
+            raise InputError(f"token tilt file '{tilt.path}' does not exist "
+                             "(fit one with `tailmon proposals fit-tilt`)") from None
+        # Keyed by content, as steering directions: a rewritten file is read again.
+        key = (str(path.resolve()), hashlib.sha256(content).hexdigest(), tilt.scale)
+        if key not in self._tilts:
+            file = load_tilt(path)
+            ours = self.base_facts()["tokenizer_sha256"]
+            if file.tokenizer_sha256 is not None and file.tokenizer_sha256 != ours:
+                # token ids of another tokenizer mean other tokens: the tilt would bias the wrong ones
+                raise InputError(f"token tilt '{tilt.path}' was fitted with another tokenizer than model "
+                                 f"{self._model_id}'s")
+            dense = torch.from_numpy(file.dense(self.vocab_size) * tilt.scale).float()
+            for old in [k for k in self._tilts if k[0] == key[0]]:
+                del self._tilts[old]
+            self._tilts[key] = dense
+        return self._tilts[key]
+
     # -- primitives --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -278,13 +307,14 @@ class TransformersEngine(ChatEngine):
         """n responses drawn from a variant that draws every token: ids, per-token log-probs, finished."""
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
+        bias = self._tilt(variant.tilt)
         token_ids: list[list[int]] = []
         token_lps: list[np.ndarray] = []
         finished: list[bool] = []
         with self._variant_weights(variant):
             for start in range(0, n, self.batch_size):
                 b = min(self.batch_size, n - start)
-                toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator, steer)
+                toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator, steer, bias)
                 token_ids += toks
                 token_lps += lps
                 finished += done
@@ -341,24 +371,25 @@ class TransformersEngine(ChatEngine):
         return out.logits, (getattr(out, "past_key_values", None) if new_cache is None else new_cache)
 
     def _sample_batch(self, prompt_ids: list[int], decoding: Decoding, b: int, generator: torch.Generator,
-                      steer: _Steer | None = None):
+                      steer: _Steer | None = None, bias: torch.Tensor | None = None):
         logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True, steer=steer)
         # Every row continues the same prompt: prefill once and copy the cache, no padding at all.
         cache.batch_repeat_interleave(b)
         logits = logits[:, -1, :].expand(b, -1)
-        return self._decode(logits, cache, decoding, decoding.max_new_tokens, generator, steer)
+        return self._decode(logits, cache, decoding, decoding.max_new_tokens, generator, steer, bias)
 
     def _decode(self, logits: torch.Tensor, cache, decoding: Decoding, steps: int, generator: torch.Generator,
-                steer: _Steer | None = None):
+                steer: _Steer | None = None, bias: torch.Tensor | None = None):
         """Draw up to `steps` tokens per row from `logits` (b, V) on, each row until a stop token:
-        (token id lists, per-token processed log-prob arrays (float64), finished flags)."""
+        (token id lists, per-token processed log-prob arrays (float64), finished flags). `bias`:
+        the variant's token tilt (dense, float32), None for none."""
         b = logits.shape[0]
         tokens = torch.full((b, steps), self._pad, dtype=torch.long)
         token_lps = torch.zeros((b, steps), dtype=torch.float64)
         alive = torch.ones(b, dtype=torch.bool)
         lengths = torch.zeros(b, dtype=torch.long)
         for t in range(steps):
-            logp = processed_logprobs(logits, decoding).cpu()
+            logp = tilted_logprobs(processed_logprobs(logits, decoding), bias).cpu()
             # Sampling on the CPU with an explicit generator: reproducible across devices.
             nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             token_lps[:, t] = torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1).double(), 0.0)
@@ -407,7 +438,8 @@ class TransformersEngine(ChatEngine):
         return first if rest is None else torch.cat([first, rest], dim=1)
 
     @staticmethod
-    def _token_logprobs(first: torch.Tensor, rest: torch.Tensor | None, x: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+    def _token_logprobs(first: torch.Tensor, rest: torch.Tensor | None, x: torch.Tensor, decoding: Decoding,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
         """Processed log-prob of each token x[i, t] (b, width), float64 on the CPU, from the logits
         that predict it: `first` (1, V) for t = 0, rest[i, t - 1] for t >= 1.
 
@@ -416,10 +448,10 @@ class TransformersEngine(ChatEngine):
         (b, width, V) copy.
         """
         x = x.to(first.device)
-        head = processed_logprobs(first, decoding)[0, x[:, 0]][:, None]
+        head = tilted_logprobs(processed_logprobs(first, decoding), bias)[0, x[:, 0]][:, None]
         if rest is None:
             return head.double().cpu()
-        tail = processed_logprobs(rest, decoding).gather(2, x[:, 1:, None]).squeeze(-1)
+        tail = tilted_logprobs(processed_logprobs(rest, decoding), bias).gather(2, x[:, 1:, None]).squeeze(-1)
         return torch.cat([head, tail], dim=1).double().cpu()
 
     def _chunks(self, seqs: list[list[int]]):
@@ -471,24 +503,24 @@ class TransformersEngine(ChatEngine):
     def _token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]]):
         """Teacher-forced processed log-probs of every token of `seqs` under a variant that draws
         every token, by chunk: (indices into seqs, (b, width) float64 log-probs, mask of real tokens)."""
-        every = {variant.decoding: np.ones(len(seqs), dtype=bool)}
-        for rows, toks, mask in self._shared_token_chunks(prompt, variant, seqs, every):
-            yield rows, toks[variant.decoding], mask
+        key = self._processing_key(variant)
+        for rows, toks, mask in self._shared_token_chunks(prompt, variant, seqs, {key: np.ones(len(seqs), dtype=bool)}):
+            yield rows, toks[key], mask
 
     @staticmethod
     def _pass_key(ids: list[int], variant: Variant) -> tuple:
         """What a forward pass depends on: the rendered prompt, the weights (adapter and its scale)
         and the steering. Variants with one key differ only in how their logits become log-probs
-        (`_processing_key`: decoding; a logit tilt would join it there) and share one pass."""
+        (`_processing_key`: decoding and token tilt) and share one pass."""
         scale = variant.adapter_scale if variant.adapter is not None else None
         return tuple(ids), variant.adapter, scale, variant.steering
 
     @staticmethod
-    def _processing_key(variant: Variant) -> Decoding:
+    def _processing_key(variant: Variant) -> tuple[Decoding, Tilt | None]:
         """How a variant turns logits into log-probs: its decoding without the length (which only
         bounds the responses), so that a return-to-target head (cut at K tokens) shares the
-        processing of its untruncated twin."""
-        return replace(variant.decoding, max_new_tokens=1)
+        processing of its untruncated twin, and its token tilt."""
+        return replace(variant.decoding, max_new_tokens=1), variant.tilt
 
     @torch.inference_mode()
     def score_many(self, prompt: str, variants: Sequence[Variant], responses: Sequence[Sequence[int]],
@@ -529,7 +561,7 @@ class TransformersEngine(ChatEngine):
             end = None if any(s[3] is None for s in segments) else max(s[3] for s in segments)
             # Each processing on the rows that need one of its columns (top-p sorts the vocabulary at
             # every position: not free on rows that need it for nothing).
-            wanted: dict[Decoding, np.ndarray] = {}
+            wanted: dict[tuple, np.ndarray] = {}
             for j, processing, _, _ in segments:
                 wanted[processing] = wanted.get(processing, np.zeros(rows.size, dtype=bool)) | need[rows, j]
             for idx, toks, mask in self._shared_token_chunks(prompt, part, [seqs[i][:end] for i in rows], wanted):
@@ -540,7 +572,7 @@ class TransformersEngine(ChatEngine):
         return out  # NaN stays NaN where a row was in a shared pass for another column only
 
     def _shared_token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]],
-                             wanted: dict[Decoding, np.ndarray]):
+                             wanted: dict[tuple[Decoding, Tilt | None], np.ndarray]):
         """`_token_chunks` for several processings of one pass: (indices into seqs, {processing:
         (b, width) float64 log-probs}, mask of real tokens). The logits are computed once per chunk
         and processed per processing on the rows `wanted` for it (bool over seqs; NaN elsewhere)."""
@@ -562,13 +594,13 @@ class TransformersEngine(ChatEngine):
                 for p, rows in wanted.items():
                     sub = np.flatnonzero(rows[order[start:end]])
                     if sub.size == len(chunk):
-                        toks[p] = self._token_logprobs(first, rest, x, p)
+                        toks[p] = self._token_logprobs(first, rest, x, p[0], self._tilt(p[1]))
                     else:
                         toks[p] = torch.full(x.shape, float("nan"), dtype=torch.float64)
                         if sub.size:
                             sel = torch.from_numpy(sub)
                             picked = None if rest is None else rest[sel.to(rest.device)]
-                            toks[p][sel] = self._token_logprobs(first, picked, x[sel], p)
+                            toks[p][sel] = self._token_logprobs(first, picked, x[sel], p[0], self._tilt(p[1]))
                 yield order[start:end], toks, mask
                 checkpoint()
 
@@ -587,13 +619,14 @@ class TransformersEngine(ChatEngine):
             return out
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
+        bias = self._tilt(variant.tilt)
         rows = []
         with self._variant_weights(variant):
             for start, end in self._chunks(seqs):
                 chunk = seqs[start:end]
                 logits = self._next_logits(ids, chunk, steer)
                 last = torch.stack([logits[i, len(s)] for i, s in enumerate(chunk)])
-                rows.append(processed_logprobs(last, variant.decoding).cpu().double().numpy())
+                rows.append(tilted_logprobs(processed_logprobs(last, variant.decoding), bias).cpu().double().numpy())
                 checkpoint()
         return np.concatenate(rows) if rows else np.zeros((0, self.vocab_size))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tailmon.engines.base import Decoding, Engine, Samples, Steering, Variant
+from tailmon.engines.base import Decoding, Engine, Samples, Steering, Tilt, Variant
 from tailmon.engines.steering import compute_direction, save_direction
 from tailmon.errors import InputError
 from tailmon.judges import parse_judge
@@ -37,7 +37,14 @@ def direction(tiny_engine, tmp_path_factory):
     return str(path)
 
 
-def every_kind(direction: str, adapter: str | None) -> list[Variant]:
+@pytest.fixture(scope="module")
+def tilt(tmp_path_factory) -> str:
+    from tailmon.engines.tilt import save_tilt
+
+    return str(save_tilt(tmp_path_factory.mktemp("tilt-many") / "tilt.json", [7, 17, 11], [3.0, 2.0, -1.5]))
+
+
+def every_kind(direction: str, adapter: str | None, tilt: str | None = None) -> list[Variant]:
     """The target first, then one variant of each component type, some sharing a pass."""
     d = TARGET.decoding
     out = [TARGET,
@@ -50,6 +57,9 @@ def every_kind(direction: str, adapter: str | None) -> list[Variant]:
            Variant("steer T1.5", Decoding(temperature=1.5, max_new_tokens=3), steering=Steering("add", direction, 4.0)),
            parse_proposal("return:2:system:I cannot").variant(TARGET),
            parse_proposal("return:1:temperature:2").variant(TARGET)]
+    if tilt is not None:  # a tilt is a processing of the target's own pass
+        out += [Variant("tilt", d, tilt=Tilt(tilt)), Variant("tilt top-k", Decoding(top_k=4, max_new_tokens=3),
+                                                             tilt=Tilt(tilt, 2.0))]
     if adapter is not None:
         out += [Variant("lora", d, adapter=adapter), Variant("lora half", d, adapter=adapter, adapter_scale=0.5),
                 Variant("lora top-k", Decoding(top_k=4, max_new_tokens=3), adapter=adapter)]
@@ -76,12 +86,12 @@ def assert_same(got, want, need):
 
 
 @pytest.mark.parametrize("density", [1.0, 0.5])
-def test_equals_per_variant_score_for_every_component_type(make_tiny_engine, lora_adapter, direction, density):
+def test_equals_per_variant_score_for_every_component_type(make_tiny_engine, lora_adapter, direction, tilt, density):
     """Catches a pass shared by variants that differ in prompt, adapter, scale or steering, a
     decoding applied to another variant's column, a return segment cut at the wrong token, and a
     row left out of a shared pass."""
     engine = make_tiny_engine()
-    variants = every_kind(direction, lora_adapter)
+    variants = every_kind(direction, lora_adapter, tilt)
     seqs = responses(engine)
     need = np.random.default_rng(0).random((len(seqs), len(variants))) < density
     want = per_variant(engine, variants, seqs, need)
@@ -94,7 +104,7 @@ def test_equals_per_variant_score_for_every_component_type(make_tiny_engine, lor
     assert np.isneginf(full[:, truncated]).any() and np.isfinite(full[:, truncated]).any()
 
 
-def test_variants_that_differ_only_in_decoding_share_one_pass(tiny_engine, direction):
+def test_variants_that_differ_only_in_decoding_share_one_pass(tiny_engine, direction, tilt):
     """Counts the model's forward calls: one prompt prefill and one pass over the responses per
     distinct (prompt, weights, steering), whatever the number of decodings on it; a returning
     head's pass reads its first K tokens only (K = 1: the prompt's last logits alone).
@@ -106,7 +116,8 @@ def test_variants_that_differ_only_in_decoding_share_one_pass(tiny_engine, direc
     try:
         decodings = [TARGET, Variant("T1.5", Decoding(temperature=1.5, max_new_tokens=3)),
                      Variant("top-k", Decoding(top_k=3, max_new_tokens=3)),
-                     Variant("top-p", Decoding(top_p=0.8, max_new_tokens=3))]
+                     Variant("top-p", Decoding(top_p=0.8, max_new_tokens=3)),
+                     Variant("tilt", TARGET.decoding, tilt=Tilt(tilt))]
         tiny_engine.score_many(PROMPT, decodings, seqs)
         assert len(widths) == 2  # prefill, then every response in one chunk
         widths.clear()
