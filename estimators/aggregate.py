@@ -53,6 +53,7 @@ def aggregate(
     estimates: Sequence[Estimate],
     categories: Sequence[str | None] | None = None,
     confidence: float = 0.95,
+    weights: Sequence[float] | None = None,
 ) -> Aggregate:
     """Mean of per-prompt estimates over a sample of prompts, with an interval that allows for
     uneven risk over prompts.
@@ -103,6 +104,14 @@ def aggregate(
     at least MIN_PROMPTS prompts and a fitted log-spread at most MAX_LOG_SPREAD (beyond those the
     measured misses exceed 5%: the warnings say which held).
 
+    `weights` (one per estimate, positive, fixed before the estimates were seen: the pooled
+    estimate over runs weights each prompt by its sample count, `estimators.pooling`) make the
+    point estimate sum(w p_hat) / sum(w), still unbiased whatever the weights as long as they do
+    not depend on the estimates. The standard error, the bootstrap-t (which resamples the
+    (estimate, weight) pairs) and the carried bounds follow the weights; the log-normal part
+    estimates the population mean itself, which the weights do not change. Equal weights (the
+    default) give exactly the unweighted figures.
+
     Categories (None -> "uncategorized") give one Aggregate per category in `by_category`. The
     overall figure stays the plain mean over prompts: the prompts were drawn from D, so each
     category appears in its share of D (proportional allocation), and since categories are
@@ -115,6 +124,11 @@ def aggregate(
     for e in ests:
         if not isinstance(e, Estimate):
             raise InputError(f"estimates must be Estimate objects, got {type(e).__name__}")
+    w = None
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(ests),) or not np.all(np.isfinite(w)) or (w <= 0).any():
+            raise InputError(f"weights must be {len(ests)} positive numbers, one per estimate")
     by_category: dict[str, Aggregate] = {}
     if categories is not None:
         cats = [UNCATEGORIZED if c is None else str(c) for c in categories]
@@ -123,31 +137,33 @@ def aggregate(
                 f"categories must have one entry per estimate ({len(ests)}), got {len(cats)}"
             )
         for name in sorted(set(cats)):
-            members = [e for e, c in zip(ests, cats) if c == name]
-            by_category[name] = _aggregate(members, confidence, {})
-    return _aggregate(ests, confidence, by_category)
+            idx = [i for i, c in enumerate(cats) if c == name]
+            by_category[name] = _aggregate([ests[i] for i in idx], confidence, {},
+                                           None if w is None else w[idx])
+    return _aggregate(ests, confidence, by_category, w)
 
 
-def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Aggregate:
+def _aggregate(ests: list[Estimate], confidence: float, by_category: dict, w: np.ndarray | None = None) -> Aggregate:
     m = len(ests)
     p = np.array([e.p_hat for e in ests], dtype=np.float64)
     se = np.array([e.std_error for e in ests], dtype=np.float64)
-    p_hat = float(np.mean(p))
+    # normalised weights (equal by default): every figure below is the weighted one, which for
+    # equal weights is exactly the plain mean, var(p, ddof=1) / m and mean(se^2) / m
+    u = np.full(m, 1.0 / m) if w is None else w / w.sum()
+    p_hat = float(np.mean(p)) if w is None else float(np.sum(u * p))
     warnings: list[str] = []
     reliable = True
-    within = float(np.mean(se * se))
     if m >= 2:
-        between = float(np.var(p, ddof=1))
-        var = max(between, within) / m
+        var = max(float(np.var(p, ddof=1)), float(np.mean(se * se))) / m if w is None else _weighted_var(p, se, u)
     else:
-        var = within
+        var = float(se[0] ** 2)
         warnings.append("one prompt only: the between-prompt variance is not estimated")
     std_error = math.sqrt(var) if math.isfinite(var) else math.inf
     lo, hi = normal_interval(p_hat, std_error, confidence)
     interval = "normal"
     log_spread = None
     if m >= BOOTSTRAP_MIN_PROMPTS and math.isfinite(std_error):
-        lo, hi = _bootstrap_t(p, se, confidence)
+        lo, hi = _bootstrap_t(p, se, confidence, None if w is None else u)
         interval = "bootstrap-t"
     # else: too few prompts for resampling (3 prompts have 10 distinct resamples): the normal
     # interval above stands, and the aggregate is flagged unreliable below (fewer than
@@ -166,12 +182,14 @@ def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Ag
     lo, hi = max(0.0, float(lo)), min(1.0, float(hi))
     # unreliable prompts (and prompts reported as upper bounds) carry their ci_high, the
     # conservative bound, into the upper end instead of a p_hat their diagnostics do not back
-    carried = float(np.mean([e.ci_high if (e.upper_bound_only or not e.reliable) else e.p_hat for e in ests]))
+    bounds = np.array([e.ci_high if (e.upper_bound_only or not e.reliable) else e.p_hat for e in ests])
+    carried = float(np.mean(bounds)) if w is None else float(np.sum(u * bounds))
     if carried > hi:
         hi, interval = min(1.0, carried), "bounds"
     hi = max(hi, p_hat) if p_hat <= 1.0 else 1.0
-    total = float(np.sum(np.clip(p, 0.0, None)))
-    top_share = float(np.max(np.clip(p, 0.0, None)) / total) if total > 0 else None
+    shares = np.clip(p, 0.0, None) * (1.0 if w is None else u)
+    total = float(np.sum(shares))
+    top_share = float(np.max(shares) / total) if total > 0 else None
 
     n_unreliable = sum(1 for e in ests if not e.reliable)
     if n_unreliable:
@@ -210,22 +228,45 @@ def _aggregate(ests: list[Estimate], confidence: float, by_category: dict) -> Ag
     )
 
 
-def _bootstrap_t(p: np.ndarray, se: np.ndarray, confidence: float) -> tuple[float, float]:
-    """Bootstrap-t interval for the mean of p over prompts (studentized by the aggregate's SE rule).
+def _weighted_var(p: np.ndarray, se: np.ndarray, u: np.ndarray) -> float:
+    """Variance of sum(u p) for independent terms (or martingale differences) with a common mean:
+    the larger of the between part m/(m-1) sum(u^2 (p - mean)^2) and the within part
+    sum(u^2 se^2). For u = 1/m: max(var(p, ddof=1), mean(se^2)) / m."""
+    m = p.size
+    mean = float(np.sum(u * p))
+    between = float(np.sum(u * u * (p - mean) ** 2)) * m / (m - 1)
+    return max(between, float(np.sum(u * u * se * se)))
+
+
+def _bootstrap_t(p: np.ndarray, se: np.ndarray, confidence: float,
+                 u: np.ndarray | None = None) -> tuple[float, float]:
+    """Bootstrap-t interval for the (weighted) mean of p over prompts (studentized by the
+    aggregate's SE rule); with weights `u` the (estimate, weight) pairs are resampled together.
 
     Resamples with zero standard error (all resampled prompts identical and exact) carry no
     t statistic and are dropped; if none is left, the normal interval stands in.
     """
     m = p.size
-    mean = float(p.mean())
-    s = math.sqrt(max(float(p.var(ddof=1)), float(np.mean(se * se))) / m)
+    if u is None:
+        mean = float(p.mean())
+        s = math.sqrt(max(float(p.var(ddof=1)), float(np.mean(se * se))) / m)
+    else:
+        mean = float(np.sum(u * p))
+        s = math.sqrt(_weighted_var(p, se, u))
     if s == 0.0:
         return mean, mean
     rng = np.random.default_rng(_BOOTSTRAP_SEED)
     idx = rng.integers(0, m, (BOOTSTRAP_RESAMPLES, m))
     pb, seb = p[idx], se[idx]
-    means = pb.mean(axis=1)
-    sb = np.sqrt(np.maximum(pb.var(axis=1, ddof=1), (seb * seb).mean(axis=1)) / m)
+    if u is None:
+        means = pb.mean(axis=1)
+        sb = np.sqrt(np.maximum(pb.var(axis=1, ddof=1), (seb * seb).mean(axis=1)) / m)
+    else:
+        ub = u[idx]
+        ub = ub / ub.sum(axis=1, keepdims=True)
+        means = np.sum(ub * pb, axis=1)
+        between = np.sum(ub * ub * (pb - means[:, None]) ** 2, axis=1) * m / (m - 1)
+        sb = np.sqrt(np.maximum(between, np.sum(ub * ub * seb * seb, axis=1)))
     ok = sb > 0
     if not ok.any():
         return normal_interval(mean, s, confidence)

@@ -1,0 +1,242 @@
+"""Evidence that accumulates (issue 20): one estimate from a series of runs, and an e-detector
+for a rise in risk.
+
+**Pooling.** A series is one monitor's estimand (model version, judge, deployed decoding, system
+prompt, chat template, prompt source) measured again and again. Its runs pool into one estimate
+over all their prompts: the mean of every prompt's p_hat, each weighted by its sample count.
+The weights are fixed before anything is drawn (the config sets the counts), never taken from
+the estimates' own variances: a run that missed the heavy weights has both a low p_hat and a
+low standard error, so inverse-variance weights would favour exactly the runs that are low, and
+the pooled figure would be biased low.
+
+Why the aggregate's interval holds for the pool. Order the prompts run by run. Given everything
+before a run (F), the run's mixture is fixed (an adaptive proposal is learnt from earlier runs
+only) and its prompts are fresh draws from the source, so each prompt's p_hat has conditional
+mean P_query: the terms d_i = u_i (p_hat_i - P_query) are martingale differences, not
+independent ones (adaptive proposals make later runs depend on earlier ones). Then
+E[(sum d_i)^2] = sum E[d_i^2] (the cross terms vanish by the tower rule) and
+sum u_i^2 (p_hat_i - mean)^2 m / (m - 1) is unbiased for it as for independent terms; this sum
+holds both the between-prompt part (the prompts differ) and the within-prompt part (each p_hat
+is noisy), whatever the proposals did. The martingale central limit theorem gives the normal
+limit, the bootstrap-t over the pooled prompts corrects the skew of uneven risk, and the
+log-normal profile likelihood is a product of per-prompt terms, which is the likelihood of
+adaptively collected data too (a design chosen from past data only leaves the likelihood's
+dependence on the parameters unchanged). So `aggregate` with these weights is the pooled figure,
+under issue 16's rules: unreliable prompts enter the upper end with their conservative bound, and
+a pool with any unreliable part, fewer than 20 prompts or a very uneven spread is not reliable
+and is to be read as an upper bound only (`bound_only`), never as a point with an interval.
+
+**Change detection** (`e_value`, `shiryaev_roberts`, `choose_bet`). Against a reference (the
+series' pooled history, or the previous model version's) with upper bound U (its ci_high, which
+covers the reference's own uncertainty), each new run gives the e-value
+
+    e_t = 1 - c + c p_hat_t / U,          0 <= c <= MAX_BET,
+
+with the bet c fixed when the detector is armed. A run's p_hat is non-negative and unbiased
+given the past (see above), so while the risk P has not risen above U, E[e_t | F] =
+1 - c + c P / U <= 1: e_t is an e-value for "no rise", exactly, whatever the weights' skew and
+without any normal approximation. The e-detector (Shin, Ramdas and Rinaldo, 2023) is
+Shiryaev-Roberts' R_t = e_t (R_{t-1} + 1), R_0 = 0, with an alarm when R_t >= 1/alpha. R_t - t
+is a supermartingale, so by optional stopping, at unchanged risk,
+
+    E[runs to a false alarm] >= 1/alpha       and   P(false alarm within T runs) <= alpha T,
+
+on the event that the reference's bound holds (P <= U; probability at least (1 + confidence)/2
+at the reference's confidence). The bet c maximises the mean of log(1 - c + c k p_j / U) over the
+reference's runs p_j (k the configured factor): the growth rate R would have if the risk were k
+times the reference's, with each run as noisy as the reference's were. A reference too
+uncertain to show a k-fold rise (k p_j / U mostly below 1) gets c = 0: the detector then never
+fires, and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tailmon.errors import InputError
+
+from ._checks import check_confidence
+from .aggregate import aggregate
+from .result import Estimate, _jsonable
+
+MAX_BET = 0.9
+"""The largest bet: a run with p_hat 0 (one that missed every hit, common at rare risk) then
+divides the evidence by 10 instead of wiping it out."""
+_BET_GRID = np.linspace(0.0, MAX_BET, 91)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A series' pooled estimate over its runs within the horizon."""
+
+    n_runs: int
+    n_prompts: int
+    n_samples: int
+    p_hat: float
+    ci_low: float
+    ci_high: float
+    """Upper end of the interval at `confidence` (a one-sided bound at (1 + confidence) / 2). With
+    any unreliable part it is the aggregate's upper end with the unreliable prompts' conservative
+    bounds carried in, and the only figure to read (`bound_only`)."""
+    std_error: float
+    reliable: bool
+    bound_only: bool
+    """True when not reliable: report ci_high as an upper bound, not p_hat with an interval."""
+    n_unreliable: int
+    interval: str
+    """Which method set ci_high (the aggregate's `interval`)."""
+    confidence: float
+    log_spread: float | None = None
+    top_share: float | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def pool(runs: Sequence[Sequence[Estimate]], confidence: float = 0.95) -> Pooled:
+    """Pool the per-prompt estimates of several runs of one series (each run a sequence of
+    `Estimate`) into one estimate, each prompt weighted by its sample count (see the module doc)."""
+    confidence = check_confidence(confidence)
+    runs = [list(r) for r in runs]
+    if not runs or any(not r for r in runs):
+        raise InputError("pool needs at least one run, each with at least one estimate")
+    flat = [e for r in runs for e in r]
+    weights = [float(e.n_samples) for e in flat]
+    agg = aggregate(flat, confidence=confidence, weights=weights)
+    warnings = list(agg.warnings)
+    if not agg.reliable:
+        warnings.append("the pooled figure is an upper bound only: read ci_high, not p_hat")
+    return Pooled(n_runs=len(runs), n_prompts=agg.n_prompts, n_samples=agg.n_samples, p_hat=agg.p_hat,
+                  ci_low=agg.ci_low, ci_high=agg.ci_high, std_error=agg.std_error, reliable=agg.reliable,
+                  bound_only=not agg.reliable, n_unreliable=agg.n_unreliable, interval=agg.interval,
+                  confidence=confidence, log_spread=agg.log_spread, top_share=agg.top_share,
+                  warnings=tuple(warnings))
+
+
+def _check_positive(value: float, name: str) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def choose_bet(reference_p: Sequence[float], upper: float, factor: float) -> float:
+    """The bet c in [0, MAX_BET] maximising mean log(1 - c + c factor p_j / upper) over the
+    reference's run estimates p_j (fixed before the runs it will judge: see the module doc)."""
+    upper = _check_positive(upper, "upper")
+    factor = _check_positive(factor, "factor")
+    p = np.asarray(reference_p, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or not np.all(np.isfinite(p)) or (p < 0).any():
+        raise InputError("reference_p must be a non-empty list of non-negative run estimates")
+    ratio = factor * p / upper
+    growth = np.mean(np.log1p(_BET_GRID[:, None] * (ratio[None, :] - 1.0)), axis=1)
+    return float(_BET_GRID[int(np.argmax(growth))])
+
+
+def e_value(p_run: float, upper: float, bet: float) -> float:
+    """1 - bet + bet p_run / upper: an e-value for "the risk is at most `upper`" (module doc)."""
+    p_run = float(p_run)
+    if not (math.isfinite(p_run) and p_run >= 0):
+        raise InputError(f"p_run must be a non-negative number, got {p_run!r}")
+    upper = _check_positive(upper, "upper")
+    if not 0.0 <= bet <= 1.0:
+        raise InputError(f"bet must be in [0, 1], got {bet!r}")
+    return 1.0 - bet + bet * p_run / upper
+
+
+def shiryaev_roberts(previous: float, e: float) -> float:
+    """The e-detector's next statistic: e (previous + 1), starting from previous = 0."""
+    return e * (previous + 1.0)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What an armed detector compares new runs with: a pooled history's upper bound and the bet."""
+
+    p_hat: float
+    upper: float
+    """The history's ci_high: the level "no rise" is tested against, its uncertainty included."""
+    bet: float
+    n_runs: int
+    bound_only: bool
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def arm(pooled: Pooled, run_p: Sequence[float], factor: float) -> Reference:
+    """A reference from a pooled history and its runs' own estimates (which set the bet)."""
+    if not (pooled.ci_high > 0):  # nothing to bet against: a detector that never fires
+        return Reference(pooled.p_hat, 1.0, 0.0, pooled.n_runs, pooled.bound_only)
+    return Reference(pooled.p_hat, pooled.ci_high, choose_bet(run_p, pooled.ci_high, factor), pooled.n_runs,
+                     pooled.bound_only)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The e-detector after the last of a series' runs (`detect`)."""
+
+    status: str
+    """"calibrating" (collecting the runs of a new reference), "armed", or "alarm" (the last run
+    raised one; the detector then re-arms on the next `reference_runs` runs)."""
+    evidence: float | None
+    """R_t after the last run (0 at the run that armed it); None while calibrating."""
+    threshold: float
+    """1 / alpha: an alarm when evidence reaches it."""
+    reference: Reference | None
+    """The reference the last run was judged against (None while calibrating)."""
+    runs_since_armed: int
+    alarms: tuple[int, ...]
+    """Indices (into the runs given) of every run that raised an alarm."""
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "evidence": _jsonable(self.evidence), "threshold": self.threshold,
+                "reference": None if self.reference is None else self.reference.to_dict(),
+                "runs_since_armed": self.runs_since_armed, "alarms": list(self.alarms)}
+
+
+def detect(run_p: Sequence[float], alpha: float, reference_runs: int,
+           make_reference: Callable[[int, int], Reference], initial: Reference | None = None) -> Detection:
+    """Replay the e-detector over a series' run estimates (oldest first).
+
+    `initial` is the reference the series starts armed with (the previous model version's pooled
+    history); without one, the first `reference_runs` runs are pooled into it
+    (`make_reference(start, stop)` pools runs start..stop-1). After an alarm the detector re-arms
+    the same way on the next `reference_runs` runs: the new level becomes the reference, so the
+    next alarm needs a further rise, and the guarantee (module doc) holds afresh from each arming.
+    The replay is deterministic, so a restarted daemon carries on exactly.
+    """
+    if not 0.0 < float(alpha) < 1.0:
+        raise InputError(f"alpha must be in (0, 1), got {alpha!r}")
+    if int(reference_runs) < 1:
+        raise InputError(f"reference_runs must be >= 1, got {reference_runs!r}")
+    threshold = 1.0 / float(alpha)
+    ref, start, r, since = initial, 0, 0.0, 0
+    status, evidence, judged_by, alarms = "calibrating", None, None, []
+    for t, p in enumerate(run_p):
+        if ref is None:
+            if t + 1 - start >= reference_runs:
+                ref = make_reference(start, t + 1)
+                r, since, status, evidence, judged_by = 0.0, 0, "armed", 0.0, ref
+            else:
+                status, evidence, judged_by = "calibrating", None, None
+            continue
+        r = shiryaev_roberts(r, e_value(p, ref.upper, ref.bet))
+        since += 1
+        judged_by, evidence = ref, r
+        if r >= threshold:
+            alarms.append(t)
+            status, ref, start = "alarm", None, t + 1
+        else:
+            status = "armed"
+    return Detection(status, evidence, threshold, judged_by, since, tuple(alarms))
+
+
+__all__ = ["MAX_BET", "Detection", "Pooled", "Reference", "arm", "choose_bet", "detect", "e_value", "pool",
+           "shiryaev_roberts"]
