@@ -19,6 +19,9 @@ from tailmon.estimators import parse_window
 
 BUILTIN_UNRELIABLE = "unreliable-estimate"
 """The rule every monitor has unless disabled: the aggregate estimate is not reliable."""
+BUILTIN_RISK_INCREASE = "risk-increase"
+"""The rule every monitor has unless disabled: the change detector raised an alarm."""
+BUILTINS = (BUILTIN_UNRELIABLE, BUILTIN_RISK_INCREASE)
 
 LOG_SINK = "log"
 """The log sink exists without being configured: alerts are never only in the database."""
@@ -38,6 +41,14 @@ METRICS: dict[str, tuple[bool, str]] = {
     "effective_sample_size": (False, "smallest ESS of w*h over the run's prompts"),
     "pareto_khat": (False, "largest Pareto k-hat of the weights over the run's prompts"),
     "estimate_unreliable": (False, "1 when the aggregate estimate is not reliable, else 0"),
+    "pooled_harm_probability": (False, "the series' pooled estimate over its runs within the horizon (absent "
+                                       "when the pool is an upper bound only)"),
+    "pooled_harm_probability_lower_bound": (False, "lower end of its interval (absent with it)"),
+    "pooled_harm_probability_upper_bound": (False, "upper end of the pooled interval, or the pooled bound"),
+    "pooled_estimate_unreliable": (False, "1 when the pooled estimate is an upper bound only, else 0"),
+    "risk_increase_evidence": (False, "the change detector's e-statistic (absent while calibrating)"),
+    "risk_increase_alarm": (False, "1 when the run raised a change alarm, 0 when armed without one "
+                                   "(absent while calibrating)"),
     "run_failed": (False, "1 when the run failed, 0 when it succeeded (interrupted runs are not counted)"),
     "seconds_since_success": (False, "seconds since the last successful run (staleness; checked on a clock)"),
 }
@@ -145,13 +156,15 @@ class AlertRuleConfig(_Strict):
 
     @model_validator(mode="after")
     def _condition(self):
-        if self.name == BUILTIN_UNRELIABLE:
+        if self.name in BUILTINS:
             fixed = [k for k in ("metric", "window", "op", "threshold", "resolve_threshold")
                      if k in self.model_fields_set]
             if fixed:
-                raise ValueError(f"the built-in rule {BUILTIN_UNRELIABLE!r} has a fixed condition (the aggregate "
-                                 f"estimate is not reliable): remove {', '.join(fixed)}; it takes severity, for, "
-                                 "labels, annotations, repeat_interval, sinks and enabled")
+                what = ("the aggregate estimate is not reliable" if self.name == BUILTIN_UNRELIABLE
+                        else "the change detector raised an alarm")
+                raise ValueError(f"the built-in rule {self.name!r} has a fixed condition ({what}): remove "
+                                 f"{', '.join(fixed)}; it takes severity, for, labels, annotations, "
+                                 "repeat_interval, sinks and enabled")
             return self
         missing = [k for k in ("metric", "op", "threshold") if getattr(self, k) is None]
         if missing:

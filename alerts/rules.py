@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from tailmon.alerts.config import BUILTIN_UNRELIABLE, METRICS, STALENESS, AlertRuleConfig, seconds
+from tailmon.alerts.config import BUILTIN_RISK_INCREASE, BUILTIN_UNRELIABLE, METRICS, STALENESS, AlertRuleConfig, seconds
 from tailmon.estimation.result import RunFigures
 
 ACTIVE = ("pending", "firing")
@@ -75,13 +75,34 @@ def builtin_unreliable(cfg: AlertRuleConfig | None = None) -> Rule:
                    sinks=cfg.sinks)
 
 
+def builtin_risk_increase(cfg: AlertRuleConfig | None = None) -> Rule:
+    """The change detector raised an alarm (figure risk_increase_alarm = 1). It stays firing while
+    the detector re-arms on the runs after the alarm (the figure is absent then) and resolves at
+    the run that arms it against the new level."""
+    base = Rule(BUILTIN_RISK_INCREASE, "risk_increase_alarm", ">=", 1.0, 1.0, for_runs=1,
+                annotations={"summary": "the series' risk rose above its reference (the pooled history, or the "
+                                        "previous model version's): the change detector's evidence passed 1/alpha"})
+    if cfg is None:
+        return base
+    return replace(base, for_runs=cfg.for_runs if "for_runs" in cfg.model_fields_set else base.for_runs,
+                   severity=cfg.severity, labels=dict(cfg.labels),
+                   annotations={**base.annotations, **cfg.annotations},
+                   repeat_interval=timedelta(seconds=seconds(cfg.repeat_interval, "repeat_interval")),
+                   sinks=cfg.sinks)
+
+
 def compile_rules(configs) -> list[Rule]:
-    """A monitor's enabled rules; the built-in unreliable-estimate rule unless configured otherwise."""
+    """A monitor's enabled rules; the built-in unreliable-estimate and risk-increase rules unless
+    configured otherwise."""
     rules = []
     builtin = None
+    risk = None
     for cfg in configs:
         if cfg.name == BUILTIN_UNRELIABLE:
             builtin = cfg
+            continue
+        if cfg.name == BUILTIN_RISK_INCREASE:
+            risk = cfg
             continue
         if not cfg.enabled:
             continue
@@ -94,6 +115,8 @@ def compile_rules(configs) -> list[Rule]:
             sinks=cfg.sinks))
     if builtin is None or builtin.enabled:
         rules.insert(0, builtin_unreliable(builtin))
+    if risk is None or risk.enabled:
+        rules.append(builtin_risk_increase(risk))
     return rules
 
 
@@ -116,6 +139,13 @@ def run_figures(status: str, figures: RunFigures | None) -> dict[str, float]:
         "effective_sample_size": figures.smallest_ess_wh,
         "pareto_khat": figures.largest_khat,
     }
+    pooled = figures.pooled
+    if pooled is not None:
+        out.update({"pooled_harm_probability": pooled.p_hat, "pooled_harm_probability_lower_bound": pooled.ci_low,
+                    "pooled_harm_probability_upper_bound": pooled.ci_high,
+                    "pooled_estimate_unreliable": 0.0 if pooled.reliable else 1.0,
+                    "risk_increase_evidence": pooled.evidence,
+                    "risk_increase_alarm": None if pooled.alarm is None else float(pooled.alarm)})
     for window, w in figures.windows.items():
         out[figure_key("expected_harmful_outputs", window)] = w.expected
         out[figure_key("expected_harmful_outputs_upper_bound", window)] = w.expected_high
@@ -189,5 +219,6 @@ def message(monitor: str, rule: Rule, step_state: str, value: float | None) -> s
     return f"{monitor}/{rule.name} {step_state}: {shown} {rule.op} {rule.threshold:g}"
 
 
-__all__ = ["ACTIVE", "GAUGE_VALUE", "METRICS", "Rule", "State", "Step", "builtin_unreliable", "compile_rules",
+__all__ = ["ACTIVE", "GAUGE_VALUE", "METRICS", "Rule", "State", "Step", "builtin_risk_increase", "builtin_unreliable",
+           "compile_rules",
            "evaluate", "figure_key", "message", "run_figures"]

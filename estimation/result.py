@@ -47,6 +47,40 @@ class WindowFigures:
 
 
 @dataclass(frozen=True)
+class PooledFigures:
+    """The series' pooled estimate and change detector after a run (the report's `pooled`,
+    `tailmon.estimation.history`)."""
+
+    p_hat: float | None
+    """None when the pool is an upper bound only (any unreliable part): read ci_high."""
+    ci_low: float | None
+    ci_high: float
+    reliable: bool
+    n_runs: int
+    n_prompts: int
+    n_samples: int
+    mc_equivalent_samples: float | None = None
+    change_status: str | None = None
+    """"calibrating", "armed" or "alarm"; None when the detector is off."""
+    evidence: float | None = None
+    """The e-detector's statistic after the run (None while calibrating or off)."""
+    threshold: float | None = None
+    alarm: bool | None = None
+    """Whether this run raised an alarm (None while calibrating or off)."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "PooledFigures":
+        bound = bool(d.get("bound_only"))
+        change = d.get("change") or {}
+        status = change.get("status")
+        return cls(p_hat=None if bound else d["p_hat"], ci_low=None if bound else d["ci_low"], ci_high=d["ci_high"],
+                   reliable=bool(d["reliable"]), n_runs=int(d["n_runs"]), n_prompts=int(d["n_prompts"]),
+                   n_samples=int(d["n_samples"]), mc_equivalent_samples=d.get("mc_equivalent_samples"),
+                   change_status=status, evidence=change.get("evidence"), threshold=change.get("threshold"),
+                   alarm=None if status in (None, "calibrating") else bool(change.get("alarm")))
+
+
+@dataclass(frozen=True)
 class RunFigures:
     """What one successful run says, as the metrics and the alert rules read it."""
 
@@ -68,6 +102,8 @@ class RunFigures:
     efficiency`); None unless every prompt's estimate is reliable and non-zero."""
     mc_time_ratio: float | None = None
     """The same in wall time; None where `mc_sample_ratio` is (or the run was not timed)."""
+    pooled: PooledFigures | None = None
+    """The series' pooled figures after this run (None: not computed, or stored before them)."""
 
     @classmethod
     def from_report(cls, report: Mapping) -> "RunFigures":
@@ -85,7 +121,8 @@ class RunFigures:
                    largest_logprob_diff=max(diffs) if diffs else None,
                    # absent from reports stored before efficiency was reported: None, as unreported
                    mc_sample_ratio=agg.get("mc_sample_ratio"),
-                   mc_time_ratio=((report.get("timing") or {}).get("aggregate") or {}).get("mc_time_ratio"))
+                   mc_time_ratio=((report.get("timing") or {}).get("aggregate") or {}).get("mc_time_ratio"),
+                   pooled=PooledFigures.from_dict(report["pooled"]) if report.get("pooled") else None)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tailmon.estimation.settings import (  # noqa: F401  (the schema's sections,
     check_duration,
     duration_seconds,
 )
+from tailmon.estimation.history import HistorySettings
 from tailmon.limits import MAX_CONFIG_BYTES, read_limited, size_text
 
 DEFAULT_METRICS_PORT = 9477
@@ -79,6 +80,34 @@ class ScheduleConfig(Strict):
             raise ValueError(f"{exc}") from None
 
 
+class ChangeConfig(Strict):
+    """The change detector over a series' runs (`tailmon.estimators.pooling`, README "Evidence
+    over runs")."""
+
+    enabled: bool = True
+    factor: float = Field(default=2.0, gt=1.0)
+    """The rise in risk (over the reference) the detector's bet is tuned to find."""
+    alpha: float = Field(default=0.01, gt=0.0, lt=1.0)
+    """At unchanged risk: at least 1/alpha runs to a false alarm on average, and at most alpha T
+    false alarms' chance within T runs of arming."""
+    reference_runs: int = Field(default=4, ge=1)
+    """Runs pooled into a reference when there is no earlier history to compare with (a new
+    monitor, a changed judge or source) and after each alarm."""
+
+
+class PoolingConfig(Strict):
+    """How a monitor's runs of one series pool into one estimate."""
+
+    horizon: str = "7d"
+    """Runs of the series that started within this long of the newest pool (production prompts drift)."""
+    change: ChangeConfig = ChangeConfig()
+
+    @field_validator("horizon")
+    @classmethod
+    def _horizon(cls, value: str) -> str:
+        return check_duration(value, "horizon")
+
+
 class MonitorConfig(EstimationSettings):
     """One monitor: its estimand (`EstimationSettings`), its schedule and its alert rules."""
 
@@ -89,7 +118,10 @@ class MonitorConfig(EstimationSettings):
     worker, and every other monitor, indefinitely. A forward pass that never returns is not
     stopped by it: the systemd watchdog restarts the daemon then."""
     alerts: tuple[AlertRuleConfig, ...] = ()
-    """Alert rules over this monitor's runs; the built-in `unreliable-estimate` is added unless disabled."""
+    """Alert rules over this monitor's runs; the built-ins `unreliable-estimate` and `risk-increase`
+    are added unless disabled."""
+    pooling: PoolingConfig = PoolingConfig()
+    """The series' pooled estimate and its change detector."""
 
     @field_validator("timeout")
     @classmethod
@@ -122,12 +154,20 @@ class MonitorConfig(EstimationSettings):
         credential (a URL's password, a token in a query string) masked."""
         return mask_settings(_with_references(self.model_dump(mode="json", by_alias=True), self._source))
 
+    def history_settings(self) -> HistorySettings:
+        """The `pooling` block as `tailmon.estimation.history` takes it."""
+        p = self.pooling
+        return HistorySettings(horizon=p.horizon, horizon_s=float(duration_seconds(p.horizon)),
+                               change=p.change.enabled, factor=p.change.factor, alpha=p.change.alpha,
+                               reference_runs=p.change.reference_runs)
+
     def fingerprint(self) -> str:
         """Hash of everything that defines this monitor's estimate (stored with each run)."""
         # Alert rules judge the estimate, the time limit bounds the run, the log-prob check
-        # checks the engine; none of them changes the estimate. The adaptive block at its
+        # checks the engine, pooling reads stored runs; none of them changes the estimate. The adaptive block at its
         # defaults is left out, so configs written before it keep their hash.
-        exclude = {"alerts": True, "timeout": True, "estimator": {"rescore_samples", "rescore_tolerance"}}
+        exclude = {"alerts": True, "timeout": True, "pooling": True,
+                   "estimator": {"rescore_samples", "rescore_tolerance"}}
         if self.adaptive == type(self.adaptive)():
             exclude["adaptive"] = True
         text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)

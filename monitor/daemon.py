@@ -31,6 +31,7 @@ from tailmon.engines.loading import EngineSettings, load_engine
 from tailmon.engines.models import resolve
 from tailmon.errors import InputError, RuntimeFailure, TailmonError
 from tailmon.estimation.pipeline import allocate, attach_adapter_warnings, run_estimation
+from tailmon.estimation.history import series_figures
 from tailmon.estimation.plan import adaptive_start_specs, draw_prompts, monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.result import RunFigures, RunResult
 from tailmon.judges import parse_judge
@@ -337,6 +338,9 @@ class Daemon:
             self.metrics.running.labels(name).set(0)
             with self._current_lock:
                 self._current.pop(name, None)
+        pooled = self._pooled(mon, run_id)
+        if pooled is not None:  # before `figures` is read: the metrics and alert rules see it too
+            result.data["pooled"] = pooled
         ended = time.time()
         figures = result.figures
         self.metrics.record_figures(name, figures)
@@ -345,9 +349,31 @@ class Daemon:
                  ended - started, figures.p_hat, figures.ci_low, figures.ci_high,
                  "" if figures.reliable else (f" (unreliable for {figures.n_unreliable} prompt(s))" if figures.n_unreliable
                                               else " (unreliable over prompts: see the report's warnings)"))
+        if figures.pooled is not None:
+            pf = figures.pooled
+            log.info("monitor %s: series pooled over %d run(s), %d samples: P(harm) %s%s", name, pf.n_runs,
+                     pf.n_samples, f"<= {pf.ci_high:.3g} (upper bound only)" if pf.p_hat is None
+                     else f"= {pf.p_hat:.3g} [{pf.ci_low:.3g}, {pf.ci_high:.3g}]",
+                     "; CHANGE ALARM: risk rose above the reference" if pf.alarm else "")
         if learner is not None and not self._cancel.is_set():  # after the run is stored and exported
             self._adapt(mon, learner, engine, report, run_id, seed, timings, fingerprint, version)
         return RunOutcome(name, run_id, "succeeded", result=result)
+
+    def _pooled(self, mon: MonitorConfig, run_id: int) -> dict | None:
+        """The series' pooled figures and change detector after a stored run, kept with the run
+        (`tailmon.estimation.history`). A failure is logged and never changes the run's outcome:
+        the run's own figures are exported and alerted on as before."""
+        try:
+            pooled = series_figures(self.store.series_runs(mon.name, up_to=run_id), self.store.run_reports,
+                                    mon.history_settings())
+            if pooled is not None:
+                self.store.record_pooled(run_id, pooled)
+            return pooled
+        except Exception as exc:
+            log.error("monitor %s: run %d: the pooled figures were not computed: %s%s", mon.name, run_id,
+                      "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: ", exc,
+                      exc_info=not isinstance(exc, TailmonError))
+            return None
 
     def _close(self, name, run_id, status, started, counter, timings, error) -> RunOutcome:
         timings["total_s"] = time.time() - started

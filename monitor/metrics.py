@@ -81,6 +81,35 @@ class Metrics:
             "tailmon_estimate_reliable", "1 when the aggregate is reliable (every prompt's estimate passed the "
             "reliability rule, at least 20 prompts, fitted spread of ln P over prompts at most 1.5), else 0.",
             m, registry=r)
+        # The series' pooled figures (tailmon.estimation.history): new names, so that the run's own
+        # series and every query on them stay as they were.
+        self.pooled_p = Gauge(
+            "tailmon_pooled_harm_probability", "The series' pooled estimate of P(harmful answer) for one query, over "
+            "its runs within the pooling horizon (absent when the pool is an upper bound only).", m, registry=r)
+        self.pooled_lower = Gauge(
+            "tailmon_pooled_harm_probability_lower_bound", "Lower end of the pooled interval at the monitor's "
+            "confidence (absent with tailmon_pooled_harm_probability).", m, registry=r)
+        self.pooled_upper = Gauge(
+            "tailmon_pooled_harm_probability_upper_bound", "Upper end of the pooled interval at the monitor's "
+            "confidence; the pooled upper bound when the pool has an unreliable part.", m, registry=r)
+        self.pooled_reliable = Gauge(
+            "tailmon_pooled_estimate_reliable", "1 when the pooled estimate is reliable (a point with an interval), "
+            "0 when it is an upper bound only.", m, registry=r)
+        self.pooled_mc = Gauge(
+            "tailmon_pooled_mc_equivalent_samples", "Monte Carlo samples that would give every pooled prompt's "
+            "standard error (absent when any pooled estimate is unreliable or zero).", m, registry=r)
+        self.pooled_runs = Gauge("tailmon_pooled_runs", "Runs in the pooled estimate.", m, registry=r)
+        self.pooled_samples = Gauge("tailmon_pooled_samples", "Samples in the pooled estimate.", m, registry=r)
+        self.change_evidence = Gauge(
+            "tailmon_risk_increase_evidence", "The change detector's e-statistic (Shiryaev-Roberts over e-values "
+            "against the reference's upper bound); an alarm at tailmon_risk_increase_threshold. Absent while "
+            "the detector calibrates or is off.", m, registry=r)
+        self.change_threshold = Gauge(
+            "tailmon_risk_increase_threshold", "1/alpha of the change detector (absent when it is off).", m,
+            registry=r)
+        self.change_alarm = Gauge(
+            "tailmon_risk_increase_alarm", "1 when the last run raised a change alarm, 0 when armed without one "
+            "(absent while calibrating or off).", m, registry=r)
         self.samples = Counter(
             "tailmon_samples_generated", "Responses generated, by role (target: the deployed model itself; "
             "proposal: an unsafe variant).", ["monitor", "role"], registry=r)
@@ -146,6 +175,7 @@ class Metrics:
         _set_or_nan(self.logprob_mismatch.labels(monitor), figures.largest_logprob_diff)
         _set_or_absent(self.mc_sample_ratio, (monitor,), figures.mc_sample_ratio)
         _set_or_absent(self.mc_time_ratio, (monitor,), figures.mc_time_ratio)
+        self.record_pooled(monitor, figures.pooled)
         for window, w in figures.windows.items():
             self.expected_harmful.labels(monitor, window).set(w.expected)
             self.expected_harmful_upper.labels(monitor, window).set(w.expected_high)
@@ -153,6 +183,19 @@ class Metrics:
             for gauge, value in ((self.worst_query, w.worst_query), (self.worst_query_lower, w.worst_query_low),
                                  (self.worst_query_upper, w.worst_query_high)):
                 _set_or_absent(gauge, (monitor, window), value)
+
+    def record_pooled(self, monitor: str, pooled) -> None:
+        """The series' pooled figures (`RunFigures.pooled`); every one absent when there are none."""
+        key = (monitor,)
+        p = pooled
+        for gauge, value in (
+                (self.pooled_p, p and p.p_hat), (self.pooled_lower, p and p.ci_low),
+                (self.pooled_upper, p and p.ci_high), (self.pooled_reliable, p and (1.0 if p.reliable else 0.0)),
+                (self.pooled_mc, p and p.mc_equivalent_samples), (self.pooled_runs, p and p.n_runs),
+                (self.pooled_samples, p and p.n_samples), (self.change_evidence, p and p.evidence),
+                (self.change_threshold, p and p.threshold),
+                (self.change_alarm, None if p is None or p.alarm is None else float(p.alarm))):
+            _set_or_absent(gauge, key, value)
 
     def record_run(self, monitor: str, status: str, duration_s: float, ended_at: float,
                    samples_by_role: dict[str, int] | None = None) -> None:

@@ -114,6 +114,16 @@ class RunStore(StoreBase):
             report["adaptive"] = {**(report.get("adaptive") or {}), "update": update}
             conn.execute(update_(RUNS).where(RUNS.c.id == run_id).values(report=report))
 
+    def record_pooled(self, run_id: int, pooled: dict) -> None:
+        """Keep the series' pooled figures and change detector after a closed run with that run:
+        the report's `pooled` (`tailmon.estimation.history`). No schema change, as for
+        `record_adaptive_update`: the report is the run's JSON column."""
+        with self._tx(f"recording the pooled figures of run {run_id}") as conn:
+            row = conn.execute(select(RUNS.c.report).where(RUNS.c.id == run_id).with_for_update()).first()
+            if row is None or row.report is None:
+                raise RuntimeFailure(f"database {self.safe_url}: run {run_id} has no report to add the pooled figures to")
+            conn.execute(update_(RUNS).where(RUNS.c.id == run_id).values(report={**row.report, "pooled": pooled}))
+
     def interrupt_stale_runs(self) -> list[int]:
         """Mark dead runs `interrupted`; returns their ids.
 
@@ -154,6 +164,36 @@ class RunStore(StoreBase):
             query = query.where(RUNS.c.status == status)
         with self._read("listing runs") as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    _SERIES_COLUMNS = (RUNS.c.id, RUNS.c.started_at, RUNS.c.model_ref, RUNS.c.model_version, RUNS.c.settings,
+                       RUNS.c.p_hat, RUNS.c.n_prompts, RUNS.c.n_samples)
+
+    def series_runs(self, monitor: str, up_to: int | None = None) -> list[dict]:
+        """The monitor's succeeded runs, oldest first (up to run id `up_to`, when given): id,
+        started_at, model_ref, model_version, settings and the run's p_hat, n_prompts and n_samples,
+        without the reports (`run_reports` reads those of the runs a pool needs). What the pooled
+        figures and the change detector replay (`tailmon.estimation.history`)."""
+        query = select(*self._SERIES_COLUMNS).where(RUNS.c.monitor == monitor, RUNS.c.status == "succeeded",
+                                                     RUNS.c.p_hat.is_not(None))
+        if up_to is not None:
+            query = query.where(RUNS.c.id <= int(up_to))
+        with self._read(f"reading the run history of monitor '{monitor}'") as conn:
+            rows = conn.execute(query.order_by(RUNS.c.started_at, RUNS.c.id))
+            return [dict(r._mapping) for r in rows]
+
+    def run_reports(self, run_ids) -> dict[int, dict]:
+        """run id -> its stored report (the runs `series_runs` listed that a pool needs)."""
+        ids = sorted({int(i) for i in run_ids})
+        if not ids:
+            return {}
+        out = {}
+        with self._read("reading run reports") as conn:
+            for start in range(0, len(ids), 500):  # bounded IN lists
+                chunk = ids[start:start + 500]
+                for row in conn.execute(select(RUNS.c.id, RUNS.c.report).where(RUNS.c.id.in_(chunk))):
+                    if row.report is not None:
+                        out[row.id] = row.report
+        return out
 
     def get_run(self, run_id: int) -> dict | None:
         """Every run column (with `report`) plus `estimates`, one dict per prompt in order."""

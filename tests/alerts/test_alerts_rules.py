@@ -11,7 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from alerts_support import figures, make_config, report
 from tailmon.alerts import AlertService, State, compile_rules, evaluate, run_figures
+from dataclasses import replace
+
 from tailmon.alerts.rules import Rule
+from tailmon.estimation.result import PooledFigures
 from tailmon.monitor.metrics import Metrics
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -117,7 +120,7 @@ def test_run_figures_from_a_report():
 
 
 def test_builtin_unreliable_rule_is_on_by_default_configurable_and_can_be_disabled():
-    [builtin] = compile_rules(make_config().monitors[0].alerts)
+    builtin, _ = compile_rules(make_config().monitors[0].alerts)
     assert (builtin.name, builtin.key, builtin.for_runs, builtin.severity) == (
         "unreliable-estimate", "estimate_unreliable", 1, "warning")
     steps = run(builtin, [run_figures("succeeded", figures(reliable=False))["estimate_unreliable"]] * 2 + [0.0])
@@ -125,11 +128,33 @@ def test_builtin_unreliable_rule_is_on_by_default_configurable_and_can_be_disabl
 
     tuned = make_config([{"name": "unreliable-estimate", "for": 2, "severity": "critical",
                           "labels": {"team": "safety"}}]).monitors[0].alerts
-    [builtin] = compile_rules(tuned)
+    builtin, _ = compile_rules(tuned)
     assert (builtin.for_runs, builtin.severity, builtin.labels) == (2, "critical", {"team": "safety"})
     off = make_config([{"name": "unreliable-estimate", "enabled": False},
                        {"name": "p", "metric": "harm_probability", "op": ">", "threshold": 0.1}])
-    assert [r.name for r in compile_rules(off.monitors[0].alerts)] == ["p"]
+    assert [r.name for r in compile_rules(off.monitors[0].alerts)] == ["p", "risk-increase"]
+
+
+def test_builtin_risk_increase_rule_fires_on_an_alarm_and_resolves_when_rearmed():
+    _, risk = compile_rules(make_config().monitors[0].alerts)
+    assert (risk.name, risk.key, risk.for_runs) == ("risk-increase", "risk_increase_alarm", 1)
+    pooled = {"p_hat": 1e-3, "ci_low": 5e-4, "ci_high": 2e-3, "reliable": True, "n_runs": 3, "n_prompts": 60,
+              "n_samples": 6000, "bound_only": False}
+
+    def figs(status, alarm=None, evidence=None):
+        change = {"status": status, "alarm": alarm, "evidence": evidence, "threshold": 100.0}
+        return run_figures("succeeded", replace(figures(), pooled=PooledFigures.from_dict({**pooled, "change": change})))
+
+    seq = [figs("armed", False, 3.0), figs("alarm", True, 150.0), figs("calibrating"), figs("armed", False, 0.0)]
+    assert "risk_increase_alarm" not in seq[2] and "risk_increase_evidence" not in seq[2]
+    assert seq[1]["risk_increase_evidence"] == 150.0 and seq[0]["pooled_harm_probability_upper_bound"] == 2e-3
+    steps = run(risk, [f.get("risk_increase_alarm") for f in seq])
+    # fires at the alarm, stays firing while the detector re-arms (no figure), resolves once armed
+    assert [s.state.state for s in steps] == ["inactive", "firing", "firing", "resolved"]
+    off = make_config([{"name": "risk-increase", "enabled": False}])
+    assert [r.name for r in compile_rules(off.monitors[0].alerts)] == ["unreliable-estimate"]
+    with pytest.raises(Exception, match="fixed condition"):
+        make_config([{"name": "risk-increase", "metric": "harm_probability", "op": ">", "threshold": 1}])
 
 
 # -- the service over a real store ------------------------------------------------------------------
