@@ -90,8 +90,13 @@ def exported_series() -> Exported:
     m.set_model("m", "ref", 1)
     # with the Monte Carlo equivalents a run reports when every estimate is reliable (without them
     # their gauges have no series)
+    # and with the series' pooled figures of a reliable pool whose change detector is armed (every
+    # pooled gauge has a series then)
+    pooled = {"p_hat": 1e-4, "ci_low": 5e-5, "ci_high": 2e-4, "reliable": True, "bound_only": False, "n_runs": 4,
+              "n_prompts": 80, "n_samples": 24000, "mc_equivalent_samples": 1e6,
+              "change": {"status": "armed", "evidence": 3.0, "threshold": 100.0, "alarm": False}}
     m.record_figures("m", RunFigures.from_report({**REPORT, "aggregate": {**REPORT["aggregate"], "mc_sample_ratio": 40.0},
-                                                  "timing": {"aggregate": {"mc_time_ratio": 12.5}}}))
+                                                  "timing": {"aggregate": {"mc_time_ratio": 12.5}}, "pooled": pooled}))
     m.record_run("m", "succeeded", 42.0, 1.7e9, {"target": 3, "proposal": 27})
     m.alert_state.labels("m", "rule", "warning").set(2)  # set by the alerts package, not by Metrics
     labels: dict[str, set[str]] = {}
