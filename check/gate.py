@@ -243,13 +243,17 @@ def _unreliable_reasons(bad: Sequence[Estimate]) -> tuple[str, ...]:
 
 def unreliable_side(report: EstimationReport, role: str) -> Unreliable | None:
     """None when every per-prompt estimate of `report` is reliable."""
-    ests = [r.estimate for r in report.results]
+    return unreliable_estimates([r.estimate for r in report.results], role, report.plan.confidence)
+
+
+def unreliable_estimates(ests: Sequence[Estimate], role: str, confidence: float) -> Unreliable | None:
+    """`unreliable_side` of a list of per-prompt estimates."""
     bad = [e for e in ests if not e.reliable]
     if not bad:
         return None
     bounded = [e if e.reliable else replace(e, p_hat=e.ci_high_conservative, ci_low=e.ci_high_conservative,
                                             std_error=0.0) for e in ests]
-    high = aggregate(bounded, confidence=report.plan.confidence).ci_high
+    high = aggregate(bounded, confidence=confidence).ci_high
     return Unreliable(role, len(bad), len(ests), _unreliable_reasons(bad), high)
 
 
@@ -457,6 +461,53 @@ def ratio_gate(reg: Regression, candidate: EstimationReport, baseline: Estimatio
                 f"which does not decide against {R:.3g}")
 
 
+def history_ratio_gate(cand_agg: dict, cand_u: Unreliable | None, pooled: dict, max_ratio: float,
+                       confidence: float) -> Gate:
+    """The ratio gate against the production monitor's stored history (`tailmon check
+    --baseline-from-history`): the candidate's aggregate against the pooled estimate of the
+    monitor's current series (`tailmon.estimation.history`).
+
+    Unpaired: the two share no prompts or random draws, so there is no covariance to use, and the
+    comparison is by interval ends. It fails when the candidate's lower end over the history's
+    upper end exceeds R: if the true ratio is at most R, that needs the candidate's lower end above
+    its P or the history's upper end below its P, each of probability at most (1 - confidence) / 2,
+    so a false failure has probability at most 1 - confidence (Bonferroni; no normal
+    approximation of the ratio, and the history's upper end carries its runs' dependence and
+    unreliable parts, `tailmon.estimators.pooling`). Otherwise it passes when both sides are
+    reliable (no evidence of a rise beyond R). With an unreliable side it passes only when the
+    candidate's conservative upper end over the history's lower end is at most R (a reliable pool
+    only: the lower end of a pool that is a bound only is not to be trusted), and is inconclusive
+    otherwise, as the paired gate is.
+    """
+    hi_b, lo_b = pooled["ci_high"], pooled.get("ci_low")
+    where = (f"model version {(pooled.get('series') or {}).get('model_version')}'s history pooled over "
+             f"{pooled['n_runs']} run(s), {pooled['n_samples']} samples")
+    low = _bounds_lower(cand_agg["ci_low"], hi_b)
+    shown = _ratio_shown(low)
+    if low > max_ratio:
+        return Gate("max-ratio", max_ratio, low, "fail",
+                    f"unpaired: candidate lower end / history upper end {shown} > {max_ratio:g} ({where}; each "
+                    f"end one-sided {(1 + confidence) / 2:.1%}, together at least {confidence:.0%})")
+    reasons = []
+    if cand_u is not None:
+        reasons.append(cand_u.text())
+    if pooled.get("bound_only"):
+        reasons.append("the history's pooled figure is an upper bound only (" + "; ".join(pooled.get("warnings") or [])
+                       + ")")
+    if not reasons:
+        return Gate("max-ratio", max_ratio, low, "pass",
+                    f"unpaired: candidate lower end / history upper end {shown} <= {max_ratio:g} ({where})")
+    cand_high = cand_u.conservative_high if cand_u is not None else cand_agg["ci_high"]
+    up = _ratio(cand_high, lo_b) if not pooled.get("bound_only") and lo_b else None
+    if up is not None and up <= max_ratio:
+        return Gate("max-ratio", max_ratio, up, "pass",
+                    f"unpaired: candidate conservative upper end / history lower end {_ratio_shown(up)} <= "
+                    f"{max_ratio:g} ({where}); decided by the bounds: {'; '.join(reasons)}")
+    return Gate("max-ratio", max_ratio, low, "inconclusive",
+                f"inconclusive: {'; '.join(reasons)}; unpaired ratio bounds [{shown}, "
+                f"{'inf' if up is None else _ratio_shown(up)}] against {max_ratio:g} ({where})")
+
+
 def _ratio_shown(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}"
 
@@ -616,6 +667,8 @@ class CheckResult:
     gates: list[Gate] = field(default_factory=list)
     sensitivity: object | None = None
     """A `tailmon.check.sensitivity.Sensitivity` when the check ran with perturbations."""
+    history_baseline: dict | None = None
+    """The production monitor's pooled figures when they were the baseline (--baseline-from-history)."""
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -667,6 +720,7 @@ class CheckResult:
             "gates": [g.to_dict() for g in self.gates],
             "candidate": self.candidate.to_dict(),
             "baseline": self.baseline.to_dict() if self.baseline else None,
+            "baseline_from_history": self.history_baseline,
             "regression": _redacted_regression(self.regression),
             "prompt_flags": self.prompt_flags(),
             "sensitivity": self.sensitivity.to_dict() if self.sensitivity is not None else None,
@@ -686,14 +740,18 @@ def _redacted_regression(reg: Regression | None) -> dict | None:
 def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candidate: ModelConfig,
               baseline: ModelConfig | None, seed: int, options: GateOptions, config_path: str = "",
               prompt_source: str = "", perturb=None, load=load_model, progress: Progress | None = None,
-              add_total: Progress | None = None) -> CheckResult:
+              add_total: Progress | None = None, history: dict | None = None) -> CheckResult:
     """Estimate the candidate (and baseline) on `prompts`, apply the gates, optionally perturb.
 
     `perturb`: a `tailmon.check.sensitivity.PerturbOptions` (sensitivity of the candidate);
     `load(model_config, role)` gives an engine; `progress(n)` is called per n samples drawn and
     `add_total(n)` when perturbation adds n samples to the work announced at the start.
+    `history`: the production monitor's pooled figures (`tailmon.estimation.history.series_figures`)
+    as the baseline of the ratio gate, instead of estimating a baseline model (`history_ratio_gate`).
     """
-    options.validate(mon, baseline is not None)
+    if baseline is not None and history is not None:
+        raise InputError("give a baseline model or the baseline from history, not both")
+    options.validate(mon, baseline is not None or history is not None)
     if not prompts:
         raise InputError("no prompts to check")
     judge = parse_judge(mon.judge)  # one judge for both sides: the same scorer, one model load
@@ -735,6 +793,9 @@ def run_check(mon: EstimationSettings, prompts: Sequence[PromptItem], *, candida
             base_u = unreliable_side(result.baseline.report, "baseline")
             result.gates.append(ratio_gate(result.regression, cand_report, result.baseline.report, cand_u, base_u))
             result.warnings += list(result.regression.warnings)
+        if history is not None and options.max_ratio is not None:
+            result.history_baseline = history
+            result.gates.append(history_ratio_gate(agg, cand_u, history, options.max_ratio, mon.estimator.confidence))
         result.warnings += judge_warnings
         n_unreliable = cand_report.aggregate().n_unreliable
         if n_unreliable:

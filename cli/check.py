@@ -30,6 +30,24 @@ def _pick_monitor(loaded, name: str | None):
                      f"({', '.join(m.name for m in cfg.monitors)})")
 
 
+def _history(config_path, mon):
+    """The monitor's pooled figures from its stored runs (the config's database), the baseline of
+    --baseline-from-history; a usage error when there is none to compare with."""
+    from tailmon.cli.options import open_store
+    from tailmon.estimation.history import series_figures
+
+    store = open_store(config_path)
+    try:
+        runs = store.series_runs(mon.name)
+        pooled = series_figures(runs, store.run_reports, mon.history_settings())
+    finally:
+        store.close()
+    if pooled is None:
+        raise InputError(f"--baseline-from-history: monitor '{mon.name}' has no succeeded run in the database "
+                         "to take a baseline from")
+    return pooled
+
+
 def _prompts(loaded, mon, prompts_file, seed):
     from tailmon.estimation.plan import draw_prompts
     from tailmon.estimation.prompts import load_prompts
@@ -122,6 +140,10 @@ def perturb_options(f):
               help="The system prompt the candidate will be deployed with (default: the monitor's).")
 @click.option("--baseline", "baseline_ref", default=None, metavar="MODEL",
               help="The model in production, estimated on the same prompts and seeds for --max-ratio.")
+@click.option("--baseline-from-history", "from_history", is_flag=True,
+              help="With --max-ratio: the baseline is the monitor's stored history (its current series pooled "
+                   "over the pooling horizon, from the config's database), not a model estimated here. Unpaired: "
+                   "decided by interval ends.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="A fixed test set, used whole (default: per_run prompts drawn from the monitor's source).")
 @click.option("--max-p", type=float, default=None, metavar="P",
@@ -142,7 +164,7 @@ def perturb_options(f):
 @click.option("--perturb", is_flag=True, help="Also estimate perturbed variants of every prompt on the candidate.")
 @perturb_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, baseline_ref, prompts_file, max_p,
+def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, baseline_ref, from_history, prompts_file, max_p,
           max_expected, window, max_ratio, seed, report_dir, junit_path, fmt, perturb, kinds_text, variants,
           wrappers_file, paraphraser_ref, paraphrase_tokens, quiet):
     """Release gate: estimate a candidate checkpoint with a monitor's plan and fail on excess risk.
@@ -151,7 +173,9 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     its judge, proposals, estimator settings and deployed decoding, on the same prompts with the
     same seeds. Gates: --max-p and --max-expected compare upper bounds, so a noisy estimate cannot
     pass by luck; --max-ratio fails when a one-sided test finds the candidate's risk above R times
-    the baseline's (a one-sided test on the log ratio of the means, paired by prompt).
+    the baseline's (a one-sided test on the log ratio of the means, paired by prompt). With
+    --baseline-from-history the baseline is the monitor's stored history instead (its current
+    series pooled over the pooling horizon): unpaired, decided by the interval ends.
 
     With unreliable estimates a gate passes only on the conservative bound (unreliable prompts at
     their upper bounds), else it is inconclusive, which fails the check.
@@ -164,6 +188,8 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
       tailmon check --config tailmon.yaml --candidate ./checkpoints/v2 \\
           --baseline ./checkpoints/v1 --max-p 1e-3 --max-ratio 1.5 \\
           --report-dir tailmon-report --junit tailmon-junit.xml
+      tailmon check --config tailmon.yaml --candidate ./checkpoints/v2 \
+          --baseline-from-history --max-ratio 1.5
     """
     from tailmon.check.gate import GateOptions, check_model_ref, model_settings, paraphraser_settings, run_check
     from tailmon.check.report import (
@@ -182,7 +208,12 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
     if max_p is None and max_expected is None and max_ratio is None:
         raise InputError("give at least one gate: --max-p P, --max-expected N (with --window) or --max-ratio R")
     options = GateOptions(max_p=max_p, max_expected=max_expected, window=window, max_ratio=max_ratio)
-    options.validate(mon, baseline_ref is not None)
+    if from_history and baseline_ref is not None:
+        raise InputError("--baseline and --baseline-from-history are two baselines: give one")
+    if from_history and max_ratio is None:
+        raise InputError("--baseline-from-history is the baseline of --max-ratio: add --max-ratio R")
+    options.validate(mon, baseline_ref is not None or from_history)
+    history = _history(config_path, mon) if from_history else None
     seed = _seed(mon, seed)
     popts = None
     if perturb:
@@ -219,7 +250,7 @@ def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, bas
         with _bar(total, "check", quiet) as bar:
             result = run_check(mon, prompts, candidate=candidate, baseline=baseline, seed=seed, options=options,
                                config_path=str(loaded.path), prompt_source=source, perturb=popts,
-                               progress=bar.update, add_total=_grow(bar))
+                               progress=bar.update, add_total=_grow(bar), history=history)
     except Exception as exc:  # exit 2 or 3: the reports say why, not what an earlier check said
         write_failure_reports(report_dir, junit_path, f"tailmon check failed: {exc}")
         raise
