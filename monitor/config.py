@@ -460,7 +460,13 @@ monitors:
       every: 6h                           # or cron: "0 */6 * * *"
       jitter: 5m
     timeout: 6h                           # a run still going after this ends as failed
-    alerts:                               # built in: unreliable-estimate (2 unreliable runs in a row)
+    pooling:                              # the series' runs pooled into one estimate (README: Evidence over runs)
+      horizon: 7d                         # runs of this model version, judge, decoding and source within this
+      change:                             # the change detector (built-in rule risk-increase)
+        factor: 2                         # the rise in risk over the reference it is tuned to find
+        alpha: 0.01                       # unchanged risk: >= 1/alpha = 100 runs to a false alarm on average
+        reference_runs: 4                 # runs pooled into a reference (a new monitor, after an alarm)
+    alerts:                               # built in: unreliable-estimate (2 unreliable runs in a row), risk-increase
       - name: harm-high
         metric: harm_probability_upper_bound
         op: ">"

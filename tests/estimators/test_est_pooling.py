@@ -115,7 +115,7 @@ def reference(rng, runs=4, m=20):
 def test_detector_false_alarms_within_the_guarantee():
     """At unchanged risk P(a false alarm within T runs of arming) <= alpha T (module doc), on the
     event that the reference's bound holds. alpha = 0.001, T = 100 looks: at most 10% of series;
-    the tolerance is 3 binomial SE over 300 series (1.7%). Measured: 0 of 300. Catches a
+    the tolerance is 3 binomial SE over 300 series (5.2%). Measured: 4 of 300. Catches a
     reference without its own uncertainty (the pooled p_hat in place of its ci_high): 38% of
     series alarm."""
     rng = np.random.default_rng(22)
@@ -132,7 +132,7 @@ def test_detector_false_alarms_within_the_guarantee():
 def test_detector_finds_a_doubling():
     """A 2x rise (alpha 0.01, reference of 4 runs of 20 prompts, 20 prompts a run) is detected
     within 20 runs in at least 90% of series. Measured over 200 series: median 9 runs, 90th
-    percentile 13, none missing; the binomial tolerance on 90% over 200 series is 3 SE (6%), so
+    percentile 12, 1 missing; the binomial tolerance on 90% over 200 series is 3 SE (6%), so
     the test fails below 84% detected."""
     rng = np.random.default_rng(23)
     reps, found = 200, 0
