@@ -95,6 +95,17 @@ def test_check_takes_its_baseline_from_history(monitored, tiny_model_dir):
     assert gate["verdict"] in ("pass", "inconclusive") and math.isfinite(history["ci_high"])
 
 
+def test_history_gate_in_the_reports(monitored, tiny_model_dir, tmp_path):
+    out = tmp_path / "report"
+    for fmt in ("table", "markdown"):
+        result = CliRunner().invoke(main, ["check", "--config", str(monitored), "--candidate", str(tiny_model_dir),
+                                           "--baseline-from-history", "--max-ratio", "50", "--format", fmt,
+                                           "--report-dir", str(out), "--quiet"])
+        assert result.exit_code in (0, 1), result.output
+        assert "max-ratio" in result.stdout and "history" in result.stdout
+    assert "history" in (out / "report.md").read_text() and (out / "junit.xml").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--baseline-from-history", "--max-p", "0.5"], "add --max-ratio"),
     (["--baseline-from-history", "--max-ratio", "2", "--baseline", "BASE"], "give one"),
