@@ -44,8 +44,9 @@ def test_pooled_interval_covers_over_adaptive_series():
 
 def test_pooled_estimate_is_unbiased_where_inverse_variance_is_not():
     """Catches inverse-variance pooling: runs that saw few hits have a low estimate and a low SE,
-    so weighting by 1/SE^2 favours the low ones (here it is 40% low: 0.60 of the truth, the pool 0.996). The tolerance: the
-    mean of 600 pooled estimates has SE = sd / sqrt(600); within 4 SE of the truth."""
+    so weighting by 1/SE^2 favours the low ones (here it is 40% low: 0.60 of the truth, the pool
+    0.996). The tolerance: the mean of 600 pooled estimates has SE = sd / sqrt(600); within 4 SE
+    of the truth."""
     rng = np.random.default_rng(21)
     pooled, ivw = [], []
     for _ in range(600):
