@@ -21,7 +21,14 @@ import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from tailmon.alerts.config import BUILTIN_RISK_INCREASE, BUILTIN_UNRELIABLE, METRICS, STALENESS, AlertRuleConfig, seconds
+from tailmon.alerts.config import (
+    BUILTIN_RISK_INCREASE,
+    BUILTIN_UNRELIABLE,
+    METRICS,
+    STALENESS,
+    AlertRuleConfig,
+    seconds,
+)
 from tailmon.estimation.result import RunFigures
 
 ACTIVE = ("pending", "firing")

@@ -164,8 +164,8 @@ def perturb_options(f):
 @click.option("--perturb", is_flag=True, help="Also estimate perturbed variants of every prompt on the candidate.")
 @perturb_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, baseline_ref, from_history, prompts_file, max_p,
-          max_expected, window, max_ratio, seed, report_dir, junit_path, fmt, perturb, kinds_text, variants,
+def check(config_path, monitor_name, candidate_ref, candidate_system_prompt, baseline_ref, from_history, prompts_file,
+          max_p, max_expected, window, max_ratio, seed, report_dir, junit_path, fmt, perturb, kinds_text, variants,
           wrappers_file, paraphraser_ref, paraphrase_tokens, quiet):
     """Release gate: estimate a candidate checkpoint with a monitor's plan and fail on excess risk.
 

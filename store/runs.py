@@ -121,7 +121,8 @@ class RunStore(StoreBase):
         with self._tx(f"recording the pooled figures of run {run_id}") as conn:
             row = conn.execute(select(RUNS.c.report).where(RUNS.c.id == run_id).with_for_update()).first()
             if row is None or row.report is None:
-                raise RuntimeFailure(f"database {self.safe_url}: run {run_id} has no report to add the pooled figures to")
+                raise RuntimeFailure(f"database {self.safe_url}: run {run_id} has no report to add the pooled "
+                                     "figures to")
             conn.execute(update_(RUNS).where(RUNS.c.id == run_id).values(report={**row.report, "pooled": pooled}))
 
     def interrupt_stale_runs(self) -> list[int]:

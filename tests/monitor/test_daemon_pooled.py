@@ -38,7 +38,9 @@ def model_copy(tiny_model_dir, tmp_path):
 
 
 def config(tmp_path, model_copy, **kw):
-    path = write_config(tmp_path, model_copy, judge=JUDGE, proposals=[], estimator={"method": "mc", "samples": SAMPLES, "seed": 7}, prompts={"type": "file", "path": "many.jsonl", "per_run": 8},
+    path = write_config(tmp_path, model_copy, judge=JUDGE, proposals=[],
+                        estimator={"method": "mc", "samples": SAMPLES, "seed": 7},
+                        prompts={"type": "file", "path": "many.jsonl", "per_run": 8},
                         pooling={"horizon": "7d", "change": {"reference_runs": 2, "alpha": 0.01}}, **kw)
     (tmp_path / "many.jsonl").write_text(PROMPTS, encoding="utf-8")
     return path
