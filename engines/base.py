@@ -213,6 +213,20 @@ class Engine(ABC):
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         """Processed log-probs over the vocabulary of the token following each response prefix, (b, V)."""
 
+    def position_logprobs(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]],
+                          columns: Sequence[int]) -> list[np.ndarray]:
+        """For each response, the processed log-probs of the tokens `columns` at each of its
+        positions (before each of its tokens): a (len, len(columns)) array per response, what
+        fitting a token tilt reads. The default asks `next_token_logprobs` for every prefix (a
+        pass per prefix); an engine that can does one pass per response."""
+        cols = np.asarray(columns, dtype=int)
+        out = []
+        for r in responses:
+            r = list(r)
+            rows = self.next_token_logprobs(prompt, variant, [r[:t] for t in range(len(r))]) if r else None
+            out.append(np.zeros((0, len(cols))) if rows is None else rows[:, cols])
+        return out
+
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
         """Response text as a judge sees it (stop tokens dropped)."""

@@ -605,6 +605,33 @@ class TransformersEngine(ChatEngine):
                 checkpoint()
 
     @torch.inference_mode()
+    def position_logprobs(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]],
+                          columns: Sequence[int]) -> list[np.ndarray]:
+        """One teacher-forced pass per chunk of responses: the logits before each token, processed
+        as `next_token_logprobs` processes them, at the `columns` only."""
+        if variant.returns:  # the head's and the continuation's rows differ by position: the default
+            return super().position_logprobs(prompt, variant, responses, columns)
+        seqs = [list(map(int, r)) for r in responses]
+        cols = torch.as_tensor(np.asarray(columns, dtype=np.int64))
+        out: list[np.ndarray] = [np.zeros((0, len(cols)))] * len(seqs)
+        ids = self.rendered(prompt, variant)
+        steer = self._steering(variant.steering)
+        bias = self._tilt(variant.tilt)
+        order = [i for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if seqs[i]]
+        ordered = [seqs[i] for i in order]
+        with self._variant_weights(variant):
+            for start, end in self._chunks(ordered):
+                chunk = ordered[start:end]
+                x, _ = self._padded(chunk)
+                logits = self._next_logits(ids, [s[:-1] for s in chunk], steer)  # (b, width, V): before each token
+                logp = tilted_logprobs(processed_logprobs(logits, variant.decoding), bias)
+                picked = logp[:, :, cols.to(logp.device)].double().cpu().numpy()
+                for k, i in enumerate(order[start:end]):
+                    out[i] = picked[k, : len(seqs[i])]
+                checkpoint()
+        return out
+
+    @torch.inference_mode()
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         seqs = [list(map(int, p)) for p in prefixes]
         if variant.returns:

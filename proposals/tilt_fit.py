@@ -134,11 +134,11 @@ def fit_tilt(engine: Engine, target: Variant, hits: Sequence[HitSet], *, candida
     for h in hits:
         u = h.weights ** temper
         u = u / u.sum()  # each prompt's hit mass is 1
-        for r, ui in zip(h.responses, u):
+        per_response = engine.position_logprobs(h.prompt, target, h.responses, cols)
+        for r, ui, rows in zip(h.responses, u, per_response):
             if not r:
                 continue
-            rows = engine.next_token_logprobs(h.prompt, target, [r[:t] for t in range(len(r))])
-            logp_rows.append(rows[:, cols])
+            logp_rows.append(rows)
             chosen += [col.get(t, -1) for t in r]
             pos_w += [ui] * len(r)
             hit_of += [len(hit_u)] * len(r)

@@ -228,3 +228,19 @@ def test_engines_without_tilts_refuse_before_drawing(tiny_tokenizer, tilt_file):
             engine.score(PROMPT, variant, [[SURE]])
     finally:
         engine.close()
+
+
+def test_position_logprobs_equal_next_token_rows(tiny_engine, tilt_file):
+    """The transformers engine's one-pass rows (what fitting a tilt reads) equal the base
+    definition through `next_token_logprobs` per prefix, for the target and a tilted variant.
+    Catches an off-by-one position (the logits after a token instead of before it)."""
+    from tailmon.engines.base import Engine
+
+    seqs = tiny_engine.sample(PROMPT, TARGET, 30, seed=8).token_ids + [[SURE]]
+    cols = [SURE, BANG, I, 1]
+    for variant in (TARGET, parse_proposal(f"tilt:{tilt_file({SURE: 2.0})}").variant(TARGET)):
+        fast = tiny_engine.position_logprobs(PROMPT, variant, seqs, cols)
+        slow = Engine.position_logprobs(tiny_engine, PROMPT, variant, seqs, cols)
+        assert [a.shape for a in fast] == [(len(s), 4) for s in seqs]
+        for a, b in zip(fast, slow):
+            np.testing.assert_allclose(a, b, atol=2e-5)
