@@ -50,7 +50,8 @@ def _plan(**kw) -> EstimationPlan:
 
 def _shifted(tiny_engine) -> ShiftedSampling:
     # The shared tiny model, not a copy: nothing here loads an adapter into it.
-    return ShiftedSampling(tiny_engine.model, tiny_engine.tokenizer, model_id="tiny")
+    # batched_mixture=False: draw() then calls `sample` per component, so the shift reaches every sample
+    return ShiftedSampling(tiny_engine.model, tiny_engine.tokenizer, model_id="tiny", batched_mixture=False)
 
 
 def test_an_exact_engine_passes_the_check_silently(tiny_engine):
