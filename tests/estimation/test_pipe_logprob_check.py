@@ -35,6 +35,10 @@ PROMPTS = [PromptItem("ab"), PromptItem("Sure a", "x")]
 class ShiftedSampling(TransformersEngine):
     """Reports every sampled log-prob SHIFT nats too high; scoring is untouched."""
 
+    def __init__(self, *args, **kwargs):
+        # per-component sampling: draw() then calls `sample` for every component, shifted
+        super().__init__(*args, **kwargs, batched_mixture=False)
+
     def sample(self, prompt, variant, n, seed) -> Samples:
         s = super().sample(prompt, variant, n, seed)
         return Samples(s.token_ids, s.logprobs + SHIFT, s.finished)
@@ -50,8 +54,7 @@ def _plan(**kw) -> EstimationPlan:
 
 def _shifted(tiny_engine) -> ShiftedSampling:
     # The shared tiny model, not a copy: nothing here loads an adapter into it.
-    # batched_mixture=False: draw() then calls `sample` per component, so the shift reaches every sample
-    return ShiftedSampling(tiny_engine.model, tiny_engine.tokenizer, model_id="tiny", batched_mixture=False)
+    return ShiftedSampling(tiny_engine.model, tiny_engine.tokenizer, model_id="tiny")
 
 
 def test_an_exact_engine_passes_the_check_silently(tiny_engine):
