@@ -7,7 +7,7 @@ component's own uniforms (seed, row, step), so the two paths must give the SAME 
 same seeds, and log-probs equal to float32 round-off. Tolerances:
 * LOGPROB_ATOL 1e-5 between the two paths: the same function evaluated in batches of other
   shapes (matmul blocking, a masked softmax over padding) differs by ~1e-6 per token here
-  (measured <= 3e-6 per response of 8 tokens); any real error (a wrong position, the wrong
+  (measured <= 1.4e-6 per response of 8 tokens); any real error (a wrong position, the wrong
   adapter or temperature for a row, padding attended to) is off by 1e-2 or more;
 * TOL 1e-4 between sampling and teacher-forced scoring, as tests/engines/test_eng_consistency.py.
 
