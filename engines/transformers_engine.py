@@ -158,7 +158,8 @@ class TransformersEngine(ChatEngine):
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
 
     @classmethod
-    def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
+    def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
+             batched_mixture: bool = True):
         """Load a model reference (embedded name, local folder or hub id)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,12 +172,14 @@ class TransformersEngine(ChatEngine):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
         except Exception as exc:  # any failure inside transformers while loading is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
-        return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size)
+        return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size,
+                   batched_mixture=batched_mixture)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "TransformersEngine":
         """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
-        return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size)
+        return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size,
+                        batched_mixture=settings.batched_mixture)
 
     # -- facts -----------------------------------------------------------------------------
 
