@@ -2,7 +2,10 @@
 
 Sampling is tailmon's own loop over a KV cache rather than `model.generate`, so that nothing of
 the model's generation_config (top_k=50, repetition penalties, ...) can slip into the
-distribution, and the log-prob of every drawn token is the one it was drawn from.
+distribution, and the log-prob of every drawn token is the one it was drawn from. Each token is
+drawn by inverse CDF with a uniform taken from its response's own row of uniforms (`_uniforms`),
+so that `sample_mixture` can decode a whole mixture's components in one batch and still draw, for
+each component, what `sample` draws with the same seed.
 A steered variant (`Variant.steering`, see `tailmon.engines.steering`) runs each of its forward
 passes, sampling and scoring alike, with hooks on the decoder layers that exist only for that pass.
 """
