@@ -322,9 +322,11 @@ class TransformersEngine(ChatEngine):
         (steering, return to the target, a second scale of one adapter) go through `sample`.
 
         Each row draws with its component's uniforms (`_uniforms`), so that a component's tokens
-        are those `sample` draws with the same seed (up to float32 round-off in the logits of
-        another batch, which changes a token only where a uniform falls within ~1e-6 of the edge
-        of its interval). `batched_mixture=False`: `sample` once per component, for comparison."""
+        are those `sample` draws with the same seed, except where a uniform falls within the
+        float32 round-off of another batch shape of the edge of its token's interval: never in the
+        tiny-model tests, 1 token of 192 on the embedded 135M model (in the low-probability tail,
+        whose intervals are narrower than the round-off); the response then goes on differently,
+        from the same distribution. `batched_mixture=False`: `sample` once per component."""
         if not (len(variants) == len(counts) == len(seeds)):
             raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
         for n in counts:
