@@ -37,7 +37,7 @@ class ShiftedSampling(TransformersEngine):
 
     def __init__(self, *args, **kwargs):
         # per-component sampling: draw() then calls `sample` for every component, shifted
-        super().__init__(*args, **kwargs, batched_mixture=False)
+        super().__init__(*args, **{**kwargs, "batched_mixture": False})
 
     def sample(self, prompt, variant, n, seed) -> Samples:
         s = super().sample(prompt, variant, n, seed)
