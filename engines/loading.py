@@ -47,6 +47,9 @@ class EngineSettings:
     """torch device of the transformers engine (vLLM chooses its own)."""
     dtype: str = "float32"
     batch_size: int = 64
+    batched_mixture: bool = True
+    """transformers: sample a mixture's components in one decode (`TransformersEngine.sample_mixture`);
+    False: one decode per component (the same tokens, slower; for comparison)."""
     enable_lora: bool = False
     """vllm: build the LLM with LoRA support (needed by LoRA proposals; fixed when it is built)."""
     base_urls: tuple[str, ...] = ()

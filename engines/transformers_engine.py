@@ -2,7 +2,10 @@
 
 Sampling is tailmon's own loop over a KV cache rather than `model.generate`, so that nothing of
 the model's generation_config (top_k=50, repetition penalties, ...) can slip into the
-distribution, and the log-prob of every drawn token is the one it was drawn from.
+distribution, and the log-prob of every drawn token is the one it was drawn from. Each token is
+drawn by inverse CDF with a uniform taken from its response's own row of uniforms (`_uniforms`),
+so that `sample_mixture` can decode a whole mixture's components in one batch and still draw, for
+each component, what `sample` draws with the same seed.
 A steered variant (`Variant.steering`, see `tailmon.engines.steering`) runs each of its forward
 passes, sampling and scoring alike, with hooks on the decoder layers that exist only for that pass.
 """
@@ -14,6 +17,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -92,6 +96,33 @@ def base_model_facts(model, tokenizer) -> dict:
     }
 
 
+def _uniforms(seed: int, n: int, steps: int) -> torch.Tensor:
+    """The random numbers of n responses drawn with `seed`: (n, steps) float64 uniforms in [0, 1),
+    drawn up front by a CPU generator (the same on every device); u[i, t] draws token t of
+    response i (`_pick`). A response's randomness thus depends on the seed, its row and its step
+    only, never on the batch it is decoded in (other components' rows, the batch size): the
+    per-component and the batched mixture paths draw the same tokens, runs replay, and equal
+    seeds give common random numbers (`tailmon check` pairs candidate and baseline draws so)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.rand((n, steps), generator=generator, dtype=torch.float64)
+
+
+def _pick(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: per row of log-probs `logp` (b, V), the token whose interval of the
+    cumulative distribution (float64, vocabulary order) holds u * total, u (b,). The chosen i has
+    cdf[i] > x >= cdf[i-1], so p_i > 0: never a token that truncation removed; x stays below the
+    total, so i < V."""
+    cdf = logp.double().exp().cumsum(dim=1)
+    total = cdf[:, -1:]
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(1)
+
+
+def _samples(token_ids: list[list[int]], token_lps: list[np.ndarray], finished: list[bool]) -> Samples:
+    return Samples(token_ids=token_ids, logprobs=np.array([lp.sum() for lp in token_lps], dtype=np.float64),
+                   finished=finished, token_logprobs=token_lps)
+
+
 class _Steer(NamedTuple):
     """A variant's steering resolved against the model: the arguments of `steering_hooks`."""
 
@@ -107,9 +138,13 @@ class TransformersEngine(ChatEngine):
     returns_to_target = True
     tilts = True
 
-    def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64):
+    def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64,
+                 batched_mixture: bool = True):
         self.model = model.eval()
         self.batch_size = batch_size
+        self.batched_mixture = batched_mixture
+        """`sample_mixture` decodes the components that can share a batch together (True) or
+        calls `sample` once per component (False: the path before, kept for comparison)."""
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
         self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
         self._facts: dict | None = None
@@ -130,7 +165,8 @@ class TransformersEngine(ChatEngine):
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
 
     @classmethod
-    def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64):
+    def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
+             batched_mixture: bool = True):
         """Load a model reference (embedded name, local folder or hub id)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,12 +179,14 @@ class TransformersEngine(ChatEngine):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
         except Exception as exc:  # any failure inside transformers while loading is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
-        return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size)
+        return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size,
+                   batched_mixture=batched_mixture)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "TransformersEngine":
         """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
-        return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size)
+        return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size,
+                        batched_mixture=settings.batched_mixture)
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -295,26 +333,126 @@ class TransformersEngine(ChatEngine):
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        u = _uniforms(seed, n, variant.decoding.max_new_tokens)
         head = variant.head  # the variant itself unless it returns to the target
-        token_ids, token_lps, finished = self._sample_variant(prompt, head, n, generator)
+        k = head.decoding.max_new_tokens
+        token_ids, token_lps, finished = self._sample_parts(prompt, [(head, u[:, :k])], self._steering(head.steering))
         if variant.returns:
-            self._continue_from_target(prompt, variant, token_ids, token_lps, finished, generator)
-        return Samples(token_ids=token_ids, logprobs=np.array([lp.sum() for lp in token_lps], dtype=np.float64),
-                       finished=finished, token_logprobs=token_lps)
+            self._continue_from_target(prompt, variant, token_ids, token_lps, finished, u)
+        return _samples(token_ids, token_lps, finished)
 
-    def _sample_variant(self, prompt: str, variant: Variant, n: int, generator: torch.Generator):
-        """n responses drawn from a variant that draws every token: ids, per-token log-probs, finished."""
-        ids = self.rendered(prompt, variant)
-        steer = self._steering(variant.steering)
-        bias = self._tilt(variant.tilt)
+    @torch.inference_mode()
+    def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                       seeds: Sequence[int]) -> list[Samples]:
+        """The draws of a mixture in one decode loop: the rows of every component that can share a
+        batch (`_joins_batch`) are decoded together, each with its own prompt (each distinct
+        prompt and adapter prefilled once, then left-padded rows with an attention mask and their
+        own positions), its own adapter (peft's per-row `adapter_names`) and its own decoding, so
+        that every step's fixed cost is paid once rather than once per component. The others
+        (steering, return to the target, a second scale of one adapter) go through `sample`.
+
+        Each row draws with its component's uniforms (`_uniforms`), so that a component's tokens
+        are those `sample` draws with the same seed, except where a uniform falls within the
+        float32 round-off of another batch shape of the edge of its token's interval: never in the
+        tiny-model tests, 1 token of 192 on the embedded 135M model (in the low-probability tail,
+        whose intervals are narrower than the round-off); the response then goes on differently,
+        from the same distribution. `batched_mixture=False`: `sample` once per component."""
+        if not (len(variants) == len(counts) == len(seeds)):
+            raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
+        for n in counts:
+            if n < 1:
+                raise InputError(f"n must be >= 1, got {n}")
+        scales: dict[str, float] = {}
+        joined = [j for j, v in enumerate(variants) if self.batched_mixture and self._joins_batch(v, scales)]
+        if len(joined) < 2:
+            joined = []  # one component alone: `sample` is the same decode
+        out: list[Samples | None] = [None] * len(variants)
+        if joined:
+            t0 = time.perf_counter()
+            parts = [(variants[j], _uniforms(seeds[j], counts[j], variants[j].decoding.max_new_tokens)) for j in joined]
+            token_ids, token_lps, finished = self._sample_parts(prompt, parts)
+            seconds = (time.perf_counter() - t0) / len(token_ids)  # per row: the decode's time split by rows
+            start = 0
+            for j in joined:
+                end = start + counts[j]
+                out[j] = _samples(token_ids[start:end], token_lps[start:end], finished[start:end])
+                out[j].seconds = seconds * counts[j]
+                start = end
+        for j, (variant, n, seed) in enumerate(zip(variants, counts, seeds)):
+            if out[j] is None:
+                t0 = time.perf_counter()
+                out[j] = self.sample(prompt, variant, n, seed)
+                out[j].seconds = time.perf_counter() - t0
+        return out
+
+    def _joins_batch(self, variant: Variant, scales: dict[str, float]) -> bool:
+        """Whether `variant`'s rows can share a mixed batch exactly. Not: steering (its hooks edit
+        every row of a pass), a return to the target (its continuation is a second decode), an
+        adapter that peft cannot mix per row (DoRA and other LoRA variants, modules_to_save), or
+        an adapter already in the batch at another scale (peft keeps one scale per adapter).
+        `scales`: adapter path -> the scale the batch uses, filled as variants join."""
+        if variant.steering is not None or variant.returns:
+            return False
+        if variant.adapter is None:
+            return True
+        if not self._mixable(self._adapter_name(variant.adapter)):
+            return False
+        return scales.setdefault(variant.adapter, variant.adapter_scale) == variant.adapter_scale
+
+    def _mixable(self, name: str) -> bool:
+        """Whether peft runs adapter `name` on a subset of a batch's rows (`adapter_names`) as it
+        runs it on a whole batch: plain LoRA only."""
+        from peft.tuners.lora import LoraLayer
+
+        config = self.model.peft_config[name]
+        if getattr(config, "modules_to_save", None):
+            return False
+        return not any(name in getattr(m, "lora_variant", {}) for m in self.model.modules() if isinstance(m, LoraLayer))
+
+    @contextlib.contextmanager
+    def _mixed_weights(self, variants: Sequence[Variant]):
+        """The weights of a batch whose rows belong to several variants: yields each variant's peft
+        adapter name ('__base__' for the base weights), to pass as `adapter_names`, or None when
+        no variant has an adapter (then loaded adapters are off for the whole batch)."""
+        from peft.tuners.lora import LoraLayer
+
+        if all(v.adapter is None for v in variants):
+            with self._variant_weights(variants[0]):
+                yield None
+            return
+        names = []
+        for v in variants:
+            if v.adapter is None:
+                names.append("__base__")
+                continue
+            name = self._adapter_name(v.adapter)
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_scale(name, v.adapter_scale)
+            names.append(name)
+        yield names
+
+    def _sample_parts(self, prompt: str, parts: Sequence[tuple[Variant, torch.Tensor]], steer: _Steer | None = None):
+        """Draw the rows of `parts` ((variant drawing every token, its (n, steps) uniforms)), in
+        order, in batches of batch_size rows that may hold rows of several parts: token id lists,
+        per-token log-prob arrays, finished flags. `steer` applies to every row (one part only)."""
+        variants = [v for v, _ in parts]
+        prompts = [self.rendered(prompt, v) for v in variants]
+        rows = [(p, i) for p, (_, u) in enumerate(parts) for i in range(u.shape[0])]
+        width = max(u.shape[1] for _, u in parts)
         token_ids: list[list[int]] = []
         token_lps: list[np.ndarray] = []
         finished: list[bool] = []
-        with self._variant_weights(variant):
-            for start in range(0, n, self.batch_size):
-                b = min(self.batch_size, n - start)
-                toks, lps, done = self._sample_batch(ids, variant.decoding, b, generator, steer, bias)
+        weights = self._variant_weights(variants[0]) if len(parts) == 1 else self._mixed_weights(variants)
+        with weights as names:
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                u = torch.zeros((len(chunk), width), dtype=torch.float64)
+                for r, (p, i) in enumerate(chunk):
+                    u[r, : parts[p][1].shape[1]] = parts[p][1][i]
+                toks, lps, done = self._sample_batch(
+                    [prompts[p] for p, _ in chunk], None if names is None else [names[p] for p, _ in chunk],
+                    [variants[p].decoding for p, _ in chunk], u, steer, [variants[p].tilt for p, _ in chunk])
                 token_ids += toks
                 token_lps += lps
                 finished += done
@@ -322,9 +460,9 @@ class TransformersEngine(ChatEngine):
         return token_ids, token_lps, finished
 
     def _continue_from_target(self, prompt: str, variant: Variant, token_ids: list[list[int]],
-                              token_lps: list[np.ndarray], finished: list[bool], generator: torch.Generator) -> None:
+                              token_lps: list[np.ndarray], finished: list[bool], uniforms: torch.Tensor) -> None:
         """Draw the rest of every response the head of a returning variant left open, from its
-        continuation (the target), in place.
+        continuation (the target), in place, with the columns after K of each row's uniforms.
 
         A fresh prefill of the prompt as the *continuation* renders it (its system prompt), then
         the K drawn tokens, under the continuation's weights and steering: nothing computed under
@@ -347,58 +485,121 @@ class TransformersEngine(ChatEngine):
                 cache.batch_repeat_interleave(len(rows))
                 logits, cache = self._forward(torch.tensor([token_ids[i] for i in rows]), cache, last_only=True,
                                               steer=steer)
-                toks, lps, done = self._decode(logits[:, -1, :], cache, target.decoding, steps, generator, steer)
+                toks, lps, done = self._decode(logits[:, -1, :], cache, [target.decoding] * len(rows),
+                                               uniforms[rows, k:], steer)
                 for i, t, lp, d in zip(rows, toks, lps, done):
                     token_ids[i] = token_ids[i] + t
                     token_lps[i] = np.concatenate([token_lps[i], lp])
                     finished[i] = d
                 checkpoint()
 
-    def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False, steer: _Steer | None = None):
+    def _forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False, steer: _Steer | None = None,
+                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 adapters: list[str] | None = None):
         """One forward pass with a KV cache: (logits, cache). A steered pass edits the residual
         stream of every row and position, the prompt's included (its keys and values enter the
         cache already steered), so that sampling (prefill, then one token at a time) and scoring
-        (prefill, then the whole response) run the same steered model."""
+        (prefill, then the whole response) run the same steered model. `mask` (b, cached + new
+        positions) and `positions` (b, new): left-padded rows (`_sample_batch`); `adapters`: peft's
+        adapter name per row."""
         kwargs = {"use_cache": True}
         if cache is not None:
             kwargs[self._cache_kw] = cache
         if last_only and self._keep_kw:
             kwargs[self._keep_kw] = 1
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(self.device)
+            kwargs["position_ids"] = positions.to(self.device)
+        if adapters is not None:
+            kwargs["adapter_names"] = adapters
         hooks = steering_hooks(*steer) if steer is not None else contextlib.nullcontext()
         with hooks:
             out = self.model(input_ids=input_ids.to(self.device), **kwargs)
         new_cache = getattr(out, "cache", None)
         return out.logits, (getattr(out, "past_key_values", None) if new_cache is None else new_cache)
 
-    def _sample_batch(self, prompt_ids: list[int], decoding: Decoding, b: int, generator: torch.Generator,
-                      steer: _Steer | None = None, bias: torch.Tensor | None = None):
-        logits, cache = self._forward(torch.tensor([prompt_ids]), last_only=True, steer=steer)
-        # Every row continues the same prompt: prefill once and copy the cache, no padding at all.
-        cache.batch_repeat_interleave(b)
-        logits = logits[:, -1, :].expand(b, -1)
-        return self._decode(logits, cache, decoding, decoding.max_new_tokens, generator, steer, bias)
+    def _sample_batch(self, prompts: list[list[int]], adapters: list[str] | None, decodings: list[Decoding],
+                      u: torch.Tensor, steer: _Steer | None = None, tilts: list[Tilt | None] | None = None):
+        """Decode one batch: row i continues prompts[i] under adapter adapters[i] (None: the
+        weights already set) with decodings[i], drawing token t with u[i, t].
 
-    def _decode(self, logits: torch.Tensor, cache, decoding: Decoding, steps: int, generator: torch.Generator,
-                steer: _Steer | None = None, bias: torch.Tensor | None = None):
-        """Draw up to `steps` tokens per row from `logits` (b, V) on, each row until a stop token:
-        (token id lists, per-token processed log-prob arrays (float64), finished flags). `bias`:
-        the variant's token tilt (dense, float32), None for none."""
-        b = logits.shape[0]
+        Each distinct (prompt, adapter) is prefilled once and its KV cache copied to its rows. Rows
+        of different prompt lengths are left-padded: the padding is masked out of every attention
+        and each row's positions count its own tokens only, so a row computes what it computes
+        alone, up to float32 round-off (tests/engines/test_eng_mixture.py)."""
+        keys = [(tuple(p), None if adapters is None else adapters[i]) for i, p in enumerate(prompts)]
+        distinct = list(dict.fromkeys(keys))
+        lengths = [len(ids) for ids, _ in distinct]
+        width = max(lengths)
+        names = None if adapters is None else [a for _, a in distinct]
+        mask = positions = None
+        if len(set(lengths)) == 1:
+            logits, cache = self._forward(torch.tensor([list(ids) for ids, _ in distinct]), last_only=True,
+                                          steer=steer, adapters=names)
+        else:
+            x = torch.full((len(distinct), width), self._pad, dtype=torch.long)
+            mask = torch.zeros((len(distinct), width), dtype=torch.long)
+            for g, (ids, _) in enumerate(distinct):
+                x[g, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                mask[g, width - len(ids):] = 1
+            prefill_positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits, cache = self._forward(x, last_only=True, steer=steer, mask=mask, positions=prefill_positions,
+                                          adapters=names)
+        b = len(prompts)
+        if len(distinct) == 1:
+            # Every row continues the same prompt: prefill once and copy the cache.
+            cache.batch_repeat_interleave(b)
+            logits = logits[:, -1, :].expand(b, -1)
+        else:
+            group = torch.tensor([distinct.index(k) for k in keys], dtype=torch.long)
+            cache.reorder_cache(group.to(self.device))
+            logits = logits[group.to(logits.device), -1, :]
+            if mask is not None:
+                mask = mask[group]
+                positions = torch.tensor(lengths, dtype=torch.long)[group]
+        return self._decode(logits, cache, decodings, u, steer, mask=mask, start=positions, adapters=adapters,
+                            tilts=tilts)
+
+    def _decode(self, logits: torch.Tensor, cache, decodings: list[Decoding], u: torch.Tensor,
+                steer: _Steer | None = None, mask: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                adapters: list[str] | None = None, tilts: list[Tilt | None] | None = None):
+        """Draw tokens from `logits` (b, V) on, row i with decodings[i] (and token tilt tilts[i])
+        until a stop token or min(decodings[i].max_new_tokens, u.shape[1]) tokens, token t with
+        uniform u[i, t]: (token id lists, per-token processed log-prob arrays (float64), finished
+        flags). `mask` / `start`: the left-padded rows' prompt mask and prompt lengths (`_sample_batch`)."""
+        b, steps = u.shape
         tokens = torch.full((b, steps), self._pad, dtype=torch.long)
         token_lps = torch.zeros((b, steps), dtype=torch.float64)
         alive = torch.ones(b, dtype=torch.bool)
         lengths = torch.zeros(b, dtype=torch.long)
+        limit = torch.tensor([d.max_new_tokens for d in decodings])
+        # Rows that process logits alike, processed together (the processing ignores the length).
+        tilts = tilts or [None] * b
+        groups: dict[tuple, list[int]] = {}
+        for i, d in enumerate(decodings):
+            groups.setdefault((d.temperature, d.top_p, d.top_k, tilts[i]), []).append(i)
+        plan = [(decodings[rows[0]], self._tilt(tilts[rows[0]]), torch.tensor(rows)) for rows in groups.values()]
         for t in range(steps):
-            logp = tilted_logprobs(processed_logprobs(logits, decoding), bias).cpu()
-            # Sampling on the CPU with an explicit generator: reproducible across devices.
-            nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            if len(plan) == 1:
+                logp = tilted_logprobs(processed_logprobs(logits, plan[0][0]), plan[0][1]).cpu()
+            else:
+                logp = torch.empty(logits.shape, dtype=torch.float32)
+                for decoding, bias, rows in plan:
+                    logp[rows] = tilted_logprobs(processed_logprobs(logits[rows.to(logits.device)], decoding), bias).cpu()
+            # Sampled on the CPU from each row's own uniforms: reproducible across devices and batches.
+            nxt = _pick(logp, u[:, t])
             token_lps[:, t] = torch.where(alive, logp.gather(1, nxt[:, None]).squeeze(1).double(), 0.0)
             tokens[:, t] = torch.where(alive, nxt, self._pad)
             lengths += alive
-            alive &= ~torch.isin(nxt, self._stop_tensor)
+            alive &= ~torch.isin(nxt, self._stop_tensor) & (limit > t + 1)
             if not alive.any() or t + 1 == steps:
                 break
-            logits, cache = self._forward(nxt[:, None], cache, steer=steer)
+            positions = None
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)
+                positions = (start + t)[:, None]
+            logits, cache = self._forward(nxt[:, None], cache, steer=steer, mask=mask, positions=positions,
+                                          adapters=adapters)
             logits = logits[:, -1, :]
         rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
         lps = [token_lps[i, : lengths[i]].numpy().copy() for i in range(b)]

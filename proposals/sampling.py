@@ -64,7 +64,8 @@ class Draw:
     horizon: int | None = None
     """None: `logq` holds whole-response log-probs; M: log-probs of the first M tokens."""
     generate_seconds: np.ndarray | None = None
-    """Wall time of each component's generation (0 where it drew nothing)."""
+    """Wall time of each component's generation (0 where it drew nothing; where one batched
+    decode drew several components, its time split by their rows: `Samples.seconds`)."""
     score_seconds: float = 0.0
     """Wall time of scoring samples under the components that did not draw them (and re-scoring)."""
     judge_seconds: float = 0.0
@@ -143,12 +144,16 @@ def draw(engine: Engine, prompt: str, variants: Sequence[Variant], shares: Seque
     own: list[float] = []
     own_missing: list[int] = []  # samples whose first `horizon` tokens need scoring under their own component
     gen_seconds = np.zeros(len(variants))
-    for j, (variant, n_j) in enumerate(zip(variants, counts)):
-        if n_j == 0:
-            continue
-        t0 = time.perf_counter()
-        samples = engine.sample(prompt, variant, n_j, seed(j))
-        gen_seconds[j] = time.perf_counter() - t0
+    drew = [j for j, n_j in enumerate(counts) if n_j > 0]
+    t0 = time.perf_counter()
+    # One call for the whole mixture: the engine may decode every component in one batch.
+    drawn_samples = engine.sample_mixture(prompt, [variants[j] for j in drew], [counts[j] for j in drew],
+                                          [seed(j) for j in drew])
+    elapsed = time.perf_counter() - t0
+    for j, samples in zip(drew, drawn_samples):
+        n_j = counts[j]
+        # an engine that did not time its components: the wall time split by rows
+        gen_seconds[j] = samples.seconds if samples.seconds is not None else elapsed * n_j / n
         if horizon is None:
             own += samples.logprobs.tolist()
         elif samples.token_logprobs is not None:

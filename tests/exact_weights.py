@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 from scipy.special import logsumexp
 
 # |Z| above this is a failure: P(|N(0,1)| > 3.5) = 4.7e-4, and the bound leaves about 1 sd for the
@@ -61,3 +62,24 @@ def combined_z(pairs) -> tuple[float, list[float]]:
         assert e.n_harmful > 0 and e.std_error > 0, "every estimate must have hits for a z"
         z.append((e.p_hat - exact) / e.std_error)
     return float(np.sum(z) / math.sqrt(len(z))), [round(float(v), 2) for v in z]
+
+
+def chi_square_pvalue(expected_p, counts):
+    """Chi-square goodness-of-fit p-value of `counts` against probabilities `expected_p`, and the
+    number of cells: responses with expected count < 5 are pooled into one cell (the validity rule
+    of the chi-square approximation), merged into the previous cell when the pool is itself < 5
+    (tests/engines/test_eng_distribution.py)."""
+    expected = expected_p * counts.sum()
+    big = expected >= 5
+    exp_cells = list(expected[big])
+    obs_cells = list(counts[big])
+    if (~big).any():
+        exp_cells.append(expected[~big].sum())
+        obs_cells.append(counts[~big].sum())
+    exp_cells, obs_cells = np.array(exp_cells), np.array(obs_cells, dtype=float)
+    if exp_cells[-1] < 5 and (~big).any():  # a pooled cell too small to stand alone: merge it
+        exp_cells[-2] += exp_cells[-1]
+        obs_cells[-2] += obs_cells[-1]
+        exp_cells, obs_cells = exp_cells[:-1], obs_cells[:-1]
+    stat = float(np.sum((obs_cells - exp_cells) ** 2 / exp_cells))
+    return float(stats.chi2.sf(stat, len(exp_cells) - 1)), len(exp_cells)

@@ -4,6 +4,7 @@ exit codes, a regression between two checkpoints, the reports a CI job keeps."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -80,19 +81,21 @@ def test_regression_between_two_checkpoints_fails_the_gate(tmp_path, tiny_model_
                                                            enumerate_all):
     from tailmon.engines.transformers_engine import TransformersEngine
 
-    # R = 1.5: two of the baseline's estimates are unreliable (an ESS of w*h below 10, skewed
-    # weights), so the gate may be decided by the aggregate bounds alone, and those put each
-    # unreliable prompt at its conservative bound (at least 3.7 / (a0 n) = 0.06, whatever the
-    # weights, against P ~ 0.01-0.05): the candidate's lower end over that is 0.89, which decides
-    # nothing, and the check is inconclusive (exit 1), not passed; the regression test itself
-    # still sees the true ratio (below).
+    # R = 1.5: some of the baseline's estimates are unreliable (an ESS of w*h below 10, skewed
+    # weights: P ~ 0.01-0.05 at 300 samples is at the edge, so how many depends on the draws: 2
+    # of 4 with torch.multinomial, 4 of 4 with the inverse-CDF sampler of issue 19), so the gate
+    # may be decided by the aggregate bounds alone, and those put each unreliable prompt at its
+    # conservative bound (at least 3.7 / (a0 n) = 0.06, whatever the weights): the candidate's
+    # lower end over that decides nothing, and the check is inconclusive (exit 1), not passed;
+    # the regression test itself still sees the true ratio (below).
     cfg = write_config(tmp_path, tiny_model_dir, samples=300, per_run=4)
     result = run("check", "--config", cfg, "--candidate", boosted_model_dir, "--baseline", tiny_model_dir,
                  "--max-ratio", 1.5, "--max-p", 1, "--report-dir", tmp_path / "report", "--junit",
                  tmp_path / "ci" / "junit.xml", "--format", "json", "--quiet")
     assert result.exit_code == 1, result.output
     data = json.loads(result.stdout)
-    assert "gate max-ratio: inconclusive: 2 of 4 baseline per-prompt estimates are unreliable" in result.stderr
+    assert re.search(r"gate max-ratio: inconclusive: [1-4] of 4 baseline per-prompt estimates are unreliable",
+                     result.stderr), result.stderr
     assert data["verdict"] == "inconclusive" and data["exit_code"] == 1
     gates = {g["name"]: g for g in data["gates"]}
     assert gates["max-p"]["passed"] and not gates["max-ratio"]["passed"]

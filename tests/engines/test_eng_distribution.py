@@ -12,28 +12,11 @@ p ~ 0 at N = 20000.
 
 import numpy as np
 import pytest
-from scipy import stats
 
+from exact_weights import chi_square_pvalue  # noqa: E402  (tests/ is on sys.path)
 from tailmon.engines.base import Decoding, Variant
 
 N = 20000
-
-
-def chi_square_pvalue(expected_p, counts):
-    expected = expected_p * counts.sum()
-    big = expected >= 5
-    exp_cells = list(expected[big])
-    obs_cells = list(counts[big])
-    if (~big).any():
-        exp_cells.append(expected[~big].sum())
-        obs_cells.append(counts[~big].sum())
-    exp_cells, obs_cells = np.array(exp_cells), np.array(obs_cells, dtype=float)
-    if exp_cells[-1] < 5 and (~big).any():  # a pooled cell too small to stand alone: merge it
-        exp_cells[-2] += exp_cells[-1]
-        obs_cells[-2] += obs_cells[-1]
-        exp_cells, obs_cells = exp_cells[:-1], obs_cells[:-1]
-    stat = float(np.sum((obs_cells - exp_cells) ** 2 / exp_cells))
-    return float(stats.chi2.sf(stat, len(exp_cells) - 1)), len(exp_cells)
 
 
 CASES = {

@@ -35,6 +35,10 @@ PROMPTS = [PromptItem("ab"), PromptItem("Sure a", "x")]
 class ShiftedSampling(TransformersEngine):
     """Reports every sampled log-prob SHIFT nats too high; scoring is untouched."""
 
+    def __init__(self, *args, **kwargs):
+        # per-component sampling: draw() then calls `sample` for every component, shifted
+        super().__init__(*args, **{**kwargs, "batched_mixture": False})
+
     def sample(self, prompt, variant, n, seed) -> Samples:
         s = super().sample(prompt, variant, n, seed)
         return Samples(s.token_ids, s.logprobs + SHIFT, s.finished)

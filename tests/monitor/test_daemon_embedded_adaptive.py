@@ -70,13 +70,21 @@ def test_three_runs_learn_and_the_third_uses_what_the_first_two_learnt(config, t
         key = "adapter" if c["label"].startswith("lora:") else c["label"]
         assert c["share"] == pytest.approx(0.9 * weights[key] / sum(weights.values()))
     assert weights != used[0]["weights"]
+    state = json.loads((tmp_path / "learnt" / "state.json").read_text())
     if used[2]["adapter"] is not None:
         assert f"lora:{used[2]['adapter']}" in [c["label"] for c in comps]
         adapter = Path(used[2]["adapter"])
         assert adapter.is_relative_to(tmp_path / "learnt")
-        meta = json.loads((adapter / "tailmon_lora.json").read_text())
-        assert meta["judge"] == JUDGE and meta["adaptive"]["run_id"] in [r["id"] for r in runs[:2]]
-    state = json.loads((tmp_path / "learnt" / "state.json").read_text())
+        if adapter.is_dir():
+            meta = json.loads((adapter / "tailmon_lora.json").read_text())
+            assert meta["judge"] == JUDGE and meta["adaptive"]["run_id"] in [r["id"] for r in runs[:2]]
+        else:
+            # The third run's own update was adopted without this adapter, and only the current
+            # adapter's folder is kept (`AdaptiveLearner._prune`): whether that happens depends on
+            # the draws (it does with the inverse-CDF sampler of issue 19, not with multinomial).
+            assert updates[2]["adopted"], updates[2]
+            current = state.get("adapter")
+            assert current is None or (tmp_path / "learnt" / current).resolve() != adapter.resolve()
     assert state["generation"] == updates[2]["generation_after"]
     assert [h["run_id"] for h in state["history"]] == [r["id"] for r in runs]
     for u in updates:
