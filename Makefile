@@ -13,7 +13,7 @@ VLLM_STAMP := $(VLLM_VENV)/.tailmon-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env model demo test test-fast vllm-env test-vllm bench clean
+.PHONY: env model demo test test-fast vllm-env test-vllm bench gpu-bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,13 @@ bench: model $(VLLM_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/aggregate.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/intervals.py
 	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python benchmarks/engines.py
+
+# The GPU benchmark (benchmarks/README.md, "GPU benchmark"): one offline run under 5 minutes on a
+# GPU machine, with a random-weight model from the embedded model's config (no weights needed).
+# GPU_PYTHON must import torch with CUDA, transformers and tailmon (`pip install --no-deps -e .`).
+GPU_PYTHON ?= python3
+gpu-bench:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu.py --out benchmarks/results/gpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

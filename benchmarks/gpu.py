@@ -253,12 +253,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--engines: unknown {', '.join(bad)} (transformers, vllm)")
 
     def out_of_time(signum, frame):
-        raise OutOfTime(f"the {args.budget_s:.0f} s budget ran out in a cell")
-
-    # the hard guard: whatever a cell is doing, the run stops at the budget and writes what it has
-    # (a caller's own alarm, pytest-timeout's say, is put back afterwards)
-    previous_handler = signal.signal(signal.SIGALRM, out_of_time)
-    previous_timer, _ = signal.setitimer(signal.ITIMER_REAL, max(0.01, args.budget_s))
+        raise OutOfTime(f"the {args.budget_s:g} s budget ran out")
 
     import torch
 
@@ -287,6 +282,10 @@ def main(argv=None) -> int:
     infos: list[dict] = []
     out = Path(args.out)
     stopped = None
+    # the hard guard: whatever the run is doing (building the model, inside a cell), it stops at the
+    # budget and writes what it has (a caller's own alarm, pytest-timeout's say, is put back after)
+    previous_handler = signal.signal(signal.SIGALRM, out_of_time)
+    previous_timer, _ = signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
     try:
         t0 = time.monotonic()
         model = build_model(config, dtype, device, args.layers)
@@ -339,7 +338,7 @@ def main(argv=None) -> int:
         row["device"] = device
     complete = not stopped and not any("stopped" in i or "error" in i for i in infos)
     path = run.write(summary=summary, results=rows, notes=notes(device), out=out, engines=infos, complete=complete,
-                     dry_run=device != "cuda")
+                     dry_run=device != "cuda", stopped=stopped)
     print(markdown_table(summary, ["device"] + TABLE_COLUMNS))
     log(f"wrote {path} ({'complete' if complete else 'INCOMPLETE'}) in {time.monotonic() - start:.0f} s")
     return 0
