@@ -70,9 +70,9 @@ CHAT_TEMPLATE = (
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Sizes: on one H100 the 30-layer model decodes a step in tens of milliseconds (kernel launches
-# dominate at this size), so 4 prompts x (plain + K = 1..4) at n = 128 x 64 tokens take a minute or
-# two: well within the 5 minutes, the budget guard for the rest.
+# Sizes, estimated (not yet measured on a GPU): on one H100 the 30-layer model should decode a step
+# in tens of milliseconds (kernel launches dominate at this size), so 4 prompts x (plain + K = 1..4)
+# at n = 128 x 64 tokens should take a minute or two; the budget guard covers a wrong estimate.
 FULL = {"prompts": 4, "n": 128, "max_new_tokens": 64}
 QUICK = {"prompts": 1, "n": 8, "max_new_tokens": 8}
 
