@@ -123,6 +123,18 @@ def _samples(token_ids: list[list[int]], token_lps: list[np.ndarray], finished: 
                    finished=finished, token_logprobs=token_lps)
 
 
+def _content_key(path: str, missing: str) -> tuple[str, str]:
+    """(resolved path, sha256 of the content) of a small file a variant names (a steering direction,
+    a token tilt), InputError `missing` when it cannot be read. Keyed by content, not by mtime: a
+    file rewritten within the file system's timestamp granularity (same mtime, same size) would
+    keep its stale value. Such files are small; hashing them costs nothing next to a forward pass."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError:
+        raise InputError(missing) from None
+    return str(Path(path).resolve()), hashlib.sha256(content).hexdigest()
+
+
 class _Steer(NamedTuple):
     """A variant's steering resolved against the model: the arguments of `steering_hooks`."""
 
@@ -259,16 +271,8 @@ class TransformersEngine(ChatEngine):
         """Check a variant's steering against this model and resolve it, before any forward pass."""
         if steering is None:
             return None
-        path = Path(steering.path)
-        try:
-            content = path.read_bytes()
-        except OSError:
-            raise InputError(f"steering direction file '{steering.path}' does not exist "
-                             "(make one with `tailmon proposals steer`)") from None
-        # Keyed by content, not by mtime: a file rewritten within the file system's timestamp
-        # granularity (same mtime, same size) kept its stale direction. Direction files are small
-        # (layers x hidden floats), hashing them costs nothing next to a forward pass.
-        key = (str(path.resolve()), hashlib.sha256(content).hexdigest())
+        key = _content_key(steering.path, f"steering direction file '{steering.path}' does not exist "
+                                          "(make one with `tailmon proposals steer`)")
         if key not in self._directions:
             file = load_direction(steering.path)
             for old in [k for k in self._directions if k[0] == key[0]]:  # the file was rewritten
@@ -306,16 +310,10 @@ class TransformersEngine(ChatEngine):
         this model's vocabulary and tokenizer before any forward pass; None for no tilt."""
         if tilt is None:
             return None
-        path = Path(tilt.path)
-        try:
-            content = path.read_bytes()
-        except OSError:
-            raise InputError(f"token tilt file '{tilt.path}' does not exist "
-                             "(fit one with `tailmon proposals fit-tilt`)") from None
-        # Keyed by content, as steering directions: a rewritten file is read again.
-        key = (str(path.resolve()), hashlib.sha256(content).hexdigest(), tilt.scale)
+        key = _content_key(tilt.path, f"token tilt file '{tilt.path}' does not exist "
+                                      "(fit one with `tailmon proposals fit-tilt`)") + (tilt.scale,)
         if key not in self._tilts:
-            file = load_tilt(path)
+            file = load_tilt(tilt.path)
             ours = self.base_facts()["tokenizer_sha256"]
             if file.tokenizer_sha256 is not None and file.tokenizer_sha256 != ours:
                 # token ids of another tokenizer mean other tokens: the tilt would bias the wrong ones
