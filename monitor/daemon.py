@@ -459,7 +459,7 @@ class Daemon:
         try:
             record = learner.update(engine, plan.target, plan.components, report.results, seed=seed,
                                     time_budget_s=mon.adaptive.time_share * timings.get("estimate_s", 0.0),
-                                    judge=mon.judge, run_id=run_id, model_fingerprint=fingerprint,
+                                    judge=plan.judge, run_id=run_id, model_fingerprint=fingerprint,
                                     model_version=version)
         except Exception as exc:
             log.error("monitor %s: run %d: the adaptive proposal was not updated: %s%s", mon.name, run_id,

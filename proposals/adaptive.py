@@ -3,7 +3,8 @@
 A run of an adaptive monitor draws from a mixture that is **fixed before its draws**: the target
 with the defensive share, the starting components (the monitor's own proposals, or the shipped
 library's system prompts for the run's categories and the target at a hotter temperature) and,
-once one has been learnt, a LoRA adapter, with the relative weights learnt so far. Whatever
+once learnt, a LoRA adapter and a token tilt (`tilt:`, a bias over the vocabulary), with the
+relative weights learnt so far. Whatever
 earlier runs taught it, the run's estimate is an importance-sampling estimate under a mixture
 chosen independently of the run's own draws, so it is unbiased.
 
@@ -17,25 +18,33 @@ After the run, `AdaptiveLearner.update` learns from the run's weighted samples:
    q to q* ~ p h, the target's own harmful responses, that `tailmon proposals train-lora` runs in
    its CEM rounds (same trainer, same KL(p || q) penalty that keeps q covering the target). The
    steps stop early when they have used `time_share` of the run's estimation time.
-3. **Weights.** Every sample of the run is scored under the new adapter; the relative mixture
+   A token tilt is fitted to the same weighted hits (`tailmon.proposals.tilt_fit.fit_tilt`, on
+   the judge's words when it names some, else on the tokens the hits share), from scratch: the
+   cross-entropy fit depends on the earlier proposals only through the weights. While the
+   mixture has no tilt yet the weights are tempered (u ~ (w h)^0.5): hits drawn from the
+   starting components carry very unequal weights, and an exact fit would copy the few heavy
+   ones; once a tilt draws, the weights are even enough to use as they are.
+3. **Weights.** Every sample of the run is scored under the new adapter and the new tilt; the relative mixture
    weights are tuned by coordinate descent over a grid on the fit half, minimising the estimated
    variance of the estimate (the formulas of `tailmon.proposals.tuning`: any candidate mixture's
    variance is estimated from the run's samples by reweighting, since every sample has its
-   log-prob under every component), twice: over the run's own components (new weights only),
-   and over them with the new adapter in place of the current one. The last run is the next
-   run's pilot.
-4. **Adoption.** Of the two candidates, the one with the lower estimated variance on the
+   log-prob under every component), for each candidate: the run's own components (new weights
+   only); with the new adapter in place of the current one; with the new tilt in place of the
+   current one; with both. A learnt component's grid has 0, so a candidate may also drop one.
+   The last run is the next run's pilot.
+4. **Adoption.** Of the candidates, the one with the lower estimated variance on the
    held-out samples (which neither fitted the adapter nor chose the weights) replaces the
    current mixture only if that variance is lower than the current mixture's on the same
-   samples. Otherwise nothing changes (the candidate adapter is deleted).
+   samples. Otherwise nothing changes (the candidate adapter and tilt are deleted).
 
 **State** lives in a folder per monitor: `state.json` (format tailmon-adaptive/1: generation, the
-current adapter's folder, the weights by component, the checkpoint the adapter was trained on,
-the history of updates and of checkpoint changes) and `adapters/gen-NNNN/` (peft adapters with
-their `tailmon_lora.json` provenance). It is written atomically after each update, so a restarted
+current adapter's folder and tilt file, the weights by component, the checkpoints the adapter was
+trained and the tilt fitted on, the history of updates and of checkpoint changes),
+`adapters/gen-NNNN/` (peft adapters with their `tailmon_lora.json` provenance) and
+`tilts/gen-NNNN.json` (tilt files, their provenance inside). It is written atomically after each update, so a restarted
 daemon carries on where the last one stopped. A **checkpoint change** keeps the state: the
 weights stay exact, since p is always scored under the current target and q under the current
-target plus the adapter; the change is recorded (in `state.json` and in the runs' records) and
+target plus the adapter (or tilt); the change is recorded (in `state.json` and in the runs' records) and
 the engine adds its warning about an adapter trained on another checkpoint to every estimate.
 """
 
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -58,24 +68,35 @@ from tailmon import __version__
 from tailmon.engines.adapters import ADAPTER_FORMAT, ADAPTER_METADATA
 from tailmon.engines.base import Variant
 from tailmon.engines.steering import model_sha256
+from tailmon.engines.tilt import save_tilt
 from tailmon.errors import InputError
+from tailmon.judges import Judge, parse_judge
 from tailmon.paths import write_atomically
+from tailmon.redact import mask_secrets
 
 from .lora import LoraSettings, _Example, _Trainer
 from .sampling import derive_seed, score_unique
+from .tilt_fit import HitSet, fit_tilt, word_tokens
 from .tuning import candidate_moments, stratified_variance
-from .variants import LoraProposal
+from .variants import LoraProposal, TiltProposal
 
 STATE_FORMAT = "tailmon-adaptive/1"
 STATE_FILE = "state.json"
 ADAPTERS_DIR = "adapters"
+TILTS_DIR = "tilts"
 ADAPTER_KEY = "adapter"
 """The key of the learnt adapter's weight in the state (the others are proposal specs)."""
+TILT_KEY = "tilt"
+"""The key of the learnt tilt's weight in the state."""
+LEARNT = (ADAPTER_KEY, TILT_KEY)
+"""The learnt components: the state names each one's file under its key, and its weight too."""
+# The tilt's CE weights u ~ (w h)^temper: tempered while the mixture has no tilt (module doc).
+TEMPER_FIRST, TEMPER_LATER = 0.5, 1.0
 HISTORY_KEPT = 100
 
 # Relative weights the coordinate descent may give a component. Starting components never drop
 # to 0: a component that leaves the mixture is no longer scored, so no later run could bring it
-# back; an adapter may (the new one is then not adopted, or the old one retires).
+# back; an adapter or a tilt may (the new one is then not adopted, or the old one retires).
 BASE_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 ADAPTER_GRID = (0.0,) + BASE_GRID
 SWEEPS = 3
@@ -131,8 +152,9 @@ class AdaptiveMixture:
     specs: list[str]
     weights: list[float]
     record: dict
-    """generation, adapter (folder and sha256), weights by component, the checkpoint the adapter
-    was trained on and whether it changed since: stored with the run (`adaptive` in its report)."""
+    """generation, adapter (folder and sha256), tilt (file and sha256), weights by component, the
+    checkpoint the adapter was trained on and whether it changed since: stored with the run
+    (`adaptive` in its report)."""
 
 
 def _now() -> str:
@@ -140,7 +162,7 @@ def _now() -> str:
 
 
 def _sha256(path: Path) -> str | None:
-    f = path / "adapter_model.safetensors"
+    f = path / "adapter_model.safetensors" if path.is_dir() else path
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
@@ -155,9 +177,10 @@ class _Half:
     prompt: str
     ids: list[list[int]]
     logq: np.ndarray
-    """(n, K + 1): the run's K components, then the new adapter (-inf until it is scored)."""
+    """(n, K + 2): the run's K components, then the new adapter and the new tilt (-inf until
+    scored)."""
     union: np.ndarray
-    """Realised shares of the run's components within this half (0 for the new adapter column)."""
+    """Realised shares of the run's components within this half (0 for the new columns)."""
     scores: np.ndarray
     v: np.ndarray
     """w h under the run's mixture (w with the run's realised shares)."""
@@ -183,8 +206,8 @@ class AdaptiveLearner:
 
     def _load(self) -> dict:
         path = self.folder / STATE_FILE
-        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "weights": {}, "model": None,
-                 "history": [], "checkpoint_changes": []}
+        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "tilt": None, "weights": {}, "model": None,
+                 "tilt_model": None, "history": [], "checkpoint_changes": []}
         if not path.is_file():
             return fresh
         try:
@@ -195,6 +218,9 @@ class AdaptiveLearner:
             raise InputError(f"{path} is not a tailmon adaptive state ({STATE_FORMAT})")
         if state.get("adapter") and not (self.folder / state["adapter"] / "adapter_config.json").is_file():
             raise InputError(f"adaptive state {path} names adapter {state['adapter']}, which is not there: "
+                             "restore it, or move the state away to start learning afresh")
+        if state.get("tilt") and not (self.folder / state["tilt"]).is_file():
+            raise InputError(f"adaptive state {path} names tilt {state['tilt']}, which is not there: "
                              "restore it, or move the state away to start learning afresh")
         return {**fresh, **state}
 
@@ -216,20 +242,32 @@ class AdaptiveLearner:
         path = self.adapter_path
         return None if path is None else f"lora:{path}"
 
+    @property
+    def tilt_path(self) -> str | None:
+        name = self.state.get("tilt")
+        return str((self.folder / name).resolve()) if name else None
+
+    @property
+    def tilt_spec(self) -> str | None:
+        path = self.tilt_path
+        return None if path is None else f"tilt:{path}"
+
+    def _key(self, spec: str) -> str:
+        """A component's key in the state's weights: its spec, or the learnt component it is."""
+        return {self.adapter_spec: ADAPTER_KEY, self.tilt_spec: TILT_KEY}.get(spec, spec) if spec else spec
+
     # -- before a run ---------------------------------------------------------------------------
 
     def mixture(self, base_specs: Sequence[str], *, model_fingerprint: str | None = None,
                 model_version: int | None = None, run_id: int | None = None) -> AdaptiveMixture:
         """The next run's proposal specs and relative weights: the starting components with their
-        learnt weights (1 for one not seen yet) and the current adapter, if any."""
+        learnt weights (1 for one not seen yet) and the current adapter and tilt, if any."""
         base = list(dict.fromkeys(base_specs))
-        if not base and self.adapter_spec is None:
-            raise InputError("an adaptive monitor needs starting proposals until it has learnt an adapter")
+        if not base and self.adapter_spec is None and self.tilt_spec is None:
+            raise InputError("an adaptive monitor needs starting proposals until it has learnt an adapter or a tilt")
         learnt = self.state["weights"]
-        specs = base + ([self.adapter_spec] if self.adapter_spec else [])
-        weights = [float(learnt.get(s, 1.0)) for s in base]
-        if self.adapter_spec:
-            weights.append(float(learnt.get(ADAPTER_KEY, 1.0)))
+        specs = base + [s for s in (self.adapter_spec, self.tilt_spec) if s]
+        weights = [float(learnt.get(self._key(s), 1.0)) for s in specs]
         trained_on = self.state.get("model")
         changed = bool(trained_on and model_fingerprint and trained_on.get("fingerprint") != model_fingerprint)
         if changed:
@@ -246,8 +284,11 @@ class AdaptiveLearner:
             "state_dir": str(self.folder),
             "adapter": self.adapter_path,
             "adapter_sha256": _sha256(Path(self.adapter_path)) if self.adapter_path else None,
-            "weights": {(ADAPTER_KEY if s == self.adapter_spec else s): w for s, w in zip(specs, weights)},
+            "tilt": self.tilt_path,
+            "tilt_sha256": _sha256(Path(self.tilt_path)) if self.tilt_path else None,
+            "weights": {self._key(s): w for s, w in zip(specs, weights)},
             "adapter_trained_on": trained_on,
+            "tilt_fitted_on": self.state.get("tilt_model"),
             "checkpoint_changed": changed,
         }
         return AdaptiveMixture(specs, weights, record)
@@ -255,19 +296,22 @@ class AdaptiveLearner:
     # -- after a run ----------------------------------------------------------------------------
 
     def update(self, engine, target: Variant, components: Sequence, results: Sequence, *, seed: int,
-               time_budget_s: float | None = None, judge: str | None = None, run_id: int | None = None,
+               time_budget_s: float | None = None, judge: Judge | str | None = None, run_id: int | None = None,
                model_fingerprint: str | None = None, model_version: int | None = None) -> dict:
         """Learn from one run's samples (see the module docstring); returns the update's record,
         which is also appended to the state's history.
 
         `components` are the run's mixture components (label, variant, share; component 0 the
         target), `results` its per-prompt results (prompt.text, token_ids, logq, shares,
-        component, scores): what the estimation pipeline returns.
+        component, scores): what the estimation pipeline returns. `judge` is the run's judge (its
+        words are the tilt's candidate tokens) or its spec.
         """
         t0 = time.monotonic()
+        if isinstance(judge, str):
+            judge = parse_judge(judge)
         labels = [c.label for c in components]
         a0 = float(components[0].share)
-        keys = [ADAPTER_KEY if lab == self.adapter_spec else lab for lab in labels]
+        keys = [self._key(lab) for lab in labels]
         record = {"run_id": run_id, "at": _now(), "generation_before": self.generation, "adopted": False}
         if any(r.logq is None for r in results) or len(labels) < 2:
             return self._finish(record, "the run drew from the target only (Monte Carlo): nothing to learn")
@@ -282,36 +326,49 @@ class AdaptiveLearner:
         if record["fit_hits"] + record["held_out_hits"] == 0:
             return self._finish(record, "no harmful sample in the run: nothing to learn from")
 
-        # 1. cross-entropy steps on the fit half (from the current adapter)
-        new_dir = None
+        # 1. cross-entropy steps on the fit half (from the current adapter), and a tilt fitted to it
         cols = len(labels)
+        new: dict[str, tuple[int, Path]] = {}  # learnt kind -> (its new column, its new file or folder)
         if record["fit_hits"]:
             new_dir = self.folder / ADAPTERS_DIR / f"gen-{self.generation + 1:04d}"
             deadline = None if time_budget_s is None else t0 + max(0.0, float(time_budget_s))
             steps, before, after = self._fit(engine, target, fit, new_dir, seed, deadline, judge, run_id,
                                              model_fingerprint, model_version)
             record.update(steps=steps, loss_before=before, loss_after=after)
-            variant = LoraProposal(str(new_dir.resolve())).variant(target)
-            for half in fit + held:
-                half.logq[:, cols] = score_unique(engine, half.prompt, variant, half.ids)
+            new[ADAPTER_KEY] = (cols, new_dir)
+            tilt_file, record["tilt"] = self._fit_tilt(engine, target, fit, judge, run_id, model_fingerprint,
+                                                        model_version)
+            if tilt_file is not None:
+                new[TILT_KEY] = (cols + 1, tilt_file)
+            for kind, (j, path) in new.items():
+                proposal = LoraProposal if kind == ADAPTER_KEY else TiltProposal
+                variant = proposal(str(path.resolve())).variant(target)
+                for half in fit + held:
+                    half.logq[:, j] = score_unique(engine, half.prompt, variant, half.ids)
         record["fit_seconds"] = round(time.monotonic() - t0, 3)
 
-        # 2. weights: coordinate descent on the fit half's estimated variance
-        slots = [(j, keys[j], BASE_GRID if keys[j] != ADAPTER_KEY else ADAPTER_GRID) for j in range(1, cols)]
-        current = {j: float(self.state["weights"].get(keys[j], 1.0)) for j in range(1, cols)}
-        if new_dir is not None:
-            slots.append((cols, "new adapter", ADAPTER_GRID))
-            old = [j for j in range(1, cols) if keys[j] == ADAPTER_KEY]
-            current[cols] = current[old[0]] if old else 1.0
-            for j in old:  # start from the new adapter in place of the old one
-                current[j] = 0.0
+        # 2. weights: coordinate descent on the fit half's estimated variance, for each candidate:
+        # the run's components, then each new learnt component (and both) in place of the current one.
+        learnt = {j: float(self.state["weights"].get(keys[j], 1.0)) for j in range(1, cols)}
+        candidates = []
+        for swap in itertools.product(*[(False, True) if kind in new else (False,) for kind in LEARNT]):
+            start, pinned = dict(learnt), set()
+            for kind, use in zip(LEARNT, swap):
+                if use:
+                    old = [j for j in range(1, cols) if keys[j] == kind]
+                    start[new[kind][0]] = start[old[0]] if old else 1.0
+                    # The state holds one adapter and one tilt: the old one is out of this candidate.
+                    for j in old:
+                        start[j] = 0.0
+                        pinned.add(j)
+            name = " and ".join(f"new {kind}" for kind, use in zip(LEARNT, swap) if use) or "weights only"
+            slots = [(j, ADAPTER_GRID if j >= cols or keys[j] in LEARNT else BASE_GRID)
+                     for j in start if j not in pinned]
+            candidates.append((name, start, slots))
+        # The fit half flatters the components fitted to it; the held-out half decides.
         fit_info = [h for h in fit if h.hits]
-        # Two candidates: the weights alone (the run's components), and the weights with the new
-        # adapter. The fit half flatters the adapter fitted to it; the held-out half decides.
-        weights_only = {j: float(self.state["weights"].get(keys[j], 1.0)) for j in range(1, cols)}
-        candidates = [weights_only] + ([current] if new_dir is not None else [])
         if fit_info:
-            candidates = [self._descend(fit_info, [s for s in slots if s[0] in c], c, a0) for c in candidates]
+            candidates = [(name, self._descend(fit_info, slots, start, a0), slots) for name, start, slots in candidates]
 
         # 3. adoption on the held-out half
         held_info = [h for h in held if h.hits]
@@ -319,26 +376,28 @@ class AdaptiveLearner:
         run_alphas = [float(c.share) for c in components[1:]]
         base_var, base_ess = _objective(held_info, [0] + run_cols, [a0] + run_alphas)
         scored = []
-        for cand in candidates:
+        for name, cand, _ in candidates:
             on = {j: w for j, w in cand.items() if w > 0}
-            scored.append((*_objective(held_info, [0] + list(on), [a0] + _alphas(on, a0)), on))
+            scored.append((*_objective(held_info, [0] + list(on), [a0] + _alphas(on, a0)), on, name))
         # NaN (no held-out hits) sorts as it comes: the first candidate, never adopted below
-        new_var, new_ess, chosen = min(scored, key=lambda t: (math.inf if math.isnan(t[0]) else t[0]))
+        new_var, new_ess, chosen, name = min(scored, key=lambda t: (math.inf if math.isnan(t[0]) else t[0]))
         record["held_out"] = {"prompts_with_hits": len(held_info), "variance_before": _finite(base_var),
                               "variance_after": _finite(new_var), "ess_wh_per_sample_before": _finite(base_ess),
-                              "ess_wh_per_sample_after": _finite(new_ess)}
-        record["candidate_weights"] = {("new adapter" if j == cols else keys[j]): w for j, w in chosen.items()}
+                              "ess_wh_per_sample_after": _finite(new_ess),
+                              "candidates": {n: _finite(v) for v, _, _, n in scored}}
+        column_names = {j: f"new {kind}" for kind, (j, _) in new.items()}
+        record["candidate"] = name
+        record["candidate_weights"] = {column_names[j] if j in column_names else keys[j]: w
+                                      for j, w in chosen.items()}
         if not held_info:
             reason = "no harmful sample among the held-out samples: the update cannot be judged, not adopted"
         elif not new_var < base_var:
             reason = "the update does not lower the variance estimated on the held-out samples: not adopted"
         else:
             record["adopted"] = True
-            reason = "adopted: lower variance estimated on the held-out samples"
-            self._adopt(chosen, keys, cols, new_dir, model_fingerprint, model_version)
-        if not record["adopted"] and new_dir is not None:
-            shutil.rmtree(new_dir, ignore_errors=True)
-        self._prune()
+            reason = f"adopted ({name}): lower variance estimated on the held-out samples"
+            self._adopt(chosen, keys, new, model_fingerprint, model_version)
+        self._prune()  # also deletes the candidate adapter and tilt when they were not adopted
         record["seconds"] = round(time.monotonic() - t0, 3)
         return self._finish(record, reason)
 
@@ -354,7 +413,7 @@ class AdaptiveLearner:
         fit, held = [], []
         for r in results:
             k = r.logq.shape[1]
-            logq = np.concatenate([r.logq, np.full((len(r.token_ids), 1), -np.inf)], axis=1)
+            logq = np.concatenate([r.logq, np.full((len(r.token_ids), len(LEARNT)), -np.inf)], axis=1)
             comp = np.asarray(r.component)
             shares = np.asarray(r.shares, dtype=float)
             # w under the run's mixture, with the realised shares, as the estimate weighted them
@@ -370,7 +429,7 @@ class AdaptiveLearner:
                 rows = np.flatnonzero(mask)
                 if not rows.size:
                     continue
-                union = np.zeros(k + 1)
+                union = np.zeros(k + len(LEARNT))
                 union[:k] = np.bincount(comp[rows], minlength=k) / rows.size
                 dest.append(_Half(r.prompt.text, [list(r.token_ids[i]) for i in rows], logq[rows].copy(), union,
                                   np.asarray(r.scores, dtype=float)[rows], v[rows]))
@@ -398,7 +457,7 @@ class AdaptiveLearner:
                            **(facts or {})},
             "target": {"system_prompt": target.system_prompt, "temperature": d.temperature, "top_p": d.top_p,
                        "top_k": d.top_k, "max_new_tokens": d.max_new_tokens},
-            "judge": judge,
+            "judge": _judge_spec(judge),
             "data": None,
             "cem": None,
             "adaptive": {"state_dir": str(self.folder), "generation": self.generation + 1, "run_id": run_id,
@@ -413,13 +472,49 @@ class AdaptiveLearner:
         write_atomically(new_dir / ADAPTER_METADATA, json.dumps(meta, indent=2, allow_nan=False))
         return trainer.steps_done, before, after
 
+    def _fit_tilt(self, engine, target, fit, judge, run_id, fingerprint, version) -> tuple[Path | None, dict]:
+        """A token tilt fitted to the fit half's hits, saved as the candidate `tilts/gen-NNNN.json`;
+        (None, why) when there is none to try."""
+        temper = TEMPER_LATER if self.state.get("tilt") else TEMPER_FIRST
+        hits = []
+        for h in fit:
+            rows = np.flatnonzero(h.v > 0)
+            if rows.size:
+                hits.append(HitSet(h.prompt, [h.ids[i] for i in rows], h.v[rows]))
+        words = judge.words() if judge is not None else []
+        candidates = word_tokens(engine, words) if words else None
+        info = {"temper": temper, "hits": sum(len(h.responses) for h in hits),
+                "candidates": "judge words" if candidates else "tokens shared by the hits"}
+        try:
+            fitted = fit_tilt(engine, target, hits, candidates=candidates, temper=temper)
+        except InputError as exc:  # nothing to fit (no token shared by two hits): the adapter may still learn
+            return None, {**info, "fitted": False, "reason": str(exc)}
+        if not fitted.token_ids.size:
+            return None, {**info, "fitted": False, "reason": "the fitted bias is 0 on every token"}
+        path = self.folder / TILTS_DIR / f"gen-{self.generation + 1:04d}.json"
+        order = np.argsort(-np.abs(fitted.bias))
+        top = [(engine.decode([int(fitted.token_ids[i])]), round(float(fitted.bias[i]), 3)) for i in order[:5]]
+        save_tilt(path, fitted.token_ids, fitted.bias, tokenizer_sha256=(engine.base_facts() or {}).get("tokenizer_sha256"),
+                  tokens=[engine.decode([int(t)]) for t in fitted.token_ids],
+                  provenance={"fitted_by": "tailmon adaptive", "state_dir": str(self.folder),
+                              "generation": self.generation + 1, "run_id": run_id, "judge": _judge_spec(judge),
+                              "hits": fitted.hits, "prompts": fitted.prompts, "temper": temper,
+                              "candidates": info["candidates"], "objective": fitted.objective,
+                              "model": {"ref": engine.model_id, "fingerprint": fingerprint, "version": version},
+                              "target": {"system_prompt": target.system_prompt,
+                                         **{k: getattr(target.decoding, k) for k in
+                                            ("temperature", "top_p", "top_k", "max_new_tokens")}},
+                              "created": _now(), "tailmon_version": __version__})
+        return path, {**info, "fitted": True, "file": str(path), "tokens": int(fitted.token_ids.size),
+                      "top": [[t, b] for t, b in top]}
+
     def _descend(self, halves, slots, start: dict, a0: float) -> dict:
         """Coordinate descent over the weight grids from `start`, on the halves' estimated variance."""
         best = dict(start)
         best_var, _ = _objective(halves, [0] + [j for j, w in best.items() if w > 0], [a0] + _alphas(best, a0))
         for _ in range(SWEEPS):
             moved = False
-            for j, _key, grid in slots:
+            for j, grid in slots:
                 for value in grid:
                     if value == best[j]:
                         continue
@@ -434,37 +529,53 @@ class AdaptiveLearner:
                 break
         return best
 
-    def _adopt(self, chosen: dict, keys: list[str], cols: int, new_dir: Path | None, fingerprint, version) -> None:
-        weights = {}
-        adapter = None
+    def _adopt(self, chosen: dict, keys: list[str], new: dict, fingerprint, version) -> None:
+        """Make the chosen candidate the state: its weights, and for the adapter and the tilt the
+        new one, the current one, or none (a learnt component at weight 0 retires)."""
+        new_at = {j: (kind, path) for kind, (j, path) in new.items()}
+        weights, files = {}, {kind: None for kind in LEARNT}
         for j, w in chosen.items():
-            if j == cols:
-                adapter = new_dir
-            elif keys[j] == ADAPTER_KEY:
-                adapter = Path(self.adapter_path)
-            if j == cols or keys[j] == ADAPTER_KEY:
-                weights[ADAPTER_KEY] = float(w)
+            if j in new_at:
+                kind, path = new_at[j]
+                files[kind] = (path, True)
             else:
-                weights[keys[j]] = float(w)
+                kind = keys[j]
+                if kind in LEARNT:
+                    files[kind] = (self.state[kind], False)
+            weights[kind] = float(w)
         # Starting components not in this run (other categories) keep what they had learnt.
-        kept = {k: w for k, w in self.state["weights"].items() if k not in keys and k != ADAPTER_KEY}
+        kept = {k: w for k, w in self.state["weights"].items() if k not in keys and k not in LEARNT}
         self.state["weights"] = {**kept, **weights}
-        if adapter is None:
-            self.state["adapter"], self.state["model"] = None, None
-        elif adapter == new_dir:
-            self.state["adapter"] = str(new_dir.relative_to(self.folder))
-            self.state["model"] = {"fingerprint": fingerprint, "version": version}
+        checkpoint = {"fingerprint": fingerprint, "version": version}
+        for kind, model_key in ((ADAPTER_KEY, "model"), (TILT_KEY, "tilt_model")):
+            if files[kind] is None:
+                self.state[kind], self.state[model_key] = None, None
+            elif files[kind][1]:
+                self.state[kind] = str(files[kind][0].relative_to(self.folder))
+                self.state[model_key] = checkpoint
         self.state["generation"] = self.generation + 1
 
     def _prune(self) -> None:
-        """Keep the current adapter's folder only (an engine that loaded an older one keeps it in memory)."""
-        root = self.folder / ADAPTERS_DIR
-        if not root.is_dir():
-            return
-        keep = self.state.get("adapter")
-        for d in root.iterdir():
-            if d.is_dir() and str(d.relative_to(self.folder)) != keep:
-                shutil.rmtree(d, ignore_errors=True)
+        """Keep the current adapter's folder and tilt file only (an engine that loaded an older
+        one keeps it in memory)."""
+        for sub, kind in ((ADAPTERS_DIR, ADAPTER_KEY), (TILTS_DIR, TILT_KEY)):
+            root = self.folder / sub
+            if not root.is_dir():
+                continue
+            keep = self.state.get(kind)
+            for d in root.iterdir():
+                if str(d.relative_to(self.folder)) == keep:
+                    continue
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink(missing_ok=True)
+
+
+def _judge_spec(judge) -> str | None:
+    """The judge's spec as files record it: an endpoint judge's URL may carry a key."""
+    spec = judge.spec if isinstance(judge, Judge) else judge
+    return None if spec is None else mask_secrets(spec, pairs=False)
 
 
 def _alphas(weights: dict, a0: float) -> list[float]:

@@ -53,14 +53,17 @@ def exact_sd(engine, plan, exact) -> float:
     return math.sqrt(var) / plan.n_samples
 
 
-def one_run(engine, learner, seed, judge):
-    """A run as the daemon makes it: the mixture fixed from the state, estimate, then learn."""
+def one_run(engine, learner, seed, judge, exact=None):
+    """A run as the daemon makes it: the mixture fixed from the state, estimate, then learn.
+    With `exact`, also the exact sd of the run's plan (computed before the update, which may
+    retire the run's tilt file)."""
     mix = learner.mixture(START)
     plan = EstimationPlan(target=TARGET, judge=judge, proposals=[parse_proposal(s) for s in mix.specs],
                           weights=mix.weights, defensive=0.1, n_samples=N, seed=seed)
     report = run_estimation(engine, plan, [PromptItem(PROMPT)])
-    record = learner.update(engine, TARGET, plan.components, report.results, seed=seed, judge=JUDGE)
-    return mix, plan, report.results[0].estimate, record
+    sd = None if exact is None else exact_sd(engine, plan, exact)
+    record = learner.update(engine, TARGET, plan.components, report.results, seed=seed, judge=judge)
+    return mix, plan, report.results[0].estimate, record, sd
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,8 @@ def sequences(make_tiny_engine, exact, tmp_path_factory):
         learner = AdaptiveLearner(tmp_path_factory.mktemp(f"adaptive-{r}"), SETTINGS)
         runs = []
         for k in range(RUNS):
-            mix, plan, est, record = one_run(engine, learner, 1000 * r + k, judge)
-            runs.append((mix.record["generation"], est.p_hat, exact_sd(engine, plan, exact), record))
+            mix, plan, est, record, sd = one_run(engine, learner, 1000 * r + k, judge, exact)
+            runs.append((mix.record["generation"], est.p_hat, sd, record))
         out.append(runs)
     return P, out
 
@@ -192,7 +195,7 @@ def test_a_run_without_hits_changes_nothing(make_tiny_engine, tmp_path):
     Catches: an update fitted to nothing (a fresh random adapter adopted on no evidence)."""
     engine = make_tiny_engine()
     learner = AdaptiveLearner(tmp_path, SETTINGS)
-    mix, plan, est, record = one_run(engine, learner, 3, parse_judge("regex:^never$"))
+    mix, plan, est, record, _ = one_run(engine, learner, 3, parse_judge("regex:^never$"))
     assert est.p_hat == 0 and not record["adopted"] and "nothing to learn" in record["reason"]
     assert learner.generation == 0 and learner.adapter_path is None
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
