@@ -245,7 +245,8 @@ def proposals_train_lora(output, data_file, judge_spec, prompt_texts, prompts_fi
 _DEPLOYED = ("model", "system_prompt", "max_new_tokens", "temperature", "top_p", "top_k")
 
 
-def _monitor_cem(config_path, monitor_name, judge_spec, prompt_texts, prompts_file, start_specs, seed):
+def _monitor_cem(config_path, monitor_name, judge_spec, prompt_texts, prompts_file, start_specs, seed,
+                 need="LoRA training"):
     """(model ref, target, judge spec, prompt texts, start specs) of CEM for a monitor of a config."""
     from click.core import ParameterSource
 
@@ -263,7 +264,7 @@ def _monitor_cem(config_path, monitor_name, judge_spec, prompt_texts, prompts_fi
     loaded = load_config(config_path)
     mon = loaded.config.monitor(monitor_name)
     if mon.model.engine != "transformers":
-        raise InputError(f"monitor {monitor_name} runs on the {mon.model.engine} engine: LoRA training needs the "
+        raise InputError(f"monitor {monitor_name} runs on the {mon.model.engine} engine: {need} needs the "
                          "weights in this process (the transformers engine)")
     if prompt_texts or prompts_file:
         items = [PromptItem(t) for t in prompt_texts] + (load_prompts(prompts_file) if prompts_file else [])
@@ -271,6 +272,77 @@ def _monitor_cem(config_path, monitor_name, judge_spec, prompt_texts, prompts_fi
         items, _ = draw_prompts(mon, loaded.base_dir, seed)
     starts = tuple(start_specs) or tuple(adaptive_start_specs(mon, items))
     return mon.model.ref, mon.model.target(), judge_spec or mon.judge, [p.text for p in items], starts
+
+
+@proposals.command("fit-tilt", setting_flags={"prompts": "--prompt/--prompts"})
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Tilt file to write (JSON; use it as 'tilt:PATH').")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Monitor config: with --monitor, fit to that monitor's judge, deployed model and prompts.")
+@click.option("--monitor", "monitor_name", default=None, metavar="NAME", help="The monitor of --config.")
+@click.option("--judge", "judge_spec", default=None, metavar="SPEC", help="The harm judge h (default: the monitor's).")
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Prompts file (any --prompts format).")
+@click.option("--start", "start_specs", multiple=True, metavar="SPEC",
+              help="The pilot's seeding proposals (repeatable; default: the monitor's proposals, or the library's "
+                   "system prompts for the prompts' categories and the target at 1.5 x its temperature).")
+@click.option("--rounds", type=int, default=0, show_default=True,
+              help="Rounds after the pilot, each drawing from the target and the last tilt and refitting on every "
+                   "round's hits.")
+@click.option("--samples", type=SAMPLES, default=64, show_default=True, help="Samples per prompt and round.")
+@click.option("--defensive", type=float, default=0.1, show_default=True,
+              help="The target's share in every round's mixture.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (and the monitor's prompt draw).")
+@deployed_options
+@click.option("--quiet", is_flag=True, help="No progress bar or per-round lines.")
+def proposals_fit_tilt(out, config_path, monitor_name, judge_spec, prompt_texts, prompts_file, start_specs, rounds,
+                       samples, defensive, seed, model, system_prompt, max_new_tokens, temperature, top_p, top_k,
+                       batch_size, device, quiet):
+    """Fit a token tilt ('tilt:PATH') to a judge's hits by the cross-entropy method.
+
+    A pilot draws --samples per prompt from the target (share --defensive) and the seeding
+    proposals; a bias over the vocabulary is fitted to its hits weighted by w*h (on the judge's
+    words when it names some, else on the tokens the hits share). Each of --rounds more rounds
+    draws from the target and the last tilt and refits on all rounds' hits. Prints per round the
+    hits, p_hat, the ESS of w*h and the largest biases; the file records how it was fitted.
+    The tilt keeps the target's support and changes only the biased tokens, so weights stay
+    tight over long replies: for judges that read the whole response.
+
+    \b
+    Example:
+      tailmon proposals fit-tilt --config tailmon.yaml --monitor assistant-prod --rounds 2 --out prod-tilt.json
+      tailmon proposals fit-tilt --prompts harmful.json --judge toxicity --out tox-tilt.json
+      tailmon estimate ... --proposal tilt:prod-tilt.json
+    """
+    from tailmon.estimation.prompts import PromptItem, load_prompts
+    from tailmon.judges import parse_judge
+    from tailmon.proposals import default_proposals, parse_proposal
+    from tailmon.proposals.adaptive import AdaptiveSettings, hot_spec
+    from tailmon.proposals.tilt_fit import fit_tilt_rounds
+
+    target = deployed_target(system_prompt, temperature, top_p, top_k, max_new_tokens)
+    if config_path or monitor_name:
+        model, target, judge_spec, prompts, start_specs = _monitor_cem(
+            config_path, monitor_name, judge_spec, prompt_texts, prompts_file, start_specs, seed, need="a token tilt")
+    else:
+        if not judge_spec:
+            raise InputError("give --judge SPEC (or --config FILE --monitor NAME)")
+        items = [PromptItem(t) for t in prompt_texts] + (load_prompts(prompts_file) if prompts_file else [])
+        if not items:
+            raise InputError("give prompts with --prompt TEXT or --prompts FILE (or --config FILE --monitor NAME)")
+        prompts = [p.text for p in items]
+        start_specs = tuple(start_specs) or tuple(
+            default_proposals({p.category for p in items}) + [hot_spec(target, AdaptiveSettings())])
+    judge = parse_judge(judge_spec)
+    for spec in start_specs:
+        parse_proposal(spec).variant(target)  # a bad spec is an error before the model loads
+    engine = load_model(local_engine_settings(model, device, batch_size), quiet)
+    fitted, _ = fit_tilt_rounds(engine, target, judge, prompts, start_specs, out, rounds=rounds, samples=samples,
+                                defensive=defensive, seed=seed, progress=not quiet,
+                                report=None if quiet else click.echo)
+    click.echo(f"{out}: token tilt on {fitted.token_ids.size} tokens, fitted to {fitted.hits} hits")
+    click.echo(f"use: --proposal 'tilt:{out}' (or 'tilt:{out}@SCALE'; `tailmon proposals tune` can choose SCALE)")
 
 
 def _tune_rows(result, limit: int = 10) -> list[str]:

@@ -24,20 +24,35 @@ hits. Whatever the fit, the estimate stays exact: the tilt only chooses where sa
 
 from __future__ import annotations
 
+import datetime
 import math
+import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
+from tailmon import __version__
 from tailmon.engines.base import Engine, Variant
-from tailmon.engines.tilt import MAX_ABS_BIAS
+from tailmon.engines.tilt import MAX_ABS_BIAS, save_tilt
 from tailmon.errors import InputError
+from tailmon.redact import mask_secrets
+
+from .lora import pilot_figures, texts_sha256
+from .sampling import derive_seed, draw
+from .spec import parse_proposal
+from .variants import TiltProposal
 
 RIDGE = {"ce": 0.05, "variance": 1e-4}
 MIN_RESPONSES = 2
+# The first fit's hits come from the seeding mixture, where a few carry nearly all the weight w h:
+# tempered (module doc of tailmon.proposals.adaptive); refits on rounds drawn with a tilt are not.
+TEMPER_SEED, TEMPER_TILTED = 0.5, 1.0
+_DRAW = 31  # seed tag
 
 
 @dataclass
@@ -193,3 +208,104 @@ def fit_tilt(engine: Engine, target: Variant, hits: Sequence[HitSet], *, candida
     keep = np.abs(bias) > 1e-3  # a bias this small changes no probability by more than 0.1%
     return TiltFit(np.asarray(support)[keep], bias[keep], sum(len(h.responses) for h in hits), len(hits),
                    float(res.fun) / total if objective == "variance" else float(-res.fun) / total)
+
+
+def top_biases(engine: Engine, fitted: TiltFit, k: int = 5) -> list[tuple[str, float]]:
+    """The `k` largest biases (by size) with their tokens' text."""
+    order = np.argsort(-np.abs(fitted.bias))[:k]
+    return [(engine.decode([int(fitted.token_ids[i])]), float(fitted.bias[i])) for i in order]
+
+
+def fit_tilt_rounds(engine: Engine, target: Variant, judge, prompts: Sequence[str], start: Sequence[str], out,
+                    *, rounds: int = 0, samples: int = 64, defensive: float = 0.1, seed: int = 0,
+                    progress: bool = False, report: Callable[[str], None] | None = None) -> tuple[TiltFit, dict]:
+    """`tailmon proposals fit-tilt`: draw a pilot of `samples` per prompt from the target (share
+    `defensive`) and the `start` proposals, fit a tilt to its hits, then `rounds` times draw
+    from the target and the last tilt and refit on every round's hits (u = w h, w under the
+    mixture each round drew from, so all rounds estimate the same q* ~ p h). Writes the tilt
+    file `out` with its provenance; returns the final fit and the provenance."""
+    from tqdm import tqdm
+
+    if int(rounds) != rounds or rounds < 0:
+        raise InputError(f"rounds must be an integer >= 0, got {rounds}", setting="rounds")
+    if int(samples) != samples or samples < 2:
+        raise InputError(f"samples must be an integer >= 2, got {samples}", setting="samples")
+    if not 0 <= defensive < 1:
+        raise InputError(f"defensive must be in [0, 1), got {defensive}", setting="defensive")
+    if not prompts:
+        raise InputError("fitting a tilt needs prompts")
+    if not start:
+        raise InputError("the pilot needs a seeding proposal (the target alone rarely gives hits)", setting="start")
+    say = report or (lambda line: None)
+    facts = engine.base_facts() or {}
+    words = judge.words()
+    candidates = word_tokens(engine, words) if words else None
+    seeding = [parse_proposal(x).variant(target) for x in start]
+    pool = {x: ([], [], []) for x in prompts}  # prompt -> every round's ids, log w, h
+    records, fitted = [], None
+    with tempfile.TemporaryDirectory(prefix="tailmon-tilt-") as tmp:
+        for k in range(rounds + 1):
+            if k == 0:
+                variants = [target] + seeding
+                shares = [defensive] + [(1 - defensive) / len(seeding)] * len(seeding)
+            else:
+                # each round's tilt is a file of its own: the engine keys a tilt by its content anyway
+                path = save_tilt(Path(tmp) / f"round-{k - 1}.json", fitted.token_ids, fitted.bias,
+                                 tokenizer_sha256=facts.get("tokenizer_sha256"))
+                variants = [target, TiltProposal(str(path)).variant(target)]
+                shares = [defensive, 1 - defensive]
+            draws = []
+            with tqdm(total=len(prompts) * samples, desc=f"round {k}/{rounds} sampling", unit="sample",
+                      file=sys.stderr, disable=not progress, leave=False) as bar:
+                for x in prompts:
+                    d = draw(engine, x, variants, shares, samples, lambda j, x=x: derive_seed(seed, _DRAW, k, x, j),
+                             judge, bar.update)
+                    draws.append(d)
+                    pool[x][0].extend(d.ids)
+                    pool[x][1].extend(d.log_w)
+                    pool[x][2].extend(d.scores)
+            fig = pilot_figures(draws)
+            if fig["n_harmful"] == 0:
+                raise InputError(f"round {k}: none of the {len(prompts) * samples} samples was harmful under judge "
+                                 f"'{mask_secrets(judge.spec, pairs=False)}', so there is no hit to fit a tilt to: "
+                                 "draw more samples (--samples), or seed from a hotter proposal "
+                                 "(--start temperature:2)")
+            hits = hit_sets(list(pool), [v[0] for v in pool.values()], [np.asarray(v[1]) for v in pool.values()],
+                            [np.asarray(v[2]) for v in pool.values()])
+            temper = TEMPER_SEED if k == 0 else TEMPER_TILTED
+            fitted = fit_tilt(engine, target, hits, candidates=candidates, temper=temper)
+            if not fitted.token_ids.size:
+                raise InputError(f"round {k}: the fitted bias is 0 on every token: the hits share no token the "
+                                 "tilted target would not already give them; draw more samples (--samples)")
+            record = {"round": k, "mixture": [v.name for v in variants], "hits": fig["n_harmful"],
+                      "hits_fitted": fitted.hits, "samples": fig["n_samples"], "p_hat": fig["p_hat"],
+                      "ess_wh": fig["ess_wh"], "variance": fig["variance"], "temper": temper,
+                      "tokens": int(fitted.token_ids.size),
+                      "top": [[t, round(b, 4)] for t, b in top_biases(engine, fitted)]}
+            records.append(record)
+            say(round_line(record))
+    provenance = {
+        "fitted_by": "tailmon proposals fit-tilt",
+        "judge": mask_secrets(judge.spec, pairs=False),
+        "model": {"ref": engine.model_id, **{k: facts[k] for k in ("weights_fingerprint", "tokenizer_sha256")
+                                             if k in facts}},
+        "target": {"system_prompt": target.system_prompt,
+                   **{k: getattr(target.decoding, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")}},
+        "prompts": len(prompts), "prompts_sha256": texts_sha256(prompts), "start": list(start),
+        "rounds": rounds, "samples": samples, "defensive": defensive, "seed": seed,
+        "candidates": "judge words" if candidates else "tokens shared by the hits",
+        "hits": fitted.hits, "objective": fitted.objective, "history": records,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tailmon_version": __version__,
+    }
+    save_tilt(out, fitted.token_ids, fitted.bias, tokenizer_sha256=facts.get("tokenizer_sha256"),
+              tokens=[engine.decode([int(t)]) for t in fitted.token_ids], provenance=provenance)
+    return fitted, provenance
+
+
+def round_line(record: dict) -> str:
+    """One line per round: hits, p_hat, ESS of w h, and the largest biases with their tokens."""
+    top = ", ".join(f"{t!r} {b:+.2f}" for t, b in record["top"])
+    return (f"round {record['round']}: {record['hits']} hits in {record['samples']} samples, "
+            f"p_hat {record['p_hat']:.3g}, ESS(w*h) {record['ess_wh']:.1f}; {record['tokens']} tokens biased, "
+            f"largest: {top}")
