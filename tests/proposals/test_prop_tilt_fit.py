@@ -41,8 +41,8 @@ def test_fit_tilt_recovers_a_known_bias(tiny_engine, tmp_path):
     I = 305 (sd 0.057), b = 2.05 without the ridge, 1.603 with it against 1.605 predicted.
 
     Catches (checked): log Z computed without the mass outside the candidates (the fit then
-    ignores that the bias must be paid for by renormalising: 1.0 instead of ~2), and the ridge
-    applied with the wrong sign."""
+    ignores that the bias must be paid for by renormalising: it runs to the bound, -30), and the ridge
+    applied with the wrong sign (2.56 with the ridge, above the unridged 2.05)."""
     path = save_tilt(tmp_path / "true.json", [SURE], [TRUE_BIAS])
     variant = parse_proposal(f"tilt:{path}").variant(TARGET)
     s = tiny_engine.sample(PROMPT, variant, N_FIT, seed=3)
@@ -102,6 +102,7 @@ def test_cli_fit_tilt_writes_a_loadable_tilt_for_a_monitor(config, tmp_path, mak
     assert prov["judge"] == JUDGE and prov["rounds"] == 1 and len(prov["history"]) == 2
     assert prov["target"]["temperature"] == 0.5 and prov["target"]["max_new_tokens"] == 2
     assert prov["start"][-1] == "temperature:0.75" and prov["history"][0]["temper"] == 0.5
+    assert prov["history"][1]["mixture"][1].startswith("tilt:")  # round 1 drew from the pilot's tilt
     assert tilt.token_ids.size and tilt.tokenizer_sha256
     # the tilt favours " is": its probability of the event (exactly, by enumeration) beats the target's
     engine = make_tiny_engine()
