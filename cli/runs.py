@@ -143,7 +143,8 @@ def _pooled_lines(p: dict) -> str:
 def _adaptive_lines(a: dict) -> str:
     """What an adaptive monitor's run drew with, and what it learnt after."""
     adapter = f"adapter {a['adapter']}" if a.get("adapter") else "no adapter yet"
-    lines = [f"adaptive proposal: generation {a['generation']}, {adapter}"
+    tilt = f", tilt {a['tilt']}" if a.get("tilt") else ""
+    lines = [f"adaptive proposal: generation {a['generation']}, {adapter}{tilt}"
              + (" (trained on another checkpoint)" if a.get("checkpoint_changed") else "")]
     update = a.get("update")
     if update:

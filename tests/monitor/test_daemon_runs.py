@@ -175,15 +175,21 @@ def test_an_adaptive_monitor_learns_across_restarts(tmp_path, model_copy):
     assert [u["generation"] for u in used] == [0, 1, 2]
     assert [u["generation_after"] for u in updates] == [1, 2, 2 + adopted[2]]
     third = runs[2]["report"]
-    lora = [c for c in third["components"] if c["label"].startswith("lora:")]
-    assert [c["label"] for c in lora] == [f"lora:{used[2]['adapter']}"]
-    assert used[2]["adapter"].startswith(str(tmp_path / "learnt" / "adapters"))
-    assert used[2]["adapter_sha256"] and "adapter" in used[2]["weights"]
+    # what the third run drew from: the adapter and the tilt the state held (these seeds learn a
+    # tilt, and an adapter too, or not, as the held-out variance chose)
+    learnt = {"lora": ("adapter", "adapters"), "tilt": ("tilt", "tilts")}
+    assert any(used[2][key] for key, _ in learnt.values()), used[2]
+    for kind, (key, folder) in learnt.items():
+        comps = [c["label"] for c in third["components"] if c["label"].startswith(f"{kind}:")]
+        assert comps == ([f"{kind}:{used[2][key]}"] if used[2][key] else []), (kind, comps, used[2])
+        if used[2][key]:
+            assert used[2][key].startswith(str(tmp_path / "learnt" / folder))
+            assert used[2][f"{key}_sha256"] and key in used[2]["weights"]
     # the shares the run drew with are the recorded weights, normalised in what the defensive share leaves
     weights = used[2]["weights"]
     total = sum(weights.values())
     for c in third["components"][1:]:
-        key = "adapter" if c["label"].startswith("lora:") else c["label"]
+        key = {"lora": "adapter", "tilt": "tilt"}.get(c["label"].split(":", 1)[0], c["label"])
         assert c["share"] == pytest.approx(0.8 * weights[key] / total)
     # `tailmon runs show` says it too
     from click.testing import CliRunner
@@ -192,7 +198,9 @@ def test_an_adaptive_monitor_learns_across_restarts(tmp_path, model_copy):
 
     shown = CliRunner().invoke(main, ["runs", "show", str(runs[2]["id"]), "--config", str(cfg)])
     assert shown.exit_code == 0, shown.output
-    assert f"adaptive proposal: generation 2, adapter {used[2]['adapter']}" in shown.output
+    adapter = f"adapter {used[2]['adapter']}" if used[2]["adapter"] else "no adapter yet"
+    tilt = f", tilt {used[2]['tilt']}" if used[2]["tilt"] else ""
+    assert f"adaptive proposal: generation 2, {adapter}{tilt}" in shown.output
     assert f"after the run: generation 2 -> {updates[2]['generation_after']}: {updates[2]['reason']}" in shown.output
 
 
@@ -260,13 +268,17 @@ def test_an_adaptive_monitor_keeps_its_adapter_across_a_checkpoint_change(tmp_pa
 
     from safetensors.torch import load_file, save_file
 
+    # seed 4: the first two runs adopt an adapter and a tilt (with the default seed 7 a tilt alone
+    # wins on this judge)
     cfg = write_config(tmp_path, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
-                       adaptive={"state_dir": "learnt", "steps": 10, "time_share": 1000})
+                       adaptive={"state_dir": "learnt", "steps": 10, "time_share": 1000},
+                       estimator={"samples": 60, "defensive": 0.2, "seed": 4})
     for _ in range(2):
         [outcome] = new_daemon(cfg).run_once()
     learnt = outcome.result.to_dict()["adaptive"]
-    adapter = json.loads((tmp_path / "learnt" / "state.json").read_text())["adapter"]
-    assert adapter is not None  # these seeds adopt an adapter in the first two runs
+    state = json.loads((tmp_path / "learnt" / "state.json").read_text())
+    adapter = state["adapter"]
+    assert adapter is not None and state["tilt"] is not None  # these seeds adopt both in the first two runs
     weights = next(model_copy.glob("*.safetensors"))
     tensors = load_file(weights)
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.01  # another checkpoint of the same model
@@ -275,6 +287,7 @@ def test_an_adaptive_monitor_keeps_its_adapter_across_a_checkpoint_change(tmp_pa
     assert changed.status == "succeeded", changed.error
     record = changed.result.to_dict()["adaptive"]
     assert record["checkpoint_changed"] and record["adapter"] == str((tmp_path / "learnt" / adapter).resolve())
+    assert record["tilt"] == str((tmp_path / "learnt" / state["tilt"]).resolve())  # the tilt is kept too
     assert record["generation"] >= learnt["generation"]
     assert record["adapter_trained_on"]["version"] == 1
     assert all(any("another checkpoint" in w for w in r.estimate.warnings) for r in changed.result.report.results)
