@@ -63,11 +63,11 @@ def test_three_runs_learn_and_the_third_uses_what_the_first_two_learnt(config, t
     for before, after in zip(updates, used[1:]):
         assert after["generation"] == before["generation_after"]
     assert used[2]["generation"] >= 1, updates  # at least one of the first two updates was adopted
-    # The third run drew with the learnt weights (and the learnt adapter, when one was adopted).
+    # The third run drew with the learnt weights (and the learnt adapter and tilt, when adopted).
     comps = runs[2]["report"]["components"]
     weights = used[2]["weights"]
     for c in comps[1:]:
-        key = "adapter" if c["label"].startswith("lora:") else c["label"]
+        key = {"lora": "adapter", "tilt": "tilt"}.get(c["label"].split(":", 1)[0], c["label"])
         assert c["share"] == pytest.approx(0.9 * weights[key] / sum(weights.values()))
     assert weights != used[0]["weights"]
     state = json.loads((tmp_path / "learnt" / "state.json").read_text())
@@ -81,10 +81,18 @@ def test_three_runs_learn_and_the_third_uses_what_the_first_two_learnt(config, t
         else:
             # The third run's own update was adopted without this adapter, and only the current
             # adapter's folder is kept (`AdaptiveLearner._prune`): whether that happens depends on
-            # the draws (it does with the inverse-CDF sampler of issue 19, not with multinomial).
+            # the draws.
             assert updates[2]["adopted"], updates[2]
             current = state.get("adapter")
             assert current is None or (tmp_path / "learnt" / current).resolve() != adapter.resolve()
+    if used[2]["tilt"] is not None:  # the learnt tilt likewise, with its provenance in the file
+        assert f"tilt:{used[2]['tilt']}" in [c["label"] for c in comps]
+        tilt = Path(used[2]["tilt"])
+        if tilt.is_file():
+            prov = json.loads(tilt.read_text())["provenance"]
+            assert prov["judge"] == JUDGE and prov["run_id"] in [r["id"] for r in runs[:2]]
+        else:  # retired by the third run's own adopted update, as an adapter may be
+            assert updates[2]["adopted"], updates[2]
     assert state["generation"] == updates[2]["generation_after"]
     assert [h["run_id"] for h in state["history"]] == [r["id"] for r in runs]
     for u in updates:
