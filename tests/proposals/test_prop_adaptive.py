@@ -129,16 +129,17 @@ def test_the_variance_falls_over_runs(sequences):
     not used by the next run): then run 3's plan is run 1's and the ratio is exactly 1.
 
     Measured with these seeds: run 1 (temperature:1.5 and the target) has sd 1.96e-3 in every
-    repeat; at run 3 the variance ratio has median 0.20 (0.04 .. 1.44); 20 of 25 repeats are
-    lower, 4 are at 1.0 (they never adopted an update: no harmful sample among run 1's held-out
-    half, so no update could be judged) and one at 1.44 (an update adopted on a noisy held-out
-    estimate). The assertions leave a margin from these and from no learning at all (every
-    ratio 1): the median ratio below 0.5 and at least 60% of the repeats lower at run 3.
+    repeat. With adapters only (before tilts were learnt) the run-3 variance ratio had median
+    0.20 (0.04 .. 1.44), 20 of 25 repeats lower. With the learnt tilt (" is" is the event's
+    decisive token, which a tilt raises without touching the rest of the reply): median 0.029
+    (0.020 .. 0.35), all 25 repeats lower and at generation >= 1. The assertions leave a margin
+    from these and from the adapter-only figures (median 0.20): the median below 0.1 and at least
+    90% of the repeats lower at run 3.
     """
     _, seqs = sequences
     ratio = np.array([(runs[2][2] / runs[0][2]) ** 2 for runs in seqs])
-    assert np.median(ratio) < 0.5, np.sort(ratio)
-    assert np.mean(ratio < 1) >= 0.6, np.sort(ratio)
+    assert np.median(ratio) < 0.1, np.sort(ratio)
+    assert np.mean(ratio < 1) >= 0.9, np.sort(ratio)
     # the runs that fell used a learnt state (generation >= 1 before run 3)
     assert all(runs[2][0] >= 1 for runs, r in zip(seqs, ratio) if r < 1)
 
