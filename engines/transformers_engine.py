@@ -123,6 +123,18 @@ def _samples(token_ids: list[list[int]], token_lps: list[np.ndarray], finished: 
                    finished=finished, token_logprobs=token_lps)
 
 
+def _adapter_stamp(path: str) -> tuple:
+    """(inode, size, mtime in ns) of each file of a peft adapter folder: which files it holds now.
+    Cheap (a stat per file, an adapter's weights may be large); a folder deleted and written again
+    gets new inodes even within the file system's timestamp granularity."""
+    folder = Path(path)
+    try:
+        files = sorted(f for f in folder.iterdir() if f.name.startswith("adapter_"))
+        return tuple((f.name, f.stat().st_ino, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except OSError:
+        return ()
+
+
 def _content_key(path: str, missing: str) -> tuple[str, str]:
     """(resolved path, sha256 of the content) of a small file a variant names (a steering direction,
     a token tilt), InputError `missing` when it cannot be read. Keyed by content, not by mtime: a
@@ -158,6 +170,7 @@ class TransformersEngine(ChatEngine):
         """`sample_mixture` decodes the components that can share a batch together (True) or
         calls `sample` once per component (False: the path before, kept for comparison)."""
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self._adapter_stamps: dict[str, tuple] = {}  # adapter path -> `_adapter_stamp` when loaded
         self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
         self._facts: dict | None = None
         # (resolved path, content hash) -> direction file: loaded once, again only when rewritten
@@ -225,10 +238,21 @@ class TransformersEngine(ChatEngine):
         return self._adapter_notes.get(path)
 
     def _adapter_name(self, path: str) -> str:
+        # Keyed by the files too, not by the path alone: an adaptive monitor whose update was not
+        # adopted writes its next candidate into the same folder, and a path-keyed cache would go on
+        # serving the deleted candidate's weights under the new one's name and checksum.
+        stamp = _adapter_stamp(path)
+        if path in self._adapters and self._adapter_stamps.get(path) != stamp:
+            old = self._adapters.pop(path)
+            self._adapter_notes.pop(path, None)
+            try:
+                self.model.delete_adapter(old)  # rewritten on disk: load it again below
+            except (ValueError, KeyError, AttributeError):  # peft keeps it: only memory is lost
+                pass
         if path not in self._adapters:
             from peft import PeftModel
 
-            name = "a" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+            name = "a" + hashlib.sha1(f"{Path(path).resolve()}|{stamp}".encode()).hexdigest()[:12]
             if not (Path(path) / "adapter_config.json").is_file():
                 raise InputError(f"LoRA adapter '{path}' has no adapter_config.json")
             meta = read_adapter_metadata(path)
@@ -245,6 +269,7 @@ class TransformersEngine(ChatEngine):
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise InputError(f"LoRA adapter '{path}' does not fit model {self._model_id}: {exc}") from exc
             self._adapters[path] = name
+            self._adapter_stamps[path] = stamp
             self._adapter_notes[path] = note
         return self._adapters[path]
 

@@ -82,3 +82,36 @@ def test_missing_adapter_is_an_input_error(engine, tmp_path):
     bad = Variant("lora", target_variant().decoding, adapter=str(tmp_path))
     with pytest.raises(InputError):
         engine.score("ab", bad, [[7]])
+
+
+def test_an_adapter_rewritten_in_the_same_folder_is_loaded_again(make_tiny_engine, tiny_tokenizer, tmp_path):
+    """An adaptive monitor whose update was not adopted deletes the candidate's folder and writes
+    the next candidate into the same one. The engine must score under the new weights, not the
+    ones it loaded from that path before. Catches adapters cached by path alone."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import build_tiny_model
+
+    def write(seed: int, folder):
+        base = build_tiny_model(tiny_tokenizer)  # seeds torch itself: the adapter's seed comes after
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(str(folder))
+
+    folder = tmp_path / "gen-0001"
+    variant = Variant("lora", Decoding(max_new_tokens=3), adapter=str(folder))
+    seqs = [[7, 8, 9], [11, 1], [17]]
+    write(1, folder)
+    engine = make_tiny_engine()
+    first = engine.score("ab", variant, seqs)
+    shutil.rmtree(folder)
+    write(2, folder)
+    again = engine.score("ab", variant, seqs)
+    fresh = make_tiny_engine().score("ab", variant, seqs)
+    np.testing.assert_allclose(again, fresh, atol=1e-6)
+    assert np.max(np.abs(again - first)) > 1e-3  # the two adapters differ
+    s = engine.sample("ab", variant, 50, seed=3)  # sampling reads the new weights too
+    np.testing.assert_allclose(s.logprobs, make_tiny_engine().score("ab", variant, s.token_ids), atol=2e-5)
