@@ -227,7 +227,10 @@ def detect(run_p: Sequence[float], alpha: float, reference_runs: int,
             else:
                 status, evidence, judged_by = "calibrating", None, None
             continue
-        r = shiryaev_roberts(r, e_value(p, ref.upper, ref.bet))
+        # A reference without a bet gives e = 1 at every run: no evidence either way. The
+        # Shiryaev-Roberts statistic would still count the runs (R_t = t) and "alarm" at run
+        # 1 / alpha whatever the data; such a detector stays at 0 and never fires.
+        r = shiryaev_roberts(r, e_value(p, ref.upper, ref.bet)) if ref.bet > 0 else 0.0
         since += 1
         judged_by, evidence = ref, r
         if r >= threshold:

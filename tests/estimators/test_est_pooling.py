@@ -167,3 +167,13 @@ def test_detector_calibrates_alarms_and_rearms():
     d = detect([1.0], 0.01, 3, make, initial=make(0, 5))
     assert d.status == "armed" and d.evidence == pytest.approx(1.0)
     assert d.to_dict()["reference"]["n_runs"] == 5
+
+
+def test_a_reference_without_a_bet_never_alarms():
+    """A reference whose bet is 0 (a history too uncertain to bet against, or no upper bound) gives
+    e = 1 at every run. Catches the Shiryaev-Roberts statistic then counting runs (R_t = t) and
+    alarming at run 1 / alpha whatever the data (found by benchmarks/pooling.py: 64% of references
+    at spread 0.5 alarmed at exactly run 100 at alpha 0.01)."""
+    ref = Reference(p_hat=1e-4, upper=1.0, bet=0.0, n_runs=4, bound_only=True)
+    d = detect([0.0] * 150 + [0.5] * 50, 0.01, 4, lambda a, b: ref, initial=ref)
+    assert d.alarms == () and d.status == "armed" and d.evidence == 0.0
