@@ -79,6 +79,7 @@ bench: model $(VLLM_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/scale.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/aggregate.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/intervals.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/pooling.py
 	OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python benchmarks/engines.py
 
 # The GPU benchmark (benchmarks/README.md, "GPU benchmark"): one offline run under 5 minutes on a

@@ -195,37 +195,41 @@ def reference(rng, spread, boost, sd_p, m=20):
 
 
 def detector(spread: float, boost: float, sd_p: float, series: int, m: int, rng) -> list[dict]:
-    false = dict.fromkeys(ALPHAS, 0)
+    false = {a: [] for a in ALPHAS}
     delays = {(k, a): [] for k in RISES for a in ALPHAS}
-    covered = zero_bet = 0
+    covered, betting = 0, []
     for _ in range(series):
         ref = reference(rng, spread, boost, sd_p, m)
         covered += ref.upper >= p_query(sd_p)
-        zero_bet += ref.bet == 0.0
+        betting.append(ref.bet > 0.0)
 
         def make(a, b, ref=ref):  # re-arming is not measured: only the first alarm counts
             return ref
         null = run_means(prompts(rng, LOOKS * m, sd_p).reshape(LOOKS, m), boost, spread, rng)
         for alpha in ALPHAS:
-            false[alpha] += bool(detect(null, alpha, REFERENCE_RUNS, make, initial=ref).alarms)
+            false[alpha].append(bool(detect(null, alpha, REFERENCE_RUNS, make, initial=ref).alarms))
         for k in RISES:
             risen = run_means(prompts(rng, LOOKS * m, sd_p, k).reshape(LOOKS, m), boost, spread, rng)
             for alpha in ALPHAS:
                 d = detect(risen, alpha, REFERENCE_RUNS, make, initial=ref)
                 delays[(k, alpha)].append(d.alarms[0] + 1 if d.alarms else math.inf)
     rows = []
+    # a reference with bet 0 has e = 1 every run, so R_t = t and it alarms at run 1/alpha whatever
+    # the data (see the README): the delays are also given among the references that bet
+    bet = np.array(betting)
     for alpha in ALPHAS:
-        fa = _rate(false[alpha], series)
+        fa = _rate(sum(false[alpha]), series)
+        fa_bet = _rate(int(np.sum(np.array(false[alpha]) & bet)), int(bet.sum()))
         row = {"section": "detector", "spread": spread, "boost": boost, "sd_p": sd_p, "alpha": alpha, "series": series, "looks": LOOKS,
                "prompts_per_run": m, "false_alarm": fa["rate"], "se_false_alarm": fa["se"],
                "guarantee": min(1.0, alpha * LOOKS), "reference_covers": covered / series,
-               "zero_bet": zero_bet / series}
+               "zero_bet": 1 - float(bet.mean()), "false_alarm_betting": fa_bet["rate"] if bet.any() else None}
         for k in RISES:
-            d = np.array(delays[(k, alpha)])
             tag = f"{k:g}x"
-            row[f"detected_{tag}"] = float(np.mean(np.isfinite(d)))
-            row[f"median_delay_{tag}"] = _finite(np.median(d))
-            row[f"p90_delay_{tag}"] = _finite(np.quantile(d, 0.9, method="inverted_cdf"))
+            for name, d in (("", np.array(delays[(k, alpha)])), ("betting_", np.array(delays[(k, alpha)])[bet])):
+                row[f"{name}detected_{tag}"] = float(np.mean(np.isfinite(d))) if d.size else None
+                row[f"{name}median_delay_{tag}"] = _finite(np.median(d)) if d.size else None
+                row[f"{name}p90_delay_{tag}"] = _finite(np.quantile(d, 0.9, method="inverted_cdf")) if d.size else None
         rows.append(row)
     return rows
 
@@ -288,7 +292,8 @@ def main() -> int:
     cov_cols = ["spread", "target_hits", "sd_p", "runs", "prompts", "miss_high", "miss_low", "bound_only", "n_reliable",
                 "miss_high_reliable", "width_vs_single", "upper_over_P", "single_run_miss_high"]
     det_cols = ["spread", "boost", "sd_p", "alpha", "false_alarm", "guarantee", "reference_covers", "zero_bet",
-                *[f"{c}_{k:g}x" for k in RISES for c in ("detected", "median_delay", "p90_delay")]]
+                "false_alarm_betting",
+                *[f"betting_{c}_{k:g}x" for k in RISES for c in ("detected", "median_delay", "p90_delay")]]
     gate_cols = ["spread", "target_hits", "sd_p", "max_ratio", "true_ratio", "fail", "pass", "inconclusive", "level"]
     summary = [{k: r[k] for k in cov_cols} | {"section": "coverage"} for r in cov]
     summary += [{k: r[k] for k in det_cols} | {"section": "detector"} for r in det]
@@ -300,13 +305,15 @@ def main() -> int:
              "median pooled ci_high / P_query; single_run_miss_high: one run's aggregate ci_high < P_query. "
              "detector: false_alarm = P(any alarm within 100 runs at unchanged risk), guarantee alpha*100 (on the "
              "event reference_covers, the share of references whose upper bound is >= P_query); zero_bet: share of "
-             "references too uncertain to bet (never fire); delays in runs after arming, inf = not within 100. "
+             "references too uncertain to bet (bet 0: R_t = t, so they alarm at run 1/alpha whatever the data); "
+             "false_alarm_betting and betting_*: among the references that bet; delays in runs after arming, "
+             "null = not within 100. "
              "gate: verdict shares of history_ratio_gate, R = max_ratio; at true ratio R the fail share is the "
              "false-failure rate (level 0.05), at 2R it is the power.")
     path = run.write(summary=summary, results=cov + det + gat, notes=notes,
                      out=Path(args.output) if args.output else None)
     fmt = {c: ".3f" for c in ("miss_high", "miss_low", "bound_only", "miss_high_reliable", "single_run_miss_high",
-                              "false_alarm", "reference_covers", "zero_bet", "fail", "pass", "inconclusive")}
+                              "false_alarm", "reference_covers", "zero_bet", "false_alarm_betting", "fail", "pass", "inconclusive")}
     fmt.update(width_vs_single=".2f", upper_over_P=".2f")
     print(markdown_table([r for r in summary if r["section"] == "coverage"], cov_cols, fmt))
     print(markdown_table([r for r in summary if r["section"] == "detector"], det_cols, fmt))
