@@ -70,7 +70,7 @@ LOOKS = 100
 ALPHAS = (0.01, 0.001)
 RISES = (1.5, 2.0, 4.0)
 # (weight spread, target hits a run's proposal aims at per prompt, log-sd of P(x) over prompts):
-# the asked spreads at 40 hits over prompts of sd 1, equal-weight hits as a control, and prompts
+# the skews 0.5, 1, 1.5 at 40 hits over prompts of sd 1, equal-weight hits as a control, and prompts
 # of sd 0.5 at 150 hits, where the per-prompt estimates are mostly reliable (intervals.py) so
 # that the pooled interval itself, not the carried bounds, is what is measured
 COVERAGE_CELLS = ((0.0, 40.0, 1.0), (0.5, 40.0, 1.0), (1.0, 40.0, 1.0), (1.5, 40.0, 1.0), (0.0, 150.0, 0.5),
