@@ -174,7 +174,8 @@ def coverage(spread: float, target_hits: float, sd_p: float, series: int, m: int
     for t in PREFIXES:
         a = acc[t]
         high, low = _rate(a["high"], series), _rate(a["low"], series)
-        rows.append({"section": "coverage", "spread": spread, "target_hits": target_hits, "sd_p": sd_p, "runs": t, "prompts": t * m, "series": series,
+        rows.append({"section": "coverage", "spread": spread, "target_hits": target_hits, "sd_p": sd_p, "runs": t,
+                     "prompts": t * m, "series": series,
                      "miss_high": high["rate"], "se_miss_high": high["se"],
                      "miss_low": low["rate"], "se_miss_low": low["se"],
                      "miss_interval": (a["high"] + a["low"]) / series,
@@ -220,7 +221,8 @@ def detector(spread: float, boost: float, sd_p: float, series: int, m: int, rng)
     for alpha in ALPHAS:
         fa = _rate(sum(false[alpha]), series)
         fa_bet = _rate(int(np.sum(np.array(false[alpha]) & bet)), int(bet.sum()))
-        row = {"section": "detector", "spread": spread, "boost": boost, "sd_p": sd_p, "alpha": alpha, "series": series, "looks": LOOKS,
+        row = {"section": "detector", "spread": spread, "boost": boost, "sd_p": sd_p, "alpha": alpha,
+               "series": series, "looks": LOOKS,
                "prompts_per_run": m, "false_alarm": fa["rate"], "se_false_alarm": fa["se"],
                "guarantee": min(1.0, alpha * LOOKS), "reference_covers": covered / series,
                "zero_bet": 1 - float(bet.mean()), "false_alarm_betting": fa_bet["rate"] if bet.any() else None}
@@ -234,7 +236,8 @@ def detector(spread: float, boost: float, sd_p: float, series: int, m: int, rng)
     return rows
 
 
-def gate(spread: float, target_hits: float, sd_p: float, checks: int, rng, hist_runs=5, hist_m=10, cand_m=30) -> list[dict]:
+def gate(spread: float, target_hits: float, sd_p: float, checks: int, rng, hist_runs=5, hist_m=10,
+         cand_m=30) -> list[dict]:
     verdicts = {MAX_RATIO: [], 2 * MAX_RATIO: []}
     for _ in range(checks):
         history = pool(adaptive_series(rng, hist_runs, hist_m, spread, target_hits, sd_p),
@@ -250,7 +253,8 @@ def gate(spread: float, target_hits: float, sd_p: float, checks: int, rng, hist_
     rows = []
     for ratio, v in verdicts.items():
         fail = _rate(v.count("fail"), checks)
-        rows.append({"section": "gate", "spread": spread, "target_hits": target_hits, "sd_p": sd_p, "max_ratio": MAX_RATIO, "true_ratio": ratio,
+        rows.append({"section": "gate", "spread": spread, "target_hits": target_hits, "sd_p": sd_p,
+                     "max_ratio": MAX_RATIO, "true_ratio": ratio,
                      "checks": checks, "history": f"{hist_runs} runs x {hist_m} prompts", "candidate_prompts": cand_m,
                      "fail": fail["rate"], "se_fail": fail["se"], "pass": v.count("pass") / checks,
                      "inconclusive": v.count("inconclusive") / checks,
@@ -313,7 +317,8 @@ def main() -> int:
     path = run.write(summary=summary, results=cov + det + gat, notes=notes,
                      out=Path(args.output) if args.output else None)
     fmt = {c: ".3f" for c in ("miss_high", "miss_low", "bound_only", "miss_high_reliable", "single_run_miss_high",
-                              "false_alarm", "reference_covers", "zero_bet", "false_alarm_betting", "fail", "pass", "inconclusive")}
+                              "false_alarm", "reference_covers", "zero_bet", "false_alarm_betting", "fail", "pass",
+                              "inconclusive")}
     fmt.update(width_vs_single=".2f", upper_over_P=".2f")
     print(markdown_table([r for r in summary if r["section"] == "coverage"], cov_cols, fmt))
     print(markdown_table([r for r in summary if r["section"] == "detector"], det_cols, fmt))
