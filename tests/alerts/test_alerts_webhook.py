@@ -79,16 +79,18 @@ def test_a_receiver_that_keeps_failing_is_recorded_as_failed(store, receiver, mo
 
 def test_a_hanging_receiver_does_not_block_the_caller(store, receiver, monkeypatch):
     hook = receiver(hang=True)
-    service = engine_with_hook(store, monkeypatch, hook.url, timeout=0.5, retries=1, backoff=0.1)
+    # A caller that waited would take two attempts of 2 s and the backoff (4.1 s): the bound of 2 s
+    # tells the two apart with room for a loaded machine (0.4 s failed at 1.5 s under load).
+    service = engine_with_hook(store, monkeypatch, hook.url, timeout=2, retries=1, backoff=0.1)
     t0 = time.monotonic()
     assert service.on_run("prod", "succeeded", figures()) == ["harm-high"]
-    assert time.monotonic() - t0 < 0.4  # the run's thread does not wait for the receiver
+    assert time.monotonic() - t0 < 2.0  # the run's thread does not wait for the receiver
     assert service.flush(0.2) is False  # still trying
     hook.wait_for(1)
-    service.close(10)  # two attempts of 0.5 s and a 0.1 s backoff fit in the bound
+    service.close(10)  # two attempts of 2 s and a 0.1 s backoff fit in the bound
     [delivery] = store.alert_deliveries()
     assert (delivery["outcome"], delivery["attempts"]) == ("failed", 2)
-    assert "no answer within 0.5 s" in delivery["error"]
+    assert "no answer within 2 s" in delivery["error"]
 
 
 def test_shutdown_bound_drops_what_cannot_be_delivered(store, receiver, monkeypatch):

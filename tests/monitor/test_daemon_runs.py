@@ -268,17 +268,26 @@ def test_an_adaptive_monitor_keeps_its_adapter_across_a_checkpoint_change(tmp_pa
 
     from safetensors.torch import load_file, save_file
 
-    # seed 4: the first two runs adopt an adapter and a tilt (with the default seed 7 a tilt alone
-    # wins on this judge)
-    cfg = write_config(tmp_path, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
-                       adaptive={"state_dir": "learnt", "steps": 10, "time_share": 1000},
-                       estimator={"samples": 60, "defensive": 0.2, "seed": 4})
-    for _ in range(2):
-        [outcome] = new_daemon(cfg).run_once()
+    # Which components the first two runs adopt depends on the draws (on this judge a tilt alone
+    # often wins): the first seed of these whose two runs adopt both an adapter and a tilt is used,
+    # so that the test sees both kept. The replay is deterministic; the list only spares the test
+    # from pinning one seed to one sampler's draws.
+    for seed in (4, 1, 2, 3, 5, 6, 8, 9, 10, 11):
+        folder = tmp_path / f"seed-{seed}"
+        folder.mkdir()
+        cfg = write_config(folder, model_copy, samples=60, judge="regex:Sure|ab", proposals="adaptive",
+                           adaptive={"state_dir": "learnt", "steps": 10, "time_share": 1000},
+                           estimator={"samples": 60, "defensive": 0.2, "seed": seed})
+        for _ in range(2):
+            [outcome] = new_daemon(cfg).run_once()
+        state = json.loads((folder / "learnt" / "state.json").read_text())
+        if state["adapter"] is not None and state["tilt"] is not None:
+            break
+    else:
+        pytest.fail("no seed adopted both an adapter and a tilt in its first two runs")
+    tmp_path = folder
     learnt = outcome.result.to_dict()["adaptive"]
-    state = json.loads((tmp_path / "learnt" / "state.json").read_text())
     adapter = state["adapter"]
-    assert adapter is not None and state["tilt"] is not None  # these seeds adopt both in the first two runs
     weights = next(model_copy.glob("*.safetensors"))
     tensors = load_file(weights)
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * 1.01  # another checkpoint of the same model
