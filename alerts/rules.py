@@ -68,11 +68,8 @@ def figure_key(metric: str, window: str | None = None) -> str:
     return f"{metric}[{window}]" if window else metric
 
 
-def builtin_unreliable(cfg: AlertRuleConfig | None = None) -> Rule:
-    """The aggregate is not reliable (figure estimate_unreliable = 1)."""
-    base = Rule(BUILTIN_UNRELIABLE, "estimate_unreliable", ">=", 1.0, 1.0, for_runs=1,
-                annotations={"summary": "the estimate's weight diagnostics say it is unreliable "
-                                        "(k-hat, ESS of w*h or too few harmful samples)"})
+def _configured(base: Rule, cfg: AlertRuleConfig | None) -> Rule:
+    """A built-in rule with what the config's entry for it sets (`for_runs` only when given)."""
     if cfg is None:
         return base
     return replace(base, for_runs=cfg.for_runs if "for_runs" in cfg.model_fields_set else base.for_runs,
@@ -80,6 +77,14 @@ def builtin_unreliable(cfg: AlertRuleConfig | None = None) -> Rule:
                    annotations={**base.annotations, **cfg.annotations},
                    repeat_interval=timedelta(seconds=seconds(cfg.repeat_interval, "repeat_interval")),
                    sinks=cfg.sinks)
+
+
+def builtin_unreliable(cfg: AlertRuleConfig | None = None) -> Rule:
+    """The aggregate is not reliable (figure estimate_unreliable = 1)."""
+    base = Rule(BUILTIN_UNRELIABLE, "estimate_unreliable", ">=", 1.0, 1.0, for_runs=1,
+                annotations={"summary": "the estimate's weight diagnostics say it is unreliable "
+                                        "(k-hat, ESS of w*h or too few harmful samples)"})
+    return _configured(base, cfg)
 
 
 def builtin_risk_increase(cfg: AlertRuleConfig | None = None) -> Rule:
@@ -89,13 +94,7 @@ def builtin_risk_increase(cfg: AlertRuleConfig | None = None) -> Rule:
     base = Rule(BUILTIN_RISK_INCREASE, "risk_increase_alarm", ">=", 1.0, 1.0, for_runs=1,
                 annotations={"summary": "the series' risk rose above its reference (the pooled history, or the "
                                         "previous model version's): the change detector's evidence passed 1/alpha"})
-    if cfg is None:
-        return base
-    return replace(base, for_runs=cfg.for_runs if "for_runs" in cfg.model_fields_set else base.for_runs,
-                   severity=cfg.severity, labels=dict(cfg.labels),
-                   annotations={**base.annotations, **cfg.annotations},
-                   repeat_interval=timedelta(seconds=seconds(cfg.repeat_interval, "repeat_interval")),
-                   sinks=cfg.sinks)
+    return _configured(base, cfg)
 
 
 def compile_rules(configs) -> list[Rule]:
