@@ -84,7 +84,7 @@ def test_missing_adapter_is_an_input_error(engine, tmp_path):
         engine.score("ab", bad, [[7]])
 
 
-def test_an_adapter_rewritten_in_the_same_folder_is_loaded_again(make_tiny_engine, tiny_tokenizer, tmp_path):
+def test_an_adapter_rewritten_in_the_same_folder_is_loaded_again(make_tiny_engine, tmp_path):
     """An adaptive monitor whose update was not adopted deletes the candidate's folder and writes
     the next candidate into the same one. The engine must score under the new weights, not the
     ones it loaded from that path before. Catches adapters cached by path alone."""
@@ -93,10 +93,8 @@ def test_an_adapter_rewritten_in_the_same_folder_is_loaded_again(make_tiny_engin
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from conftest import build_tiny_model
-
     def write(seed: int, folder):
-        base = build_tiny_model(tiny_tokenizer)  # seeds torch itself: the adapter's seed comes after
+        base = make_tiny_engine().model  # a fresh tiny model (seeds torch itself: the adapter's seed comes after)
         torch.manual_seed(seed)
         model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         model.save_pretrained(str(folder))
