@@ -802,6 +802,7 @@ class TransformersEngine(ChatEngine):
         and processed per processing on the rows `wanted` for it (bool over seqs; NaN elsewhere)."""
         ids = self.rendered(prompt, variant)
         steer = self._steering(variant.steering)
+        biases = {p: self._tilt(p[1]) for p in wanted}  # each tilt file read once, not once per chunk
         # Shortest first: a chunk pads every response to its longest, so similar lengths go together.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         ordered = [seqs[i] for i in order]
@@ -818,13 +819,13 @@ class TransformersEngine(ChatEngine):
                 for p, rows in wanted.items():
                     sub = np.flatnonzero(rows[order[start:end]])
                     if sub.size == len(chunk):
-                        toks[p] = self._token_logprobs(first, rest, x, p[0], self._tilt(p[1]))
+                        toks[p] = self._token_logprobs(first, rest, x, p[0], biases[p])
                     else:
                         toks[p] = torch.full(x.shape, float("nan"), dtype=torch.float64)
                         if sub.size:
                             sel = torch.from_numpy(sub)
                             picked = None if rest is None else rest[sel.to(rest.device)]
-                            toks[p][sel] = self._token_logprobs(first, picked, x[sel], p[0], self._tilt(p[1]))
+                            toks[p][sel] = self._token_logprobs(first, picked, x[sel], p[0], biases[p])
                 yield order[start:end], toks, mask
                 checkpoint()
 
