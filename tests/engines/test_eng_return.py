@@ -17,7 +17,8 @@ import pytest
 from scipy.special import logsumexp
 from scipy.stats import chi2
 
-from tailmon.engines.base import Decoding, Engine, Samples, Variant
+from stub_engine import StubEngine  # noqa: E402  (tests/ is on sys.path)
+from tailmon.engines.base import Decoding, Samples, Variant
 from tailmon.errors import InputError
 from tailmon.judges import parse_judge
 from tailmon.proposals import parse_proposal
@@ -239,7 +240,7 @@ def test_horizon_rules():
 
 # --- engines that cannot return ------------------------------------------------------------
 
-class _Plain(Engine):
+class _Plain(StubEngine):
     name = "plain"
 
     def __init__(self):
@@ -247,27 +248,7 @@ class _Plain(Engine):
 
     def sample(self, prompt, variant, n, seed):
         self.sampled += n
-        return Samples([[0]] * n, np.zeros(n), [True] * n)
-
-    def score(self, prompt, variant, responses):
-        return np.zeros(len(responses))
-
-    def next_token_logprobs(self, prompt, variant, prefixes):
-        return np.zeros((len(prefixes), 1))
-
-    def decode(self, token_ids):
-        return ""
-
-    def token_text(self, token_id):
-        return ""
-
-    @property
-    def stop_token_ids(self):
-        return frozenset({0})
-
-    @property
-    def vocab_size(self):
-        return 1
+        return super().sample(prompt, variant, n, seed)
 
 
 def test_an_engine_that_cannot_return_refuses_before_drawing_anything():

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tailmon.engines.base import Decoding, Engine, Samples, Steering, Tilt, Variant
+from stub_engine import StubEngine  # noqa: E402  (tests/ is on sys.path)
+from tailmon.engines.base import Decoding, Steering, Tilt, Variant
 from tailmon.engines.steering import compute_direction, save_direction
 from tailmon.errors import InputError
 from tailmon.judges import parse_judge
@@ -164,7 +165,7 @@ def test_the_default_scores_each_variant_on_its_needed_rows_only():
         engine.score_many(PROMPT, [TARGET], [[0]], np.ones((1, 2), dtype=bool))
 
 
-class Counting(Engine):
+class Counting(StubEngine):
     """An engine without sharing: records the rows of every `score` call; a response's score is its length."""
 
     def __init__(self):
@@ -181,23 +182,3 @@ class Counting(Engine):
     def score_many(self, prompt, variants, responses, need=None):
         self._rows = list(responses)
         return super().score_many(prompt, variants, responses, need)
-
-    def sample(self, prompt, variant, n, seed):
-        return Samples([[0]] * n, np.zeros(n), [True] * n)
-
-    def next_token_logprobs(self, prompt, variant, prefixes):
-        return np.zeros((len(prefixes), 1))
-
-    def decode(self, token_ids):
-        return ""
-
-    def token_text(self, token_id):
-        return ""
-
-    @property
-    def stop_token_ids(self):
-        return frozenset({0})
-
-    @property
-    def vocab_size(self):
-        return 1
