@@ -56,3 +56,13 @@ def run_once_stored(config, tmp_path, *, env=None, timeout=600) -> dict:
         return store.get_run(outcome["run_id"])
     finally:
         store.close()
+
+
+def proposal_training_config(tmp_path, model_dir, judge: str):
+    """A one-monitor config for the proposal-building commands (train-lora, fit-tilt): `judge`,
+    no proposals of its own, temperature 0.5 and 2-token replies. Returns the path."""
+    path = write_config(tmp_path, model_dir, judge=judge, proposals=[])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["monitors"][0]["model"].update(temperature=0.5, max_new_tokens=2)
+    path.write_text(yaml.safe_dump(cfg))
+    return path

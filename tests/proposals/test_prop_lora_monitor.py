@@ -8,23 +8,18 @@ import filecmp
 import json
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from tailmon.cli.main import main
 
-from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
+from daemon_support import proposal_training_config  # noqa: E402  (tests/ is on sys.path)
 
 JUDGE = "regex: is"
 
 
 @pytest.fixture
 def config(tmp_path, tiny_model_dir):
-    path = write_config(tmp_path, tiny_model_dir, judge=JUDGE, proposals=[])
-    cfg = yaml.safe_load(path.read_text())
-    cfg["monitors"][0]["model"].update(temperature=0.5, max_new_tokens=2)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return proposal_training_config(tmp_path, tiny_model_dir, JUDGE)
 
 
 def train(config, out, *extra):

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from tailmon.cli.main import main
@@ -17,7 +16,7 @@ from tailmon.judges import parse_judge
 from tailmon.proposals import parse_proposal
 from tailmon.proposals.tilt_fit import HitSet, fit_tilt
 
-from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
+from daemon_support import proposal_training_config  # noqa: E402  (tests/ is on sys.path)
 
 PROMPT = "ab"
 TARGET = Variant("target", Decoding(temperature=0.7, max_new_tokens=3))
@@ -77,11 +76,7 @@ JUDGE = "regex: is"
 
 @pytest.fixture
 def config(tmp_path, tiny_model_dir):
-    path = write_config(tmp_path, tiny_model_dir, judge=JUDGE, proposals=[])
-    cfg = yaml.safe_load(path.read_text())
-    cfg["monitors"][0]["model"].update(temperature=0.5, max_new_tokens=2)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return proposal_training_config(tmp_path, tiny_model_dir, JUDGE)
 
 
 def test_cli_fit_tilt_writes_a_loadable_tilt_for_a_monitor(config, tmp_path, make_tiny_engine, enumerate_all):
