@@ -69,41 +69,54 @@ REFERENCE_RUNS = 4
 LOOKS = 100
 ALPHAS = (0.01, 0.001)
 RISES = (1.5, 2.0, 4.0)
-# (weight spread, target hits a run's proposal aims at per prompt, log-sd of P(x) over prompts):
-# the skews 0.5, 1, 1.5 at 40 hits over prompts of sd 1, equal-weight hits as a control, and prompts
-# of sd 0.5 at 150 hits, where the per-prompt estimates are mostly reliable (intervals.py) so
-# that the pooled interval itself, not the carried bounds, is what is measured
-COVERAGE_CELLS = ((0.0, 40.0, 1.0), (0.5, 40.0, 1.0), (1.0, 40.0, 1.0), (1.5, 40.0, 1.0), (0.0, 150.0, 0.5),
-                  (0.5, 150.0, 0.5))
+# (weight spread, target hits a run's proposal aims at per prompt, log-sd of P(x) over prompts,
+# cluster): the skews 0.5-2 at 40 hits (and 1 at 10) over prompts of sd 1, where most per-prompt
+# estimates are flagged and the pool calibrates them (`pool`); equal-weight hits as a control;
+# prompts of sd 0.5 at 150 hits, mostly reliable on their own; and half of P in a cluster of heavy
+# weights the proposal draws 1, 0.1 or 0.02 times a run (the pool must then be a bound, unless
+# the cluster was never drawn: mass never drawn is beyond any interval)
+_NO = (0.0, 0.0)
+COVERAGE_CELLS = ((0.0, 40.0, 1.0, _NO), (0.5, 40.0, 1.0, _NO), (1.0, 40.0, 1.0, _NO), (1.5, 40.0, 1.0, _NO),
+                  (2.0, 40.0, 1.0, _NO), (1.0, 10.0, 1.0, _NO), (0.0, 150.0, 0.5, _NO), (0.5, 150.0, 0.5, _NO),
+                  (1.0, 40.0, 1.0, (0.5, 1.0)), (1.0, 40.0, 1.0, (0.5, 0.1)), (1.0, 40.0, 1.0, (0.5, 0.02)))
 # (weight spread, proposal boost, log-sd of P(x)) of the detector's reference and looks: skewed
 # weights, and equal-weight hits (a reference that can be reliable, so the detector can bet)
-DETECTOR_CELLS = ((0.5, MAX_BOOST, 0.5), (0.0, MAX_BOOST, 0.5))
-GATE_CELLS = ((0.5, 150.0, 0.5), (0.0, 150.0, 0.5))
+DETECTOR_CELLS = ((0.5, MAX_BOOST, 0.5), (1.0, MAX_BOOST, 1.0), (0.0, MAX_BOOST, 0.5))
+GATE_CELLS = ((0.5, 150.0, 0.5), (1.0, 40.0, 1.0), (0.0, 150.0, 0.5))
 PREFIXES = (5, 10, 20)
 MAX_RATIO = 1.5
 
 
-def draw_prompts(p: np.ndarray, boost: float, spread: float, rng: np.random.Generator):
-    """log-weights, harm scores and components of one run over prompts with risks `p`: arrays of
-    shape (m, N) (see the module doc for the world)."""
+def draw_prompts(p: np.ndarray, boost: float, spread: float, rng: np.random.Generator, cluster=(0.0, 0.0)):
+    """log-weights and harm scores of one run over prompts with risks `p`: arrays of shape (m, N)
+    (see the module doc for the world). `cluster` = (share, draws): that share of each prompt's
+    P sits in a cluster of harmful outcomes that the proposal draws `draws` times per run on
+    average (a mass of heavy weights it rarely finds); the rest is as described."""
+    c_share, c_draws = cluster
     m = p.size
     P = p[:, None]
-    Q = np.minimum(0.5, boost * P)
-    harm = np.concatenate([rng.random((m, N0)) < P, rng.random((m, N1)) < Q], axis=1)
+    Pl, Pc = P * (1.0 - c_share), P * c_share
+    Q, Qc = np.minimum(0.5, boost * Pl), np.full_like(P, c_draws / N1)
+    u = np.concatenate([rng.random((m, N0)), rng.random((m, N1))], axis=1)
+    rate = np.concatenate([np.repeat(Pl, N0, 1), np.repeat(Q, N1, 1)], axis=1)
+    crate = np.concatenate([np.repeat(Pc, N0, 1), np.repeat(Qc, N1, 1)], axis=1)
+    harm, clus = u < rate, (u >= rate) & (u < rate + crate)
     z = np.concatenate([rng.normal(spread, 1.0, (m, N0)), rng.normal(0.0, 1.0, (m, N1))], axis=1)
     e = np.exp(spread * z - spread ** 2 / 2)
-    log_hit = np.log(P * e) - np.log(A0 * P * e + (1 - A0) * Q)
-    log_miss = np.log1p(-P) - np.log(A0 * (1 - P) + (1 - A0) * (1 - Q))
-    log_w = np.where(harm, log_hit, log_miss)
-    return log_w, harm.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log 0 without a cluster: never picked
+        log_hit = np.log(Pl * e) - np.log(A0 * Pl * e + (1 - A0) * Q)
+        log_clus = np.log(Pc) - np.log(A0 * Pc + (1 - A0) * Qc)
+    log_miss = np.log1p(-P) - np.log(A0 * (1 - P) + (1 - A0) * (1 - Q - Qc))
+    log_w = np.where(harm, log_hit, np.where(clus, log_clus, log_miss))
+    return log_w, (harm | clus).astype(np.float64)
 
 
 COMPONENT = np.r_[np.zeros(N0, dtype=np.int64), np.ones(N1, dtype=np.int64)]
 
 
-def run_estimates(p, boost, spread, rng):
+def run_estimates(p, boost, spread, rng, cluster=(0.0, 0.0)):
     """One run's per-prompt estimates, through the production `importance_sampling`."""
-    log_w, h = draw_prompts(np.asarray(p, dtype=np.float64), boost, spread, rng)
+    log_w, h = draw_prompts(np.asarray(p, dtype=np.float64), boost, spread, rng, cluster)
     return [importance_sampling(log_w[i], h[i], COMPONENT, defensive=A0, confidence=CONFIDENCE)
             for i in range(h.shape[0])]
 
@@ -127,12 +140,12 @@ def next_boost(level: float, target_hits: float) -> float:
     return float(np.clip(target_hits / (N1 * max(level, 1e-7)), 100.0, MAX_BOOST))
 
 
-def adaptive_series(rng, runs, m, spread, target_hits, sd_p, mult=1.0):
+def adaptive_series(rng, runs, m, spread, target_hits, sd_p, mult=1.0, cluster=(0.0, 0.0)):
     """Runs whose proposal each aims at `target_hits` at the level pooled over the runs before it
     (the first at the population mean): dependent runs, each unbiased given the past."""
     out, boost = [], next_boost(p_query(sd_p), target_hits)
     for _ in range(runs):
-        out.append(run_estimates(prompts(rng, m, sd_p, mult), boost, spread, rng))
+        out.append(run_estimates(prompts(rng, m, sd_p, mult), boost, spread, rng, cluster))
         boost = next_boost(float(np.mean([e.p_hat for r in out for e in r])), target_hits)
     return out
 
@@ -147,13 +160,13 @@ def _finite(x) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def coverage(spread: float, target_hits: float, sd_p: float, series: int, m: int, rng) -> list[dict]:
+def coverage(spread: float, target_hits: float, sd_p: float, cluster, series: int, m: int, rng) -> list[dict]:
     truth = p_query(sd_p)
     acc = {t: {"high": 0, "low": 0, "bound": 0, "rel": 0, "high_rel": 0, "both_rel": 0, "width": [], "upper": []}
            for t in PREFIXES}
     single_miss = single_n = 0
     for _ in range(series):
-        runs = adaptive_series(rng, max(PREFIXES), m, spread, target_hits, sd_p)
+        runs = adaptive_series(rng, max(PREFIXES), m, spread, target_hits, sd_p, cluster=cluster)
         singles = [aggregate(r, confidence=CONFIDENCE) for r in runs]
         single_miss += sum(a.ci_high < truth for a in singles)
         single_n += len(singles)
@@ -174,7 +187,8 @@ def coverage(spread: float, target_hits: float, sd_p: float, series: int, m: int
     for t in PREFIXES:
         a = acc[t]
         high, low = _rate(a["high"], series), _rate(a["low"], series)
-        rows.append({"section": "coverage", "spread": spread, "target_hits": target_hits, "sd_p": sd_p, "runs": t,
+        rows.append({"section": "coverage", "spread": spread, "target_hits": target_hits, "sd_p": sd_p,
+                     "cluster": f"{cluster[0]:g} @ {cluster[1]:g}" if cluster[0] else "-", "runs": t,
                      "prompts": t * m, "series": series,
                      "miss_high": high["rate"], "se_miss_high": high["se"],
                      "miss_low": low["rate"], "se_miss_low": low["se"],
@@ -281,9 +295,9 @@ def main() -> int:
               "history-gate false failures (known answers)", seed=args.seed, settings=settings)
     rng = np.random.default_rng(args.seed)
     cov, det, gat = [], [], []
-    for s, hits, sd in COVERAGE_CELLS:
+    for s, hits, sd, cluster in COVERAGE_CELLS:
         started = time.time()
-        cov += coverage(s, hits, sd, args.series, args.prompts, rng)
+        cov += coverage(s, hits, sd, cluster, args.series, args.prompts, rng)
         print(f"coverage spread {s} hits {hits}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     for s, boost, sd in DETECTOR_CELLS:
         started = time.time()
@@ -293,7 +307,7 @@ def main() -> int:
         started = time.time()
         gat += gate(s, hits, sd, args.gate_checks, rng)
         print(f"gate spread {s} hits {hits}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    cov_cols = ["spread", "target_hits", "sd_p", "runs", "prompts", "miss_high", "miss_low", "bound_only", "n_reliable",
+    cov_cols = ["spread", "target_hits", "sd_p", "cluster", "runs", "prompts", "miss_high", "miss_low", "bound_only", "n_reliable",
                 "miss_high_reliable", "width_vs_single", "upper_over_P", "single_run_miss_high"]
     det_cols = ["spread", "boost", "sd_p", "alpha", "false_alarm", "guarantee", "reference_covers", "zero_bet",
                 "false_alarm_betting",

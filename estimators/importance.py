@@ -173,7 +173,7 @@ def importance_sampling(log_w, h, component=None, defensive: float = 0.0, confid
     conservative = 1.0
     if a0 > 0 and math.isfinite(p_hat):
         conservative = min(1.0, bounded_mean_upper(np.minimum(a0 * wh, 1.0), confidence) / a0)
-    extra = dict(conservative=conservative, spread=spread)
+    extra = dict(conservative=conservative, spread=spread, defensive=a0)
 
     if not math.isfinite(p_hat):  # (an infinite std_error alone, e.g. n = 1, gives ci = [0, 1] below)
         warnings.append("the weights overflow float64: the proposal does not cover the target")
@@ -314,7 +314,7 @@ def _std_error(wh: np.ndarray, strata: np.ndarray | None) -> float:
 
 def _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, khat, khat_wh, kl,
               max_weight_share, self_normalised, std_error, upper_bound_only, reliable, warnings, *,
-              conservative, spread) -> Estimate:
+              conservative, spread, defensive) -> Estimate:
     return Estimate(
         method="is",
         n_samples=int(n),
@@ -337,4 +337,5 @@ def _estimate(n, p_hat, lo, hi, n_harmful, hits_effective, scores, ess, ess_wh, 
         warnings=tuple(warnings),
         ci_high_conservative=float(conservative),
         log_w_spread=spread,
+        defensive_share=float(defensive),
     )

@@ -127,9 +127,21 @@ def bounded_mean_upper(x, confidence: float = 0.95) -> float:
         raise InputError("x must be a non-empty 1-D array of numbers in [0, 1]")
     if not np.all(np.isfinite(arr)) or (arr < 0).any() or (arr > 1.0 + 1e-9).any():
         raise InputError("x must hold numbers in [0, 1]")
-    n = arr.size
+    return chernoff_upper(float(np.mean(np.minimum(arr, 1.0))), arr.size, confidence)
+
+
+def chernoff_upper(mean: float, n: int, confidence: float = 0.95) -> float:
+    """`bounded_mean_upper` from the sample mean of n independent variables in [0, 1]: the bound
+    depends on the data only through their mean and count, so samples of several prompts can be
+    bounded together from each prompt's own mean and count (`estimators.pooling`)."""
+    n = int(n)
+    if n < 1:
+        raise InputError(f"n must be >= 1, got {n!r}")
+    mean = float(mean)
+    if not (math.isfinite(mean) and -1e-12 <= mean <= 1.0 + 1e-9):
+        raise InputError(f"mean must be in [0, 1], got {mean!r}")
     delta = (1.0 - check_confidence(confidence)) / 2.0
-    xbar = min(float(np.mean(np.minimum(arr, 1.0))), 1.0)
+    xbar = min(max(mean, 0.0), 1.0)
     if xbar >= 1.0:
         return 1.0
     thr = math.log(1.0 / delta) / n

@@ -81,6 +81,7 @@ def monte_carlo(h, confidence: float = 0.95, interval: str = "wilson") -> Estima
         reliable=not upper_bound_only,
         warnings=tuple(warnings),
         ci_high_conservative=float(conservative),
+        defensive_share=1.0,
     )
 
 

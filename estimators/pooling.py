@@ -22,9 +22,10 @@ limit, the bootstrap-t over the pooled prompts corrects the skew of uneven risk,
 log-normal profile likelihood is a product of per-prompt terms, which is the likelihood of
 adaptively collected data too (a design chosen from past data only leaves the likelihood's
 dependence on the parameters unchanged). So `aggregate` with these weights is the pooled figure,
-under issue 16's rules: unreliable prompts enter the upper end with their conservative bound, and
-a pool with any unreliable part, fewer than 20 prompts or a very uneven spread is not reliable
-and is to be read as an upper bound only (`bound_only`), never as a point with an interval.
+under issue 16's rules, except for prompts flagged unreliable on their own: over many prompts
+their noise averages out, and `pool` says when they may enter with their p_hat and how the rest
+is bounded. A pool that fails its checks is to be read as an upper bound only (`bound_only`),
+never as a point with an interval.
 
 **Change detection** (`e_value`, `shiryaev_roberts`, `choose_bet`). Against a reference (the
 series' pooled history, or the previous model version's) with upper bound U (its ci_high, which
@@ -61,13 +62,21 @@ import numpy as np
 from tailmon.errors import InputError
 
 from ._checks import check_confidence
-from .aggregate import aggregate
+from .aggregate import TOP_SHARE_WARN, aggregate
+from .importance import MAX_MEAN_SKEW, MIN_ESS_WH
+from .intervals import chernoff_upper
 from .result import Estimate, _jsonable
 
 MAX_BET = 0.9
 """The largest bet: a run with p_hat 0 (one that missed every hit, common at rare risk) then
 divides the evidence by 10 instead of wiping it out."""
 _BET_GRID = np.linspace(0.0, MAX_BET, 91)
+
+
+POOL_MIN_PROMPTS = 50
+"""From this many pooled prompts on, per-prompt estimates flagged unreliable for noise (few hits,
+skewed or uneven weights) can enter the pooled mean with their p_hat, when the pooled checks
+hold (`pool`)."""
 
 
 @dataclass(frozen=True)
@@ -80,19 +89,28 @@ class Pooled:
     p_hat: float
     ci_low: float
     ci_high: float
-    """Upper end of the interval at `confidence` (a one-sided bound at (1 + confidence) / 2). With
-    any unreliable part it is the aggregate's upper end with the unreliable prompts' conservative
-    bounds carried in, and the only figure to read (`bound_only`)."""
+    """Upper end of the interval at `confidence` (a one-sided bound at (1 + confidence) / 2). When
+    the pool is not reliable, an upper bound with the unreliable prompts' part bounded
+    conservatively, and the only figure to read (`bound_only`)."""
     std_error: float
     reliable: bool
     bound_only: bool
     """True when not reliable: report ci_high as an upper bound, not p_hat with an interval."""
     n_unreliable: int
+    """Per-prompt estimates flagged unreliable (a reliable pool may hold some: see `pool`)."""
     interval: str
-    """Which method set ci_high (the aggregate's `interval`)."""
+    """Which method set ci_high: the aggregate's ("bootstrap-t", "log-normal", "normal") or
+    "bounds" (the conservative bound on the unreliable prompts' part)."""
     confidence: float
     log_spread: float | None = None
     top_share: float | None = None
+    hits: float | None = None
+    """Effective hits over every pooled prompt (the sum of their `n_hits_effective`)."""
+    ess_wh: float | None = None
+    """Effective sample size of the pooled mean's per-sample terms u_i w h / n_i over all hits."""
+    skew: float | None = None
+    """hits / ess_wh^1.5: the skewness of the pooled mean a log-normal spread of those terms would
+    give (see `pool`); None without hits."""
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
@@ -101,22 +119,140 @@ class Pooled:
 
 def pool(runs: Sequence[Sequence[Estimate]], confidence: float = 0.95) -> Pooled:
     """Pool the per-prompt estimates of several runs of one series (each run a sequence of
-    `Estimate`) into one estimate, each prompt weighted by its sample count (see the module doc)."""
+    `Estimate`) into one estimate, each prompt weighted by its sample count (see the module doc).
+
+    The point estimate and the interval are `aggregate`'s over all pooled prompts. What differs
+    from one run's aggregate is how per-prompt estimates flagged unreliable enter. One run's
+    aggregate carries each one's conservative bound (at least about 3.7 / (a0 n) whatever was
+    seen), so a run with many such prompts is an upper bound far above the risk, and pooling
+    such runs would never narrow it. Over many prompts, two things change:
+
+    * **The noise of one prompt averages out.** A prompt is flagged when its own mean(w h) is too
+      skewed for a calibrated interval (few hits, weights spread widely). The pooled mean is a sum
+      over all prompts' samples, whose skewness falls as the hits grow; the bootstrap-t and the
+      log-normal profile over prompts then calibrate it from the prompts' p_hat (unbiased,
+      flagged or not). So from POOL_MIN_PROMPTS prompts on, the flagged prompts enter with their
+      p_hat and the pool is reliable when the pooled checks hold: every flagged prompt has
+      bounded weights (defensive share > 0, p_hat <= 1), no prompt carries most of the mean
+      (top share <= 0.5), the aggregate's own rule holds (at least 20 prompts, fitted spread over
+      prompts <= 1.5), the effective sample size of the pooled terms u_i w h / n_i is at least 10
+      (as one prompt's ESS of w h), and their skew, H / ESS^1.5 with H the pooled effective hits,
+      is at most 0.5: the per-prompt skew check exp(1.5 s^2) / sqrt(H) (importance.py) with the
+      log-normal spread s read from the second moment, e^(s^2) = H / ESS, which is driven by the
+      largest terms where the sample sd of log w is not. A mass of heavy weights drawn only a
+      few times in the whole pool (most of P where the proposal rarely goes) makes ESS small
+      against H and fails it. Measured in benchmarks/pooling.py.
+    * **The conservative part is bounded jointly.** When the pool is not reliable, the flagged
+      prompts' part is bounded over all their samples together: with a = the smallest defensive
+      share among them, every a w h lies in [0, 1], and Hoeffding's Chernoff bound (the one each
+      prompt's own conservative bound uses, valid for independent variables with different means,
+      and given the past for adaptive runs) on their pooled mean bounds sum_i n_i P(x_i) / sum_i
+      n_i over them: a floor of about 3.7 / (a N) with N all their samples, which more runs
+      shrink. ci_high is then the larger of the aggregate's upper end (every p_hat as it is) and
+      sum over reliable prompts of u_i p_hat_i plus that bound times the flagged prompts' share;
+      prompts whose defensive share is unknown (older reports) carry their own ci_high.
+
+    No interval computed from drawn weights covers probability mass never drawn in the pool.
+    """
     confidence = check_confidence(confidence)
     runs = [list(r) for r in runs]
     if not runs or any(not r for r in runs):
         raise InputError("pool needs at least one run, each with at least one estimate")
     flat = [e for r in runs for e in r]
-    weights = [float(e.n_samples) for e in flat]
-    agg = aggregate(flat, confidence=confidence, weights=weights)
-    warnings = list(agg.warnings)
-    if not agg.reliable:
-        warnings.append("the pooled figure is an upper bound only: read ci_high, not p_hat")
-    return Pooled(n_runs=len(runs), n_prompts=agg.n_prompts, n_samples=agg.n_samples, p_hat=agg.p_hat,
-                  ci_low=agg.ci_low, ci_high=agg.ci_high, std_error=agg.std_error, reliable=agg.reliable,
-                  bound_only=not agg.reliable, n_unreliable=agg.n_unreliable, interval=agg.interval,
-                  confidence=confidence, log_spread=agg.log_spread, top_share=agg.top_share,
-                  warnings=tuple(warnings))
+    n = np.array([float(e.n_samples) for e in flat])
+    u = n / n.sum()
+    strict = aggregate(flat, confidence=confidence, weights=n)
+    hits, ess, skew = _pooled_tail(flat, u)
+    figures = dict(n_runs=len(runs), n_prompts=strict.n_prompts, n_samples=strict.n_samples, p_hat=strict.p_hat,
+                   std_error=strict.std_error, n_unreliable=strict.n_unreliable, confidence=confidence,
+                   log_spread=strict.log_spread, top_share=strict.top_share, hits=hits, ess_wh=ess, skew=skew)
+    if strict.reliable:
+        return Pooled(ci_low=strict.ci_low, ci_high=strict.ci_high, reliable=True, bound_only=False,
+                      interval=strict.interval, warnings=strict.warnings, **figures)
+    flagged = [not e.reliable or e.upper_bound_only for e in flat]
+    # every p_hat as it is: the pooled interval over prompts without per-prompt bounds
+    calibrated = aggregate([dataclasses.replace(e, reliable=True, upper_bound_only=False) for e in flat],
+                           confidence=confidence, weights=n)
+    failed = _pooled_checks(flat, flagged, calibrated, hits, ess, skew)
+    warnings = [w for w in calibrated.warnings]
+    if not failed:
+        warnings.append(f"{strict.n_unreliable} of {len(flat)} per-prompt estimates are unreliable on their own; "
+                        f"pooled over {len(flat)} prompts their noise averages out (effective sample size {ess:.0f}, "
+                        f"skew {skew:.2f}), so they enter with their p_hat")
+        return Pooled(ci_low=calibrated.ci_low, ci_high=calibrated.ci_high, reliable=True, bound_only=False,
+                      interval=calibrated.interval, warnings=tuple(warnings), **figures)
+    hi, interval = calibrated.ci_high, calibrated.interval
+    carried = _carried_bound(flat, flagged, u, confidence)
+    if carried > hi:
+        hi, interval = min(1.0, carried), "bounds"
+    warnings.extend(failed)
+    warnings.append(f"{strict.n_unreliable} of {len(flat)} per-prompt estimates are unreliable: their part enters "
+                    "the upper end with a conservative bound over their samples")
+    warnings.append("the pooled figure is an upper bound only: read ci_high, not p_hat")
+    return Pooled(ci_low=min(calibrated.ci_low, strict.ci_low), ci_high=hi, reliable=False, bound_only=True,
+                  interval=interval, warnings=tuple(warnings), **figures)
+
+
+def _pooled_tail(flat: Sequence[Estimate], u: np.ndarray) -> tuple[float | None, float | None, float | None]:
+    """(H, ESS, H / ESS^1.5) of the pooled mean's terms u_i w h / n_i: prompt i's terms sum to
+    u_i p_hat_i and their squares to u_i^2 p_hat_i^2 / ess_wh_i (its ESS of w h), so both come
+    from the stored estimates."""
+    p = np.array([e.p_hat for e in flat])
+    e_wh = np.array([e.ess_wh for e in flat])
+    hit = (p > 0) & (e_wh > 0)
+    hits = float(sum(e.n_hits_effective for e in flat))
+    if not hit.any():
+        return hits, None, None
+    total = float(np.sum(u[hit] * p[hit]))
+    squares = float(np.sum((u[hit] * p[hit]) ** 2 / e_wh[hit]))
+    ess = total * total / squares
+    return hits, ess, hits / ess ** 1.5
+
+
+def _pooled_checks(flat, flagged, calibrated, hits, ess, skew) -> list[str]:
+    """Why a pool with unreliable prompts cannot take their p_hat (empty when it can; `pool`)."""
+    failed = []
+    m = len(flat)
+    if m < POOL_MIN_PROMPTS:
+        failed.append(f"{m} pooled prompts (< {POOL_MIN_PROMPTS}): too few for the unreliable prompts' noise to "
+                      "average out")
+    unbounded = sum(1 for e, f in zip(flat, flagged) if f and not (e.defensive_share or 0) > 0)
+    if unbounded:
+        failed.append(f"{unbounded} unreliable prompt(s) without a known defensive share: their weights are "
+                      "not bounded")
+    if any(e.p_hat > 1.0 for e in flat):
+        failed.append("a prompt's p_hat exceeds 1: its weights are badly behaved")
+    if not calibrated.reliable:
+        failed.append("the pooled prompts fail the aggregate's own rule (see its warnings)")
+    if calibrated.top_share is not None and calibrated.top_share > TOP_SHARE_WARN:
+        failed.append(f"one prompt carries {calibrated.top_share:.0%} of the pooled mean")
+    if ess is None or ess < MIN_ESS_WH:
+        failed.append(f"effective sample size of the pooled terms {0.0 if ess is None else ess:.1f} < "
+                      f"{MIN_ESS_WH:.0f}: a few samples carry the pooled mean")
+    elif skew > MAX_MEAN_SKEW:
+        failed.append(f"pooled skew {skew:.2f} > {MAX_MEAN_SKEW}: the pooled mean rests on a few heavy weights "
+                      f"(effective sample size {ess:.0f} for {hits:.0f} effective hits)")
+    return failed
+
+
+def _carried_bound(flat, flagged, u: np.ndarray, confidence: float) -> float:
+    """sum of u_i p_hat_i over reliable prompts, plus the flagged prompts' share times the joint
+    conservative bound over their samples (`pool`); flagged prompts without a known defensive
+    share carry their own ci_high."""
+    carried = 0.0
+    joint = [i for i, (e, f) in enumerate(zip(flat, flagged)) if f and (e.defensive_share or 0) > 0]
+    for i, (e, f) in enumerate(zip(flat, flagged)):
+        if not f:
+            carried += u[i] * e.p_hat
+        elif i not in joint:
+            carried += u[i] * e.ci_high
+    if joint:
+        a = min(flat[i].defensive_share for i in joint)
+        n = sum(flat[i].n_samples for i in joint)
+        mean = a * sum(flat[i].n_samples * flat[i].p_hat for i in joint) / n
+        bound = min(1.0, chernoff_upper(min(mean, 1.0), n, confidence) / a)
+        carried += float(sum(u[i] for i in joint)) * bound
+    return carried
 
 
 def _check_positive(value: float, name: str) -> float:
@@ -241,5 +377,5 @@ def detect(run_p: Sequence[float], alpha: float, reference_runs: int,
     return Detection(status, evidence, threshold, judged_by, since, tuple(alarms))
 
 
-__all__ = ["MAX_BET", "Detection", "Pooled", "Reference", "arm", "choose_bet", "detect", "e_value", "pool",
+__all__ = ["MAX_BET", "POOL_MIN_PROMPTS", "Detection", "Pooled", "Reference", "arm", "choose_bet", "detect", "e_value", "pool",
            "shiryaev_roberts"]

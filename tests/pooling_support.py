@@ -49,3 +49,49 @@ def adaptive_series(rng, runs=5, m=10, boost=1500.0, target_hits=40.0):
         level = np.mean([e.p_hat for r in out for e in r])
         boost = float(np.clip(target_hits / (N_PER_PROMPT * max(level, 1e-6)), 100.0, 5000.0))
     return out
+
+
+# --- IS runs through the product's `importance_sampling`, with skewed hit weights -------------
+A0 = 0.1  # the defensive share: 30 of 300 samples from the target
+_N0 = round(A0 * N_PER_PROMPT)
+_COMPONENT = np.r_[np.zeros(_N0, dtype=np.int64), np.ones(N_PER_PROMPT - _N0, dtype=np.int64)]
+
+
+def skewed_run(p, boost, spread, rng, cluster_share=0.0, cluster_draws=0.0):
+    """One run over prompts with risks `p`, estimated by `importance_sampling` from exact
+    balance-heuristic weights. Harmful outcomes are indexed by z: the proposal draws z ~ N(0, 1)
+    at rate Q = min(0.5, boost P'), the target z ~ N(spread, 1) at rate P', so a hit weighs
+    P' e / (a0 P' e + (1 - a0) Q), e = exp(spread z - spread^2 / 2): log-normal with sd about
+    `spread`. A share `cluster_share` of each prompt's P sits in a cluster the proposal draws
+    `cluster_draws` times per run on average (a mass of heavy weights the proposal rarely finds),
+    P' = (1 - cluster_share) P the rest. Unbiased for every prompt: every weight is exact."""
+    from tailmon.estimators import importance_sampling
+
+    m, n1 = len(p), N_PER_PROMPT - _N0
+    P = np.asarray(p, dtype=np.float64)[:, None]
+    Pl, Pc = P * (1.0 - cluster_share), P * cluster_share
+    Q, Qc = np.minimum(0.5, boost * Pl), np.full_like(P, cluster_draws / n1)
+    u = np.concatenate([rng.random((m, _N0)), rng.random((m, n1))], axis=1)
+    rate = np.concatenate([np.repeat(Pl, _N0, 1), np.repeat(Q, n1, 1)], axis=1)
+    crate = np.concatenate([np.repeat(Pc, _N0, 1), np.repeat(Qc, n1, 1)], axis=1)
+    hit, clus = u < rate, (u >= rate) & (u < rate + crate)
+    z = np.concatenate([rng.normal(spread, 1.0, (m, _N0)), rng.normal(0.0, 1.0, (m, n1))], axis=1)
+    e = np.exp(spread * z - spread ** 2 / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log 0 where a prompt has no cluster; never picked
+        log_hit = np.log(Pl * e) - np.log(A0 * Pl * e + (1 - A0) * Q)
+        log_clus = np.log(Pc) - np.log(A0 * Pc + (1 - A0) * Qc)
+    log_miss = np.log1p(-P) - np.log(A0 * (1 - P) + (1 - A0) * (1 - Q - Qc))
+    log_w = np.where(hit, log_hit, np.where(clus, log_clus, log_miss))
+    h = (hit | clus).astype(np.float64)
+    return [importance_sampling(log_w[i], h[i], _COMPONENT, defensive=A0) for i in range(m)]
+
+
+def skewed_series(rng, runs=5, m=10, spread=1.0, target_hits=40.0, sd_p=1.0, **cluster):
+    """`runs` dependent runs as in `adaptive_series` (each boost aims at `target_hits` at the
+    level pooled so far), per-prompt P log-normal with median 1e-4 and log-sd `sd_p`."""
+    out, level = [], math.exp(MU + sd_p ** 2 / 2)
+    for _ in range(runs):
+        boost = float(np.clip(target_hits / ((N_PER_PROMPT - _N0) * max(level, 1e-7)), 100.0, 5000.0))
+        out.append(skewed_run(np.exp(rng.normal(MU, sd_p, m)), boost, spread, rng, **cluster))
+        level = float(np.mean([e.p_hat for r in out for e in r]))
+    return out

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pooling_support import MU, N_PER_PROMPT, P_QUERY, SPREAD, adaptive_series, run_estimates  # noqa: E402
+from pooling_support import MU, N_PER_PROMPT, P_QUERY, SPREAD, adaptive_series, run_estimates, skewed_series  # noqa: E402
 from tailmon.errors import InputError
 from tailmon.estimators import aggregate
-from tailmon.estimators.pooling import MAX_BET, Reference, arm, choose_bet, detect, e_value, pool
+from tailmon.estimators.pooling import MAX_BET, Reference, _carried_bound, arm, choose_bet, detect, e_value, pool
 
 
 def test_pooled_interval_covers_over_adaptive_series():
@@ -80,6 +80,71 @@ def test_unreliable_parts_make_the_pool_a_bound():
     carried = np.mean([e.ci_high if not e.reliable else e.p_hat for r in runs for e in r])
     assert pooled.ci_high >= carried - 1e-15  # each unreliable prompt enters with its bound
     assert any("upper bound only" in w for w in pooled.warnings)
+
+
+SKEWED_P_QUERY = math.exp(MU + 0.5)  # skewed_series' prompts: log-normal P, median 1e-4, log-sd 1
+
+
+def test_pooling_calibrates_prompts_too_skewed_on_their_own():
+    """Hits' weights log-normal with sd 1 (40 hits a prompt): most per-prompt estimates fail the
+    skew check, and one run's aggregate carries their conservative bounds (about 700x the risk,
+    benchmarks/README.md). Pooled over 50 prompts their noise averages out: the pool must be
+    reliable, narrow and cover. Catches the pool carrying every flagged prompt's own bound (no
+    pool reliable, ci_high about 700x P) and a pooled skew check that flags light weights.
+    200 series of 5 adaptive runs of 10 prompts through `importance_sampling`; misses of the
+    upper end ~ Binomial(200, 0.025) at the nominal rate, failing above its 99.9% quantile (12,
+    6%). Measured (seed 30): 3 misses, every pool reliable, median ci_high / P 1.71, 95% of the
+    per-prompt estimates flagged."""
+    rng = np.random.default_rng(30)
+    reps, high_miss, reliable, flagged, ratio = 200, 0, 0, [], []
+    for _ in range(reps):
+        runs = skewed_series(rng, spread=1.0)
+        pooled = pool(runs)
+        high_miss += pooled.ci_high < SKEWED_P_QUERY
+        reliable += pooled.reliable
+        flagged.append(pooled.n_unreliable / pooled.n_prompts)
+        ratio.append(pooled.ci_high / SKEWED_P_QUERY)
+    assert np.mean(flagged) > 0.5  # the pooled path is what is tested, not the per-prompt intervals
+    assert high_miss <= stats.binom.ppf(0.999, reps, 0.025), high_miss
+    assert reliable >= 0.9 * reps, reliable
+    assert np.median(ratio) < 2.5, np.median(ratio)
+
+
+def test_a_rarely_drawn_heavy_mass_keeps_the_pool_a_bound_that_covers():
+    """Half of every prompt's P sits where the proposal goes 0.1 times a run: about 5 of the pool's
+    15,000 draws carry half of it, with weights 200x the others'. The pooled mean then rests on a
+    few heavy weights: the pool must be flagged (the skew check), and its
+    bound, with the flagged prompts' part bounded jointly, must cover. Catches a pool without the
+    skew check (18 of 80 pools flagged, the rest reliable). (A bound-only pool that takes the
+    flagged part at its p_hat still covered here, the aggregate's own upper end being high
+    enough: `test_the_joint_bound_of_one_prompt_is_its_own_conservative_bound` catches that.)
+    80 series; misses ~ Binomial(80, 0.025) at the nominal rate, failing above its 99.9%
+    quantile (7, 9%). Measured (seed 31): 1 miss, 79 of 80 pools a bound, median 18.6x P."""
+    rng = np.random.default_rng(31)
+    reps, high_miss, bound_only, ratio = 80, 0, 0, []
+    for _ in range(reps):
+        pooled = pool(skewed_series(rng, spread=1.0, cluster_share=0.5, cluster_draws=0.1))
+        high_miss += pooled.ci_high < SKEWED_P_QUERY
+        bound_only += pooled.bound_only
+        ratio.append(pooled.ci_high / SKEWED_P_QUERY)
+    assert bound_only >= 0.9 * reps, bound_only
+    assert high_miss <= stats.binom.ppf(0.999, reps, 0.025), high_miss
+    # far below the per-prompt bounds a run carries (about 700x): the joint bound's floor is
+    # 3.7 / (a0 N) over all flagged samples, not over each prompt's 300
+    assert np.median(ratio) < 60, np.median(ratio)
+
+
+def test_the_joint_bound_of_one_prompt_is_its_own_conservative_bound():
+    """The joint bound is Hoeffding's Chernoff bound over the flagged prompts' samples together: for
+    one prompt it is exactly that prompt's `ci_high_conservative`, and over ten prompts with the
+    same mean it is lower than each one's (ten times the samples)."""
+    rng = np.random.default_rng(32)
+    ests = skewed_series(rng, runs=1, m=10, spread=1.5)[0]
+    e = next(x for x in ests if not x.reliable and x.p_hat > 0)
+    assert _carried_bound([e], [True], np.array([1.0]), 0.95) == pytest.approx(e.ci_high_conservative, rel=1e-9)
+    same = [e] * 10
+    joint = _carried_bound(same, [True] * 10, np.full(10, 0.1), 0.95)
+    assert e.p_hat < joint < e.ci_high_conservative
 
 
 @pytest.mark.parametrize("bad", [[], [[]]])
