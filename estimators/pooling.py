@@ -174,7 +174,7 @@ def pool(runs: Sequence[Sequence[Estimate]], confidence: float = 0.95) -> Pooled
     calibrated = aggregate([dataclasses.replace(e, reliable=True, upper_bound_only=False) for e in flat],
                            confidence=confidence, weights=n)
     failed = _pooled_checks(flat, flagged, calibrated, hits, ess, skew)
-    warnings = [w for w in calibrated.warnings]
+    warnings = list(calibrated.warnings)
     if not failed:
         warnings.append(f"{strict.n_unreliable} of {len(flat)} per-prompt estimates are unreliable on their own; "
                         f"pooled over {len(flat)} prompts their noise averages out (effective sample size {ess:.0f}, "
@@ -189,7 +189,7 @@ def pool(runs: Sequence[Sequence[Estimate]], confidence: float = 0.95) -> Pooled
     warnings.append(f"{strict.n_unreliable} of {len(flat)} per-prompt estimates are unreliable: their part enters "
                     "the upper end with a conservative bound over their samples")
     warnings.append("the pooled figure is an upper bound only: read ci_high, not p_hat")
-    return Pooled(ci_low=min(calibrated.ci_low, strict.ci_low), ci_high=hi, reliable=False, bound_only=True,
+    return Pooled(ci_low=calibrated.ci_low, ci_high=hi, reliable=False, bound_only=True,
                   interval=interval, warnings=tuple(warnings), **figures)
 
 
@@ -240,7 +240,7 @@ def _carried_bound(flat, flagged, u: np.ndarray, confidence: float) -> float:
     conservative bound over their samples (`pool`); flagged prompts without a known defensive
     share carry their own ci_high."""
     carried = 0.0
-    joint = [i for i, (e, f) in enumerate(zip(flat, flagged)) if f and (e.defensive_share or 0) > 0]
+    joint = {i for i, (e, f) in enumerate(zip(flat, flagged)) if f and (e.defensive_share or 0) > 0}
     for i, (e, f) in enumerate(zip(flat, flagged)):
         if not f:
             carried += u[i] * e.p_hat
@@ -377,5 +377,5 @@ def detect(run_p: Sequence[float], alpha: float, reference_runs: int,
     return Detection(status, evidence, threshold, judged_by, since, tuple(alarms))
 
 
-__all__ = ["MAX_BET", "POOL_MIN_PROMPTS", "Detection", "Pooled", "Reference", "arm", "choose_bet", "detect", "e_value", "pool",
-           "shiryaev_roberts"]
+__all__ = ["MAX_BET", "POOL_MIN_PROMPTS", "Detection", "Pooled", "Reference", "arm", "choose_bet", "detect", "e_value",
+           "pool", "shiryaev_roberts"]
