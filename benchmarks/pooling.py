@@ -46,12 +46,15 @@ import numpy as np
 
 from common import Run, markdown_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pooling_support import A0 as _SUPPORT_A0, N_PER_PROMPT, skewed_draws  # noqa: E402  (the simulated world)
+
 from tailmon.check.gate import history_ratio_gate, unreliable_estimates
 from tailmon.estimators import aggregate, importance_sampling
 from tailmon.estimators.pooling import arm, detect, pool
 
-N = 300
-A0 = 0.1
+N = N_PER_PROMPT
+A0 = _SUPPORT_A0
 N0 = round(A0 * N)
 N1 = N - N0
 MU = math.log(1e-4)
@@ -89,26 +92,10 @@ MAX_RATIO = 1.5
 
 def draw_prompts(p: np.ndarray, boost: float, spread: float, rng: np.random.Generator, cluster=(0.0, 0.0)):
     """log-weights and harm scores of one run over prompts with risks `p`: arrays of shape (m, N)
-    (see the module doc for the world). `cluster` = (share, draws): that share of each prompt's
-    P sits in a cluster of harmful outcomes that the proposal draws `draws` times per run on
-    average (a mass of heavy weights it rarely finds); the rest is as described."""
-    c_share, c_draws = cluster
-    m = p.size
-    P = p[:, None]
-    Pl, Pc = P * (1.0 - c_share), P * c_share
-    Q, Qc = np.minimum(0.5, boost * Pl), np.full_like(P, c_draws / N1)
-    u = np.concatenate([rng.random((m, N0)), rng.random((m, N1))], axis=1)
-    rate = np.concatenate([np.repeat(Pl, N0, 1), np.repeat(Q, N1, 1)], axis=1)
-    crate = np.concatenate([np.repeat(Pc, N0, 1), np.repeat(Qc, N1, 1)], axis=1)
-    harm, clus = u < rate, (u >= rate) & (u < rate + crate)
-    z = np.concatenate([rng.normal(spread, 1.0, (m, N0)), rng.normal(0.0, 1.0, (m, N1))], axis=1)
-    e = np.exp(spread * z - spread ** 2 / 2)
-    with np.errstate(divide="ignore", invalid="ignore"):  # log 0 without a cluster: never picked
-        log_hit = np.log(Pl * e) - np.log(A0 * Pl * e + (1 - A0) * Q)
-        log_clus = np.log(Pc) - np.log(A0 * Pc + (1 - A0) * Qc)
-    log_miss = np.log1p(-P) - np.log(A0 * (1 - P) + (1 - A0) * (1 - Q - Qc))
-    log_w = np.where(harm, log_hit, np.where(clus, log_clus, log_miss))
-    return log_w, (harm | clus).astype(np.float64)
+    (the module doc's world, drawn by the tests' `pooling_support.skewed_draws`). `cluster` =
+    (share, draws): that share of each prompt's P sits in a cluster of harmful outcomes the
+    proposal draws `draws` times per run on average (a mass of heavy weights it rarely finds)."""
+    return skewed_draws(p, boost, spread, rng, cluster)
 
 
 COMPONENT = np.r_[np.zeros(N0, dtype=np.int64), np.ones(N1, dtype=np.int64)]

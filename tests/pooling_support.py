@@ -57,20 +57,21 @@ _N0 = round(A0 * N_PER_PROMPT)
 _COMPONENT = np.r_[np.zeros(_N0, dtype=np.int64), np.ones(N_PER_PROMPT - _N0, dtype=np.int64)]
 
 
-def skewed_run(p, boost, spread, rng, cluster_share=0.0, cluster_draws=0.0):
-    """One run over prompts with risks `p`, estimated by `importance_sampling` from exact
-    balance-heuristic weights. Harmful outcomes are indexed by z: the proposal draws z ~ N(0, 1)
-    at rate Q = min(0.5, boost P'), the target z ~ N(spread, 1) at rate P', so a hit weighs
-    P' e / (a0 P' e + (1 - a0) Q), e = exp(spread z - spread^2 / 2): log-normal with sd about
-    `spread`. A share `cluster_share` of each prompt's P sits in a cluster the proposal draws
-    `cluster_draws` times per run on average (a mass of heavy weights the proposal rarely finds),
-    P' = (1 - cluster_share) P the rest. Unbiased for every prompt: every weight is exact."""
-    from tailmon.estimators import importance_sampling
-
+def skewed_draws(p, boost, spread, rng, cluster=(0.0, 0.0)):
+    """Log-weights and harm scores, arrays (m, N_PER_PROMPT), of one run over prompts with risks
+    `p` (the first A0 share of each row drawn from the target, the rest from a proposal), with
+    exact balance-heuristic weights. Harmful outcomes are indexed by z: the proposal draws
+    z ~ N(0, 1) at rate Q = min(0.5, boost P'), the target z ~ N(spread, 1) at rate P', so a hit
+    weighs P' e / (a0 P' e + (1 - a0) Q), e = exp(spread z - spread^2 / 2): log-normal with sd
+    about `spread`. `cluster` = (share, draws): that share of each prompt's P sits in a cluster
+    the proposal draws `draws` times per run on average (a mass of heavy weights it rarely
+    finds), P' = (1 - share) P the rest. Every weight is exact, so every estimate is unbiased.
+    benchmarks/pooling.py draws its world with this too."""
+    c_share, c_draws = cluster
     m, n1 = len(p), N_PER_PROMPT - _N0
     P = np.asarray(p, dtype=np.float64)[:, None]
-    Pl, Pc = P * (1.0 - cluster_share), P * cluster_share
-    Q, Qc = np.minimum(0.5, boost * Pl), np.full_like(P, cluster_draws / n1)
+    Pl, Pc = P * (1.0 - c_share), P * c_share
+    Q, Qc = np.minimum(0.5, boost * Pl), np.full_like(P, c_draws / n1)
     u = np.concatenate([rng.random((m, _N0)), rng.random((m, n1))], axis=1)
     rate = np.concatenate([np.repeat(Pl, _N0, 1), np.repeat(Q, n1, 1)], axis=1)
     crate = np.concatenate([np.repeat(Pc, _N0, 1), np.repeat(Qc, n1, 1)], axis=1)
@@ -82,8 +83,15 @@ def skewed_run(p, boost, spread, rng, cluster_share=0.0, cluster_draws=0.0):
         log_clus = np.log(Pc) - np.log(A0 * Pc + (1 - A0) * Qc)
     log_miss = np.log1p(-P) - np.log(A0 * (1 - P) + (1 - A0) * (1 - Q - Qc))
     log_w = np.where(hit, log_hit, np.where(clus, log_clus, log_miss))
-    h = (hit | clus).astype(np.float64)
-    return [importance_sampling(log_w[i], h[i], _COMPONENT, defensive=A0) for i in range(m)]
+    return log_w, (hit | clus).astype(np.float64)
+
+
+def skewed_run(p, boost, spread, rng, cluster_share=0.0, cluster_draws=0.0):
+    """One run's per-prompt estimates over `skewed_draws`, by the product's `importance_sampling`."""
+    from tailmon.estimators import importance_sampling
+
+    log_w, h = skewed_draws(p, boost, spread, rng, (cluster_share, cluster_draws))
+    return [importance_sampling(log_w[i], h[i], _COMPONENT, defensive=A0) for i in range(len(p))]
 
 
 def skewed_series(rng, runs=5, m=10, spread=1.0, target_hits=40.0, sd_p=1.0, **cluster):
