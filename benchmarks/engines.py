@@ -774,6 +774,12 @@ SCORING_COLUMNS = ["config", "K", "horizon", "before_x", "after_x", "after/befor
 
 # -- summary ------------------------------------------------------------------------------------
 
+def _over(a: float, b: float) -> float | None:
+    """a / b to 2 decimals; None where the plain cell's time rounds to 0 (a tiny model's CPU time,
+    kept to the millisecond, can), which no ratio can be read from."""
+    return round(a / b, 2) if b > 0 else None
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One row per engine and IS cell: ratios to plain generation of the same prompts, n and
     decoding (summed over prompts), throughput, and the time split."""
@@ -806,13 +812,13 @@ def summarise(rows: list[dict]) -> list[dict]:
                        "max_new_tokens": rs[0]["max_new_tokens"], "prompts": len(rs),
                        "wall_s": round(w, 1), "cpu_s": round(c, 1),
                        "samples_per_s": round(samples / w, 2), "tokens_per_s": round(toks / w, 1),
-                       "ratio": round(ratio, 2), "ratio_cpu": round(c / pc, 2),
+                       "ratio": round(ratio, 2), "ratio_cpu": _over(c, pc),
                        "ratio_per_token": round((w / toks) / (pw / pt), 2) if toks and pt else None,
                        "target": round(target_of(k), 2), "met": bool(ratio <= target_of(k) + 1e-9),
-                       "met_cpu": bool(c / pc <= target_of(k) + 1e-9)}
+                       "met_cpu": None if not pc > 0 else bool(c / pc <= target_of(k) + 1e-9)}
                 for part in Meter.PARTS + ("other",):
-                    row[f"{part}_x"] = round(sum(r[f"{part}_wall"] for r in rs) / pw, 2)
-                    row[f"{part}_cpu_x"] = round(sum(r[f"{part}_cpu"] for r in rs) / pc, 2)
+                    row[f"{part}_x"] = _over(sum(r[f"{part}_wall"] for r in rs), pw)
+                    row[f"{part}_cpu_x"] = _over(sum(r[f"{part}_cpu"] for r in rs), pc)
                 row["scored_rows"] = sum(r["scored_rows"] for r in rs)
                 row["scoring_s_per_row"] = round(sum(r["scoring_wall"] for r in rs) / row["scored_rows"], 3) \
                     if row["scored_rows"] else None

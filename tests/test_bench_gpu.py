@@ -70,3 +70,21 @@ def test_script_writes_what_it_has_when_the_budget_runs_out(tmp_path):
     data = json.loads(out.read_text())
     assert data["complete"] is False and "budget ran out" in data["stopped"]
     assert data["results"] == []
+
+
+def test_the_summary_of_a_plain_cell_whose_cpu_time_rounds_to_zero():
+    """The tiny model's plain cell can take under half a millisecond of CPU time, which the rows
+    keep to the millisecond: the summary divided by it (ZeroDivisionError in .ci/run). Its CPU
+    ratios are then absent, the wall-clock ones still given."""
+    import engines
+
+    def row(cell, k, wall, cpu):
+        parts = {f"{p}_{kind}": 0.0 for p in engines.Meter.PARTS for kind in ("wall", "cpu")}
+        return {"engine": "transformers", "group": "ladder", "cell": cell, "K": k, "n": 4, "temperature": 1.0,
+                "max_new_tokens": 4, "wall": wall, "cpu": cpu, "tokens": 16, "samples": 4, "scored_rows": 4,
+                "other_wall": 0.0, "other_cpu": 0.0, **parts}
+
+    out = engines.summarise([row("plain", None, 0.004, 0.0), row("IS K=2", 2, 0.008, 0.001)])
+    is_row = next(r for r in out if r["K"] == 2)
+    assert is_row["ratio"] == 2.0
+    assert is_row["ratio_cpu"] is None and is_row["met_cpu"] is None
