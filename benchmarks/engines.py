@@ -881,12 +881,15 @@ def summarise_overall(rows: list[dict]) -> list[dict]:
             elif old_w:
                 row["new/old"] = round(w / old_w, 2)
                 row["new/old_cpu"] = round(c / old_c, 2)
-                # the same seeds: the same tokens and estimate but where a uniform meets round-off
-                olds = {(r["repeat"], r["prompt"]): r["p_hat"] for r in rows
-                        if r["cell"] == name and r["path"] == "old"}
-                row["same_p_hat"] = sum(abs(r["p_hat"] - olds[b]) <= 1e-9 * max(1.0, abs(r["p_hat"]))
-                                        for r, b in zip(rs, bl) if b in olds)
-                row["blocks"] = len(rs)
+                # The same seeds draw the same tokens (but where a uniform meets float32 round-off of
+                # another batch shape) and score them to round-off: block by block, the same hits and
+                # p_hat to round-off; the ESS moves where a response went on differently.
+                pairs = [(r, o) for r in rs for o in rows if o["cell"] == name and o["path"] == "old"
+                         and (o["repeat"], o["prompt"]) == (r["repeat"], r["prompt"])]
+                row["same_hits"] = sum(r["n_harmful"] == o["n_harmful"] for r, o in pairs)
+                row["blocks"] = len(pairs)
+                row["p_hat_rel_diff"] = float(f"{max(abs(r['p_hat'] - o['p_hat']) / max(abs(o['p_hat']), 1e-300) for r, o in pairs):.1g}")
+                row["ess_diff"] = round(max(abs(r["ess"] - o["ess"]) for r, o in pairs), 2)
             goal = OVERALL_GOALS.get(name)
             if goal is not None:
                 row.update(goal=goal, met=bool(w / bw <= goal + 1e-9), met_cpu=bool(c / bc <= goal + 1e-9))
@@ -896,7 +899,8 @@ def summarise_overall(rows: list[dict]) -> list[dict]:
 
 OVERALL_COLUMNS = ["config", "path", "wall_s", "cpu_s", "ratio", "ratio_min", "ratio_max", "ratio_cpu",
                    "sampling_x", "scoring_x", "judging_x", "other_x", "sampling_cpu_x", "scoring_cpu_x",
-                   "scored_rows_per_n", "new/old", "new/old_cpu", "same_p_hat", "goal", "met", "met_cpu"]
+                   "scored_rows_per_n", "new/old", "new/old_cpu", "same_hits", "blocks", "p_hat_rel_diff", "ess_diff", "goal",
+                   "met", "met_cpu"]
 
 
 def overall_main(args) -> int:
@@ -912,6 +916,12 @@ def overall_main(args) -> int:
     if unknown:
         raise SystemExit(f"unknown --overall-configs {sorted(unknown)}: use {', '.join(OVERALL_CONFIGS)}")
     out = Path(args.out) if args.out else RESULTS / "engines_overall.json"
+    if args.replot:  # the summary again from the recorded rows (the measurements are kept as they are)
+        payload = json.loads(out.read_text(encoding="utf-8"))
+        payload["summary"] = summarise_overall(payload["results"])
+        out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(markdown_table(payload["summary"], OVERALL_COLUMNS))
+        return 0
     threads = one_torch_thread()
     prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
     settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "judge": JUDGE,
@@ -943,8 +953,10 @@ def overall_main(args) -> int:
              "the same in CPU seconds; *_x: each part's wall time over plain's (sampling = sample_mixture, "
              "scoring = score_many, judging = the judge, other = the estimator and decoding text); "
              "scored_rows_per_n: (row, component) scores per sample; new/old: the new path's time over the "
-             "old's; same_p_hat: blocks whose estimate equals the old path's (the same seeds draw the same "
-             "tokens but where a uniform meets float32 round-off of another batch shape). Goals (issue 19): "
+             "old's; same_hits: blocks (of `blocks`) whose number of hits equals the old path's, p_hat_rel_diff the "
+             "largest relative difference of p_hat (0/0 counts 0), ess_diff the largest |ESS difference| (the same "
+             "seeds draw the same tokens but where a uniform meets float32 round-off of another batch shape, and "
+             "scores agree to round-off). Goals (issue 19): "
              "system K=2 <= 1.6x plain, system K=4 <= 2.7x.")
     try:
         info["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
