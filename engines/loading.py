@@ -50,6 +50,10 @@ class EngineSettings:
     batched_mixture: bool = True
     """transformers: sample a mixture's components in one decode (`TransformersEngine.sample_mixture`);
     False: one decode per component (the same tokens, slower; for comparison)."""
+    shared_scoring: bool = True
+    """transformers: score a mixture's components with one forward pass per prompt, adapter and
+    steering (`TransformersEngine.score_many`); False: passes per component (the same values,
+    slower; for comparison)."""
     enable_lora: bool = False
     """vllm: build the LLM with LoRA support (needed by LoRA proposals; fixed when it is built)."""
     base_urls: tuple[str, ...] = ()

@@ -163,12 +163,16 @@ class TransformersEngine(ChatEngine):
     tilts = True
 
     def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64,
-                 batched_mixture: bool = True):
+                 batched_mixture: bool = True, shared_scoring: bool = True):
         self.model = model.eval()
         self.batch_size = batch_size
         self.batched_mixture = batched_mixture
         """`sample_mixture` decodes the components that can share a batch together (True) or
         calls `sample` once per component (False: the path before, kept for comparison)."""
+        self.shared_scoring = shared_scoring
+        """`score_many` shares one forward pass between the variants that differ only in decoding
+        or tilt (True) or calls `score` once per variant (False: the path before, kept for
+        comparison; the same values to float32 round-off)."""
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
         self._adapter_stamps: dict[str, tuple] = {}  # adapter path -> `_adapter_stamp` when loaded
         self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
@@ -191,7 +195,7 @@ class TransformersEngine(ChatEngine):
 
     @classmethod
     def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
-             batched_mixture: bool = True):
+             batched_mixture: bool = True, shared_scoring: bool = True):
         """Load a model reference (embedded name, local folder or hub id)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,13 +209,13 @@ class TransformersEngine(ChatEngine):
         except Exception as exc:  # any failure inside transformers while loading is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
         return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size,
-                   batched_mixture=batched_mixture)
+                   batched_mixture=batched_mixture, shared_scoring=shared_scoring)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "TransformersEngine":
         """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
         return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size,
-                        batched_mixture=settings.batched_mixture)
+                        batched_mixture=settings.batched_mixture, shared_scoring=settings.shared_scoring)
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -753,7 +757,10 @@ class TransformersEngine(ChatEngine):
         steering) over the rows that need any of its variants; each decoding processes that pass's
         logits once. A variant that returns to the target is two segments: its head (first K
         tokens, a pass cut at K tokens) and its continuation (tokens after K, sharing the
-        continuation's pass, usually the target's own)."""
+        continuation's pass, usually the target's own). `shared_scoring=False`: `score` once per
+        variant on the rows that need it (`Engine.score_many`), each variant its own passes."""
+        if not self.shared_scoring:
+            return super().score_many(prompt, variants, responses, need)
         seqs = [list(map(int, r)) for r in responses]
         need = score_need(need, len(seqs), len(variants))
         out = np.full(need.shape, np.nan)

@@ -63,6 +63,10 @@ class ModelConfig(Strict):
     batched_mixture: bool = True
     """transformers: sample a mixture's components in one decode; False: one decode per component
     (the same tokens for the same seeds, slower: for comparison). Not part of the fingerprint."""
+    shared_scoring: bool = True
+    """transformers: score the components that share a prompt, adapter and steering in one forward
+    pass; False: passes per component (the same values to float32 round-off, slower: for
+    comparison). Not part of the fingerprint."""
     base_urls: tuple[str, ...] = ()
     """openai: the vLLM servers' roots, one per replica (or a load balancer's)."""
     served_model: str | None = None
@@ -112,7 +116,7 @@ class ModelConfig(Strict):
         try:
             return EngineSettings(
                 engine=self.engine, ref=self.ref, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
-                batched_mixture=self.batched_mixture, enable_lora=enable_lora, base_urls=self.base_urls, served_model=self.served_model,
+                batched_mixture=self.batched_mixture, shared_scoring=self.shared_scoring, enable_lora=enable_lora, base_urls=self.base_urls, served_model=self.served_model,
                 served_adapters=self.served_adapters,
                 api_key=os.environ.get(self.api_key_env) if self.api_key_env else None,
                 max_concurrency=self.max_concurrency, timeout=self.request_timeout, retries=self.retries)

@@ -182,3 +182,47 @@ class Counting(StubEngine):
     def score_many(self, prompt, variants, responses, need=None):
         self._rows = list(responses)
         return super().score_many(prompt, variants, responses, need)
+
+
+def test_shared_scoring_off_gives_each_variant_its_own_passes(make_tiny_engine):
+    """`shared_scoring=False` (`model.shared_scoring: false`, the path before shared passes, kept
+    for comparison) scores through `score` once per variant: two forward calls (prefill, then the
+    responses) per variant where the shared path runs two in all, with the same values. Catches the
+    switch ignored (what benchmarks/engines.py --overall compares would then be one path twice)."""
+    engine = make_tiny_engine()
+    seqs = responses(engine)
+    variants = [TARGET, Variant("T1.5", Decoding(temperature=1.5, max_new_tokens=3)),
+                Variant("top-k", Decoding(top_k=3, max_new_tokens=3))]
+    widths: list[int] = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        shared = engine.score_many(PROMPT, variants, seqs)
+        assert len(widths) == 2
+        widths.clear()
+        engine.shared_scoring = False
+        alone = engine.score_many(PROMPT, variants, seqs)
+        assert len(widths) == 2 * len(variants)
+    finally:
+        hook.remove()
+    need = np.ones(shared.shape, dtype=bool)
+    assert_same(alone, shared, need)
+
+
+def test_the_shared_scoring_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, tiny_model_dir):
+    """`model.shared_scoring: false` loads an engine that scores per variant; the monitor's
+    fingerprint is the same either way (the same log-probs). Catches the setting lost on the way to
+    the engine, and a knob that would re-key every stored monitor."""
+    from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
+    from tailmon.engines.loading import load_engine
+    from tailmon.monitor.config import load_config
+
+    model = {"ref": str(tiny_model_dir), "max_new_tokens": 3, "batch_size": 16}
+    fingerprints = {}
+    for value in (True, False):
+        [mon] = load_config(write_config(tmp_path, tiny_model_dir, model={**model, "shared_scoring": value})).config.monitors
+        assert mon.model.engine_settings().shared_scoring is value
+        assert load_engine(mon.model.engine_settings()).shared_scoring is value
+        fingerprints[value] = mon.fingerprint()
+    [default] = load_config(write_config(tmp_path, tiny_model_dir, model=model)).config.monitors
+    assert fingerprints[True] == fingerprints[False] == default.fingerprint()
