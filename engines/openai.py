@@ -309,6 +309,16 @@ class OpenAIEngine(ChatEngine):
                              + ([f"top-k {d.top_k}"] if d.top_k > 0 else []))
         raise InputError(FULL_ROWS_REFUSAL.format(what=what, name=variant.name, decoding=decoding, vocab=self._vocab))
 
+    def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                       seeds: Sequence[int]) -> list[Samples]:
+        # A mixture's draw (importance sampling): every sample is then scored under the other
+        # components, so one that needs full-vocabulary rows is refused before anything is drawn.
+        if len(variants) > 1:
+            for v in variants:
+                if v.decoding.temperature != 1.0 or v.decoding.truncates:
+                    self._refuse_full_rows("scoring over HTTP", v)
+        return super().sample_mixture(prompt, variants, counts, seeds)
+
     def _prompt_logprobs(self, served: str, seq: list[int], k: int) -> list:
         body = {"model": served, "prompt": seq, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k,
                 "skip_special_tokens": False}

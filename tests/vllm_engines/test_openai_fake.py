@@ -116,8 +116,12 @@ def test_scoring_that_needs_full_vocabulary_rows_is_refused(tiny_tokenizer, repl
             eng.score("ab", Variant("t", decoding), [SAMPLED])
     with pytest.raises(InputError, match="next-token distributions over HTTP.*full_rows=True"):
         eng.next_token_logprobs("ab", Variant("t", Decoding()), [[7]])
+    # an importance-sampling draw (a mixture) that will need them: refused before sampling
+    with pytest.raises(InputError, match="scoring over HTTP under 't'.*full_rows=True"):
+        eng.sample_mixture("ab", [Variant("target", Decoding(max_new_tokens=3)), VARIANT], [1, 1], [0, 1])
     assert len(r.requests) == sent  # refused before asking any server
     assert eng.score("ab", VARIANT, [[]]).tolist() == [0.0]
+    assert len(eng.sample_mixture("ab", [VARIANT], [2], [0])[0]) == 2  # one component: nothing to score
 
 
 def test_a_replica_in_raw_mode_is_refused(tiny_tokenizer, replicas):
