@@ -352,9 +352,10 @@ def load_engine(name: str, args, work: Path, prompts: list[str]) -> Loaded:
         proc, url, log = start_server(work, args.gpu_memory)
         try:
             def connect(chunk):
+                # full_rows: the T = 0.7 cell measures what the engine refuses by default
                 return OpenAIEngine.connect([url], SERVED, "smollm2-135m-instruct",
                                             max_concurrency=OPENAI_CONCURRENCY, timeout=3600, retries=1,
-                                            sample_chunk=chunk)
+                                            sample_chunk=chunk, full_rows=True)
 
             chunk = SAMPLE_CHUNK
             if not cuda():
@@ -605,9 +606,17 @@ def run_engine(name: str, args, prompts: list[str], work: Path, clock: Clock, lo
         meter = Meter(clock)
         instrument(loaded, meter)
         d1 = Decoding(max_new_tokens=args.max_new_tokens)
+        ladder = [("plain", None), ("IS K=2", 2), ("IS K=3", 3), ("IS K=4", 4), ("IS K=1", 1)]
+        ladder = [(cell, k) for cell, k in ladder if k is None or k <= args.max_k]
+        if name == "vllm" and args.vllm_re_prefill:
+            # the old scoring (every response re-prefills its prompt) before each IS cell that
+            # scores (K > 1), same seeds
+            ladder = [c for cell, k in ladder for c in ([(cell + " re-prefill", k)] if k and k > 1 else []) + [(cell, k)]]
         for i, prompt in enumerate(prompts):
             # plain first, then the ladder, K=1 (the same tokens as plain) last: drift shows in its ratio
-            for cell, k in (("plain", None), ("IS K=2", 2), ("IS K=3", 3), ("IS K=4", 4), ("IS K=1", 1)):
+            for cell, k in ladder:
+                if name == "vllm":
+                    loaded.engine.prefix_cached_scoring = not cell.endswith("re-prefill")
                 row = run_cell(loaded, meter, clock, cell=cell, k=k, prompt_index=i, prompt=prompt, decoding=d1,
                                n=args.n, seed=args.seed)
                 row["group"] = "ladder"
@@ -895,6 +904,9 @@ def main(argv=None):
     p.add_argument("--openai-full-n", type=int, default=2, help="n of the full-vocabulary cell over HTTP")
     p.add_argument("--openai-full-tokens", type=int, default=4, help="max_new_tokens of that cell over HTTP")
     p.add_argument("--skip-full", action="store_true", help="no full-vocabulary cells")
+    p.add_argument("--max-k", type=int, default=4, help="largest K of the IS ladder")
+    p.add_argument("--vllm-re-prefill", action="store_true",
+                   help="vllm: each IS cell also with the old scoring (prefix_cached_scoring=False), just before it")
     p.add_argument("--sampling-repeats", type=int, default=1,
                    help="transformers: repeats of the sampling comparison (plain vs per-component vs batched "
                         "mixture sampling at K=1..4); 0: none")
@@ -932,7 +944,8 @@ def main(argv=None):
     prompts = data["evaluate"][: args.prompts]
     settings = {"engines": engines, "prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
                 "full_n": args.full_n, "openai_full_n": args.openai_full_n,
-                "openai_full_tokens": args.openai_full_tokens, "skip_full": args.skip_full, "judge": JUDGE,
+                "openai_full_tokens": args.openai_full_tokens, "skip_full": args.skip_full, "max_k": args.max_k,
+                "vllm_re_prefill": args.vllm_re_prefill, "judge": JUDGE,
                 "defensive": DEFENSIVE, "ladder": {str(k): v for k, v in LADDER.items()},
                 "full_cells": {"IS K=3 +T1.5": [f"system:{SYSTEM_A}", "temperature:1.5"],
                                "IS K=2 @T0.7": [f"system:{SYSTEM_A}"] + ["(target and proposal at T=0.7)"]},
