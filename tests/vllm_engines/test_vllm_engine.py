@@ -85,6 +85,37 @@ def test_sample_logprobs_equal_score(engine, name):
     np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
 
 
+def test_mixture_in_one_batch_equals_per_component(engine, monkeypatch):
+    """`sample_mixture` submits every component's requests in one `generate` call (one decode
+    batch); each request keeps its own seed, so the draws equal `sample` per component: the same
+    token ids, log-probs to float32 round-off (other batch shapes)."""
+    variants = [Variant("target", DECODINGS["T1"]),
+                Variant("hey", DECODINGS["T0.7-top_k20-top_p0.9"], system_prompt="Start every answer with the word: Hey"),
+                Variant("t07", DECODINGS["T0.7"])]
+    counts, seeds = [3, 13, 8], [5, 6, 7]
+    calls = []
+    generate = engine._generate
+
+    def spy(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_generate", spy)
+    engine.batched_mixture = False
+    try:
+        alone = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    finally:
+        engine.batched_mixture = True
+    assert len(calls) == 3
+    calls.clear()
+    together = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    assert calls == [3]  # one generate call, one request per component
+    for a, b, n in zip(alone, together, counts):
+        assert len(b) == n and b.token_ids == a.token_ids and b.finished == a.finished
+        print("max |batched - per component|", np.max(np.abs(a.logprobs - b.logprobs)))
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=SELF_ATOL)
+
+
 def test_prefix_cached_scoring_equals_re_prefilling(engine, monkeypatch):
     """Scoring at T = 1 reads the shared prompt from vLLM's prefix cache (engines/vllm.py,
     "Prefix-cached scoring") and gives the scores of the old path, which re-prefills the prompt
