@@ -43,6 +43,11 @@ float32), never two heavy ones at a time:
   T = 0.7 one, at `--openai-full-n` x `--openai-full-tokens` (2 x 4): over HTTP each such row is
   JSON of V = 49,152 entries per *prompt* position, about a minute per response here.
 
+**vLLM's old paths** (`--vllm-old old`, `re-prefill` or both): each vllm IS cell with K > 1 runs
+just after the same cell on the old path, same seeds: `re-prefill` scores every response with its
+whole prompt again (`VllmEngine.prefix_cached_scoring=False`), `old` also samples the mixture one
+component after the other (`batched_mixture=False`). `--max-k` cuts the ladder.
+
 **Sampling alone** (the transformers engine, `--sampling-repeats`, default 1; `--sampling-only`
 runs nothing else and writes `results/engines_sampling.json`): plain generation against sampling
 the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, once per component
@@ -360,9 +365,10 @@ def load_engine(name: str, args, work: Path, prompts: list[str]) -> Loaded:
         proc, url, log = start_server(work, args.gpu_memory)
         try:
             def connect(chunk):
+                # full_rows: the T = 0.7 cell measures what the engine refuses by default
                 return OpenAIEngine.connect([url], SERVED, "smollm2-135m-instruct",
                                             max_concurrency=OPENAI_CONCURRENCY, timeout=3600, retries=1,
-                                            sample_chunk=chunk)
+                                            sample_chunk=chunk, full_rows=True)
 
             chunk = SAMPLE_CHUNK
             if not cuda():
@@ -613,9 +619,19 @@ def run_engine(name: str, args, prompts: list[str], work: Path, clock: Clock, lo
         meter = Meter(clock)
         instrument(loaded, meter)
         d1 = Decoding(max_new_tokens=args.max_new_tokens)
+        ladder = [("plain", None), ("IS K=2", 2), ("IS K=3", 3), ("IS K=4", 4), ("IS K=1", 1)]
+        ladder = [(cell, k) for cell, k in ladder if k is None or k <= args.max_k]
+        old_paths = {"re-prefill": (False, True), "old": (False, False)}  # (prefix-cached scoring, batched mixture)
+        if name == "vllm" and args.vllm_old:
+            # the old path(s) before each IS cell that has a mixture (K > 1), same seeds
+            ladder = [c for cell, k in ladder
+                      for c in [(f"{cell} {o}", k) for o in args.vllm_old.split(",") if k and k > 1] + [(cell, k)]]
         for i, prompt in enumerate(prompts):
             # plain first, then the ladder, K=1 (the same tokens as plain) last: drift shows in its ratio
-            for cell, k in (("plain", None), ("IS K=2", 2), ("IS K=3", 3), ("IS K=4", 4), ("IS K=1", 1)):
+            for cell, k in ladder:
+                if name == "vllm":
+                    cached, batched = old_paths.get(cell.rsplit(" ", 1)[-1], (True, True))
+                    loaded.engine.prefix_cached_scoring, loaded.engine.batched_mixture = cached, batched
                 row = run_cell(loaded, meter, clock, cell=cell, k=k, prompt_index=i, prompt=prompt, decoding=d1,
                                n=args.n, seed=args.seed)
                 row["group"] = "ladder"
@@ -1112,6 +1128,10 @@ def main(argv=None):
     p.add_argument("--openai-full-n", type=int, default=2, help="n of the full-vocabulary cell over HTTP")
     p.add_argument("--openai-full-tokens", type=int, default=4, help="max_new_tokens of that cell over HTTP")
     p.add_argument("--skip-full", action="store_true", help="no full-vocabulary cells")
+    p.add_argument("--max-k", type=int, default=4, help="largest K of the IS ladder")
+    p.add_argument("--vllm-old", default="", choices=["", "old", "re-prefill", "old,re-prefill"],
+                   help="vllm: each IS cell also on an old path just before it: 'old' (every response re-prefills "
+                        "its prompt, components sampled one after the other), 're-prefill' (only the former)")
     p.add_argument("--sampling-repeats", type=int, default=1,
                    help="transformers: repeats of the sampling comparison (plain vs per-component vs batched "
                         "mixture sampling at K=1..4); 0: none")
@@ -1158,7 +1178,8 @@ def main(argv=None):
     prompts = data["evaluate"][: args.prompts]
     settings = {"engines": engines, "prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
                 "full_n": args.full_n, "openai_full_n": args.openai_full_n,
-                "openai_full_tokens": args.openai_full_tokens, "skip_full": args.skip_full, "judge": JUDGE,
+                "openai_full_tokens": args.openai_full_tokens, "skip_full": args.skip_full, "max_k": args.max_k,
+                "vllm_old": args.vllm_old, "judge": JUDGE,
                 "defensive": DEFENSIVE, "ladder": {str(k): v for k, v in LADDER.items()},
                 "full_cells": {"IS K=3 +T1.5": [f"system:{SYSTEM_A}", "temperature:1.5"],
                                "IS K=2 @T0.7": [f"system:{SYSTEM_A}"] + ["(target and proposal at T=0.7)"]},

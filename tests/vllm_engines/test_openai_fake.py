@@ -102,6 +102,28 @@ def test_sampling_request_and_result(tiny_tokenizer, replicas):
     assert body["logprobs"] == 0 and body["return_token_ids"] and body["stop_token_ids"] == [1]
 
 
+def test_scoring_that_needs_full_vocabulary_rows_is_refused(tiny_tokenizer, replicas):
+    """Processed log-probs at T != 1 or under top-p/top-k come over HTTP only from full-vocabulary
+    prompt log-prob rows (~100 s per response): refused before any request, naming the cost and
+    the alternatives; sampling at such a decoding stays allowed, and so does nothing to score."""
+    r = replicas()
+    eng = engine_for(tiny_tokenizer, [r.url])
+    eng.sample("ab", VARIANT, 1, seed=0)
+    sent = len(r.requests)
+    for decoding in (VARIANT.decoding, Decoding(temperature=1.5), Decoding(top_k=5), Decoding(top_p=0.95)):
+        with pytest.raises(InputError, match=r"full-vocabulary.*100 s per scored response.*temperature 1 "
+                                             r"without top-p/top-k.*in-process vllm engine.*full_rows=True"):
+            eng.score("ab", Variant("t", decoding), [SAMPLED])
+    with pytest.raises(InputError, match="next-token distributions over HTTP.*full_rows=True"):
+        eng.next_token_logprobs("ab", Variant("t", Decoding()), [[7]])
+    # an importance-sampling draw (a mixture) that will need them: refused before sampling
+    with pytest.raises(InputError, match="scoring over HTTP under 't'.*full_rows=True"):
+        eng.sample_mixture("ab", [Variant("target", Decoding(max_new_tokens=3)), VARIANT], [1, 1], [0, 1])
+    assert len(r.requests) == sent  # refused before asking any server
+    assert eng.score("ab", VARIANT, [[]]).tolist() == [0.0]
+    assert len(eng.sample_mixture("ab", [VARIANT], [2], [0])[0]) == 2  # one component: nothing to score
+
+
 def test_a_replica_in_raw_mode_is_refused(tiny_tokenizer, replicas):
     r = replicas(check_logprob=-0.31)
     with pytest.raises(InputError, match="--logprobs-mode processed_logprobs"):

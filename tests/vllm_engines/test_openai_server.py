@@ -116,11 +116,17 @@ def test_samples_of_different_requests_are_independent(engine):
     assert len(set(map(tuple, samples.token_ids))) >= 90
 
 
-def test_truncated_sampling_matches_processed_scoring(engine):
+def test_truncated_sampling_matches_processed_scoring(engine, monkeypatch):
     """Top-p: the sampled (processed) log-probs equal tailmon's processing of full-vocabulary raw
-    prompt log-probs fetched over HTTP. One short response: each row is ~1 MB of JSON."""
+    prompt log-probs fetched over HTTP. One short response: each row is ~1 MB of JSON, which the
+    engine refuses to fetch unless built with full_rows=True."""
+    from tailmon.errors import InputError
+
     variant = Variant("target", Decoding(temperature=0.7, top_p=0.9, max_new_tokens=2))
     samples = engine.sample(PROMPT, variant, 1, seed=1)
+    with pytest.raises(InputError, match="full_rows=True"):
+        engine.score(PROMPT, variant, samples.token_ids)
+    monkeypatch.setattr(engine, "full_rows", True)
     scored = engine.score(PROMPT, variant, samples.token_ids)
     np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
 

@@ -85,6 +85,76 @@ def test_sample_logprobs_equal_score(engine, name):
     np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
 
 
+def test_mixture_in_one_batch_equals_per_component(engine, monkeypatch):
+    """`sample_mixture` submits every component's requests in one `generate` call (one decode
+    batch); each request keeps its own seed, so the draws equal `sample` per component: the same
+    token ids, log-probs to float32 round-off (other batch shapes)."""
+    variants = [Variant("target", DECODINGS["T1"]),
+                Variant("hey", DECODINGS["T0.7-top_k20-top_p0.9"], system_prompt="Start every answer with the word: Hey"),
+                Variant("t07", DECODINGS["T0.7"])]
+    counts, seeds = [3, 13, 8], [5, 6, 7]
+    calls = []
+    generate = engine._generate
+
+    def spy(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_generate", spy)
+    engine.batched_mixture = False
+    try:
+        alone = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    finally:
+        engine.batched_mixture = True
+    assert len(calls) == 3
+    calls.clear()
+    together = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    assert calls == [3]  # one generate call, one request per component
+    for a, b, n in zip(alone, together, counts):
+        assert len(b) == n and b.token_ids == a.token_ids and b.finished == a.finished
+        print("max |batched - per component|", np.max(np.abs(a.logprobs - b.logprobs)))
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=SELF_ATOL)
+
+
+def test_prefix_cached_scoring_equals_re_prefilling(engine, monkeypatch):
+    """Scoring at T = 1 reads the shared prompt from vLLM's prefix cache (engines/vllm.py,
+    "Prefix-cached scoring") and gives the scores of the old path, which re-prefills the prompt
+    for every response, to float32 round-off. The responses: 24 sampled ones (many share their
+    first tokens), a duplicate, an empty one, one that is a prefix of another, and 40-token ones
+    that share their first 30 tokens, so that a response's cache hit can reach past the prompt
+    into another response's blocks (the positions it leaves uncomputed are then filled from that
+    response, or the response is rescored without the cache)."""
+    variant = Variant("target", Decoding(temperature=1.0, max_new_tokens=48))
+    sampled = engine.sample(PROMPT, variant, 24, seed=11).token_ids
+    shared = [int(t) for t in (sampled[0] * 8)[:30]]
+    responses = sampled + [sampled[0], [], sampled[1][:3]]
+    responses += [shared + [int(t) for t in (s * 10)[:10]] for s in sampled[2:6]]
+    assert len(engine.rendered(PROMPT, variant)) > 33  # a full 32-token block of the prompt to read
+
+    engine.prefix_cached_scoring = False
+    try:
+        old = engine.score(PROMPT, variant, responses)
+    finally:
+        engine.prefix_cached_scoring = True
+    hits = []
+    generate = engine._generate
+
+    def spy(prompts, params, lora, cache_salt=None):
+        outs = generate(prompts, params, lora, cache_salt=cache_salt)
+        if params.prompt_logprobs is not None:
+            hits.extend((cache_salt is not None, int(o.num_cached_tokens or 0)) for o in outs)
+        return outs
+
+    monkeypatch.setattr(engine, "_generate", spy)
+    new = engine.score(PROMPT, variant, responses)
+    print("max |cached - re-prefilled|", np.max(np.abs(new - old)), "hits", hits)
+    assert new[len(sampled) + 1] == old[len(sampled) + 1] == 0.0
+    np.testing.assert_allclose(new, old, rtol=0, atol=1e-5)
+    # The cheap path ran: most responses read the prompt's blocks from the cache.
+    read = [h for salted, h in hits if salted and h >= 32]
+    assert len(read) >= len(responses) // 2, hits
+
+
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (20, 1.0), (20, 0.9), (5, 0.5), (0, 0.999)])
 def test_vllm_style_processing_equals_vllm_bit_for_bit(top_k, top_p):
     """The pure-torch copy of vLLM's truncation (used by the OpenAI engine, which has no vLLM to
