@@ -213,10 +213,12 @@ def test_estimates_are_the_same_through_either_path(make_tiny_engine):
         assert b.estimate.n_harmful == a.estimate.n_harmful
 
 
-def test_the_config_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, tiny_model_dir):
-    """`model.batched_mixture: false` loads a per-component engine; the monitor's fingerprint
-    (what defines its estimate) is the same either way. Catches the setting lost on the way to
-    the engine, and a knob that would re-key every stored monitor."""
+@pytest.mark.parametrize("knob", ["batched_mixture", "shared_scoring"])
+def test_the_config_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, tiny_model_dir, knob):
+    """`model.batched_mixture: false` loads a per-component engine, `model.shared_scoring: false`
+    one that scores per variant; the monitor's fingerprint (what defines its estimate) is the same
+    either way (the same draws and log-probs). Catches the setting lost on the way to the engine,
+    and a knob that would re-key every stored monitor."""
     from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
     from tailmon.engines.loading import load_engine
     from tailmon.monitor.config import load_config
@@ -224,9 +226,9 @@ def test_the_config_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, ti
     model = {"ref": str(tiny_model_dir), "max_new_tokens": 3, "batch_size": 16}
     fingerprints = {}
     for value in (True, False):
-        [mon] = load_config(write_config(tmp_path, tiny_model_dir, model={**model, "batched_mixture": value})).config.monitors
-        assert mon.model.engine_settings().batched_mixture is value
-        assert load_engine(mon.model.engine_settings()).batched_mixture is value
+        [mon] = load_config(write_config(tmp_path, tiny_model_dir, model={**model, knob: value})).config.monitors
+        assert getattr(mon.model.engine_settings(), knob) is value
+        assert getattr(load_engine(mon.model.engine_settings()), knob) is value
         fingerprints[value] = mon.fingerprint()
     [default] = load_config(write_config(tmp_path, tiny_model_dir, model=model)).config.monitors
     assert fingerprints[True] == fingerprints[False] == default.fingerprint()

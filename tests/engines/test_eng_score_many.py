@@ -207,22 +207,3 @@ def test_shared_scoring_off_gives_each_variant_its_own_passes(make_tiny_engine):
         hook.remove()
     need = np.ones(shared.shape, dtype=bool)
     assert_same(alone, shared, need)
-
-
-def test_the_shared_scoring_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, tiny_model_dir):
-    """`model.shared_scoring: false` loads an engine that scores per variant; the monitor's
-    fingerprint is the same either way (the same log-probs). Catches the setting lost on the way to
-    the engine, and a knob that would re-key every stored monitor."""
-    from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
-    from tailmon.engines.loading import load_engine
-    from tailmon.monitor.config import load_config
-
-    model = {"ref": str(tiny_model_dir), "max_new_tokens": 3, "batch_size": 16}
-    fingerprints = {}
-    for value in (True, False):
-        [mon] = load_config(write_config(tmp_path, tiny_model_dir, model={**model, "shared_scoring": value})).config.monitors
-        assert mon.model.engine_settings().shared_scoring is value
-        assert load_engine(mon.model.engine_settings()).shared_scoring is value
-        fingerprints[value] = mon.fingerprint()
-    [default] = load_config(write_config(tmp_path, tiny_model_dir, model=model)).config.monitors
-    assert fingerprints[True] == fingerprints[False] == default.fingerprint()
