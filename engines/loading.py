@@ -63,6 +63,9 @@ class EngineSettings:
     served_adapters: tuple[tuple[str, str], ...] = ()
     """openai: (served adapter name, local adapter folder) pairs, as in `--lora-modules NAME=PATH`."""
     api_key: str | None = None
+    full_rows: bool = False
+    """openai: allow scoring that needs full-vocabulary rows over HTTP (temperature != 1, top-p or
+    top-k), about 100 s per scored response: refused by default (`engines.openai`)."""
     max_concurrency: int = 8
     timeout: float = 120.0
     retries: int = 4
@@ -71,8 +74,8 @@ class EngineSettings:
         ENGINES.get(self.engine)  # an unknown engine: InputError listing the known ones
         if self.engine == "openai" and not self.base_urls:
             raise InputError("the openai engine needs the servers' base URLs (base_urls)", setting="base_url")
-        if self.engine != "openai" and (self.base_urls or self.served_model or self.served_adapters):
-            raise InputError(f"base URLs, served_model and served_adapters are for the openai engine, "
+        if self.engine != "openai" and (self.base_urls or self.served_model or self.served_adapters or self.full_rows):
+            raise InputError(f"base URLs, served_model, served_adapters and full_rows are for the openai engine, "
                              f"not '{self.engine}'")
         for url in self.base_urls:
             if not url.startswith(("http://", "https://")):

@@ -90,8 +90,8 @@ FULL_ROWS_REFUSAL = (
     "(benchmarks/README.md, engines). Cheap alternatives: the target and every proposal at "
     "temperature 1 without top-p/top-k (scored from the response tokens' own log-probs), the "
     "in-process vllm engine (about 2 s per response on a CPU, where such rows stay in memory) or "
-    "the transformers engine (no extra cost). To pay the cost anyway, build the engine with "
-    "full_rows=True (OpenAIEngine.connect(..., full_rows=True)).")
+    "the transformers engine (no extra cost). To pay the cost anyway, set model.full_rows: true in the "
+    "monitor's config (OpenAIEngine.connect(..., full_rows=True) in code).")
 
 
 class _HTTPStatus(Exception):
@@ -168,7 +168,7 @@ class OpenAIEngine(ChatEngine):
         engine = cls.connect(list(settings.base_urls), settings.served_model or ref, ref, model_id=ref,
                              adapters=dict(settings.served_adapters), api_key=settings.api_key,
                              max_concurrency=settings.max_concurrency, timeout=settings.timeout,
-                             retries=settings.retries)
+                             retries=settings.retries, full_rows=settings.full_rows)
         try:
             engine.check_replicas()
         except BaseException:

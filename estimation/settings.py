@@ -77,6 +77,10 @@ class ModelConfig(Strict):
     api_key_env: str | None = None
     """openai: environment variable holding the servers' API key (never the key itself: the
     monitor's settings are stored with every run)."""
+    full_rows: bool = False
+    """openai: allow scoring that needs full-vocabulary rows over HTTP (the target or a proposal at
+    temperature != 1, top-p or top-k), about 100 s per scored response on a CPU server; refused by
+    default, naming the cheap alternatives. Not part of the fingerprint (the same values)."""
     max_concurrency: int = Field(8, ge=1)
     request_timeout: float = Field(120.0, gt=0)
     """openai: seconds before a request counts as failed (and goes to the next replica)."""
@@ -116,8 +120,9 @@ class ModelConfig(Strict):
         try:
             return EngineSettings(
                 engine=self.engine, ref=self.ref, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
-                batched_mixture=self.batched_mixture, shared_scoring=self.shared_scoring, enable_lora=enable_lora, base_urls=self.base_urls, served_model=self.served_model,
-                served_adapters=self.served_adapters,
+                batched_mixture=self.batched_mixture, shared_scoring=self.shared_scoring, enable_lora=enable_lora,
+                base_urls=self.base_urls, served_model=self.served_model, served_adapters=self.served_adapters,
+                full_rows=self.full_rows,
                 api_key=os.environ.get(self.api_key_env) if self.api_key_env else None,
                 max_concurrency=self.max_concurrency, timeout=self.request_timeout, retries=self.retries)
         except InputError as exc:

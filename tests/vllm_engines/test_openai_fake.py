@@ -236,3 +236,29 @@ def test_redirects_drips_and_huge_replies_are_refused(tiny_tokenizer):
     finally:
         main.close()
         other.close()
+
+
+def test_the_full_rows_setting_reaches_the_engine_and_not_the_fingerprint(tmp_path, tiny_model_dir, replicas):
+    """`model.full_rows: true` is how a monitor pays for full-vocabulary scoring over HTTP: it must
+    reach the engine (else such a monitor fails every run), stay out of the fingerprint (the same
+    values), and be refused with another engine."""
+    from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)
+    from tailmon.engines.loading import EngineSettings, load_engine
+    from tailmon.monitor.config import load_config
+
+    r = replicas()
+    model = {"engine": "openai", "ref": str(tiny_model_dir), "base_urls": [r.url], "max_new_tokens": 3}
+    fingerprints = {}
+    for value in (False, True):
+        [mon] = load_config(write_config(tmp_path, tiny_model_dir, model={**model, "full_rows": value})).config.monitors
+        settings = mon.model.engine_settings()
+        assert settings.full_rows is value
+        engine = load_engine(settings)
+        try:
+            assert engine.full_rows is value
+        finally:
+            engine.close()
+        fingerprints[value] = mon.fingerprint()
+    assert fingerprints[False] == fingerprints[True]
+    with pytest.raises(InputError, match="full_rows are for the openai engine"):
+        EngineSettings(engine="transformers", full_rows=True)
