@@ -49,7 +49,7 @@ def one_error_line(result, *fragments):
         (["--volume", "-5"], ["--volume must be a finite number >= 0"]),
         (["--volume", "inf"], ["--volume must be a finite number >= 0"]),  # was refused after the estimate
         (["--engine", "openai"], ["the openai engine needs the servers' base URLs"]),
-        (["--base-url", "http://gpu1:8000"], ["base URLs, served_model and served_adapters are for the openai engine"]),
+        (["--base-url", "http://gpu1:8000"], ["base URLs, served_model", "are for the openai engine"]),
         (["--engine", "vllm", "--proposal", "steer:d.safetensors@1"], ["use engine 'transformers'"]),
         (["--engine", "openai", "--base-url", "gpu1:8000"], ["must start with http:// or https://"]),
     ],
