@@ -161,36 +161,39 @@ def pool(runs: Sequence[Sequence[Estimate]], confidence: float = 0.95) -> Pooled
     flat = [e for r in runs for e in r]
     n = np.array([float(e.n_samples) for e in flat])
     u = n / n.sum()
-    strict = aggregate(flat, confidence=confidence, weights=n)
+    n_unreliable = sum(not e.reliable for e in flat)
     hits, ess, skew = _pooled_tail(flat, u)
-    figures = dict(n_runs=len(runs), n_prompts=strict.n_prompts, n_samples=strict.n_samples, p_hat=strict.p_hat,
-                   std_error=strict.std_error, n_unreliable=strict.n_unreliable, confidence=confidence,
-                   log_spread=strict.log_spread, top_share=strict.top_share, hits=hits, ess_wh=ess, skew=skew)
-    if strict.reliable:
-        return Pooled(ci_low=strict.ci_low, ci_high=strict.ci_high, reliable=True, bound_only=False,
-                      interval=strict.interval, warnings=strict.warnings, **figures)
+
+    def pooled(agg, ci_high, reliable, interval, warnings):
+        return Pooled(n_runs=len(runs), n_prompts=agg.n_prompts, n_samples=agg.n_samples, p_hat=agg.p_hat,
+                      ci_low=agg.ci_low, ci_high=ci_high, std_error=agg.std_error, reliable=reliable,
+                      bound_only=not reliable, n_unreliable=n_unreliable, interval=interval, confidence=confidence,
+                      log_spread=agg.log_spread, top_share=agg.top_share, hits=hits, ess_wh=ess, skew=skew,
+                      warnings=tuple(warnings) + (() if reliable else
+                                                  ("the pooled figure is an upper bound only: read ci_high, not p_hat",)))
+
+    if not n_unreliable:  # the aggregate under the per-prompt rules (zero-hit prompts carry their bound)
+        agg = aggregate(flat, confidence=confidence, weights=n)
+        return pooled(agg, agg.ci_high, agg.reliable, agg.interval, agg.warnings)
+    # Every p_hat as it is: the flagged prompts (unreliable, or bounds only) relieved of their bounds.
     flagged = [not e.reliable or e.upper_bound_only for e in flat]
-    # every p_hat as it is: the pooled interval over prompts without per-prompt bounds
-    calibrated = aggregate([dataclasses.replace(e, reliable=True, upper_bound_only=False) for e in flat],
-                           confidence=confidence, weights=n)
-    failed = _pooled_checks(flat, flagged, calibrated, hits, ess, skew)
+    calibrated = aggregate([dataclasses.replace(e, reliable=True, upper_bound_only=False) if f else e
+                            for e, f in zip(flat, flagged)], confidence=confidence, weights=n)
     warnings = list(calibrated.warnings)
-    if not failed:
-        warnings.append(f"{strict.n_unreliable} of {len(flat)} per-prompt estimates are unreliable on their own; "
-                        f"pooled over {len(flat)} prompts their noise averages out (effective sample size {ess:.0f}, "
+    failed = _pooled_checks(flat, flagged, calibrated, hits, ess, skew)
+    if calibrated.reliable and not failed:
+        warnings.append(f"{n_unreliable} of {len(flat)} per-prompt estimates are unreliable on their own; pooled "
+                        f"over {len(flat)} prompts their noise averages out (effective sample size {ess:.0f}, "
                         f"skew {skew:.2f}), so they enter with their p_hat")
-        return Pooled(ci_low=calibrated.ci_low, ci_high=calibrated.ci_high, reliable=True, bound_only=False,
-                      interval=calibrated.interval, warnings=tuple(warnings), **figures)
+        return pooled(calibrated, calibrated.ci_high, True, calibrated.interval, warnings)
     hi, interval = calibrated.ci_high, calibrated.interval
     carried = _carried_bound(flat, flagged, u, confidence)
     if carried > hi:
         hi, interval = min(1.0, carried), "bounds"
     warnings.extend(failed)
-    warnings.append(f"{strict.n_unreliable} of {len(flat)} per-prompt estimates are unreliable: their part enters "
-                    "the upper end with a conservative bound over their samples")
-    warnings.append("the pooled figure is an upper bound only: read ci_high, not p_hat")
-    return Pooled(ci_low=calibrated.ci_low, ci_high=hi, reliable=False, bound_only=True,
-                  interval=interval, warnings=tuple(warnings), **figures)
+    warnings.append(f"{n_unreliable} of {len(flat)} per-prompt estimates are unreliable: their part, and that of "
+                    "the prompts without a hit, enters the upper end with a conservative bound over their samples")
+    return pooled(calibrated, hi, False, interval, warnings)
 
 
 def _pooled_tail(flat: Sequence[Estimate], u: np.ndarray) -> tuple[float | None, float | None, float | None]:
@@ -222,8 +225,6 @@ def _pooled_checks(flat, flagged, calibrated, hits, ess, skew) -> list[str]:
                       "not bounded")
     if any(e.p_hat > 1.0 for e in flat):
         failed.append("a prompt's p_hat exceeds 1: its weights are badly behaved")
-    if not calibrated.reliable:
-        failed.append("the pooled prompts fail the aggregate's own rule (see its warnings)")
     if calibrated.top_share is not None and calibrated.top_share > TOP_SHARE_WARN:
         failed.append(f"one prompt carries {calibrated.top_share:.0%} of the pooled mean")
     if ess is None or ess < MIN_ESS_WH:
