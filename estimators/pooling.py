@@ -150,7 +150,9 @@ def pool(runs: Sequence[Sequence[Estimate]], confidence: float = 0.95) -> Pooled
       n_i over them: a floor of about 3.7 / (a N) with N all their samples, which more runs
       shrink. ci_high is then the larger of the aggregate's upper end (every p_hat as it is) and
       sum over reliable prompts of u_i p_hat_i plus that bound times the flagged prompts' share;
-      prompts whose defensive share is unknown (older reports) carry their own ci_high.
+      prompts whose defensive share is unknown (older reports) carry their own ci_high. Prompts
+      without a hit (reliable as bounds) count as flagged here. A pool without any unreliable
+      prompt is the aggregate under the per-prompt rules, zero-hit prompts carrying their bounds.
 
     No interval computed from drawn weights covers probability mass never drawn in the pool.
     """
