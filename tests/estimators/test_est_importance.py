@@ -364,10 +364,11 @@ def test_khat_of_w_h_flags_heavy_hits_and_spares_light_ones():
     assert all(e.khat_wh <= threshold and e.reliable for e in light)
 
 
-def test_khat_of_w_h_needs_21_hits():
-    # PSIS's tail M = ceil(min(0.2 n, 3 sqrt n)) holds the 5 points a fit needs from n = 21 on.
+def test_khat_of_w_h_needs_50_hits():
+    # PSIS's tail M = ceil(min(0.2 n, 3 sqrt n)) holds 10 points from n = 50 on (diagnostics.py
+    # says why fewer are not a check).
     rng = np.random.default_rng(33)
-    for m, fitted in [(20, False), (21, True)]:
+    for m, fitted in [(49, False), (50, True)]:
         est = defensive_run_with_hit_tail(rng, rng.uniform(0.5, 1.5, m), n=500)
         assert (est.khat_wh is not None) == fitted
     assert monte_carlo(np.ones(100)).khat_wh is None
@@ -480,7 +481,8 @@ def test_every_bound_is_one_sided_at_the_two_sided_level(confidence):
     # ci_high is the upper end of the two-sided `confidence` interval on every path: a one-sided
     # bound at (1 + confidence)/2. Zero hits: the conservative bound (1 - ((1 - c)/2)^(1/n)) / a0;
     # few hits: the conservative bound, m / a0 with n KL(mean(a0 w h) || m) = log(1 / tail);
-    # many hits: the bootstrap-t's upper end at the same tail.
+    # many hits: the bootstrap-t's upper end at the same tail (these 50 hits' weights are uniform,
+    # a bounded tail, so no spread allowance; test_the_upper_end_allows_for_the_spread has one).
     n, a0 = 400, 0.25
     tail = (1 - confidence) / 2
     log_w = np.log(np.random.default_rng(7).uniform(0.5, 1 / a0, n))
@@ -497,4 +499,28 @@ def test_every_bound_is_one_sided_at_the_two_sided_level(confidence):
     assert est.reliable
     wh = np.exp(log_w) * h
     low, high, se = bootstrap_t_interval(wh, None, confidence, seed=zlib.crc32(wh.tobytes()))
+    assert est.khat_wh <= 0.0
     assert (est.ci_low, est.ci_high) == (max(low, 0.0), high) and se == pytest.approx(est.std_error)
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95])
+def test_the_upper_end_allows_for_the_spread(confidence):
+    # 30 hits whose log-weights are normal (sd 0.4; too few hits for k-hat of w h): ci_high is the
+    # bootstrap-t's upper end times exp((s_up^2 - s^2) / 2), s the hits' log-weight sd and
+    # s_up^2 = s^2 (k - 1) / chi2_tail(k - 1), the tail being the interval's one-sided level.
+    # Catches the allowance missing, at another level than the interval's, or on the lower end.
+    n, a0, k = 400, 0.25, 30
+    tail = (1 - confidence) / 2
+    rng = np.random.default_rng(8)
+    log_w = np.log(rng.uniform(0.5, 1 / a0, n))
+    log_w[:k] = np.clip(rng.normal(0.0, 0.4, k), None, np.log(1 / a0))
+    h = np.zeros(n)
+    h[:k] = 1.0
+    est = importance_sampling(log_w, h, defensive=a0, confidence=confidence)
+    assert est.reliable and est.khat_wh is None
+    wh = np.exp(log_w) * h
+    low, high, _ = bootstrap_t_interval(wh, None, confidence, seed=zlib.crc32(wh.tobytes()))
+    s2 = np.var(log_w[:k], ddof=1)
+    allowance = np.exp(0.5 * s2 * ((k - 1) / stats.chi2.ppf(tail, k - 1) - 1))
+    assert est.ci_low == max(low, 0.0)
+    assert est.ci_high == pytest.approx(high * allowance, rel=1e-12) and allowance > 1.03
