@@ -107,7 +107,7 @@ from tailmon.estimation.plan import monitor_extrapolations, plan_for_monitor
 from tailmon.estimation.prompts import PromptItem
 from tailmon.estimation.settings import EstimationSettings, ModelConfig
 from tailmon.estimators import Estimate, aggregate, khat_threshold, parse_window
-from tailmon.estimators.importance import MIN_ESS_WH, SKEW_WARNING
+from tailmon.estimators.importance import MIN_ESS_WH
 from tailmon.estimators.montecarlo import MIN_HARMFUL
 from tailmon.judges import parse_judge
 from tailmon.redact import redact
@@ -235,8 +235,6 @@ def _unreliable_reasons(bad: Sequence[Estimate]) -> tuple[str, ...]:
                                             or max(e.khat, e.khat_wh or 0.0) > khat_threshold(e.n_samples))
                       for e in bad),
               f"ESS of w*h below {MIN_ESS_WH:g}": sum(e.method == "is" and e.ess_wh < MIN_ESS_WH for e in bad),
-              "skewed weights of the harmful samples (log-weight spread)":
-                  sum(any(w.startswith(SKEW_WARNING) for w in e.warnings) for e in bad),
               "p_hat above 1": sum(e.p_hat > 1 for e in bad)}
     return tuple(f"{n} with {why}" for why, n in counts.items() if n)
 

@@ -86,15 +86,16 @@ SKEWED_P_QUERY = math.exp(MU + 0.5)  # skewed_series' prompts: log-normal P, med
 
 
 def test_pooling_calibrates_prompts_too_skewed_on_their_own():
-    """Hits' weights log-normal with sd 1 (40 hits a prompt): most per-prompt estimates fail the
-    skew check, and one run's aggregate carries their conservative bounds (about 700x the risk,
-    benchmarks/README.md). Pooled over 50 prompts their noise averages out: the pool must be
+    """Hits' weights log-normal with sd 1 (40 hits a prompt): nearly half the per-prompt estimates
+    are flagged on their own (ESS of w*h below 10 or too few hits), and one run's aggregate carries
+    their conservative bounds (hundreds of times the risk, benchmarks/README.md). Pooled over 50 prompts their noise averages out: the pool must be
     reliable, narrow and cover. Catches the pool carrying every flagged prompt's own bound (no
     pool reliable, ci_high about 700x P) and a pooled skew check that flags light weights.
     200 series of 5 adaptive runs of 10 prompts through `importance_sampling`; misses of the
     upper end ~ Binomial(200, 0.025) at the nominal rate, failing above its 99.9% quantile (12,
-    6%). Measured (seed 30): 3 misses, every pool reliable, median ci_high / P 1.71, 95% of the
-    per-prompt estimates flagged."""
+    6%). Measured (seed 30): 3 misses, every pool reliable, median ci_high / P 1.71, 45% of the
+    per-prompt estimates flagged (95% under the skew check the per-prompt rule had before its
+    spread allowance)."""
     rng = np.random.default_rng(30)
     reps, high_miss, reliable, flagged, ratio = 200, 0, 0, [], []
     for _ in range(reps):
@@ -104,7 +105,7 @@ def test_pooling_calibrates_prompts_too_skewed_on_their_own():
         reliable += pooled.reliable
         flagged.append(pooled.n_unreliable / pooled.n_prompts)
         ratio.append(pooled.ci_high / SKEWED_P_QUERY)
-    assert np.mean(flagged) > 0.5  # the pooled path is what is tested, not the per-prompt intervals
+    assert np.mean(flagged) > 0.3  # the pooled path is what is tested, not the per-prompt intervals
     assert high_miss <= stats.binom.ppf(0.999, reps, 0.025), high_miss
     assert reliable >= 0.9 * reps, reliable
     assert np.median(ratio) < 2.5, np.median(ratio)
@@ -119,7 +120,7 @@ def test_a_rarely_drawn_heavy_mass_keeps_the_pool_a_bound_that_covers():
     flagged part at its p_hat still covered here, the aggregate's own upper end being high
     enough: `test_the_joint_bound_of_one_prompt_is_its_own_conservative_bound` catches that.)
     80 series; misses ~ Binomial(80, 0.025) at the nominal rate, failing above its 99.9%
-    quantile (7, 9%). Measured (seed 31): 1 miss, 79 of 80 pools a bound, median 18.6x P."""
+    quantile (7, 9%). Measured (seed 31): 1 miss, 79 of 80 pools a bound, median 17.9x P."""
     rng = np.random.default_rng(31)
     reps, high_miss, bound_only, ratio = 80, 0, 0, []
     for _ in range(reps):
