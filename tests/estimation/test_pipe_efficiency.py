@@ -97,8 +97,9 @@ def test_importance_sampling_run_reports_reliable_estimates_only(tiny_engine):
     exceeds the sample ratio: IS costs at least plain generation and judging per sample, so a
     time ratio above it would flatter (as timing plain generation on a small target stratum,
     which pays a batch's fixed costs for few samples, did)."""
+    # 100 samples: two of the three prompts have an ESS of w*h below 10 (at 200 all three pass)
     plan = EstimationPlan(target=TARGET, judge=parse_judge("prefix:a"), proposals=[parse_proposal("temperature:1.5")],
-                          defensive=0.1, n_samples=200, seed=0)
+                          defensive=0.1, n_samples=100, seed=0)
     prompts = [PromptItem("ab"), PromptItem("I cannot"), PromptItem("Sure, here is")]
     result = run_estimation(tiny_engine, plan, prompts)
     report = result.to_dict()
@@ -109,7 +110,7 @@ def test_importance_sampling_run_reports_reliable_estimates_only(tiny_engine):
         if e["reliable"] and e["p_hat"] > 0:
             n_mc = e["p_hat"] * (1 - e["p_hat"]) / e["std_error"] ** 2
             assert e["mc_equivalent_samples"] == pytest.approx(n_mc, rel=1e-12)
-            assert e["mc_sample_ratio"] == pytest.approx(n_mc / 200, rel=1e-12)
+            assert e["mc_sample_ratio"] == pytest.approx(n_mc / 100, rel=1e-12)
             assert 0 < t <= e["mc_sample_ratio"] * (1 + 1e-9)
         else:
             assert e["mc_equivalent_samples"] is None and e["mc_sample_ratio"] is None and t is None
