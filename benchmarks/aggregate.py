@@ -110,15 +110,17 @@ def main() -> int:
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples per run")
     ap.add_argument("--seed", type=int, default=20261207)
     ap.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS), help="numbers of prompts m")
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS,
+                    help="populations to simulate (a long replication of one cell: --scenarios pareto --prompts 50)")
     ap.add_argument("--output", default=None, help="results file (default results/aggregate.json)")
     args = ap.parse_args()
     run = Run("aggregate", "coverage of the aggregate interval over prompts (known population mean)",
               seed=args.seed, settings={"reps": args.reps, "boot": args.boot, "n": N, "boost": BOOST, "max_hit_rate": MAX_HIT_RATE,
                                         "defensive": DEFENSIVE, "confidence": CONFIDENCE,
-                                        "scenarios": SCENARIOS, "prompts": args.prompts})
+                                        "scenarios": args.scenarios, "prompts": args.prompts})
     rng = np.random.default_rng(args.seed)
     results = []
-    for name in SCENARIOS:
+    for name in args.scenarios:
         for m in args.prompts:
             started = time.time()
             misses = dict.fromkeys(METHODS, 0)
