@@ -55,6 +55,13 @@ the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, on
 interleaved in one process (`run_sampling`); the file's `sampling` table gives each time over
 plain's (goal <= 1.05 at any K, issue 19) and the batched path's over the per-component path's.
 
+**Scoring alone** (`--scoring`, the transformers engine, writes `results/engines_scoring.json`
+unless `--out`; `--scoring-configs` picks configurations): on the samples of each configuration's
+production draw, the scoring `draw` asks for, per variant (before), through `score_many` with each
+pass alone (after, `batched_scoring=False`) and with the passes of different prompts and adapters
+batched together (batched), one after the other, with each path's forward calls; the LoRA
+configurations use two random adapters written under `--work` (`random_adapters`).
+
 **The whole ladder before and after** (`--overall`, the transformers engine alone, writes
 `results/engines_overall.json`; `run_overall`): `estimate_prompt` of the ladder's K = 2..4 and of
 return-to-target configurations on the old path (`batched_mixture=False, shared_scoring=False`:

@@ -3,6 +3,9 @@
 The transformers engine runs one pass per (rendered prompt, adapter, adapter scale, steering) and
 processes its logits once per decoding; a variant that returns to the target is scored as its head
 (a pass over the first K tokens) plus its continuation's tokens after K (the continuation's pass).
+With `batched_scoring` (the default) the passes of different prompts and adapters run in shared
+batches (each distinct prompt and adapter prefilled once, left-padded, per-row positions and peft
+adapter names); steered passes and a second scale of one adapter run alone.
 Every value must equal the per-variant `score`, -inf where a token lies outside a truncated
 support, and `draw` must give the weights per-variant scoring gives.
 
@@ -293,11 +296,12 @@ def test_batched_passes_equal_per_variant_score(make_tiny_engine, lora_adapter, 
 def test_passes_of_different_prompts_and_adapters_share_forward_calls(make_tiny_engine, lora_adapter, second_adapter,
                                                                       direction, tilt):
     """Counts the forward calls: with every response of one length (no chunk split for padding)
-    and all rows within the budget, the eight passes that can share a batch take two calls (one
-    prefill of the eight distinct prompts and adapters, one pass over every response, each row
-    with its adapter), and the steered pass and the second scale two each: 6 calls where the
-    passes one by one take 20. Catches passes run one by one, and a batch whose rows all get one
-    adapter."""
+    and all rows within the budget, the seven passes over whole responses that can share a batch
+    take two calls (one prefill of the seven distinct prompts and adapters, one pass over every
+    response, each row with its adapter), the returning head (cut at 2 tokens) two of its own, the
+    steered pass and the second scale two each: 8 calls where the passes one by one take 20.
+    Catches passes run one by one, a batch whose rows all get one adapter, and a head's short
+    rows padded to the long rows' width."""
     engine = make_tiny_engine()
     variants = mixed_kinds(lora_adapter, second_adapter, direction, tilt)
     seqs = [r for r in responses(engine) if len(r) == 3][:24]
@@ -318,9 +322,12 @@ def test_passes_of_different_prompts_and_adapters_share_forward_calls(make_tiny_
     finally:
         hook.remove()
     assert len(alone) == 20  # 10 passes, each a prefill and a pass over its rows
-    assert len(batched) == 6
+    assert len(batched) == 8
     mixed = [c for c in batched if c[2]]
-    # the prefill: 8 distinct (prompt, adapter) rows, then the responses of the eight passes
-    assert [(b, len(set(names))) for b, _, names in mixed] == [(8, 3), (8 * 24, 3)]
-    for b, _, names in mixed:  # base: the target, two system prompts, a head; two passes per adapter
-        assert sorted(names.count(a) for a in set(names)) == [b // 4, b // 4, b // 2]
+    # the returning head's rows (cut at K = 2 tokens) in a chunk of their own: one input position,
+    # not padded to the whole responses' width
+    assert [(b, len(set(names))) for b, _, names in mixed[:2]] == [(1, 1), (24, 1)] and mixed[1][1] == 1
+    # then one prefill of the 7 other distinct (prompt, adapter) rows and one pass over their responses
+    assert [(b, len(set(names))) for b, _, names in mixed[2:]] == [(7, 3), (7 * 24, 3)]
+    for b, _, names in mixed[2:]:  # base: the target, two system prompts; two passes per adapter
+        assert sorted(names.count(a) for a in set(names)) == [2 * b // 7, 2 * b // 7, 3 * b // 7]
