@@ -813,20 +813,20 @@ class TransformersEngine(ChatEngine):
             wanted: dict[tuple, np.ndarray] = {}
             for j, processing, _, _ in segments:
                 wanted[processing] = wanted.get(processing, np.zeros(rows.size, dtype=bool)) | need[rows, j]
-            plan.append((part, segments, rows, [seqs[i][:end] for i in rows], wanted))
+            plan.append((part, segments, rows, [seqs[i][:end] for i in rows], wanted, end))
         # Passes whose rows can share a batch (the rule of the batched mixture decode: no steering,
         # plain LoRA, one scale per adapter) run together; the others each on its own.
         scales: dict[str, float] = {}
         mixed = [g for g, (part, *_) in enumerate(plan) if self.batched_scoring and self._joins_batch(part, scales)]
         if len(mixed) < 2:
             mixed = []  # a pass alone: `_shared_token_chunks` is the same pass
-        for g, (part, segments, rows, cut, wanted) in enumerate(plan):
+        for g, (part, segments, rows, cut, wanted, _) in enumerate(plan):
             if g not in mixed:
                 for idx, toks, mask in self._shared_token_chunks(prompt, part, cut, wanted):
                     self._add_segments(out, segments, rows[idx], toks, mask)
         if mixed:
             chunks = self._mixed_token_chunks(prompt, [plan[g][0] for g in mixed], [plan[g][3] for g in mixed],
-                                              [plan[g][4] for g in mixed])
+                                              [plan[g][4] for g in mixed], [plan[g][5] for g in mixed])
             for which, idx, toks, mask in chunks:
                 for k, g in enumerate(mixed):
                     sel = np.flatnonzero(which == k)
@@ -844,7 +844,8 @@ class TransformersEngine(ChatEngine):
             out[at, j] += toks[processing][:, start:stop].sum(dim=1).numpy()
 
     def _mixed_token_chunks(self, prompt: str, parts: Sequence[Variant], seqs: Sequence[list[list[int]]],
-                            wanted: Sequence[dict[tuple[Decoding, Tilt | None], np.ndarray]]):
+                            wanted: Sequence[dict[tuple[Decoding, Tilt | None], np.ndarray]],
+                            cuts: Sequence[int | None]):
         """`_shared_token_chunks` for several passes at once: the rows of every pass (`seqs[g]`,
         each under `parts[g]`'s prompt and adapter, processed as `wanted[g]` asks) in shared
         chunks: (pass of each row (index into parts), indices into its seqs, {processing: (b,
@@ -854,20 +855,34 @@ class TransformersEngine(ChatEngine):
         prompts, each with its adapter), the KV cache rows copied to the responses of each pass,
         then one pass over every response: a row's attention mask hides its prompt's left padding
         and its positions count its own prompt's tokens, so it computes what its pass computes
-        alone, to float32 round-off (tests/engines/test_eng_score_many.py)."""
+        alone, to float32 round-off (tests/engines/test_eng_score_many.py).
+
+        `cuts[g]`: the token count pass g's rows are cut at (a returning head's K), None for
+        whole responses. Passes of one cut are chunked together, each cut apart: a head's short
+        rows would otherwise pad to the long rows they share a small chunk with (`_chunks` lets a
+        chunk under SCORE_MIN_CHUNK positions absorb padding), 32 rows of 4 tokens computing 24
+        positions each; measured 25-33% more CPU on return + system K=3 (benchmarks/README.md)."""
         prompts = [self.rendered(prompt, v) for v in parts]
         processings = list(dict.fromkeys(p for w in wanted for p in w))
         biases = {p: self._tilt(p[1]) for p in processings}  # each tilt file read once
+        classes = list(dict.fromkeys(sorted(cuts, key=lambda c: (c is None, c or 0))))
         items = [(g, i) for g, s in enumerate(seqs) for i in range(len(s))]
-        # Shortest first (a chunk pads to its longest), and by pass within a length, so that a
-        # chunk holds few distinct prompts to prefill.
-        items.sort(key=lambda it: (len(seqs[it[0]][it[1]]), it[0]))
+        # By cut, then shortest first (a chunk pads to its longest), and by pass within a length,
+        # so that a chunk holds few distinct prompts to prefill.
+        items.sort(key=lambda it: (classes.index(cuts[it[0]]), len(seqs[it[0]][it[1]]), it[0]))
         ordered = [seqs[g][i] for g, i in items]
+        cls = [classes.index(cuts[g]) for g, _ in items]
+        spans = []  # (start, end) of the chunks of every cut, in order
+        first_of = 0
+        for c in range(len(classes)):
+            last_of = first_of + cls.count(c)
+            spans += [(first_of + a, first_of + b) for a, b in self._chunks(ordered[first_of:last_of])]
+            first_of = last_of
         part_of = np.array([g for g, _ in items], dtype=np.int64)
         index_of = np.array([i for _, i in items], dtype=np.int64)
         rows_of = {p: np.array([p in wanted[g] and bool(wanted[g][p][i]) for g, i in items]) for p in processings}
         with self._mixed_weights(parts) as names:
-            for start, end in self._chunks(ordered):
+            for start, end in spans:
                 chunk = ordered[start:end]
                 if max(len(s) for s in chunk) == 0:
                     continue
