@@ -780,7 +780,9 @@ def run_scoring(args, prompts: list[str], clock: Clock, log) -> list[dict]:
 
     engine._forward = counted
     rows = []
-    for i, prompt in enumerate(prompts):
+    # --scoring-repeats: the prompts again, each repeat a row per configuration and prompt (the
+    # same samples: the draws are seeded), after and batched measured in the other order
+    for i, prompt in enumerate(prompts * args.scoring_repeats):
         w0, c0 = clock.now()
         plain = engine.sample(prompt, target, args.n, component_seed(args.seed, prompt, 0))
         w1, c1 = clock.now()
@@ -803,28 +805,35 @@ def run_scoring(args, prompts: list[str], clock: Clock, log) -> list[dict]:
             b0 = clock.now()
             before = per_variant_scoring(engine, prompt, variants, scored, need)
             b1 = clock.now()
-            before_calls, calls[0] = calls[0], 0
-            engine.batched_scoring = False
-            after = score_many_unique(engine, prompt, variants, scored, need)
-            a1 = clock.now()
-            after_calls, calls[0] = calls[0], 0
+            before_calls = calls[0]
+            # after (each pass alone) and batched, in turns: each repeat takes the other one first
+            timed = {}
+            flip = (i % len(prompts) + i // len(prompts)) % 2
+            for batched_scoring in ((True, False) if flip else (False, True)):
+                engine.batched_scoring = batched_scoring
+                calls[0] = 0
+                t0 = clock.now()
+                values = score_many_unique(engine, prompt, variants, scored, need)
+                t1 = clock.now()
+                timed[batched_scoring] = (values, t1[0] - t0[0], t1[1] - t0[1], calls[0])
             engine.batched_scoring = True
-            batched = score_many_unique(engine, prompt, variants, scored, need)
-            m1 = clock.now()
-            batched_calls = calls[0]
+            after, after_wall, after_cpu, after_calls = timed[False]
+            batched, batched_wall, batched_cpu, batched_calls = timed[True]
             diff = np.abs(before[need] - after[need])
             finite = np.isfinite(before[need])
             assert np.array_equal(finite, np.isfinite(after[need])), "before and after disagree on -inf"
             assert np.array_equal(finite, np.isfinite(batched[need])), "before and batched disagree on -inf"
             diff_batched = np.abs(before[need] - batched[need])
             tokens = sum(len(t) for t in d.ids)
-            row = {"config": name, "K": len(variants), "prompt": i, "n": args.n,
+            row = {"config": name, "K": len(variants), "prompt": i % len(prompts), "repeat": i // len(prompts),
+                   "n": args.n,
                    "max_new_tokens": args.max_new_tokens, "horizon": d.horizon,
                    "plain_wall": round(w1 - w0, 3), "plain_cpu": round(c1 - c0, 3), "plain_tokens": plain_tokens,
                    "generate_wall": round(float(np.sum(d.generate_seconds)), 3), "tokens": tokens,
                    "before_wall": round(b1[0] - b0[0], 3), "before_cpu": round(b1[1] - b0[1], 3),
-                   "after_wall": round(a1[0] - b1[0], 3), "after_cpu": round(a1[1] - b1[1], 3),
-                   "batched_wall": round(m1[0] - a1[0], 3), "batched_cpu": round(m1[1] - a1[1], 3),
+                   "after_wall": round(after_wall, 3), "after_cpu": round(after_cpu, 3),
+                   "batched_wall": round(batched_wall, 3), "batched_cpu": round(batched_cpu, 3),
+                   "order": "batched first" if flip else "after first",
                    "before_calls": before_calls, "after_calls": after_calls, "batched_calls": batched_calls,
                    "draw_score_wall": round(d.score_seconds, 3),
                    "before_units": round(float(need.sum() / args.n), 3),
@@ -1225,6 +1234,7 @@ def main(argv=None):
                         "on the samples of each configuration's draw; writes results/engines_scoring.json")
     p.add_argument("--scoring-configs", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    default=[], help="--scoring: comma-separated configurations (default all)")
+    p.add_argument("--scoring-repeats", type=int, default=1, help="--scoring: passes over the prompts")
     p.add_argument("--overall", action="store_true",
                    help="only the overall IS comparison (transformers): plain generation against full IS on the "
                         "per-component path and on the batched-mixture + shared-scoring path; writes "
