@@ -858,14 +858,18 @@ class TransformersEngine(ChatEngine):
         alone, to float32 round-off (tests/engines/test_eng_score_many.py).
 
         `cuts[g]`: the token count pass g's rows are cut at (a returning head's K), None for
-        whole responses. Passes of one cut are chunked together, each cut apart: a head's short
-        rows would otherwise pad to the long rows they share a small chunk with (`_chunks` lets a
-        chunk under SCORE_MIN_CHUNK positions absorb padding), 32 rows of 4 tokens computing 24
-        positions each; measured 25-33% more CPU on return + system K=3 (benchmarks/README.md)."""
+        whole responses. Passes of one cut are chunked together, each cut shorter than the
+        longest row apart: a head's short rows would otherwise pad to the long rows they share a
+        small chunk with (`_chunks` lets a chunk under SCORE_MIN_CHUNK positions absorb padding),
+        32 rows of 4 tokens computing 24 positions each (measured: 25-33% more CPU on return +
+        system K=3). A cut no shorter than every row (every component returning: the caller cuts
+        all responses at the weight horizon) changes nothing and keeps its rows with the others."""
         prompts = [self.rendered(prompt, v) for v in parts]
         processings = list(dict.fromkeys(p for w in wanted for p in w))
         biases = {p: self._tilt(p[1]) for p in processings}  # each tilt file read once
-        classes = list(dict.fromkeys(sorted(cuts, key=lambda c: (c is None, c or 0))))
+        longest = max((len(r) for s in seqs for r in s), default=0)
+        cuts = [longest if c is None else min(c, longest) for c in cuts]
+        classes = sorted(set(cuts))
         items = [(g, i) for g, s in enumerate(seqs) for i in range(len(s))]
         # By cut, then shortest first (a chunk pads to its longest), and by pass within a length,
         # so that a chunk holds few distinct prompts to prefill.

@@ -300,8 +300,8 @@ def test_passes_of_different_prompts_and_adapters_share_forward_calls(make_tiny_
     take two calls (one prefill of the seven distinct prompts and adapters, one pass over every
     response, each row with its adapter), the returning head (cut at 2 tokens) two of its own, the
     steered pass and the second scale two each: 8 calls where the passes one by one take 20.
-    Catches passes run one by one, a batch whose rows all get one adapter, and a head's short
-    rows padded to the long rows' width."""
+    Catches passes run one by one, a batch whose rows all get one adapter, a head's short rows
+    padded to the long rows' width, and a head kept apart where its cut pads nothing."""
     engine = make_tiny_engine()
     variants = mixed_kinds(lora_adapter, second_adapter, direction, tilt)
     seqs = [r for r in responses(engine) if len(r) == 3][:24]
@@ -331,3 +331,14 @@ def test_passes_of_different_prompts_and_adapters_share_forward_calls(make_tiny_
     assert [(b, len(set(names))) for b, _, names in mixed[2:]] == [(7, 3), (7 * 24, 3)]
     for b, _, names in mixed[2:]:  # base: the target, two system prompts; two passes per adapter
         assert sorted(names.count(a) for a in set(names)) == [2 * b // 7, 2 * b // 7, 3 * b // 7]
+    # every component returning after 2 tokens: `draw` scores the responses cut there (the weight
+    # horizon), so the head's cut pads nothing and its rows join the target's: 2 calls, not 4
+    calls.clear()
+    engine.batched_scoring = True
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        engine.score_many(PROMPT, [TARGET, variants[11]], [r[:2] for r in seqs])
+    finally:
+        hook.remove()
+    assert len(calls) == 2
