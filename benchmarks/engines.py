@@ -55,6 +55,13 @@ the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, on
 interleaved in one process (`run_sampling`); the file's `sampling` table gives each time over
 plain's (goal <= 1.05 at any K, issue 19) and the batched path's over the per-component path's.
 
+**Scoring alone** (`--scoring`, the transformers engine, writes `results/engines_scoring.json`
+unless `--out`; `--scoring-configs` picks configurations): on the samples of each configuration's
+production draw, the scoring `draw` asks for, per variant (before), through `score_many` with each
+pass alone (after, `batched_scoring=False`) and with the passes of different prompts and adapters
+batched together (batched), one after the other, with each path's forward calls; the LoRA
+configurations use two random adapters written under `--work` (`random_adapters`).
+
 **The whole ladder before and after** (`--overall`, the transformers engine alone, writes
 `results/engines_overall.json`; `run_overall`): `estimate_prompt` of the ladder's K = 2..4 and of
 return-to-target configurations on the old path (`batched_mixture=False, shared_scoring=False`:
@@ -678,7 +685,39 @@ SCORING_CONFIGS = {
     "system+T K=3": [f"system:{SYSTEM_A}", "temperature:1.5"],
     "return K=2": [f"return:4:system:{SYSTEM_A}"],
     "return+system K=3": [f"return:4:system:{SYSTEM_A}", f"system:{SYSTEM_B}"],
+    # LoRA components: random adapters for the embedded model (`random_adapters`; the throughput
+    # does not depend on the weights), {A} and {B} filled in by run_scoring
+    "lora K=2": ["lora:{A}"],
+    "lora+system K=3": ["lora:{A}", f"system:{SYSTEM_A}"],
+    "two loras K=3": ["lora:{A}", "lora:{B}"],
+    "two loras+system K=4": ["lora:{A}", "lora:{B}", f"system:{SYSTEM_A}"],
 }
+
+
+def random_adapters(work: Path) -> dict[str, str]:
+    """Two LoRA adapters (r 8 on q_proj, v_proj; seeds 1 and 2; B small random, so that the
+    responses stay the model's) for the embedded model, written under `work`: {"A": path, "B": path}.
+    Built on a second copy of the model from the local cache; nothing is downloaded."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tailmon.engines.models import resolve
+
+    out = {}
+    for name, seed in (("A", 1), ("B", 2)):
+        path = work / f"lora-{name}"
+        model = AutoModelForCausalLM.from_pretrained(resolve(None), dtype=torch.float32)
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, param in peft_model.named_parameters():
+                if ".lora_B." in n:
+                    param.normal_(0.0, 0.01)
+        peft_model.save_pretrained(str(path))
+        out[name] = str(path)
+        del model, peft_model
+    return out
 
 
 def pass_units(variants, need) -> float:
@@ -711,8 +750,10 @@ def per_variant_scoring(engine, prompt, variants, scored, need):
 
 
 def run_scoring(args, prompts: list[str], clock: Clock, log) -> list[dict]:
-    """Scoring alone, per variant (before) and through `score_many` (after), on the samples of the
-    production `draw` of each configuration, against plain generation of the same n."""
+    """Scoring alone, per variant (before), through `score_many` with each pass alone (after,
+    `batched_scoring=False`) and with the passes of different prompts and adapters batched
+    together (batched, the default), on the samples of the production `draw` of each
+    configuration, against plain generation of the same n. Each path's forward calls are counted."""
     import numpy as np
 
     from tailmon.engines.base import Decoding, Variant
@@ -724,13 +765,29 @@ def run_scoring(args, prompts: list[str], clock: Clock, log) -> list[dict]:
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     target = Variant("target", decoding)
     warm_up(Loaded("transformers", engine), prompts[0], clock)
+    configs = {name: specs for name, specs in SCORING_CONFIGS.items()
+               if not args.scoring_configs or name in args.scoring_configs}
+    if any("{A}" in s for specs in configs.values() for s in specs):
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        paths = random_adapters(work)
+        configs = {name: [s.format(**paths) for s in specs] for name, specs in configs.items()}
+    forward, calls = engine._forward, [0]
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return forward(*a, **kw)
+
+    engine._forward = counted
     rows = []
-    for i, prompt in enumerate(prompts):
+    # --scoring-repeats: the prompts again, each repeat a row per configuration and prompt (the
+    # same samples: the draws are seeded), after and batched measured in the other order
+    for i, prompt in enumerate(prompts * args.scoring_repeats):
         w0, c0 = clock.now()
         plain = engine.sample(prompt, target, args.n, component_seed(args.seed, prompt, 0))
         w1, c1 = clock.now()
         plain_tokens = sum(len(t) for t in plain.token_ids)
-        for name, specs in SCORING_CONFIGS.items():
+        for name, specs in configs.items():
             plan = plan_for(len(specs) + 1, decoding, args.n, args.seed, specs)
             variants = [c.variant for c in plan.components]
             d = draw(engine, prompt, variants, [c.share for c in plan.components], args.n,
@@ -744,30 +801,52 @@ def run_scoring(args, prompts: list[str], clock: Clock, log) -> list[dict]:
                     need[:, j] = d.drawn != j
             checked = _rescore_rows(np.bincount(d.drawn, minlength=len(variants)).tolist(), plan.rescore_samples)
             need[checked, d.drawn[checked]] = True
+            calls[0] = 0
             b0 = clock.now()
             before = per_variant_scoring(engine, prompt, variants, scored, need)
             b1 = clock.now()
-            after = score_many_unique(engine, prompt, variants, scored, need)
-            a1 = clock.now()
+            before_calls = calls[0]
+            # after (each pass alone) and batched, in turns: each repeat takes the other one first
+            timed = {}
+            flip = (i % len(prompts) + i // len(prompts)) % 2
+            for batched_scoring in ((True, False) if flip else (False, True)):
+                engine.batched_scoring = batched_scoring
+                calls[0] = 0
+                t0 = clock.now()
+                values = score_many_unique(engine, prompt, variants, scored, need)
+                t1 = clock.now()
+                timed[batched_scoring] = (values, t1[0] - t0[0], t1[1] - t0[1], calls[0])
+            engine.batched_scoring = True
+            after, after_wall, after_cpu, after_calls = timed[False]
+            batched, batched_wall, batched_cpu, batched_calls = timed[True]
             diff = np.abs(before[need] - after[need])
             finite = np.isfinite(before[need])
             assert np.array_equal(finite, np.isfinite(after[need])), "before and after disagree on -inf"
+            assert np.array_equal(finite, np.isfinite(batched[need])), "before and batched disagree on -inf"
+            diff_batched = np.abs(before[need] - batched[need])
             tokens = sum(len(t) for t in d.ids)
-            row = {"config": name, "K": len(variants), "prompt": i, "n": args.n,
+            row = {"config": name, "K": len(variants), "prompt": i % len(prompts), "repeat": i // len(prompts),
+                   "n": args.n,
                    "max_new_tokens": args.max_new_tokens, "horizon": d.horizon,
                    "plain_wall": round(w1 - w0, 3), "plain_cpu": round(c1 - c0, 3), "plain_tokens": plain_tokens,
                    "generate_wall": round(float(np.sum(d.generate_seconds)), 3), "tokens": tokens,
                    "before_wall": round(b1[0] - b0[0], 3), "before_cpu": round(b1[1] - b0[1], 3),
-                   "after_wall": round(a1[0] - b1[0], 3), "after_cpu": round(a1[1] - b1[1], 3),
+                   "after_wall": round(after_wall, 3), "after_cpu": round(after_cpu, 3),
+                   "batched_wall": round(batched_wall, 3), "batched_cpu": round(batched_cpu, 3),
+                   "order": "batched first" if flip else "after first",
+                   "before_calls": before_calls, "after_calls": after_calls, "batched_calls": batched_calls,
                    "draw_score_wall": round(d.score_seconds, 3),
                    "before_units": round(float(need.sum() / args.n), 3),
                    "after_units": round(pass_units(variants, need), 3),
                    "max_abs_diff": float(diff[finite].max()) if finite.any() else 0.0,
+                   "max_abs_diff_batched": float(diff_batched[finite].max()) if finite.any() else 0.0,
                    "load_average_after": load_average()}
             rows.append(row)
-            log(f"[scoring] prompt {i} {name}: before {row['before_cpu']:.1f} s cpu ({row['before_units']} n), "
-                f"after {row['after_cpu']:.1f} s cpu ({row['after_units']} n), plain {row['plain_cpu']:.1f} s, "
-                f"max diff {row['max_abs_diff']:.1e}, load {row['load_average_after']}")
+            log(f"[scoring] prompt {i} {name}: before {row['before_cpu']:.1f} s cpu ({row['before_units']} n, "
+                f"{before_calls} calls), after {row['after_cpu']:.1f} s cpu ({row['after_units']} n, {after_calls} "
+                f"calls), batched {row['batched_cpu']:.1f} s cpu ({batched_calls} calls), plain "
+                f"{row['plain_cpu']:.1f} s, max diff {row['max_abs_diff']:.1e} / {row['max_abs_diff_batched']:.1e}, "
+                f"load {row['load_average_after']}")
     return rows
 
 
@@ -780,20 +859,26 @@ def summarise_scoring(rows: list[dict]) -> list[dict]:
         plain = sum(r["plain_cpu"] for r in rs)
         per_token = sum(r["plain_tokens"] for r in rs) / max(1, sum(r["tokens"] for r in rs))
         b, a = sum(r["before_cpu"] for r in rs) / plain, sum(r["after_cpu"] for r in rs) / plain
+        m = sum(r.get("batched_cpu", float("nan")) for r in rs) / plain
+        mw = sum(r.get("batched_wall", float("nan")) for r in rs) / sum(r["after_wall"] for r in rs)
         bu, au = sum(r["before_units"] for r in rs) / len(rs), sum(r["after_units"] for r in rs) / len(rs)
         out.append({"config": name, "K": rs[0]["K"], "prompts": len(rs), "horizon": rs[0]["horizon"],
                     "before_x": round(b, 2), "after_x": round(a, 2), "after/before": round(a / b, 2) if b else None,
+                    "batched_x": round(m, 2), "batched/after": round(m / a, 2) if a else None,
+                    "batched/after_wall": round(mw, 2),
+                    "calls": "/".join(str(sum(r.get(f"{k}_calls", 0) for r in rs)) for k in ("before", "after", "batched")),
                     "before_x_per_token": round(b * per_token, 2), "after_x_per_token": round(a * per_token, 2),
                     "before_passes": round(bu, 2), "after_passes": round(au, 2),
                     "before_x_per_pass": round(b / bu, 2) if bu else None,
                     "after_x_per_pass": round(a / au, 2) if au else None,
-                    "max_abs_diff": max(r["max_abs_diff"] for r in rs)})
+                    "max_abs_diff": max(r["max_abs_diff"] for r in rs),
+                    "max_abs_diff_batched": max(r.get("max_abs_diff_batched", float("nan")) for r in rs)})
     return out
 
 
-SCORING_COLUMNS = ["config", "K", "horizon", "before_x", "after_x", "after/before", "before_x_per_token",
-                   "after_x_per_token", "before_passes", "after_passes", "before_x_per_pass", "after_x_per_pass",
-                   "max_abs_diff"]
+SCORING_COLUMNS = ["config", "K", "horizon", "before_x", "after_x", "batched_x", "after/before", "batched/after",
+                   "batched/after_wall", "calls", "before_passes", "after_passes", "after_x_per_pass", "max_abs_diff",
+                   "max_abs_diff_batched"]
 
 
 # -- overall: the IS ladder before and after, side by side (issue 19) ---------------------------
@@ -1147,6 +1232,9 @@ def main(argv=None):
     p.add_argument("--scoring", action="store_true",
                    help="only the scoring comparison (transformers): per-variant scoring against score_many, "
                         "on the samples of each configuration's draw; writes results/engines_scoring.json")
+    p.add_argument("--scoring-configs", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   default=[], help="--scoring: comma-separated configurations (default all)")
+    p.add_argument("--scoring-repeats", type=int, default=1, help="--scoring: passes over the prompts")
     p.add_argument("--overall", action="store_true",
                    help="only the overall IS comparison (transformers): plain generation against full IS on the "
                         "per-component path and on the batched-mixture + shared-scoring path; writes "
@@ -1235,9 +1323,11 @@ def scoring_main(args, argv) -> int:
     threads = one_torch_thread()
     prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
     settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "judge": JUDGE,
-                "defensive": DEFENSIVE, "configs": SCORING_CONFIGS, "torch_threads": threads, "cuda": cuda(),
+                "defensive": DEFENSIVE,
+                "configs": {k: v for k, v in SCORING_CONFIGS.items() if not args.scoring_configs or k in args.scoring_configs}, "torch_threads": threads, "cuda": cuda(),
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
-    run = Run("engines_scoring", "transformers scoring: per-variant passes against score_many's shared passes",
+    run = Run("engines_scoring", "transformers scoring: per-variant passes against score_many's shared passes, "
+              "each pass alone and passes of different prompts and adapters batched together",
               seed=args.seed, settings=settings)
 
     def log(msg):
@@ -1248,12 +1338,16 @@ def scoring_main(args, argv) -> int:
     notes = ("Per configuration (target plus the listed proposals, defensive share 0.1, n samples of the production "
              "draw, score_all=False, the plan's re-scoring): the need of draw (each row's columns of the components "
              "that did not draw it, plus the re-scored rows' own) scored per variant (before: score_unique per "
-             "column, each its own passes) and through score_many_unique (after: one pass per distinct prompt / "
-             "adapter / steering, processed per decoding), one after the other on the same samples. x = scoring "
+             "column, each its own passes), through score_many_unique with batched_scoring=False (after: one pass "
+             "per distinct prompt / adapter / steering, processed per decoding) and with batched_scoring=True "
+             "(batched: the passes of different prompts and adapters in shared batches, each distinct prompt and "
+             "adapter prefilled once per chunk), one after the other on the same samples. x = scoring "
              "CPU seconds / plain generation's (engine.sample of the target, same n, summed over prompts); "
              "x_per_token scales by plain's tokens over the mixture's; passes = rows through a forward pass / n "
              "(before: one per needed entry; after: one per pass key and row); x_per_pass = x / passes. "
-             "max_abs_diff: largest |before - after| over needed entries (both -inf at the same entries).")
+             "max_abs_diff(_batched): largest |before - after (batched)| over needed entries (-inf at the same "
+             "entries). calls: the engine's forward calls (prefills and passes) before / after / batched, summed "
+             "over prompts; lora configs use two random r=8 adapters on q_proj, v_proj.")
     run.write(summary=summary, results=rows, notes=notes, out=out, complete=True)
     log(f"wrote {out}")
     print(markdown_table(summary, SCORING_COLUMNS))

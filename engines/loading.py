@@ -54,6 +54,10 @@ class EngineSettings:
     """transformers: score a mixture's components with one forward pass per prompt, adapter and
     steering (`TransformersEngine.score_many`); False: passes per component (the same values,
     slower; for comparison)."""
+    batched_scoring: bool = True
+    """transformers, with shared_scoring: run the scoring passes of different prompts and adapters
+    in shared batches, each distinct prompt and adapter prefilled once; False: each pass alone
+    (the same values, for comparison)."""
     enable_lora: bool = False
     """vllm: build the LLM with LoRA support (needed by LoRA proposals; fixed when it is built)."""
     base_urls: tuple[str, ...] = ()

@@ -163,7 +163,7 @@ class TransformersEngine(ChatEngine):
     tilts = True
 
     def __init__(self, model, tokenizer, *, model_id: str = "model", batch_size: int = 64,
-                 batched_mixture: bool = True, shared_scoring: bool = True):
+                 batched_mixture: bool = True, shared_scoring: bool = True, batched_scoring: bool = True):
         self.model = model.eval()
         self.batch_size = batch_size
         self.batched_mixture = batched_mixture
@@ -173,6 +173,11 @@ class TransformersEngine(ChatEngine):
         """`score_many` shares one forward pass between the variants that differ only in decoding
         or tilt (True) or calls `score` once per variant (False: the path before, kept for
         comparison; the same values to float32 round-off)."""
+        self.batched_scoring = batched_scoring
+        """With `shared_scoring`: `score_many` runs the passes of different prompts and adapters
+        together, rows of several passes in one batch, each distinct (prompt, adapter) prefilled
+        once (True), or each pass on its own (False: the path before, kept for comparison; the
+        same values to float32 round-off)."""
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
         self._adapter_stamps: dict[str, tuple] = {}  # adapter path -> `_adapter_stamp` when loaded
         self._adapter_notes: dict[str, str | None] = {}  # adapter path -> its compatibility warning
@@ -195,7 +200,7 @@ class TransformersEngine(ChatEngine):
 
     @classmethod
     def load(cls, ref: str | None = None, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 64,
-             batched_mixture: bool = True, shared_scoring: bool = True):
+             batched_mixture: bool = True, shared_scoring: bool = True, batched_scoring: bool = True):
         """Load a model reference (embedded name, local folder or hub id)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,13 +214,15 @@ class TransformersEngine(ChatEngine):
         except Exception as exc:  # any failure inside transformers while loading is the model's
             raise RuntimeFailure(f"model '{ref or DEFAULT_MODEL}' failed to load from {path}: {exc}") from exc
         return cls(model, tokenizer, model_id=str(ref or DEFAULT_MODEL), batch_size=batch_size,
-                   batched_mixture=batched_mixture, shared_scoring=shared_scoring)
+                   batched_mixture=batched_mixture, shared_scoring=shared_scoring,
+                   batched_scoring=batched_scoring)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "TransformersEngine":
         """The engine `settings` describe: its loader in `tailmon.engines.loading.ENGINES`."""
         return cls.load(settings.ref, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size,
-                        batched_mixture=settings.batched_mixture, shared_scoring=settings.shared_scoring)
+                        batched_mixture=settings.batched_mixture, shared_scoring=settings.shared_scoring,
+                        batched_scoring=settings.batched_scoring)
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -667,16 +674,18 @@ class TransformersEngine(ChatEngine):
 
     @staticmethod
     def _token_logprobs(first: torch.Tensor, rest: torch.Tensor | None, x: torch.Tensor, decoding: Decoding,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, which: torch.Tensor | None = None) -> torch.Tensor:
         """Processed log-prob of each token x[i, t] (b, width), float64 on the CPU, from the logits
-        that predict it: `first` (1, V) for t = 0, rest[i, t - 1] for t >= 1.
+        that predict it: first[which[i]] (`first` (p, V): the logits after each prompt; which None:
+        every row continues first[0]) for t = 0, rest[i, t - 1] for t >= 1.
 
-        `processed_logprobs` row by row, exactly as sampling computes it, but the prompt's row once
+        `processed_logprobs` row by row, exactly as sampling computes it, but each prompt's row once
         rather than once per response, and without concatenating the two into one more
         (b, width, V) copy.
         """
         x = x.to(first.device)
-        head = tilted_logprobs(processed_logprobs(first, decoding), bias)[0, x[:, 0]][:, None]
+        lp = tilted_logprobs(processed_logprobs(first, decoding), bias)
+        head = (lp[0, x[:, 0]] if which is None else lp[which.to(lp.device), x[:, 0]])[:, None]
         if rest is None:
             return head.double().cpu()
         tail = tilted_logprobs(processed_logprobs(rest, decoding), bias).gather(2, x[:, 1:, None]).squeeze(-1)
@@ -757,8 +766,16 @@ class TransformersEngine(ChatEngine):
         steering) over the rows that need any of its variants; each decoding processes that pass's
         logits once. A variant that returns to the target is two segments: its head (first K
         tokens, a pass cut at K tokens) and its continuation (tokens after K, sharing the
-        continuation's pass, usually the target's own). `shared_scoring=False`: `score` once per
-        variant on the rows that need it (`Engine.score_many`), each variant its own passes."""
+        continuation's pass, usually the target's own).
+
+        `batched_scoring` (the default): the passes of different prompts and adapters run as one
+        batch (`_mixed_token_chunks`: each distinct prompt and adapter prefilled once per chunk,
+        the responses of every pass in one forward call), except those that cannot share a batch
+        exactly (`_joins_batch`): a steered pass (its hooks edit every row of a forward call), an
+        adapter peft cannot apply per row (DoRA and other LoRA variants, modules_to_save), and the
+        second scale of one adapter (peft keeps one scale per adapter), which run alone.
+        `batched_scoring=False`: each pass alone. `shared_scoring=False`: `score` once per variant
+        on the rows that need it (`Engine.score_many`), each variant its own passes."""
         if not self.shared_scoring:
             return super().score_many(prompt, variants, responses, need)
         seqs = [list(map(int, r)) for r in responses]
@@ -786,6 +803,7 @@ class TransformersEngine(ChatEngine):
                 key = self._pass_key(self.rendered(prompt, part), part)
                 groups.setdefault(key, (part, []))[1].append((j, self._processing_key(part), start, end))
             out[rows, j] = 0.0
+        plan = []  # per pass: (variant, segments, rows of seqs it scores, their cut, wanted processings)
         for part, segments in groups.values():
             rows = np.flatnonzero(need[:, sorted({s[0] for s in segments})].any(axis=1))
             # No token past the last segment's end is scored (a head alone needs its first K).
@@ -795,12 +813,137 @@ class TransformersEngine(ChatEngine):
             wanted: dict[tuple, np.ndarray] = {}
             for j, processing, _, _ in segments:
                 wanted[processing] = wanted.get(processing, np.zeros(rows.size, dtype=bool)) | need[rows, j]
-            for idx, toks, mask in self._shared_token_chunks(prompt, part, [seqs[i][:end] for i in rows], wanted):
-                at = rows[idx]
-                toks = {p: torch.where(mask, t, 0.0) for p, t in toks.items()}
-                for j, processing, start, stop in segments:
-                    out[at, j] += toks[processing][:, start:stop].sum(dim=1).numpy()
+            plan.append((part, segments, rows, [seqs[i][:end] for i in rows], wanted, end))
+        # Passes whose rows can share a batch (the rule of the batched mixture decode: no steering,
+        # plain LoRA, one scale per adapter) run together; the others each on its own.
+        scales: dict[str, float] = {}
+        mixed = [g for g, (part, *_) in enumerate(plan) if self.batched_scoring and self._joins_batch(part, scales)]
+        if len(mixed) < 2:
+            mixed = []  # a pass alone: `_shared_token_chunks` is the same pass
+        for g, (part, segments, rows, cut, wanted, _) in enumerate(plan):
+            if g not in mixed:
+                for idx, toks, mask in self._shared_token_chunks(prompt, part, cut, wanted):
+                    self._add_segments(out, segments, rows[idx], toks, mask)
+        if mixed:
+            chunks = self._mixed_token_chunks(prompt, [plan[g][0] for g in mixed], [plan[g][3] for g in mixed],
+                                              [plan[g][4] for g in mixed], [plan[g][5] for g in mixed])
+            for which, idx, toks, mask in chunks:
+                for k, g in enumerate(mixed):
+                    sel = np.flatnonzero(which == k)
+                    if sel.size:
+                        picked = torch.from_numpy(sel)
+                        self._add_segments(out, plan[g][1], plan[g][2][idx[sel]],
+                                           {p: t[picked] for p, t in toks.items()}, mask[picked])
         return out  # NaN stays NaN where a row was in a shared pass for another column only
+
+    @staticmethod
+    def _add_segments(out: np.ndarray, segments: list, at: np.ndarray, toks: dict, mask: torch.Tensor) -> None:
+        """Add each segment's (column, processing, first token, end) log-probs of rows `at` to `out`."""
+        toks = {p: torch.where(mask, t, 0.0) for p, t in toks.items()}
+        for j, processing, start, stop in segments:
+            out[at, j] += toks[processing][:, start:stop].sum(dim=1).numpy()
+
+    def _mixed_token_chunks(self, prompt: str, parts: Sequence[Variant], seqs: Sequence[list[list[int]]],
+                            wanted: Sequence[dict[tuple[Decoding, Tilt | None], np.ndarray]],
+                            cuts: Sequence[int | None]):
+        """`_shared_token_chunks` for several passes at once: the rows of every pass (`seqs[g]`,
+        each under `parts[g]`'s prompt and adapter, processed as `wanted[g]` asks) in shared
+        chunks: (pass of each row (index into parts), indices into its seqs, {processing: (b,
+        width) float64 log-probs, NaN where its pass does not want it}, mask of real tokens).
+
+        Per chunk, every pass present is prefilled once (one left-padded batch of the distinct
+        prompts, each with its adapter), the KV cache rows copied to the responses of each pass,
+        then one pass over every response: a row's attention mask hides its prompt's left padding
+        and its positions count its own prompt's tokens, so it computes what its pass computes
+        alone, to float32 round-off (tests/engines/test_eng_score_many.py).
+
+        `cuts[g]`: the token count pass g's rows are cut at (a returning head's K), None for
+        whole responses. Passes of one cut are chunked together, each cut shorter than the
+        longest row apart: a head's short rows would otherwise pad to the long rows they share a
+        small chunk with (`_chunks` lets a chunk under SCORE_MIN_CHUNK positions absorb padding),
+        32 rows of 4 tokens computing 24 positions each (measured: 25-33% more CPU on return +
+        system K=3). A cut no shorter than every row (every component returning: the caller cuts
+        all responses at the weight horizon) changes nothing and keeps its rows with the others."""
+        prompts = [self.rendered(prompt, v) for v in parts]
+        processings = list(dict.fromkeys(p for w in wanted for p in w))
+        biases = {p: self._tilt(p[1]) for p in processings}  # each tilt file read once
+        longest = max((len(r) for s in seqs for r in s), default=0)
+        cuts = [longest if c is None else min(c, longest) for c in cuts]
+        classes = sorted(set(cuts))
+        items = [(g, i) for g, s in enumerate(seqs) for i in range(len(s))]
+        # By cut, then shortest first (a chunk pads to its longest), and by pass within a length,
+        # so that a chunk holds few distinct prompts to prefill.
+        items.sort(key=lambda it: (classes.index(cuts[it[0]]), len(seqs[it[0]][it[1]]), it[0]))
+        ordered = [seqs[g][i] for g, i in items]
+        cls = [classes.index(cuts[g]) for g, _ in items]
+        spans = []  # (start, end) of the chunks of every cut, in order
+        first_of = 0
+        for c in range(len(classes)):
+            last_of = first_of + cls.count(c)
+            spans += [(first_of + a, first_of + b) for a, b in self._chunks(ordered[first_of:last_of])]
+            first_of = last_of
+        part_of = np.array([g for g, _ in items], dtype=np.int64)
+        index_of = np.array([i for _, i in items], dtype=np.int64)
+        rows_of = {p: np.array([p in wanted[g] and bool(wanted[g][p][i]) for g, i in items]) for p in processings}
+        with self._mixed_weights(parts) as names:
+            for start, end in spans:
+                chunk = ordered[start:end]
+                if max(len(s) for s in chunk) == 0:
+                    continue
+                x, mask = self._padded(chunk)
+                present = list(dict.fromkeys(part_of[start:end].tolist()))
+                which = torch.tensor([present.index(g) for g in part_of[start:end].tolist()], dtype=torch.long)
+                first, rest = self._prompts_then([prompts[g] for g in present],
+                                                 None if names is None else [names[g] for g in present],
+                                                 which, x[:, :-1].contiguous())
+                toks = {}
+                for p in processings:
+                    sub = np.flatnonzero(rows_of[p][start:end])
+                    if sub.size == len(chunk):
+                        toks[p] = self._token_logprobs(first, rest, x, p[0], biases[p], which)
+                    else:
+                        toks[p] = torch.full(x.shape, float("nan"), dtype=torch.float64)
+                        if sub.size:
+                            sel = torch.from_numpy(sub)
+                            picked = None if rest is None else rest[sel.to(rest.device)]
+                            toks[p][sel] = self._token_logprobs(first, picked, x[sel], p[0], biases[p], which[sel])
+                yield part_of[start:end], index_of[start:end], toks, mask
+                checkpoint()
+
+    def _prompts_then(self, prompts: list[list[int]], adapters: list[str] | None, which: torch.Tensor,
+                      x: torch.Tensor):
+        """`_prompt_then` for rows of several prompts: logits after each prompt, (len(prompts), V),
+        and after each token of each row of `x` (b, width), row i continuing prompts[which[i]]
+        under adapters[which[i]] (peft's name per row; None: the weights already set), (b, width,
+        V) (None when width is 0). One prefill of the distinct prompts, left-padded when their
+        lengths differ (as `_sample_batch` prefills), whose KV cache rows are copied to the rows
+        that continue them, then one pass over the rows, right-padded (harmless under causal
+        attention: a position never sees later ones)."""
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        pmask = None
+        if len(set(lengths)) == 1:
+            logits, cache = self._forward(torch.tensor(prompts), last_only=True, adapters=adapters)
+        else:
+            ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
+            pmask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for g, p in enumerate(prompts):
+                ids[g, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                pmask[g, width - len(p):] = 1
+            logits, cache = self._forward(ids, last_only=True, mask=pmask,
+                                          positions=(pmask.cumsum(dim=1) - 1).clamp(min=0), adapters=adapters)
+        first = logits[:, -1, :]
+        if x.shape[1] == 0:
+            return first, None
+        cache.reorder_cache(which.to(self.device))
+        row_adapters = None if adapters is None else [adapters[k] for k in which.tolist()]
+        if pmask is None:  # every prompt of one length: positions follow the cache as for one prompt
+            rest, _ = self._forward(x, cache, adapters=row_adapters)
+        else:
+            mask = torch.cat([pmask[which], torch.ones((x.shape[0], x.shape[1]), dtype=pmask.dtype)], dim=1)
+            positions = torch.tensor(lengths, dtype=torch.long)[which][:, None] + torch.arange(x.shape[1])[None, :]
+            rest, _ = self._forward(x, cache, mask=mask, positions=positions, adapters=row_adapters)
+        return first, rest
 
     def _shared_token_chunks(self, prompt: str, variant: Variant, seqs: list[list[int]],
                              wanted: dict[tuple[Decoding, Tilt | None], np.ndarray]):

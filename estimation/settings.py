@@ -67,6 +67,11 @@ class ModelConfig(Strict):
     """transformers: score the components that share a prompt, adapter and steering in one forward
     pass; False: passes per component (the same values to float32 round-off, slower: for
     comparison). Not part of the fingerprint."""
+    batched_scoring: bool = True
+    """transformers, with shared_scoring: the scoring passes of different system prompts and LoRA
+    adapters run in shared batches (each distinct prompt and adapter prefilled once, rows
+    left-padded, per-row adapters); False: each pass alone (the same values to float32 round-off:
+    for comparison). Not part of the fingerprint."""
     base_urls: tuple[str, ...] = ()
     """openai: the vLLM servers' roots, one per replica (or a load balancer's)."""
     served_model: str | None = None
@@ -120,7 +125,8 @@ class ModelConfig(Strict):
         try:
             return EngineSettings(
                 engine=self.engine, ref=self.ref, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
-                batched_mixture=self.batched_mixture, shared_scoring=self.shared_scoring, enable_lora=enable_lora,
+                batched_mixture=self.batched_mixture, shared_scoring=self.shared_scoring,
+                batched_scoring=self.batched_scoring, enable_lora=enable_lora,
                 base_urls=self.base_urls, served_model=self.served_model, served_adapters=self.served_adapters,
                 full_rows=self.full_rows,
                 api_key=os.environ.get(self.api_key_env) if self.api_key_env else None,

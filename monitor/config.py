@@ -166,12 +166,12 @@ class MonitorConfig(EstimationSettings):
         # Alert rules judge the estimate, the time limit bounds the run, the log-prob check
         # checks the engine, pooling reads stored runs; none of them changes the estimate. The adaptive block at its
         # defaults is left out, so configs written before it keep their hash.
-        # model.batched_mixture, model.shared_scoring and model.full_rows only change how the
+        # model.batched_mixture, model.shared_scoring, model.batched_scoring and model.full_rows only change how the
         # same tokens and log-probs are computed (the same draws for the same seeds) or whether a
         # costly way is allowed, and leaving them out keeps the hash of configs written before them.
         exclude = {"alerts": True, "timeout": True, "pooling": True,
                    "estimator": {"rescore_samples", "rescore_tolerance"},
-                   "model": {"batched_mixture", "shared_scoring", "full_rows"}}
+                   "model": {"batched_mixture", "shared_scoring", "batched_scoring", "full_rows"}}
         if self.adaptive == type(self.adaptive)():
             exclude["adaptive"] = True
         text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)

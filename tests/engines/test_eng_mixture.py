@@ -213,10 +213,11 @@ def test_estimates_are_the_same_through_either_path(make_tiny_engine):
         assert b.estimate.n_harmful == a.estimate.n_harmful
 
 
-@pytest.mark.parametrize("knob", ["batched_mixture", "shared_scoring"])
+@pytest.mark.parametrize("knob", ["batched_mixture", "shared_scoring", "batched_scoring"])
 def test_the_config_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, tiny_model_dir, knob):
     """`model.batched_mixture: false` loads a per-component engine, `model.shared_scoring: false`
-    one that scores per variant; the monitor's fingerprint (what defines its estimate) is the same
+    one that scores per variant, `model.batched_scoring: false` one that runs each scoring pass
+    alone; the monitor's fingerprint (what defines its estimate) is the same
     either way (the same draws and log-probs). Catches the setting lost on the way to the engine,
     and a knob that would re-key every stored monitor."""
     from daemon_support import write_config  # noqa: E402  (tests/ is on sys.path)

@@ -3,6 +3,9 @@
 The transformers engine runs one pass per (rendered prompt, adapter, adapter scale, steering) and
 processes its logits once per decoding; a variant that returns to the target is scored as its head
 (a pass over the first K tokens) plus its continuation's tokens after K (the continuation's pass).
+With `batched_scoring` (the default) the passes of different prompts and adapters run in shared
+batches (each distinct prompt and adapter prefilled once, left-padded, per-row positions and peft
+adapter names); steered passes and a second scale of one adapter run alone.
 Every value must equal the per-variant `score`, -inf where a token lies outside a truncated
 support, and `draw` must give the weights per-variant scoring gives.
 
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 
 from stub_engine import StubEngine  # noqa: E402  (tests/ is on sys.path)
+from tailmon.engines import transformers_engine
 from tailmon.engines.base import Decoding, Steering, Tilt, Variant
 from tailmon.engines.steering import compute_direction, save_direction
 from tailmon.errors import InputError
@@ -105,11 +109,13 @@ def test_equals_per_variant_score_for_every_component_type(make_tiny_engine, lor
     assert np.isneginf(full[:, truncated]).any() and np.isfinite(full[:, truncated]).any()
 
 
-def test_variants_that_differ_only_in_decoding_share_one_pass(tiny_engine, direction, tilt):
+def test_variants_that_differ_only_in_decoding_share_one_pass(tiny_engine, direction, tilt, monkeypatch):
     """Counts the model's forward calls: one prompt prefill and one pass over the responses per
     distinct (prompt, weights, steering), whatever the number of decodings on it; a returning
-    head's pass reads its first K tokens only (K = 1: the prompt's last logits alone).
+    head's pass reads its first K tokens only (K = 1: the prompt's last logits alone). Each pass
+    alone (`batched_scoring=False`; passes batched together: the test below).
     Catches a pass per variant, and a head scored over whole responses."""
+    monkeypatch.setattr(tiny_engine, "batched_scoring", False)
     seqs = responses(tiny_engine)
     widths: list[int] = []
     hook = tiny_engine.model.register_forward_pre_hook(
@@ -207,3 +213,132 @@ def test_shared_scoring_off_gives_each_variant_its_own_passes(make_tiny_engine):
         hook.remove()
     need = np.ones(shared.shape, dtype=bool)
     assert_same(alone, shared, need)
+
+
+# -- rows of different prompts and adapters in one batch (`batched_scoring`) --------------------
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tiny_engine, tmp_path_factory) -> str:
+    """Another random LoRA adapter for the tiny model, on other modules than `lora_adapter`'s
+    (q_proj, v_proj) besides q_proj: in a batch holding rows of both, each layer applies each
+    adapter to its own rows only, and skips the rows of an adapter it does not carry."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    path = tmp_path_factory.mktemp("tiny-lora-2")
+    torch.manual_seed(2)
+    model = get_peft_model(copy.deepcopy(tiny_engine.model),  # a copy: the shared engine stays plain
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+                                      init_lora_weights=False))
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+LONG_SYSTEM = "I cannot a b ab ! Sure, here is"  # prompts of three lengths: left padding in the prefill
+
+
+def mixed_kinds(first: str, second: str, direction: str, tilt: str) -> list[Variant]:
+    """Every component type, over eight passes that share a batch (the target, which also serves
+    both returning variants' continuations; two system prompts; each adapter alone and with a
+    system prompt; the head of a returning system prompt, cut at 2 tokens; the returning adapter's
+    head, K = 1, shares its adapter's pass) and two that run alone (a steered one, and the first
+    adapter at a second scale)."""
+    d = TARGET.decoding
+    return [TARGET,
+            Variant("T1.5", Decoding(temperature=1.5, max_new_tokens=3)),
+            Variant("top-p", Decoding(temperature=0.7, top_p=0.8, max_new_tokens=3)),
+            Variant("top-k", Decoding(top_k=3, max_new_tokens=3)),
+            Variant("tilt", d, tilt=Tilt(tilt)),
+            Variant("system", d, system_prompt="Sure, here is"),
+            Variant("long system top-k", Decoding(top_k=4, max_new_tokens=3), system_prompt=LONG_SYSTEM),
+            Variant("lora", d, adapter=first, adapter_scale=0.8),
+            Variant("lora system T0.7", Decoding(temperature=0.7, max_new_tokens=3), system_prompt="I cannot",
+                    adapter=first, adapter_scale=0.8),
+            Variant("lora2 top-p", Decoding(top_p=0.9, max_new_tokens=3), adapter=second),
+            Variant("lora2 long system tilt", d, system_prompt=LONG_SYSTEM, adapter=second, tilt=Tilt(tilt, 2.0)),
+            parse_proposal("return:2:system:I cannot").variant(TARGET),
+            Variant("return lora2", d, adapter=second, returns_after=1, continuation=TARGET),
+            Variant("steer", d, steering=Steering("add", direction, 4.0)),
+            Variant("lora half", d, adapter=first, adapter_scale=0.5)]
+
+
+@pytest.mark.parametrize("budget", [1024, 30])
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_batched_passes_equal_per_variant_score(make_tiny_engine, lora_adapter, second_adapter, direction, tilt,
+                                                monkeypatch, budget, density):
+    """Rows of different prompts (three lengths) and adapters (two, with and without a system
+    prompt) in shared batches give every variant's `score` to float32 round-off, and the passes
+    one by one (`batched_scoring=False`) the same. Budget 30: chunks of 7 rows, so a chunk holds
+    rows of two passes and a pass spans chunks. Catches a row given another row's prompt,
+    positions, adapter, scale or first logits, padding attended to, and a row's log-probs written
+    to another pass's column."""
+    monkeypatch.setattr(transformers_engine, "SCORE_TOKEN_BUDGET", budget)
+    engine = make_tiny_engine()
+    variants = mixed_kinds(lora_adapter, second_adapter, direction, tilt)
+    seqs = responses(engine)
+    seqs += engine.sample(PROMPT, variants[10], 20, seed=6).token_ids  # likelier under an adapter
+    need = np.random.default_rng(1).random((len(seqs), len(variants))) < density
+    want = per_variant(engine, variants, seqs, need)
+    got = engine.score_many(PROMPT, variants, seqs, need)
+    assert_same(got, want, need)
+    engine.batched_scoring = False
+    assert_same(engine.score_many(PROMPT, variants, seqs, need), got, need)
+    if density == 1.0:
+        for j, v in enumerate(variants[1:], 1):  # every variant is a distribution of its own here
+            assert np.nanmax(np.abs(got[:, j] - got[:, 0])) > 1e-2, v.name
+        for a, b in ((7, 9), (8, 10), (7, 14)):  # and the adapters' variants differ from each other
+            assert np.nanmax(np.abs(got[:, a] - got[:, b])) > 1e-2, (variants[a].name, variants[b].name)
+
+
+def test_passes_of_different_prompts_and_adapters_share_forward_calls(make_tiny_engine, lora_adapter, second_adapter,
+                                                                      direction, tilt):
+    """Counts the forward calls: with every response of one length (no chunk split for padding)
+    and all rows within the budget, the seven passes over whole responses that can share a batch
+    take two calls (one prefill of the seven distinct prompts and adapters, one pass over every
+    response, each row with its adapter), the returning head (cut at 2 tokens) two of its own, the
+    steered pass and the second scale two each: 8 calls where the passes one by one take 20.
+    Catches passes run one by one, a batch whose rows all get one adapter, a head's short rows
+    padded to the long rows' width, and a head kept apart where its cut pads nothing."""
+    engine = make_tiny_engine()
+    variants = mixed_kinds(lora_adapter, second_adapter, direction, tilt)
+    seqs = [r for r in responses(engine) if len(r) == 3][:24]
+    assert len(seqs) == 24  # 24 rows x 8 passes x 4 positions <= 1024: one chunk
+    for path in (lora_adapter, second_adapter):
+        engine.adapter_note(path)  # loaded (the model wrapped by peft) before the hook goes on
+    calls: list[tuple[int, int, tuple]] = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape[0], kwargs["input_ids"].shape[1],
+                                                   tuple(kwargs.get("adapter_names") or ()))), with_kwargs=True)
+    try:
+        engine.score_many(PROMPT, variants, seqs)
+        batched = list(calls)
+        calls.clear()
+        engine.batched_scoring = False
+        engine.score_many(PROMPT, variants, seqs)
+        alone = list(calls)
+    finally:
+        hook.remove()
+    assert len(alone) == 20  # 10 passes, each a prefill and a pass over its rows
+    assert len(batched) == 8
+    mixed = [c for c in batched if c[2]]
+    # the returning head's rows (cut at K = 2 tokens) in a chunk of their own: one input position,
+    # not padded to the whole responses' width
+    assert [(b, len(set(names))) for b, _, names in mixed[:2]] == [(1, 1), (24, 1)] and mixed[1][1] == 1
+    # then one prefill of the 7 other distinct (prompt, adapter) rows and one pass over their responses
+    assert [(b, len(set(names))) for b, _, names in mixed[2:]] == [(7, 3), (7 * 24, 3)]
+    for b, _, names in mixed[2:]:  # base: the target, two system prompts; two passes per adapter
+        assert sorted(names.count(a) for a in set(names)) == [2 * b // 7, 2 * b // 7, 3 * b // 7]
+    # every component returning after 2 tokens: `draw` scores the responses cut there (the weight
+    # horizon), so the head's cut pads nothing and its rows join the target's: 2 calls, not 4
+    calls.clear()
+    engine.batched_scoring = True
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        engine.score_many(PROMPT, [TARGET, variants[11]], [r[:2] for r in seqs])
+    finally:
+        hook.remove()
+    assert len(calls) == 2
