@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="independent pools per proposal")
     parser.add_argument("--returns", default="4,8", help="K of the return-to-target pools ('' for none)")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=50, help="optimiser steps (LoraSettings' default)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl", type=float, default=0.25)
@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     hit_idx = np.flatnonzero(tox_fit >= FIT_THRESHOLD)
     responses = [list(map(int, ref["ids"][i][: ref["lengths"][i]])) for i in hit_idx]
     lora_settings = LoraSettings(rank=args.rank, steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl=args.kl)
-    adapter = args.work / "lora-ideal"
     fit_key = ["fit", VERSION, prompt, responses, settings["lora"], args.seed]
+    # one folder per fit: the cells of other settings keep pointing at their own adapter
+    adapter = args.work / f"lora-ideal-{cells.path(fit_key).stem}"
 
     def fit_job():
         start = time.perf_counter()
@@ -124,13 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     lora_spec = f"lora:{fit['path']}"
     # How close the adapter came to q* on its own training hits: log q/p per hit (log(1/P) = 4.7
     # at T = 0.5 for q* itself, the same for every hit).
-    lq = engine.score(prompt, parse_proposal(lora_spec).variant(target), responses)
-    lp = engine.score(prompt, target, responses)
-    fit["train_log_q_over_p"] = {"mean": float(np.mean(lq - lp)), "sd": float(np.std(lq - lp)),
-                                 "min": float(np.min(lq - lp)), "max": float(np.max(lq - lp)),
-                                 "log_1_over_P": float(-math.log(np.mean(tox_fit >= FIT_THRESHOLD)))}
+    # The same on the second half's hits, never fitted (a diagnostic read after the fit, used to
+    # choose nothing): an adapter near q* gives about log(1/P) there too, one that memorised its
+    # training replies gives them far more and unseen hits far less.
+    lora_variant = parse_proposal(lora_spec).variant(target)
+    held_idx = half + np.flatnonzero(tox_ref >= FIT_THRESHOLD)
+    held = [list(map(int, ref["ids"][i][: ref["lengths"][i]])) for i in held_idx]
+
+    def log_ratio(rs):
+        d = engine.score(prompt, lora_variant, rs) - engine.score(prompt, target, rs)
+        return {"mean": float(np.mean(d)), "sd": float(np.std(d)), "min": float(np.min(d)),
+                "median": float(np.median(d)), "max": float(np.max(d))}
+
+    fit["log_1_over_P"] = float(-math.log(np.mean(tox_fit >= FIT_THRESHOLD)))
+    fit["train_log_q_over_p"] = log_ratio(responses)
+    fit["heldout_log_q_over_p"] = log_ratio(held)
     print(f"[fit] lora-ideal: {fit['hits']} hits, loss {fit['loss_before']:.3g} -> {fit['loss_after']:.3g} "
-          f"({fit['seconds']} s); log q/p on the hits {fit['train_log_q_over_p']}", flush=True)
+          f"({fit['seconds']} s); log(1/P) {fit['log_1_over_P']:.2f}; log q/p on its training hits "
+          f"{fit['train_log_q_over_p']}, on {len(held)} unseen hits {fit['heldout_log_q_over_p']}", flush=True)
     if args.only_fit:
         return 0
 
@@ -166,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     kw_ref = np.asarray(keywords.score([prompt] * len(ref_texts), ref_texts), dtype=float)
     events = [(f"toxicity>={t:g}", "scores", t, tox_ref) for t in THRESHOLDS] + [("keywords", "keywords", 0.5, kw_ref)]
 
+    train_texts = {engine.decode(r) for r in responses}
     rows, summary = [], []
     for name, field, thr, graded_ref in events:
         hits_ref = int(np.count_nonzero(graded_ref >= thr))
@@ -193,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             row["log10_w_hits"] = ({"min": float(lw_hits.min()), "median": float(np.median(lw_hits)),
                                     "max": float(lw_hits.max())} if len(lw_hits) else None)
             row["top_hit_share"] = float(np.max(np.exp(lw[h > 0])) / np.sum(np.exp(lw[h > 0]))) if len(lw_hits) else None
+            # Hits that are verbatim copies of a training reply, and their share of sum w h: what
+            # the adapter memorised rather than learnt.
+            copy = np.array([t in train_texts for p in reps for t in p["texts"]]) & (h > 0)
+            row["copied_hits"] = int(copy.sum())
+            row["copied_wh_share"] = float(np.exp(lw[copy]).sum() / np.exp(lw[h > 0]).sum()) if len(lw_hits) else None
             rows.append(row)
             summary.append({"event": base["event"], "p_ref": f"{p_ref:.2e}", "proposal": label,
                             "n": f"{args.repeats}x{args.n}", "hits": row["hits"], "p_hat": f"{row['p_hat']:.2e}",
@@ -202,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                             "ess_wh": round(row["ess_wh"], 1),
                             "n_MC/n_IS (all)": None if row["ratio"] is None else round(row["ratio"], 2),
                             "n_MC/n_IS (pools)": " / ".join(f"{x:.2g}" for x in ratios),
-                            "top hit share": None if row["top_hit_share"] is None else round(row["top_hit_share"], 2)})
+                            "top hit share": None if row["top_hit_share"] is None else round(row["top_hit_share"], 2),
+                            "copied hits": row["copied_hits"]})
     examples = {label: [t for p in reps for t, s in zip(p["texts"], p["scores"]) if s >= FIT_THRESHOLD][:8]
                 for label, reps in pools.items()}
     run.write(out=args.out, summary=summary, results=rows, notes=__doc__.split("\n\n", 2)[2],
