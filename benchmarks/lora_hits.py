@@ -179,6 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     events = [(f"toxicity>={t:g}", "scores", t, tox_ref) for t in THRESHOLDS] + [("keywords", "keywords", 0.5, kw_ref)]
 
     train_texts = {engine.decode(r) for r in responses}
+
+    # -- the same proposals read on the reference's second half (its target draws): every hit's
+    # r = q/p under each proposal (q of the first K tokens for return-K), so that the stratified
+    # per-sample variance sum_j a_j Var_qj(w h) follows from E_qj[f] = E_p[f q_j / p], with
+    # w = 1 / (a_0 + a_1 r). Every term is bounded (w <= 1/a_0, w r <= 1/a_1), so this reading
+    # does not depend on a pool happening to draw the heavy hits: the figure a pool estimates.
+    any_hit = np.flatnonzero((tox_ref >= min(THRESHOLDS)) | (kw_ref > 0))
+    ref_hits = [list(map(int, ref["ids"][half + i][: ref["lengths"][half + i]])) for i in any_hit]
+    log_p_full = engine.score(prompt, target, ref_hits)
+    log_r = {"lora-ideal": engine.score(prompt, lora_variant, ref_hits) - log_p_full}
+    for k in returns:
+        heads = [r[:k] for r in ref_hits]
+        log_r[f"lora-ideal-return-{k}"] = engine.score(prompt, lora_variant, heads) - engine.score(prompt, target, heads)
+
+    def reference_reading(label: str, h_ref: np.ndarray) -> dict:
+        r = np.exp(log_r[label][h_ref[any_hit] > 0])
+        a0, a1 = DEFENSIVE, 1 - DEFENSIVE
+        w = 1.0 / (a0 + a1 * r)
+        n_ref = len(h_ref)
+        m0, s0 = w.sum() / n_ref, (w ** 2).sum() / n_ref
+        m1, s1 = (w * r).sum() / n_ref, (w ** 2 * r).sum() / n_ref
+        var1 = a0 * (s0 - m0 ** 2) + a1 * (s1 - m1 ** 2)
+        p = float(np.mean(h_ref))
+        return {"ref_var1": var1, "ref_ratio": p * (1 - p) / var1 if var1 > 0 else None,
+                "ref_log_q_over_p_hits": {"mean": float(np.mean(np.log(r))), "median": float(np.median(np.log(r))),
+                                          "min": float(np.min(np.log(r))), "max": float(np.max(np.log(r)))}}
     rows, summary = [], []
     for name, field, thr, graded_ref in events:
         hits_ref = int(np.count_nonzero(graded_ref >= thr))
@@ -211,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             copy = np.array([t in train_texts for p in reps for t in p["texts"]]) & (h > 0)
             row["copied_hits"] = int(copy.sum())
             row["copied_wh_share"] = float(np.exp(lw[copy]).sum() / np.exp(lw[h > 0]).sum()) if len(lw_hits) else None
+            row.update(reference_reading(label, graded_ref >= thr))
             rows.append(row)
             summary.append({"event": base["event"], "p_ref": f"{p_ref:.2e}", "proposal": label,
                             "n": f"{args.repeats}x{args.n}", "hits": row["hits"], "p_hat": f"{row['p_hat']:.2e}",
@@ -220,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                             "ess_wh": round(row["ess_wh"], 1),
                             "n_MC/n_IS (all)": None if row["ratio"] is None else round(row["ratio"], 2),
                             "n_MC/n_IS (pools)": " / ".join(f"{x:.2g}" for x in ratios),
+                            "n_MC/n_IS (ref)": None if row["ref_ratio"] is None else round(row["ref_ratio"], 2),
                             "top hit share": None if row["top_hit_share"] is None else round(row["top_hit_share"], 2),
                             "copied hits": row["copied_hits"]})
     examples = {label: [t for p in reps for t, s in zip(p["texts"], p["scores"]) if s >= FIT_THRESHOLD][:8]
