@@ -18,7 +18,10 @@ defensive share 0.1, the production `draw`, graded toxicity kept). Every pool is
 threshold as tilt.py reads its pools (`tilt.event_row`: hits, p_hat and interval, reliable, z
 against p_ref with both errors, n_IS from the pool's stratified per-sample variance of w h, n_MC,
 their ratio); `all` rows read the repeats concatenated (one estimate from repeats x n samples, the
-same mixture), and `median ratio` is the median of the per-pool ratios.
+same mixture), next to the per-pool ratios. A pool's n_IS is itself noisy: a pool that missed
+the heavy hits sees a small variance. So each proposal is also read on the reference's second
+half (`n_MC/n_IS (ref)`): the stratified variance computed from q/p of the target's own draws
+(bounded terms, see `reference_reading`), the figure every pool estimates.
 
 **Second judge**: `keywords:FILE` with a small profanity list (benchmarks/data/profanity-words.txt),
 applied to the decoded replies of the reference's second half (its p_ref) and of every pool. The
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = [target, parse_proposal(spec).variant(target)]
             d = draw(engine, prompt, variants, [DEFENSIVE, 1 - DEFENSIVE], args.n,
                      seed=lambda j: derive_seed(args.seed, "lora-hits-bench", label, r, j), judge=graded)
-            path = args.work / f"{label}-{r}.npz"
+            # named by the fit too: pools of another fit never overwrite these
+            path = args.work / f"{label}-{cells.path(fit_key).stem}-{r}.npz"
             np.savez_compressed(path, logq=d.logq, drawn=d.drawn, scores=d.scores, shares=d.shares,
                                 keywords=keywords.score([prompt] * len(d.texts), d.texts),
                                 texts=np.array(d.texts, dtype=str))
@@ -218,14 +222,17 @@ def main(argv: list[str] | None = None) -> int:
                 row = {**base, "proposal": label, "repeat": p["repeat"], "n": len(h),
                        **event_row(p["log_w"], h, p["drawn"], p_ref, len(graded_ref)), "pool_seconds": p["seconds"]}
                 rows.append(row)
-                ratios.append(row["ratio"] if row["ratio"] is not None else 0.0)
+                ratios.append(row["ratio"])  # None: a pool without hits (no variance to read)
             h = np.concatenate([(p[field] >= thr).astype(float) for p in reps])
             lw = np.concatenate([p["log_w"] for p in reps])
             drawn = np.concatenate([p["drawn"] for p in reps])
             row = {**base, "proposal": label, "repeat": "all", "n": len(h),
                    **event_row(lw, h, drawn, p_ref, len(graded_ref)),
-                   "ratios": ratios, "median_ratio": float(np.median(ratios)),
-                   "reliable_pools": sum(r["reliable"] for r in rows[-len(reps):]),
+                   "ratios": ratios,
+                   # a pool without hits is an upper bound (p_hat 0), which the estimator calls
+                   # reliable: counted apart
+                   "pools_without_hits": sum(r["hits"] == 0 for r in rows[-len(reps):]),
+                   "reliable_pools": sum(r["reliable"] and r["hits"] > 0 for r in rows[-len(reps):]),
                    "covered_pools": sum(r["covered"] for r in rows[-len(reps):])}
             # Where the hits' weights sit: the spread of log10(w) over the hits of all repeats.
             lw_hits = lw[h > 0] / math.log(10)
@@ -242,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             summary.append({"event": base["event"], "p_ref": f"{p_ref:.2e}", "proposal": label,
                             "n": f"{args.repeats}x{args.n}", "hits": row["hits"], "p_hat": f"{row['p_hat']:.2e}",
                             "z": None if row["z"] is None else round(row["z"], 2),
-                            "reliable (pools)": f"{row['reliable_pools']}/{len(reps)}",
+                            "reliable (pools with hits)": f"{row['reliable_pools']}/{len(reps) - row['pools_without_hits']}",
                             "reliable (all)": row["reliable"], "covered (pools)": f"{row['covered_pools']}/{len(reps)}",
                             "ess_wh": round(row["ess_wh"], 1),
                             "n_MC/n_IS (all)": None if row["ratio"] is None else round(row["ratio"], 2),
-                            "n_MC/n_IS (pools)": " / ".join(f"{x:.2g}" for x in ratios),
+                            "n_MC/n_IS (pools)": " / ".join("-" if x is None else f"{x:.2g}" for x in ratios),
                             "n_MC/n_IS (ref)": None if row["ref_ratio"] is None else round(row["ref_ratio"], 2),
                             "top hit share": None if row["top_hit_share"] is None else round(row["top_hit_share"], 2),
                             "copied hits": row["copied_hits"]})
