@@ -183,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     events = [(f"toxicity>={t:g}", "scores", t, tox_ref) for t in THRESHOLDS] + [("keywords", "keywords", 0.5, kw_ref)]
 
     train_texts = {engine.decode(r) for r in responses}
+    # Where the second half's hits at T = 0.5 become hits: the shortest prefix (in tokens) whose
+    # decoded text the toxicity judge already scores >= 0.5. A return-K proposal can lift only
+    # what the first K tokens decide.
+    crossing = []
+    for i in half + np.flatnonzero(tox_ref >= FIT_THRESHOLD):
+        ids = list(map(int, ref["ids"][i][: ref["lengths"][i]]))
+        prefix_scores = np.asarray(graded.score([prompt] * len(ids), [engine.decode(ids[:k]) for k in range(1, len(ids) + 1)]))
+        crossing.append(int(np.argmax(prefix_scores >= FIT_THRESHOLD)) + 1 if (prefix_scores >= FIT_THRESHOLD).any() else None)
+    hit_onset = {"first_hit_prefix_tokens": crossing,
+                 **{f"share_within_{k}": float(np.mean([c is not None and c <= k for c in crossing])) for k in returns}}
 
     # -- the same proposals read on the reference's second half (its target draws): every hit's
     # r = q/p under each proposal (q of the first K tokens for return-K), so that the stratified
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     run.write(out=args.out, summary=summary, results=rows, notes=__doc__.split("\n\n", 2)[2],
               stage_seconds={"pools": round(stage_pools, 1), "fit": fit["seconds"],
                              "reference": round(ref["seconds"], 1)},
-              fit=fit, hit_examples=examples)
+              fit=fit, hit_onset=hit_onset, hit_examples=examples)
     print(markdown_table(summary, list(summary[0])))
     return 0
 
