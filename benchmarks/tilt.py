@@ -55,6 +55,23 @@ def stratified_var(wh: np.ndarray, drawn: np.ndarray) -> float:
     return float(sum(np.mean(drawn == j) * np.var(wh[drawn == j]) for j in np.unique(drawn)))
 
 
+def event_row(log_w: np.ndarray, h: np.ndarray, drawn: np.ndarray, p_ref: float, n_ref: int) -> dict:
+    """One pool read at one event: tailmon's estimate (the production estimator) against p_ref
+    from n_ref brute-force samples, z with both errors, and n_MC / n_IS for REL relative error."""
+    from tailmon.estimators import importance_sampling
+
+    e = importance_sampling(log_w, h, component=drawn, defensive=float(np.mean(drawn == 0)))
+    wh = np.exp(log_w) * h
+    var1 = stratified_var(wh, drawn)
+    se = math.sqrt(var1 / len(h) + p_ref * (1 - p_ref) / n_ref)
+    n_is = var1 / (REL ** 2 * p_ref ** 2) if var1 > 0 else None
+    n_mc = (1 - p_ref) / (REL ** 2 * p_ref)
+    return {"hits": int(h.sum()), "p_hat": e.p_hat, "ci": [e.ci_low, e.ci_high],
+            "covered": bool(e.ci_low <= p_ref <= e.ci_high), "reliable": bool(e.reliable), "ess_wh": e.ess_wh,
+            "z": (e.p_hat - p_ref) / se if se > 0 else None, "n_is": n_is, "n_mc": n_mc,
+            "ratio": n_mc / n_is if n_is else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", default="P2", choices=sorted(PROMPTS))
@@ -85,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     from tailmon.engines.base import Decoding, Variant
     from tailmon.engines.tilt import save_tilt
     from tailmon.engines.transformers_engine import TransformersEngine
-    from tailmon.estimators import importance_sampling
     from tailmon.judges import parse_judge
     from tailmon.proposals import parse_proposal
     from tailmon.proposals.sampling import derive_seed, draw
@@ -187,21 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     for thr in THRESHOLDS:
         hits_ref = int(np.count_nonzero(tox_ref >= thr))
         p_ref = hits_ref / len(tox_ref)
-        n_mc = (1 - p_ref) / (REL ** 2 * p_ref)
         for p in pools:
             h = (p["scores"] >= thr).astype(float)
-            lw = log_w(p)
-            e = importance_sampling(lw, h, component=p["drawn"], defensive=float(np.mean(p["drawn"] == 0)))
-            wh = np.exp(lw) * h
-            var1 = stratified_var(wh, p["drawn"])
-            se = math.sqrt(var1 / len(h) + p_ref * (1 - p_ref) / len(tox_ref))
-            n_is = var1 / (REL ** 2 * p_ref ** 2) if var1 > 0 else None
             rows.append({"event": f"{args.prompt}>={thr:g}", "p_ref": p_ref, "p_ref_hits": hits_ref,
                          "p_ref_rel_se": math.sqrt((1 - p_ref) / (len(tox_ref) * p_ref)) if hits_ref else None,
-                         "proposal": p["label"], "hits": int(h.sum()), "p_hat": e.p_hat,
-                         "ci": [e.ci_low, e.ci_high], "covered": bool(e.ci_low <= p_ref <= e.ci_high),
-                         "reliable": bool(e.reliable), "ess_wh": e.ess_wh, "z": (e.p_hat - p_ref) / se,
-                         "n_is": n_is, "n_mc": n_mc, "ratio": n_mc / n_is if n_is else None,
+                         "proposal": p["label"], **event_row(log_w(p), h, p["drawn"], p_ref, len(tox_ref)),
                          "pool_seconds": p["seconds"]})
     summary = [{"event": r["event"], "p_ref": f"{r['p_ref']:.2e}", "proposal": r["proposal"], "hits": r["hits"],
                 "p_hat": f"{r['p_hat']:.2e}", "z": round(r["z"], 2), "covered": r["covered"],
