@@ -68,8 +68,15 @@ def run(config_path, once, monitor_names, fmt, log_level):
             os._exit(code)
         sys.exit(code)
     # SIGTERM ends a one-shot run as Ctrl-C does: the run is recorded as interrupted (not left
-    # 'running' for the next start to clean up) and the process exits 130.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # 'running' for the next start to clean up) and the process exits 130. The handler raises
+    # KeyboardInterrupt where the main thread is and also flags the daemon, whose next checkpoint
+    # stops the run should that exception be lost (`Daemon.interrupt` says how).
+    def interrupted(signum, frame):
+        daemon.interrupt()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     outcomes = daemon.run_once(list(monitor_names) or None)
     print_outcomes(outcomes, fmt)
     # A monitor another process held ran nowhere here: --once was asked for a run, so that fails.

@@ -53,6 +53,10 @@ TICK_S = 1.0
 ALERT_TICK_S = 15.0
 
 
+# The error of a run a signal ended (`run --once`: SIGINT or SIGTERM).
+INTERRUPTED = "interrupted by a signal (SIGINT or SIGTERM)"
+
+
 class RunCancelled(Exception):
     """Raised inside a run when the daemon is stopping."""
 
@@ -196,6 +200,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._cancel = threading.Event()
+        self._interrupted = False  # `interrupt` was called: a signal ended `run --once`
         self._current: dict[str, int] = {}  # monitor -> run id of runs in progress
         self._closed_at_shutdown: set[int] = set()  # runs shutdown recorded as interrupted
         self._current_lock = threading.Lock()
@@ -312,6 +317,9 @@ class Daemon:
             timings["total_s"] = time.time() - started
             self.store.finish_run(run_id, "succeeded", report=result.to_dict(), timings=timings, samples=samples)
         except RunCancelled:
+            if self._interrupted:  # the signal's KeyboardInterrupt was lost; its flag stopped the run
+                self._close(name, run_id, "interrupted", started, counter, timings, error=INTERRUPTED)
+                raise KeyboardInterrupt from None
             return self._close(name, run_id, "interrupted", started, counter, timings,
                                error="the daemon stopped during the run")
         except RunTimedOut:
@@ -324,8 +332,7 @@ class Daemon:
         except KeyboardInterrupt:
             # Ctrl-C, or SIGTERM during `run --once` (which raises the same): the run is over,
             # recorded as such, and the interrupt goes on to end the process (exit 130).
-            self._close(name, run_id, "interrupted", started, counter, timings,
-                        error="interrupted by a signal (SIGINT or SIGTERM)")
+            self._close(name, run_id, "interrupted", started, counter, timings, error=INTERRUPTED)
             raise
         except Exception as exc:  # any failure ends this run, never the daemon
             kind = "" if isinstance(exc, TailmonError) else f"{type(exc).__name__}: "
@@ -668,6 +675,17 @@ class Daemon:
         self.store.close()
         if not self.abandoned:  # an abandoned run may still be inside the engine
             self.models.close()
+
+    def interrupt(self) -> None:
+        """A signal ends `run --once`: stop the run at its next checkpoint, recorded as interrupted
+        by a signal, and raise KeyboardInterrupt from `run_once` (exit 130). The signal handler
+        calls this and then raises KeyboardInterrupt itself, which ends the run at once; the flag
+        is for when that exception is lost: a signal handler runs wherever the main thread is, and
+        an exception raised inside a finaliser (`__del__`, a weakref callback, which the garbage
+        collector may be running at that moment) is printed and dropped, so the run went on, its
+        alert fired and the process exited 1 instead of 130."""
+        self._interrupted = True
+        self._cancel.set()
 
     def run_once(self, names: list[str] | None = None) -> list[RunOutcome]:
         """One run of each monitor (or of `names`), in order, without the scheduler."""
