@@ -78,6 +78,8 @@ def run(config_path, once, monitor_names, fmt, log_level):
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     outcomes = daemon.run_once(list(monitor_names) or None)
+    if daemon.interrupted:  # a signal whose exception was lost after the last checkpoint: still 130
+        raise KeyboardInterrupt
     print_outcomes(outcomes, fmt)
     # A monitor another process held ran nowhere here: --once was asked for a run, so that fails.
     failed = [o for o in outcomes if o.status != "succeeded"]

@@ -687,6 +687,11 @@ class Daemon:
         self._interrupted = True
         self._cancel.set()
 
+    @property
+    def interrupted(self) -> bool:
+        """`interrupt` was called."""
+        return self._interrupted
+
     def run_once(self, names: list[str] | None = None) -> list[RunOutcome]:
         """One run of each monitor (or of `names`), in order, without the scheduler."""
         self.store.open()
