@@ -91,7 +91,7 @@ def pareto_khat(weights) -> float | None:
 # is noise: on hits whose log-weights are normal with sd 0.5 (a light tail: the true shape is
 # below 0) it exceeded the n = 300 threshold in 8.5% of runs with about 20 hits
 # (benchmarks/intervals.py's world), flagging one run in twelve for nothing. Below 50 hits the
-# skew check, which reads every hit, judges their tail.
+# ESS of w*h, the hit count and the spread allowance (importance.py) deal with the hits.
 MIN_HITS_KHAT = 50
 
 

@@ -68,12 +68,12 @@ from .intervals import chernoff_upper
 from .result import Estimate, _jsonable
 
 MAX_BET = 0.9
+"""The largest bet: a run with p_hat 0 (one that missed every hit, common at rare risk) then
+divides the evidence by 10 instead of wiping it out."""
 # The largest pooled skew H / ESS^1.5 a pool calibrated by its prompts is trusted with (see `pool`):
 # the log-normal skewness of a mean, exp(1.5 s^2) / sqrt(H), at the level the per-prompt rule
 # used before its spread allowance replaced it; measured in benchmarks/pooling.py.
 MAX_MEAN_SKEW = 0.5
-"""The largest bet: a run with p_hat 0 (one that missed every hit, common at rare risk) then
-divides the evidence by 10 instead of wiping it out."""
 _BET_GRID = np.linspace(0.0, MAX_BET, 91)
 
 

@@ -100,7 +100,7 @@ class Estimate:
     unreliable IS estimate, and the gates' fallback."""
     log_w_spread: float | None = None
     """IS: the sd of log w over the harmful samples (each weighted by its score), the spread the
-    skew check of the reliability rule reads (None for MC, or with sum(h) <= 1 over the hits)."""
+    main interval's spread allowance reads (None for MC, or with sum(h) <= 1 over the hits)."""
     defensive_share: float | None = None
     """The share a0 of the samples drawn from the target itself (IS; 1 for MC, whose every sample
     is the target's): every a0 w h lies in [0, 1], which is what a conservative bound over several
