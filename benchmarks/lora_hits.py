@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 from bruteforce import PROMPTS  # noqa: E402
 from common import Cells, Run, markdown_table, one_torch_thread  # noqa: E402
 from reference import WORK as REFERENCE_WORK, load_reference  # noqa: E402
-from tilt import DEFENSIVE, FIT_THRESHOLD, REL, THRESHOLDS, event_row  # noqa: E402
+from tilt import DEFENSIVE, FIT_THRESHOLD, REL, THRESHOLDS, event_row, reference_arguments  # noqa: E402
 
 WORDS = HERE / "data" / "profanity-words.txt"
 VERSION = 1
@@ -52,10 +52,7 @@ VERSION = 1
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompt", default="P2", choices=sorted(PROMPTS))
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--reference", type=int, default=30000)
-    parser.add_argument("--chunk", type=int, default=1000)
+    reference_arguments(parser)
     parser.add_argument("--n", type=int, default=400, help="samples per pool")
     parser.add_argument("--repeats", type=int, default=3, help="independent pools per proposal")
     parser.add_argument("--returns", default="4,8", help="K of the return-to-target pools ('' for none)")

@@ -72,12 +72,17 @@ def event_row(log_w: np.ndarray, h: np.ndarray, drawn: np.ndarray, p_ref: float,
             "ratio": n_mc / n_is if n_is else None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def reference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name the brute-force reference (reference.py's cells) a benchmark reads."""
     parser.add_argument("--prompt", default="P2", choices=sorted(PROMPTS))
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--reference", type=int, default=30000)
     parser.add_argument("--chunk", type=int, default=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    reference_arguments(parser)
     parser.add_argument("--n", type=int, default=500, help="samples per pool")
     parser.add_argument("--pilot", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
