@@ -130,6 +130,11 @@ CPU_SERVER_STEP_TOKENS = 2048
 OPENAI_CONCURRENCY = 4
 
 
+def log(msg: str) -> None:
+    """A timestamped progress line on stdout (every mode of this benchmark)."""
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
 def target_of(ratio_k: int) -> float:
     return 1 + 0.3 * (ratio_k - 1)
 
@@ -1042,9 +1047,6 @@ def overall_main(args) -> int:
               "on the batched-mixture + shared-scoring path (after), against plain generation, side by side",
               seed=args.seed, settings=settings)
 
-    def log(msg):
-        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
     clock = Clock()
     device = "cuda" if cuda() else "cpu"
     w0, _ = clock.now()
@@ -1280,9 +1282,6 @@ def main(argv=None):
     rows: list[dict] = []
     infos: list[dict] = []
 
-    def log(msg):
-        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
-
     png = out.parent / "engines_cost.png"
     watchdog = Watchdog(log)
     for name in engines:
@@ -1324,14 +1323,13 @@ def scoring_main(args, argv) -> int:
     prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
     settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "judge": JUDGE,
                 "defensive": DEFENSIVE,
-                "configs": {k: v for k, v in SCORING_CONFIGS.items() if not args.scoring_configs or k in args.scoring_configs}, "torch_threads": threads, "cuda": cuda(),
+                "configs": {k: v for k, v in SCORING_CONFIGS.items()
+                            if not args.scoring_configs or k in args.scoring_configs},
+                "torch_threads": threads, "cuda": cuda(),
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
     run = Run("engines_scoring", "transformers scoring: per-variant passes against score_many's shared passes, "
               "each pass alone and passes of different prompts and adapters batched together",
               seed=args.seed, settings=settings)
-
-    def log(msg):
-        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
     rows = run_scoring(args, prompts, Clock(), log)
     summary = summarise_scoring(rows)
