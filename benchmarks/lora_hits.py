@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bruteforce import PROMPTS  # noqa: E402
 from common import Cells, Run, markdown_table, one_torch_thread  # noqa: E402
-from reference import WORK as REFERENCE_WORK, load_reference  # noqa: E402
+from reference import WORK as REFERENCE_WORK, load_reference, mixture_reading  # noqa: E402
 from tilt import DEFENSIVE, FIT_THRESHOLD, REL, THRESHOLDS, event_row, reference_arguments  # noqa: E402
 
 WORDS = HERE / "data" / "profanity-words.txt"
@@ -205,17 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         log_r[f"lora-ideal-return-{k}"] = engine.score(prompt, lora_variant, heads) - engine.score(prompt, target, heads)
 
     def reference_reading(label: str, h_ref: np.ndarray) -> dict:
-        r = np.exp(log_r[label][h_ref[any_hit] > 0])
-        a0, a1 = DEFENSIVE, 1 - DEFENSIVE
-        w = 1.0 / (a0 + a1 * r)
-        n_ref = len(h_ref)
-        m0, s0 = w.sum() / n_ref, (w ** 2).sum() / n_ref
-        m1, s1 = (w * r).sum() / n_ref, (w ** 2 * r).sum() / n_ref
-        var1 = a0 * (s0 - m0 ** 2) + a1 * (s1 - m1 ** 2)
-        p = float(np.mean(h_ref))
-        return {"ref_var1": var1, "ref_ratio": p * (1 - p) / var1 if var1 > 0 else None,
-                "ref_log_q_over_p_hits": {"mean": float(np.mean(np.log(r))), "median": float(np.median(np.log(r))),
-                                          "min": float(np.min(np.log(r))), "max": float(np.max(np.log(r)))}}
+        lr = np.asarray(log_r[label])[h_ref[any_hit] > 0]
+        read = mixture_reading(np.stack([np.zeros_like(lr), lr], axis=1), [DEFENSIVE, 1 - DEFENSIVE], len(h_ref))
+        return {"ref_var1": read["var1"], "ref_ratio": read["ratio"],
+                "ref_log_q_over_p_hits": {"mean": float(np.mean(lr)), "median": float(np.median(lr)),
+                                          "min": float(np.min(lr)), "max": float(np.max(lr))}}
     rows, summary = [], []
     for name, field, thr, graded_ref in events:
         hits_ref = int(np.count_nonzero(graded_ref >= thr))

@@ -75,6 +75,27 @@ def load_reference(work: Path, pid: str, max_new: int, seed: int, n: int, chunk:
         "seconds": float(sum(float(p["seconds"]) for p in parts))}
 
 
+def mixture_reading(log_f: np.ndarray, shares, n_ref: int) -> dict:
+    """A mixture's efficiency read on a reference: n_MC/n_IS from the target's own draws.
+
+    `log_f` (hits, J): log q_j/p of every hit of the reference under each component j (the
+    target's column 0), `shares` the components' shares a_j, `n_ref` the reference's size. The
+    per-sample variance of the stratified estimate is sum_j a_j Var_qj(w h) with w = 1 / sum_j a_j
+    q_j/p, and E_qj[g] = E_p[g q_j/p]: an average over the target's draws, of which only the hits
+    count. Every term is bounded (w q_j/p <= 1/a_j), so the reading does not depend on a pool
+    catching the heavy hits, as a pool's own variance does.
+    """
+    f = np.exp(np.asarray(log_f, dtype=float).reshape(-1, len(shares)))
+    a = np.asarray(shares, dtype=float)
+    w = 1.0 / (f @ a)
+    first = (w[:, None] * f).sum(axis=0) / n_ref
+    second = (w[:, None] ** 2 * f).sum(axis=0) / n_ref
+    var1 = float(a @ (second - first ** 2))
+    p = len(w) / n_ref
+    return {"p": p, "hits": len(w), "var1": var1, "ratio": p * (1 - p) / var1 if var1 > 0 else None,
+            "median_log10_w": float(np.median(np.log10(w))) if len(w) else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     from bruteforce import PROMPTS
 
