@@ -21,7 +21,8 @@ Components: bruteforce.py's profanity system prompt, the library's general and h
 prompts, a rude-persona prompt, temperature 1.5, lora_hits.py's LoRA adapters fitted on the
 first half's hits (20 and 50 steps, if its work folder holds them), and token tilts over the
 profanity word list (benchmarks/data/profanity-words.txt, `word_tokens`) at several strengths.
-Nothing here is fitted to the held-out half it is read on.
+Nothing here is fitted to the held-out half it is read on. Also recorded (`listed_mass`): wherever a
+held-out hit holds a token of the word list, the target's own mass on the list at that position.
 """
 
 from __future__ import annotations
@@ -128,11 +129,22 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             summary.append({k: v for k, v in row.items() if not k.startswith("median")})
         print(f"[designs] {name}", flush=True)
+    # Where a hit holds a listed token: the target's own mass on the list at that position (a
+    # proposal that changes that one token can lift the hit at most 1/mass-fold there).
+    listed = set(ids)
+    mass = [np.exp(a).sum(axis=1) for a in engine.position_logprobs(prompt, target, hits, ids)]
+    listed_mass = {}
+    for t in THRESHOLDS:
+        m = [float(mass[k][s]) for k in np.flatnonzero(tox_ref[any_hit] >= t) for s, y in enumerate(hits[k])
+             if y in listed]
+        listed_mass[f"toxicity>={t}"] = {"tokens": len(m), "quartiles": np.percentile(m, [25, 50, 75]).tolist()
+                                         if m else None}
+    print("target's mass on the list where a hit drew a listed token:", listed_mass)
     cols = ["component", "design", *[f"toxicity>={t}" for t in THRESHOLDS]]
     print(markdown_table(summary, cols, {c: ".2f" for c in cols[2:]}))
     notes = ("n_MC/n_IS of each design (the target at share 0.1) read on the reference's held-out hits "
              "(reference.mixture_reading), per threshold; p_ref 9.27e-3 / 2.13e-3 / 8.67e-4.")
-    print(f"wrote {run.write(summary=summary, results=results, notes=notes, out=args.out)}")
+    print(f"wrote {run.write(summary=summary, results=results, notes=notes, out=args.out, listed_mass=listed_mass)}")
     return 0
 
 
