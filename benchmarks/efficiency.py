@@ -3,6 +3,8 @@ from 1e-2 to 1e-7.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py            # writes results/efficiency.json + PNGs
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --quick    # 2 events, tiny pools (a timing run)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/efficiency.py --returns --max-new-tokens 16 \
+        --pool-size 600 --contrast-size 600 --work /tmp/tailmon-bench-efficiency16   # results/efficiency_16tok.json
 
 **Events** (benchmarks/data/efficiency_events.json): the embedded model (SmolLM2-135M-Instruct,
 float32, CPU) on AdvBench behaviours (MIT, vendored), judge `prefix:TEXT`, TEXT an affirmative
@@ -75,6 +77,20 @@ coverage, factor 2 and the fraction flagged reliable, at the budgets with at lea
 
 **Sensitivity row**: one event at max_new_tokens 16 under the system proposal, pool only (the
 continuations cannot be enumerated): how 10 more tokens scatter the weights.
+
+**Longer responses, proposals returning to the target** (`--returns`, issue 17): responses of
+`--max-new-tokens` (default 16) tokens and every proposal used as `return:K:SPEC` (the first K
+tokens from SPEC, the rest from the target with its own prompt), K = m, the event's own token
+count, and m+1 (`--head-extra`). Every component's density after token K is the target's, so it
+cancels from every weight and the event stays enumerable at any length (`return_event`: the paths
+to max_new_tokens, with the engine's own next-token log-probs of the return variants, plus, for
+K = m+1, each path completing at token m extended over the whole vocabulary by the head's last
+token). Writes results/efficiency_<N>tok.json: exact n_IS next to the cut-at-m figures of
+--short-results (results/efficiency.json) and their ratio; the anchor (the paths completing within
+m tokens, which must give the cut-at-m figures: checked against the cut enumeration redone on this
+machine, and compared with the recorded ones); the weights `tune` picks on a pilot of return
+components at that length; production pools of return components at that length on
+--pool-events, and full-length contrast pools (--contrast).
 
 Resumable: the enumeration, the tuning pilot and every pool are cells under --work (default
 /tmp/tailmon-bench-efficiency, `common.Cells`), written as soon as each finishes and reused by a
@@ -150,7 +166,7 @@ def event_paths(engine, prompt: str, variants, text: str, max_new: int, p_ref: f
         if not frontier:
             break
         nodes += len(frontier)
-        logps = [engine.next_token_logprobs(prompt, v, [ids for ids, _, _ in frontier]) for v in variants]
+        logps = frontier_logprobs(engine, prompt, variants, [ids for ids, _, _ in frontier])
         nxt = []
         for i, (ids, left, mass) in enumerate(frontier):
             complete, partial = candidates(left)
@@ -175,6 +191,38 @@ def event_paths(engine, prompt: str, variants, text: str, max_new: int, p_ref: f
             "nodes": nodes}
 
 
+def frontier_logprobs(engine, prompt: str, variants, prefixes) -> list[np.ndarray]:
+    """Next-token log-probs after each prefix under each variant (variants[0] the target).
+
+    A `return:K:SPEC` variant whose every prefix already holds K tokens draws the next token from
+    its continuation; where that continuation is variants[0], the target's rows are reused rather
+    than computed again (the engine's `next_token_logprobs` routes such a variant to the same
+    target with the same prompt, so the values are the same; this only saves the passes)."""
+    target = engine.next_token_logprobs(prompt, variants[0], prefixes)
+    out = [target]
+    for v in variants[1:]:
+        if v.returns and v.continuation == variants[0] and all(len(s) >= v.returns_after for s in prefixes):
+            out.append(target)
+        else:
+            out.append(engine.next_token_logprobs(prompt, v, prefixes))
+    return out
+
+
+def exact_sums(logq: np.ndarray, shares: np.ndarray) -> tuple[float, float, np.ndarray, float]:
+    """(P, M2, m1_j, q_mix) over the rows of `logq` (token paths; columns the mixture's components,
+    the target first) for the mixture with these shares: sums, so rows may come in blocks."""
+    from scipy.special import logsumexp
+
+    from tailmon.proposals.tuning import candidate_moments
+
+    shares = np.asarray(shares, dtype=float)
+    used = shares > 0
+    log_qc = logsumexp(logq[:, used] + np.log(shares[used]), axis=1)
+    cols = list(range(logq.shape[1]))
+    p, m2, m1 = candidate_moments(logq, shares, np.ones(len(logq)), cols, shares, mass=np.exp(log_qc))
+    return p, m2, np.asarray(m1), float(np.exp(log_qc).sum())
+
+
 def exact_moments(logq: np.ndarray, shares: np.ndarray) -> dict:
     """P, n Var(p_hat) of the stratified estimator with these shares, and q of the mixture, summed
     exactly over the enumerated event paths (tailmon's tuning formula with `mass`)."""
@@ -189,6 +237,48 @@ def exact_moments(logq: np.ndarray, shares: np.ndarray) -> dict:
     cols = list(range(logq.shape[1]))
     p, m2, m1 = candidate_moments(logq, shares, np.ones(len(logq)), cols, shares, mass=np.exp(log_qc))
     return {"p": p, "var1": tuning_variance(m2, m1, shares), "q_mix": float(np.exp(log_qc).sum())}
+
+
+def return_event(engine, prompt: str, variants, text: str, max_new: int, p_ref: float, k: int,
+                 candidates: dict[str, list[float]]) -> dict:
+    """The event at `max_new` tokens under the target (variants[0]) and components that return to
+    it after k tokens (`return:k:SPEC`), exactly: `event_paths` to depth max_new (the engine gives
+    every token after the k-th from the target), then each path that completed the text before
+    token k extended by its remaining head token over the whole vocabulary: h is 1 on all of them
+    but their weights differ (the head's extra token is the proposal's). Only a head of at most one
+    token past the completion is enumerable here (two would need a forward pass per vocabulary
+    entry); a deeper one stops the run.
+
+    The exact sums (P, M2, m1_j, q_mix) of `exact_sums` are returned per candidate mixture (shares
+    over variants, target first), over the paths completing at token k or later plus the extended
+    ones; the paths themselves are returned as `event_paths` does (an extended path's logq is its
+    mass before the extra token)."""
+    res = event_paths(engine, prompt, variants, text, max_new, p_ref)
+    cols = len(variants)
+    logq = np.array(res["logq"]).reshape(-1, cols)
+    depth = np.array(res["depth"], dtype=int)
+    short = np.flatnonzero(depth < k)
+    if short.size and int(np.max(k - depth[short])) > 1:
+        raise SystemExit(f"'{text}': paths complete {int(np.max(k - depth[short]))} tokens before the head ends "
+                         f"(K={k}); only one token past the completion can be enumerated")
+    sums = {}
+    for name, shares in candidates.items():
+        p, m2, m1, qm = exact_sums(logq[depth >= k], shares) if np.any(depth >= k) else (0.0, 0.0, np.zeros(cols), 0.0)
+        sums[name] = [p, m2, m1, qm]
+    for start in range(0, short.size, 16):  # 16 paths x vocab x variants at a time (memory)
+        batch = short[start:start + 16]
+        lps = frontier_logprobs(engine, prompt, variants, [res["ids"][i] for i in batch])
+        for r, i in enumerate(batch):
+            block = logq[i][None, :] + np.stack([lp[r] for lp in lps], axis=1)  # (vocab, variants)
+            for name, shares in candidates.items():
+                p, m2, m1, qm = exact_sums(block, shares)
+                acc = sums[name]
+                sums[name] = [acc[0] + p, acc[1] + m2, acc[2] + m1, acc[3] + qm]
+    res["k"] = k
+    res["extended_paths"] = int(short.size)
+    res["sums"] = {name: {"p": v[0], "m2": v[1], "m1": np.asarray(v[2]).tolist(), "q_mix": v[3]}
+                   for name, v in sums.items()}
+    return res
 
 
 # -- Monte Carlo, exactly ---------------------------------------------------------------------------
@@ -287,6 +377,7 @@ def pool_figures(pool: dict, p: float) -> dict:
     return {"hits": hits, "var1_pool": var1, "n_is_pool": var1 / (REL ** 2 * p * p) if hits else None,
             "pool_p_hat": e.p_hat, "pool_ci": [e.ci_low, e.ci_high], "pool_covered": bool(e.ci_low <= p <= e.ci_high),
             "pool_ess_wh": e.ess_wh, "pool_khat": e.khat, "pool_reliable": e.reliable,
+            "pool_upper_bound_only": e.upper_bound_only,
             "max_weight_hit": float(np.exp(lw[wh > 0]).max()) if hits else None,
             "min_weight_hit": float(np.exp(lw[wh > 0]).min()) if hits else None}
 
@@ -513,7 +604,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results file (default results/efficiency.json; with --quick, WORK/efficiency-quick.json)")
     parser.add_argument("--no-sensitivity", action="store_true")
+    longer = parser.add_argument_group("longer responses, proposals returning to the target (issue 17)")
+    longer.add_argument("--returns", action="store_true",
+                        help="every proposal as return:K:SPEC at --max-new-tokens (default 16) tokens, K = the event's "
+                             "own token count (+ --head-extra); writes results/efficiency_<N>tok.json")
+    longer.add_argument("--max-new-tokens", type=int, default=None, help="response length with --returns (default 16)")
+    longer.add_argument("--head-extra", default="0,1", help="K - m values to enumerate: 0 and optionally 1")
+    longer.add_argument("--pool-events", default="E3,E4,E5,E6", help="events with production pools ('' for none)")
+    longer.add_argument("--pool-proposals", default="lora,system,tuned16",
+                        help="pooled proposals, each as return:m:SPEC (tuned16: the weights tune picks at this length)")
+    longer.add_argument("--pool-size", type=int, default=300, help="samples per return pool (600 in the recorded run)")
+    longer.add_argument("--contrast", default="E3:lora,E5:system",
+                        help="EVENT:PROPOSAL pools with the full-length proposal at the same length")
+    longer.add_argument("--contrast-size", type=int, default=300, help="samples per full-length contrast pool")
+    longer.add_argument("--short-results", type=Path, default=HERE / "results" / "efficiency.json",
+                        help="the cut-at-m run whose figures the longer ones are compared with")
     args = parser.parse_args(argv)
+    if args.max_new_tokens is not None and not args.returns:
+        parser.error("--max-new-tokens needs --returns: with full-length proposals the event cannot be enumerated "
+                     "at a longer length (see the sensitivity row)")
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -529,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
         budgets = QUICK_BUDGETS
         args.pool_tokens //= 6
         args.pool_sensitivity //= 6
+    if args.returns:
+        if args.quick:
+            raise SystemExit("--returns has no --quick mode: name --events and --pool-events instead")
+        args.max_new_tokens = args.max_new_tokens or 16
+        return run_returns(args, spec, prompts_data, events)
     out = args.out or (args.work / "efficiency-quick.json" if args.quick else HERE / "results" / "efficiency.json")
     settings = {
         "model": "smollm2-135m-instruct (embedded, float32, CPU)", "defensive": DEFENSIVE, "budgets": list(budgets),
@@ -793,6 +907,357 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"stages (s): {', '.join(f'{k} {v:.0f}' for k, v in stage.items())}")
     print(f"wrote {out} and {', '.join(png)}")
+    return 0
+
+
+# -- 16-token responses, every proposal returning to the target (issue 17) ------------------------
+
+RETURN_NOTES = """\
+Responses of max_new_tokens tokens; every proposal used as return:K:SPEC (its first K tokens from SPEC, the rest from
+the target with the target's own prompt), K = m (the event's own token count) + head_extra. Exact figures: the event's
+token paths enumerated to max_new_tokens (pruned as efficiency.json's, 1e-9 p), the engine giving every token after
+the K-th from the target, and every path that completed before token K extended over the whole vocabulary by its
+remaining head token (return_event); sums P, M2, m1_j per mixture; n_is_exact = (M2 - sum_j a_j m1_j^2) / (0.09 p^2)
+with p = exact_p at max_new_tokens (the target column, which includes tokenisations completing after token m);
+n_mc = (1-p)/(0.09 p); ratio_exact = n_mc / n_is_exact. short_*: the same event and proposal in
+benchmarks/results/efficiency.json (responses cut at m tokens, full-length proposals there); factor = the larger of
+ratio/short_ratio and its inverse (the goal: <= 1.5). anchor_*: the same figure recomputed here from the paths of
+this enumeration that complete within m tokens (what the cut-at-m enumeration holds), which must equal short_n_is
+to round-off (anchor_rel_diff). tuned: the 6-token run's pilot weights (so the comparison isolates the return);
+tuned16: the weights tailmon.proposals.tuning.tune chose on a pilot of return components at max_new_tokens (its
+own seeds), exact n_IS of those weights at K = m. oracle: the best weight vector of tune's grid by the exact variance
+(K = m only). Pools (pool: true): tailmon.proposals.sampling.draw at max_new_tokens, the components as labelled
+(return: K = m; full: the full-length proposal, as the 6-token run's sensitivity row); hits vs expected_hits
+(sum_j n_j q_j(event), q_j from the K = m enumeration; for a full-length component the K = m column stands in for
+its q, which differs only on paths completing after token m: q_deep_share); pool_p_hat / p, the 95% interval, covered,
+reliable (importance_sampling's flag); hit_log10_weight_range and hit_weight_cv: the spread of the hits' weights;
+pool_budgets[]: disjoint chunks as efficiency.json's."""
+
+
+def run_returns(args, spec: dict, prompts_data: dict, events: list[dict]) -> int:
+    """Exact n_IS at `--max-new-tokens` with every proposal as `return:K:SPEC`, next to the recorded
+    cut-at-m figures, and production pools at that length as the check."""
+    from tailmon.engines.base import Decoding, Variant
+    from tailmon.engines.transformers_engine import TransformersEngine
+    from tailmon.errors import InputError
+    from tailmon.estimation.pipeline import EstimationPlan
+    from tailmon.judges import parse_judge
+    from tailmon.proposals import parse_proposal
+    from tailmon.proposals.sampling import derive_seed
+    from tailmon.proposals.tuning import stratified_variance as tuning_variance
+    from tailmon.proposals.tuning import tune
+
+    n_tok = args.max_new_tokens
+    extras = sorted({int(x) for x in args.head_extra.split(",")})
+    if not extras or extras[0] != 0 or extras[-1] > 1:
+        raise SystemExit("--head-extra: 0 (K = m) and optionally 1 (K = m+1); a longer head is not enumerable here")
+    short_file = json.loads(args.short_results.read_text(encoding="utf-8"))
+    short_rows = {(r["event"], r["proposal"]): r for r in short_file["results"] if not r.get("sensitivity")}
+    short_tuning = short_file["tuning"]
+    if any(e["max_new_tokens"] >= n_tok for e in events):
+        raise SystemExit(f"--max-new-tokens {n_tok} must exceed every event's own length")
+    pool_events = [x for x in args.pool_events.split(",") if x] if args.pool_events else []
+    pool_labels = [x for x in args.pool_proposals.split(",") if x]
+    contrast = [tuple(x.split(":")) for x in args.contrast.split(",") if x] if args.contrast else []
+    known = set(COLUMNS[1:]) | {"tuned16"}
+    for label in pool_labels + [c[-1] for c in contrast]:
+        if label not in known:
+            raise SystemExit(f"unknown pooled proposal '{label}': one of {', '.join(sorted(known))}")
+    for c in contrast:
+        if len(c) != 2 or c[0] not in {e["id"] for e in events}:
+            raise SystemExit(f"--contrast '{':'.join(c)}': EVENT:PROPOSAL with EVENT among the events run")
+        if c[1] == "tuned16" and c[0] not in pool_events:
+            raise SystemExit(f"--contrast '{':'.join(c)}': tuned16 needs the event in --pool-events (its pilot)")
+    out = args.out or HERE / "results" / f"efficiency_{n_tok}tok.json"
+    settings = {
+        "model": "smollm2-135m-instruct (embedded, float32, CPU)", "defensive": DEFENSIVE,
+        "max_new_tokens": n_tok, "head_extra": extras, "pool_events": pool_events, "pool_proposals": pool_labels,
+        "pool_size": args.pool_size, "contrast": ["%s:%s" % c for c in contrast], "contrast_size": args.contrast_size,
+        "pilot": args.pilot, "lora_steps": args.lora_steps, "lora_word": LORA_WORD, "hot_temperature": args.hot,
+        "steer_coef": args.steer_coef, "system_prompt": spec["system_prompt"], "relative_error": REL, "prune": PRUNE,
+        "short_results": str(args.short_results), "events": [e["id"] for e in events],
+        "data": "benchmarks/data/efficiency_events.json (AdvBench, MIT)",
+    }
+    run = Run("efficiency_returns", f"efficiency at {n_tok}-token responses, every proposal returning to the target "
+              "after the event's own token count: exact n_IS next to the cut-at-m figures, production pools as the check",
+              seed=args.seed, settings=settings)
+    if one_torch_thread() != 1:
+        raise SystemExit("torch must run on one thread here")
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "pools").mkdir(exist_ok=True)
+    cells = Cells(args.work)
+    stage = {}
+
+    t0 = time.perf_counter()
+    direction = build_direction(args.work, prompts_data)
+    loras = {t: build_lora(args.work, LORA_WORD, prompts_data, t, LORA_TOKENS, args.lora_steps, args.seed)
+             for t in sorted({e["temperature"] for e in events}, reverse=True)}
+    stage["artefacts"] = time.perf_counter() - t0
+    engine = TransformersEngine.load(None)
+
+    def specs_for(t: float) -> dict:
+        return {"system": f"system:{spec['system_prompt']}", "temperature": f"temperature:{args.hot:g}",
+                "lora": f"lora:{loras[t]}", "steer": f"steer:{direction}@{args.steer_coef:g}"}
+
+    def target_of(ev) -> Variant:
+        return Variant("target", Decoding(temperature=ev["temperature"], max_new_tokens=n_tok))
+
+    def single(label: str) -> list[float]:
+        shares = [0.0] * len(COLUMNS)
+        shares[0], shares[COLUMNS.index(label)] = DEFENSIVE, 1 - DEFENSIVE
+        return shares
+
+    def mixed(weights) -> list[float]:
+        w = np.asarray(weights, dtype=float)
+        return [DEFENSIVE] + list((1 - DEFENSIVE) * w / w.sum())
+
+    def n_is(sums: dict, shares, p: float) -> float:
+        return tuning_variance(sums["m2"], np.asarray(sums["m1"]), shares) / (REL ** 2 * p * p)
+
+    rows, exact = [], {}
+    # 1. exact figures per event and K
+    t0 = time.perf_counter()
+    for ev in events:
+        m, p_short = ev["max_new_tokens"], ev["exact_p"]
+        specs = specs_for(ev["temperature"])
+        target = target_of(ev)
+        w6 = short_tuning[ev["id"]]["weights"]
+        candidates = {label: single(label) for label in COLUMNS[1:]}
+        candidates["tuned"] = mixed(w6)
+        for extra in extras:
+            k = m + extra
+            variants = [target] + [parse_proposal(f"return:{k}:{s}").variant(target) for s in specs.values()]
+            key = ["return", VERSION, ev, specs, n_tok, k, PRUNE, candidates]
+
+            def job(ev=ev, variants=variants, k=k, candidates=candidates):
+                start = time.perf_counter()
+                res = return_event(engine, ev["prompt"], variants, ev["prefix"], n_tok, ev["exact_p"], k, candidates)
+                res["seconds"] = round(time.perf_counter() - start, 1)
+                return res
+            res = cells.get_or_run(key, job)
+            logq = np.array(res["logq"]).reshape(-1, len(COLUMNS))
+            depth = np.array(res["depth"], dtype=int)
+            sums = res["sums"]
+            p = sums["system"]["p"]
+            for name, v in sums.items():  # every mixture sums the same target mass
+                if abs(v["p"] - p) > 1e-9 * p:
+                    raise SystemExit(f"{ev['id']} K={k}: P differs between mixtures ({v['p']} vs {p})")
+            q = np.exp(logq).sum(axis=0)  # each column's q(event) (an extended path's vocabulary sums to its mass)
+            deep = np.exp(logq[depth > m]).sum(axis=0)
+            exact[(ev["id"], k)] = {"logq": logq, "depth": depth, "q": q, "p": p}
+            n_mc = (1 - p) / (REL ** 2 * p)
+            print(f"[exact {n_tok}tok K={k}] {ev['id']}: p={p:.6e} (cut at {m}: {p_short:.6e}, deep share "
+                  f"{deep[0] / q[0]:.1e}), {len(logq)} paths ({res['extended_paths']} extended), pruned "
+                  f"{max(res['pruned_mass']):.1e}, {res['nodes']} nodes ({res['seconds']} s)", flush=True)
+            labels = list(COLUMNS[1:]) + ["tuned"] + (["oracle"] if extra == 0 else [])
+            for label in labels:
+                if label == "oracle":
+                    cands = grid_candidates(list(specs.values()))
+                    scored = [(exact_moments(logq, mixed(c))["var1"], c) for c in cands]
+                    wts = list(min(scored)[1])
+                    shares = mixed(wts)
+                    mom = exact_moments(logq, shares)
+                    nis = mom["var1"] / (REL ** 2 * p * p)
+                    q_mix = mom["q_mix"]
+                else:
+                    shares = candidates[label]
+                    wts = w6 if label == "tuned" else None
+                    nis = n_is(sums[label], shares, p)
+                    q_mix = sums[label]["q_mix"]
+                short = short_rows[(ev["id"], label)]
+                row = {
+                    "event": ev["id"], "prompt": ev["prompt"], "prefix": ev["prefix"], "temperature": ev["temperature"],
+                    "m": m, "k": k, "max_new_tokens": n_tok, "exact_p": p, "exact_p_cut": p_short,
+                    "deep_share_p": float(deep[0] / q[0]), "proposal": label, "weights": wts, "shares": shares,
+                    "specs": [f"return:{k}:{s}" for s, a in zip(specs.values(), shares[1:]) if a > 0],
+                    "q_event": None if label in ("tuned", "oracle") else float(q[COLUMNS.index(label)]),
+                    "q_mixture": q_mix, "n_is_exact": nis, "n_mc": n_mc,
+                    "ratio_exact": n_mc / nis if nis > 0 else None,
+                    "rel_rmse_1000": math.sqrt(nis * REL ** 2 / 1000),
+                    "short_n_is": short["n_is_exact"], "short_ratio": short["ratio_exact"],
+                    "short_weights": short.get("weights"), "paths": len(logq), "extended_paths": res["extended_paths"],
+                    "pruned_mass": res["pruned_mass"], "enumeration_seconds": res["seconds"],
+                }
+                if label == "oracle":
+                    row["oracle_same_as_short"] = wts == short.get("weights")
+                ratio, sr = row["ratio_exact"], short["ratio_exact"]
+                row["factor"] = max(ratio / sr, sr / ratio) if ratio and sr else None
+                if extra == 0:
+                    # the anchor: the paths completing within m tokens are what the cut-at-m enumeration holds
+                    cut = depth <= m
+                    mom = exact_moments(logq[cut], shares)
+                    p_cut = float(np.exp(logq[cut, 0]).sum())
+                    row["anchor_p_rel_diff"] = abs(p_cut - p_short) / p_short
+                    row["anchor_n_is"] = mom["var1"] / (REL ** 2 * p_cut * p_cut)
+                    row["anchor_rel_diff"] = abs(row["anchor_n_is"] - short["n_is_exact"]) / short["n_is_exact"]
+                rows.append(row)
+                print(f"  [{label:<11}] K={k} n_IS={nis:.4g} (cut at {m}: {short['n_is_exact']:.4g}"
+                      + (f", anchor {row['anchor_n_is']:.4g} rel diff {row['anchor_rel_diff']:.1e}" if extra == 0 else "")
+                      + f") ratio {_fmt(ratio)} vs {_fmt(sr)}: factor {_fmt(row['factor'])}", flush=True)
+    stage["enumeration"] = time.perf_counter() - t0
+
+    # 1b. the anchor on this machine: the cut-at-m enumeration of the 6-token run (full-length
+    # proposals, responses of m tokens), redone here, must give the subset figures above exactly;
+    # the recorded figures (another CPU) may differ by float32 round-off in the logits
+    t0 = time.perf_counter()
+    for ev in events:
+        m = ev["max_new_tokens"]
+        specs = specs_for(ev["temperature"])
+        cut_target = Variant("target", Decoding(temperature=ev["temperature"], max_new_tokens=m))
+        variants = [cut_target] + [parse_proposal(s).variant(cut_target) for s in specs.values()]
+        key = ["anchor", VERSION, ev, specs, PRUNE]
+
+        def job(ev=ev, variants=variants, m=m):
+            start = time.perf_counter()
+            res = event_paths(engine, ev["prompt"], variants, ev["prefix"], m, ev["exact_p"])
+            res["seconds"] = round(time.perf_counter() - start, 1)
+            return res
+        res = cells.get_or_run(key, job)
+        logq = np.array(res["logq"]).reshape(-1, len(COLUMNS))
+        p_cut = float(np.exp(logq[:, 0]).sum())
+        worst = 0.0
+        for row in rows:
+            if row["event"] != ev["id"] or row["k"] != m:
+                continue
+            mom = exact_moments(logq, row["shares"])
+            row["anchor_here_n_is"] = mom["var1"] / (REL ** 2 * p_cut * p_cut)
+            row["anchor_here_rel_diff"] = abs(row["anchor_here_n_is"] - row["anchor_n_is"]) / row["anchor_n_is"]
+            row["recorded_vs_here_rel_diff"] = abs(row["anchor_here_n_is"] - row["short_n_is"]) / row["short_n_is"]
+            row["recorded_vs_here_p_rel_diff"] = abs(p_cut - ev["exact_p"]) / ev["exact_p"]
+            worst = max(worst, row["anchor_here_rel_diff"])
+        print(f"[anchor] {ev['id']}: cut at {m} here p={p_cut:.6e} (recorded {ev['exact_p']:.6e}), n_IS of the "
+              f"return enumeration's paths within {m} tokens vs this cut enumeration: max rel diff {worst:.1e} "
+              f"({res['seconds']} s)", flush=True)
+        if worst > 1e-9:
+            raise SystemExit(f"{ev['id']}: the return enumeration's first {m} tokens differ from the cut enumeration")
+    stage["anchor"] = time.perf_counter() - t0
+
+    # 2. the tuned mixture of return components: tailmon's own tuning on a pilot at n_tok tokens
+    t0 = time.perf_counter()
+    tuned16 = {}
+    for ev in [e for e in events if e["id"] in pool_events]:
+        m = ev["max_new_tokens"]
+        rspecs = [f"return:{m}:{s}" for s in specs_for(ev["temperature"]).values()]
+        key = ["tune-return", VERSION, ev, rspecs, n_tok, args.pilot, args.seed]
+
+        def job(ev=ev, rspecs=rspecs):
+            start = time.perf_counter()
+            try:
+                r = tune(engine, target_of(ev), parse_judge(f"prefix:{ev['prefix']}"), [ev["prompt"]], rspecs,
+                         defensive=DEFENSIVE, samples=args.pilot, seed=derive_seed(args.seed, "tune16", ev["id"]))
+            except InputError as exc:
+                return {"ok": False, "error": str(exc), "seconds": round(time.perf_counter() - start, 1)}
+            return {"ok": True, "weights": list(r.best.weights), "specs": list(r.best.specs), "pilot": r.pilot,
+                    "top": r.ranking[:5], "seconds": round(time.perf_counter() - start, 1)}
+        t = dict(cells.get_or_run(key, job))
+        t["borrowed_from"] = None
+        if not t["ok"]:  # as the 6-token run: the pilot saw no hit; fall back on the 6-token pilot's weights
+            t["weights"], t["borrowed_from"] = short_tuning[ev["id"]]["weights"], "6-token run's weights"
+        tuned16[ev["id"]] = t
+        ex = exact[(ev["id"], m)]
+        shares = mixed(t["weights"])
+        mom = exact_moments(ex["logq"], shares)
+        nis = mom["var1"] / (REL ** 2 * ex["p"] ** 2)
+        n_mc = (1 - ex["p"]) / (REL ** 2 * ex["p"])
+        short = short_rows[(ev["id"], "tuned")]
+        ratio = n_mc / nis
+        rows.append({"event": ev["id"], "prompt": ev["prompt"], "prefix": ev["prefix"], "temperature": ev["temperature"],
+                     "m": m, "k": m, "max_new_tokens": n_tok, "exact_p": ex["p"], "exact_p_cut": ev["exact_p"],
+                     "proposal": "tuned16", "weights": t["weights"], "shares": shares,
+                     "specs": [s for s, w in zip(rspecs, t["weights"]) if w > 0],
+                     "tuning": {k: t.get(k) for k in ("ok", "borrowed_from", "error", "seconds")},
+                     "pilot_hits": t["pilot"][0]["n_harmful"] if t["ok"] else 0, "q_event": None,
+                     "q_mixture": mom["q_mix"], "n_is_exact": nis, "n_mc": n_mc, "ratio_exact": ratio,
+                     "rel_rmse_1000": math.sqrt(nis * REL ** 2 / 1000),
+                     "short_n_is": short["n_is_exact"], "short_ratio": short["ratio_exact"],
+                     "short_weights": short.get("weights"),
+                     "factor": max(ratio / short["ratio_exact"], short["ratio_exact"] / ratio)})
+        print(f"[tune {n_tok}tok] {ev['id']}: weights {t['weights']}"
+              + (f" (pilot hits {t['pilot'][0]['n_harmful']})" if t["ok"] else f" ({t['borrowed_from']})")
+              + f", 6-token pilot {short.get('weights')}; exact n_IS {nis:.4g} ({t['seconds']} s)", flush=True)
+    stage["tuning"] = time.perf_counter() - t0
+
+    # 3. production pools at n_tok tokens: return components (and a full-length contrast)
+    t0 = time.perf_counter()
+    plan_pools = [(e, label, True) for e in events if e["id"] in pool_events for label in pool_labels]
+    plan_pools += [(e, label, False) for e in events for (eid, label) in contrast if e["id"] == eid]
+    for ev, label, returning in plan_pools:
+        m = ev["max_new_tokens"]
+        specs = specs_for(ev["temperature"])
+        ex = exact[(ev["id"], m)]
+        p = ex["p"]
+        if label == "tuned16":
+            wts, cols = tuned16[ev["id"]]["weights"], [0, 1, 2, 3, 4]
+            comp_specs = [f"return:{m}:{s}" if returning else s for s in specs.values()]
+        else:
+            wts, cols = None, [0, COLUMNS.index(label)]
+            comp_specs = [f"return:{m}:{specs[label]}" if returning else specs[label]]
+        n_pool = args.pool_size if returning else args.contrast_size
+        plan = EstimationPlan(target=target_of(ev), judge=parse_judge(f"prefix:{ev['prefix']}"), method="is",
+                              proposals=[parse_proposal(s) for s in comp_specs], defensive=DEFENSIVE,
+                              weights=None if wts is None else list(wts), n_samples=n_pool, seed=args.seed)
+        comps = plan.components
+        cshares = [c.share for c in comps]
+        key = ["pool-return", VERSION, ev, label, returning, n_tok, [c.label for c in comps], cshares, n_pool, args.seed]
+        path = args.work / "pools" / cells.path(key).with_suffix(".npz").name
+        cell = cells.get_or_run(key, lambda: draw_pool(engine, ev["prompt"], [c.variant for c in comps], cshares, n_pool,
+                                                       plan.judge, (args.seed, f"pool{n_tok}", ev["id"], label,
+                                                                    "return" if returning else "full"), path))
+        pool = load_pool(cell)
+        figs = pool_figures(pool, p)
+        counts = np.bincount(pool["drawn"], minlength=len(cshares))
+        q_comp = [float(ex["q"][c]) for c in cols]
+        expected = float(np.dot(counts, q_comp))
+        sd = math.sqrt(sum(c * q * (1 - q) for c, q in zip(counts, q_comp)))
+        lw = pool_log_w(pool)
+        hit = pool["scores"] > 0
+        deep = np.exp(ex["logq"][ex["depth"] > m]).sum(axis=0) / ex["q"]
+        n_mc = (1 - p) / (REL ** 2 * p)
+        row = {
+            "event": ev["id"], "pool": True, "returning": returning, "prompt": ev["prompt"], "prefix": ev["prefix"],
+            "temperature": ev["temperature"], "m": m, "k": m if returning else None, "max_new_tokens": n_tok,
+            "exact_p": p, "proposal": label, "specs": comp_specs, "weights": wts, "shares": cshares,
+            "pool_size": n_pool, "pool_seconds": cell["seconds"], "distinct_responses": cell["distinct"],
+            "example_hits": cell["example_hits"], **figs, "expected_hits": expected,
+            "hits_z": (figs["hits"] - expected) / sd if sd > 0 else None,
+            "q_deep_share": [float(deep[c]) for c in cols], "pool_p_hat_over_p": figs["pool_p_hat"] / p,
+            "ratio_pool": n_mc / figs["n_is_pool"] if figs["n_is_pool"] else None,
+            "hit_log10_weight_range": ([float(lw[hit].min() / math.log(10)), float(lw[hit].max() / math.log(10))]
+                                       if hit.any() else None),
+            "hit_weight_cv": float(np.std(np.exp(lw[hit])) / np.mean(np.exp(lw[hit]))) if hit.sum() > 1 else None,
+            "pool_budgets": chunk_stats(pool, p, [n for n in BUDGETS if n <= n_pool // 2]),
+        }
+        exact_row = next((r for r in rows if r["event"] == ev["id"] and r["proposal"] == label and r.get("k") == m
+                          and not r.get("pool")), None)
+        row["n_is_exact_return"] = exact_row["n_is_exact"] if exact_row else None
+        rows.append(row)
+        print(f"[pool {n_tok}tok {'return' if returning else 'full'}] {ev['id']} {label}: hits {figs['hits']}/{n_pool} "
+              f"(expected {expected:.1f}, z {_fmt(row['hits_z'])}), p_hat/p {figs['pool_p_hat'] / p:.3f}, "
+              f"CI covers {figs['pool_covered']}, reliable {figs['pool_reliable']}"
+              f"{' (upper bound only)' if figs['pool_upper_bound_only'] else ''}, hit log10 w "
+              f"{row['hit_log10_weight_range']} ({cell['seconds']} s)", flush=True)
+    stage["pools"] = time.perf_counter() - t0
+
+    summary = [{k: r.get(k) for k in ("event", "prefix", "temperature", "m", "k", "exact_p", "proposal", "weights",
+                                      "n_is_exact", "short_n_is", "ratio_exact", "short_ratio", "factor",
+                                      "anchor_rel_diff", "returning", "pool_size", "hits", "expected_hits",
+                                      "hits_z", "pool_p_hat_over_p", "pool_covered", "pool_reliable",
+                                      "pool_upper_bound_only")}
+               for r in rows]
+    run.write(summary=summary, results=rows, notes=RETURN_NOTES, out=out,
+              stage_seconds={k: round(v, 1) for k, v in stage.items()},
+              artefacts={"direction": direction, "loras": {str(t): v for t, v in loras.items()}},
+              tuning_return=tuned16)
+    exact_rows = [r for r in rows if not r.get("pool")]
+    table = markdown_table(exact_rows, ["event", "exact_p", "proposal", "k", "n_is_exact", "short_n_is", "ratio_exact",
+                                        "short_ratio", "factor", "anchor_rel_diff", "anchor_here_rel_diff"],
+                           {"exact_p": ".2e", "n_is_exact": ".4g", "short_n_is": ".4g", "ratio_exact": ".3g",
+                            "short_ratio": ".3g", "factor": ".4g", "anchor_rel_diff": ".1e",
+                            "anchor_here_rel_diff": ".1e"})
+    (args.work / "table-returns.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"stages (s): {', '.join(f'{k} {v:.0f}' for k, v in stage.items())}")
+    print(f"wrote {out}")
     return 0
 
 
