@@ -10,7 +10,8 @@ each written when it finishes (resumable; a smaller --n reuses the first cells) 
 `lengths`, `finished` and `toxicity` (float64). `load_reference` reads them back in order.
 The P2 reference at 16 tokens (30,000 samples, seed 0) is kept compactly in
 benchmarks/data/reference-P2-16tok-seed0.npz (870 KB), which `load_reference` reads when the cells
-are absent. Costs on one core (embedded model, float32, batch 256): about 90 sampled tokens per second, so
+are absent; so is the P2 reference at 32 tokens (20,000 samples, `--archive` writes such a file from
+finished cells). Costs on one core (embedded model, float32, batch 256): about 90 sampled tokens per second, so
 30,000 samples take about 46 minutes at 8 tokens and 90 at 16.
 """
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--archive", action="store_true",
+                        help="after the cells, write them to benchmarks/data (archive_path) for load_reference")
     args = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     if one_torch_thread() != 1:
@@ -136,7 +139,25 @@ def main(argv: list[str] | None = None) -> int:
         hits += [(tox >= t).sum() for t in (0.5, 0.9, 0.99)]
         print(f"[reference] {args.prompt} {args.max_new_tokens} tokens: {(i + 1) * args.chunk} samples, "
               f"hits >=0.5/0.9/0.99 {hits.tolist()} ({took})", flush=True)
+    if args.archive:
+        write_archive(load_reference(args.work, args.prompt, args.max_new_tokens, args.seed, args.n, args.chunk),
+                      archive_path(args.prompt, args.max_new_tokens, args.seed))
     return 0
+
+
+def write_archive(ref: dict, path: Path) -> None:
+    """The format `load_reference` reads: ids as uint16 (65535 after the end; the vocabulary has
+    49,152 entries), lengths, finished, toxicity (float64) and the drawing's total seconds."""
+    ids = np.asarray(ref["ids"])
+    if ids.max() >= 65535:
+        raise SystemExit("token ids do not fit uint16")
+    packed = np.where(ids < 0, 65535, ids).astype(np.uint16)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, ids=packed, lengths=np.asarray(ref["lengths"], dtype=np.int16),
+                        finished=np.asarray(ref["finished"]), toxicity=np.asarray(ref["toxicity"], dtype=np.float64),
+                        seconds=float(ref["seconds"]))
+    tmp.replace(path)
+    print(f"[reference] wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
 
 
 if __name__ == "__main__":
