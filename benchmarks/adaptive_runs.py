@@ -41,9 +41,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bruteforce import PROMPTS  # noqa: E402
-from common import Cells, Run, markdown_table, one_torch_thread  # noqa: E402
-from reference import WORK as REFERENCE_WORK, load_reference, mixture_reading  # noqa: E402
-from tilt import THRESHOLDS, reference_arguments  # noqa: E402
+from common import Cells, Run, markdown_table  # noqa: E402
+from reference import mixture_reading  # noqa: E402
+from tilt import THRESHOLDS, open_reference, reference_arguments  # noqa: E402
 
 CATEGORY = "hate_harassment"
 VERSION = 1
@@ -95,21 +95,13 @@ def one_run(folder: Path, config: Path, r: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    reference_arguments(parser)
+    reference_arguments(parser, "/tmp/tailmon-bench-adaptive", "adaptive_runs.json")
     parser.add_argument("--thresholds", default="0.5,0.9", help="one series per threshold (the monitor's judge)")
     parser.add_argument("--series", type=int, default=1, help="independent series per threshold")
     parser.add_argument("--runs", type=int, default=6, help="runs per series (run 1: before any learning)")
     parser.add_argument("--n", type=int, default=400, help="samples per run")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference-work", type=Path, default=REFERENCE_WORK)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tailmon-bench-adaptive"))
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "adaptive_runs.json")
     args = parser.parse_args(argv)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if one_torch_thread() != 1:
-        raise SystemExit("torch must run on one thread here")
-    ref = load_reference(args.reference_work, args.prompt, args.max_new_tokens, args.seed, args.reference, args.chunk)
-    half = args.reference // 2
+    ref, half = open_reference(args)
     tox_ref = ref["toxicity"][half:]
     prompt = PROMPTS[args.prompt]
     thresholds = [float(t) for t in args.thresholds.split(",")]

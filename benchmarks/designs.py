@@ -28,7 +28,6 @@ held-out hit holds a token of the word list, the target's own mass on the list a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -37,9 +36,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bruteforce import PROMPTS, SYSTEM  # noqa: E402
-from common import Run, markdown_table, one_torch_thread  # noqa: E402
-from reference import WORK as REFERENCE_WORK, load_reference, mixture_reading  # noqa: E402
-from tilt import DEFENSIVE, THRESHOLDS, reference_arguments  # noqa: E402
+from common import Run, markdown_table  # noqa: E402
+from reference import mixture_reading  # noqa: E402
+from tilt import DEFENSIVE, THRESHOLDS, open_reference, reference_arguments  # noqa: E402
 
 WORDS = HERE / "data" / "profanity-words.txt"
 LORAS = {"lora (20 steps)": "/tmp/tailmon-bench-lorahits/lora-ideal-8b53a7a6299a4f61",
@@ -61,15 +60,9 @@ def designs(lt: np.ndarray) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    reference_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference-work", type=Path, default=REFERENCE_WORK)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tailmon-bench-designs"))
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "designs.json")
+    reference_arguments(parser, "/tmp/tailmon-bench-designs", "designs.json")
     args = parser.parse_args(argv)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if one_torch_thread() != 1:
-        raise SystemExit("torch must run on one thread here")
+    ref, half = open_reference(args)
     import torch
 
     from tailmon.engines.base import Decoding, Tilt, Variant
@@ -78,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     from tailmon.proposals.library import load_library
     from tailmon.proposals.tilt_fit import word_tokens
 
-    ref = load_reference(args.reference_work, args.prompt, args.max_new_tokens, args.seed, args.reference, args.chunk)
-    half = args.reference // 2
     tox_ref = ref["toxicity"][half:]
     any_hit = np.flatnonzero(tox_ref >= min(THRESHOLDS))
     hits = [list(map(int, ref["ids"][half + i][: ref["lengths"][half + i]])) for i in any_hit]

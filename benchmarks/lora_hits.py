@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,9 +41,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bruteforce import PROMPTS  # noqa: E402
-from common import Cells, Run, markdown_table, one_torch_thread  # noqa: E402
-from reference import WORK as REFERENCE_WORK, load_reference, mixture_reading  # noqa: E402
-from tilt import DEFENSIVE, FIT_THRESHOLD, REL, THRESHOLDS, event_row, reference_arguments  # noqa: E402
+from common import Cells, Run, markdown_table  # noqa: E402
+from reference import mixture_reading  # noqa: E402
+from tilt import DEFENSIVE, FIT_THRESHOLD, REL, THRESHOLDS, event_row, open_reference, reference_arguments  # noqa: E402
 
 WORDS = HERE / "data" / "profanity-words.txt"
 VERSION = 1
@@ -52,7 +51,7 @@ VERSION = 1
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    reference_arguments(parser)
+    reference_arguments(parser, "/tmp/tailmon-bench-lorahits", "lora_hits.json")
     parser.add_argument("--n", type=int, default=400, help="samples per pool")
     parser.add_argument("--repeats", type=int, default=3, help="independent pools per proposal")
     parser.add_argument("--returns", default="4,8", help="K of the return-to-target pools ('' for none)")
@@ -61,18 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl", type=float, default=0.25)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--words", type=Path, default=WORDS)
     parser.add_argument("--only-fit", action="store_true", help="fit the adapter (timed) and stop")
-    parser.add_argument("--reference-work", type=Path, default=REFERENCE_WORK)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tailmon-bench-lorahits"))
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "lora_hits.json")
     args = parser.parse_args(argv)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if one_torch_thread() != 1:
-        raise SystemExit("torch must run on one thread here")
-    ref = load_reference(args.reference_work, args.prompt, args.max_new_tokens, args.seed, args.reference, args.chunk)
-    half = args.reference // 2
+    ref, half = open_reference(args)
     tox_fit, tox_ref = ref["toxicity"][:half], ref["toxicity"][half:]
     returns = [int(k) for k in args.returns.split(",") if k.strip()]
 

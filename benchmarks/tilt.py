@@ -72,26 +72,22 @@ def event_row(log_w: np.ndarray, h: np.ndarray, drawn: np.ndarray, p_ref: float,
             "ratio": n_mc / n_is if n_is else None}
 
 
-def reference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that name the brute-force reference (reference.py's cells) a benchmark reads."""
+def reference_arguments(parser: argparse.ArgumentParser, work: str, out: str) -> None:
+    """The options of a benchmark read against a brute-force reference: which reference
+    (reference.py's cells or its archive), the seed, the work folder and the results file."""
     parser.add_argument("--prompt", default="P2", choices=sorted(PROMPTS))
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--reference", type=int, default=30000)
     parser.add_argument("--chunk", type=int, default=1000)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    reference_arguments(parser)
-    parser.add_argument("--n", type=int, default=500, help="samples per pool")
-    parser.add_argument("--pilot", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ideal-hits", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference-work", type=Path, default=REFERENCE_WORK)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tailmon-bench-tilt"))
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "tilt.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / out)
+
+
+def open_reference(args) -> tuple[dict, int]:
+    """No hub, torch on one thread, then the reference `reference_arguments` named and the index
+    that splits it: the first half may fit a proposal, p_ref and readings come from the second."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     if one_torch_thread() != 1:
         raise SystemExit("torch must run on one thread here")
@@ -101,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         raise SystemExit(f"no complete reference under {args.reference_work}: run benchmarks/reference.py --prompt "
                          f"{args.prompt} --max-new-tokens {args.max_new_tokens} --n {args.reference} first")
-    half = args.reference // 2
+    return ref, args.reference // 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    reference_arguments(parser, "/tmp/tailmon-bench-tilt", "tilt.json")
+    parser.add_argument("--n", type=int, default=500, help="samples per pool")
+    parser.add_argument("--pilot", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ideal-hits", type=int, default=150)
+    args = parser.parse_args(argv)
+    ref, half = open_reference(args)
     tox_fit, tox_ref = ref["toxicity"][:half], ref["toxicity"][half:]
 
     from tailmon.engines.base import Decoding, Variant
