@@ -654,15 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     run = Run("efficiency", "efficiency: samples IS and MC need for 30% relative error on exactly computed prefix "
               "probabilities 1e-2..1e-7, per proposal", seed=args.seed, settings=settings)
-    if one_torch_thread() != 1:
-        raise SystemExit("torch must run on one thread here")
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "pools").mkdir(exist_ok=True)
-    cells = Cells(args.work)
-    stage = {}
-
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.errors import InputError
     from tailmon.judges import parse_judge
     from tailmon.estimation.pipeline import EstimationPlan
@@ -670,17 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     from tailmon.proposals.sampling import derive_seed
     from tailmon.proposals.tuning import tune
 
-    t0 = time.perf_counter()
-    direction = build_direction(args.work, prompts_data)
-    temps = sorted({e["temperature"] for e in events}, reverse=True)
-    loras = {t: build_lora(args.work, LORA_WORD, prompts_data, t, LORA_TOKENS, args.lora_steps, args.seed)
-             for t in temps}
-    stage["artefacts"] = time.perf_counter() - t0
-    engine = TransformersEngine.load(None)
-
-    def specs_for(t: float) -> dict:
-        return {"system": f"system:{spec['system_prompt']}", "temperature": f"temperature:{args.hot:g}",
-                "lora": f"lora:{loras[t]}", "steer": f"steer:{direction}@{args.steer_coef:g}"}
+    cells, stage, engine, direction, loras, specs_for = prepare(args, spec, prompts_data, events)
 
     def target_of(ev, max_new=None) -> Variant:
         return Variant("target", Decoding(temperature=ev["temperature"], max_new_tokens=max_new or ev["max_new_tokens"]))
@@ -934,11 +916,33 @@ reliable (importance_sampling's flag); hit_log10_weight_range and hit_weight_cv:
 pool_budgets[]: disjoint chunks as efficiency.json's."""
 
 
+def prepare(args, spec: dict, prompts_data: dict, events: list[dict]):
+    """What both modes need before their cells: torch on one thread, the work folder and its cells,
+    the timing stages, the steering direction and one LoRA per deployed temperature (built once
+    under --work), the engine, and each temperature's four proposal specs (`specs_for`)."""
+    from tailmon.engines.transformers_engine import TransformersEngine
+
+    if one_torch_thread() != 1:
+        raise SystemExit("torch must run on one thread here")
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "pools").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    direction = build_direction(args.work, prompts_data)
+    loras = {t: build_lora(args.work, LORA_WORD, prompts_data, t, LORA_TOKENS, args.lora_steps, args.seed)
+             for t in sorted({e["temperature"] for e in events}, reverse=True)}
+    stage = {"artefacts": time.perf_counter() - t0}
+    engine = TransformersEngine.load(None)
+
+    def specs_for(t: float) -> dict:
+        return {"system": f"system:{spec['system_prompt']}", "temperature": f"temperature:{args.hot:g}",
+                "lora": f"lora:{loras[t]}", "steer": f"steer:{direction}@{args.steer_coef:g}"}
+    return Cells(args.work), stage, engine, direction, loras, specs_for
+
+
 def run_returns(args, spec: dict, prompts_data: dict, events: list[dict]) -> int:
     """Exact n_IS at `--max-new-tokens` with every proposal as `return:K:SPEC`, next to the recorded
     cut-at-m figures, and production pools at that length as the check."""
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.errors import InputError
     from tailmon.estimation.pipeline import EstimationPlan
     from tailmon.judges import parse_judge
@@ -981,23 +985,7 @@ def run_returns(args, spec: dict, prompts_data: dict, events: list[dict]) -> int
     run = Run("efficiency_returns", f"efficiency at {n_tok}-token responses, every proposal returning to the target "
               "after the event's own token count: exact n_IS next to the cut-at-m figures, production pools as the check",
               seed=args.seed, settings=settings)
-    if one_torch_thread() != 1:
-        raise SystemExit("torch must run on one thread here")
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "pools").mkdir(exist_ok=True)
-    cells = Cells(args.work)
-    stage = {}
-
-    t0 = time.perf_counter()
-    direction = build_direction(args.work, prompts_data)
-    loras = {t: build_lora(args.work, LORA_WORD, prompts_data, t, LORA_TOKENS, args.lora_steps, args.seed)
-             for t in sorted({e["temperature"] for e in events}, reverse=True)}
-    stage["artefacts"] = time.perf_counter() - t0
-    engine = TransformersEngine.load(None)
-
-    def specs_for(t: float) -> dict:
-        return {"system": f"system:{spec['system_prompt']}", "temperature": f"temperature:{args.hot:g}",
-                "lora": f"lora:{loras[t]}", "steer": f"steer:{direction}@{args.steer_coef:g}"}
+    cells, stage, engine, direction, loras, specs_for = prepare(args, spec, prompts_data, events)
 
     def target_of(ev) -> Variant:
         return Variant("target", Decoding(temperature=ev["temperature"], max_new_tokens=n_tok))
