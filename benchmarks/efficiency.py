@@ -17,7 +17,8 @@ depend on (one sensitivity row measures what that does, at 16 tokens). The proba
 event was computed exactly with `tailmon.engines.exact.prefix_probability` (every tokenisation,
 processed log-probs); the events were chosen by a small search with it (described in the data
 file), about one per decade from 1e-2 to 1e-7, both temperatures, and are stored with their exact
-p so that a run does not redo the search (a run re-derives p and stops if it differs).
+p so that a run does not redo the search (a run re-derives p and stops if it differs by more than
+the float32 round-off between CPUs, 2e-4 relative).
 
 **Proposals**, each mixed with the target at the pipeline's defensive share 0.1 (every weight <= 10):
 * `system`: ONE generic affirmative-jailbreak system prompt for every event,
@@ -695,7 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[exact] {ev['id']}: p={q[0]:.4e} (stored {ev['exact_p']:.4e}, rel diff {rel:.1e}), q "
               f"{'/'.join(COLUMNS[1:])} = {', '.join(f'{x:.2e}' for x in q[1:])}, {len(logq)} paths, "
               f"early share {early / q[0]:.1e} ({res['seconds']} s)", flush=True)
-        if rel > 1e-6:
+        # float32 round-off differs between CPUs: the stored p (an AMD EPYC) and this enumeration
+        # on an Intel Xeon differ by up to 5.5e-5 relative; a changed model moves p far more.
+        if rel > 2e-4:
             raise SystemExit(f"event {ev['id']}: enumerated p {q[0]:.6e} differs from the stored exact p "
                              f"{ev['exact_p']:.6e}: the model or tailmon changed; redo the search")
     stage["enumeration"] = time.perf_counter() - t0
