@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             est = rep["estimates"][0]
             comps = rep["components"]
             shares = np.array([c["share"] for c in comps])
-            lf = np.array([[0.0] * len(hits) if c["label"] == "target" else log_f(c["label"], folder, row["state_before"])
-                           for c in comps]).T  # (hits, components)
+            lf = np.array([np.zeros(len(hits)) if c["label"] == "target"
+                           else log_f(c["label"], folder, row["state_before"]) for c in comps]).T  # (hits, components)
             update = (rep.get("adaptive") or {}).get("update") or {}
             base = {"judge": f"toxicity>={thr}", "series": s, "run": row["run"], "seconds": row["seconds"],
                     "generation": rep["adaptive"]["generation"], "components": [c["label"][:60] for c in comps],

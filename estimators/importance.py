@@ -249,7 +249,8 @@ def spread_allowance(spread: float | None, hits: float, confidence: float = 0.95
     sample holds; when the harmful samples' log-weights spread widely, the largest weights carry
     much of the mean and a run that lacks them has both a small mean and a small spread s. Read
     the hits' log-weights as normal with sd sigma: the mean of w is then exp(mu + sigma^2 / 2),
-    and the sample's spread s only bounds sigma from below up to chance. s_up is the upper confidence limit of sigma at the interval's own one-sided level,
+    and the sample's spread s only bounds sigma from below up to chance. s_up is the upper
+    confidence limit of sigma at the interval's own one-sided level,
     s sqrt((k - 1) / chi2_{alpha}(k - 1)) over k effective hits (the chi-square law of a normal
     sample's variance); the factor is how much larger the mean of the weights would be at spread
     s_up than at s with the same median. No free constant: the level is the interval's.
