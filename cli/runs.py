@@ -144,7 +144,8 @@ def _adaptive_lines(a: dict) -> str:
     """What an adaptive monitor's run drew with, and what it learnt after."""
     adapter = f"adapter {a['adapter']}" if a.get("adapter") else "no adapter yet"
     tilt = f", tilt {a['tilt']}" if a.get("tilt") else ""
-    lines = [f"adaptive proposal: generation {a['generation']}, {adapter}{tilt}"
+    share = f", target share {a['target_share']:g}" if a.get("target_share") is not None else ""
+    lines = [f"adaptive proposal: generation {a['generation']}, {adapter}{tilt}{share}"
              + (" (trained on another checkpoint)" if a.get("checkpoint_changed") else "")]
     update = a.get("update")
     if update:

@@ -65,25 +65,27 @@ def adaptive_start_specs(mon: EstimationSettings, prompts: Sequence[PromptItem])
 
 def plan_for_monitor(mon: EstimationSettings, seed: int, prompts: Sequence[PromptItem] = (), *,
                      model: ModelConfig | None = None, judge: Judge | None = None,
-                     mixture: tuple[Sequence[str], Sequence[float]] | None = None) -> EstimationPlan:
+                     mixture: tuple[Sequence[str], Sequence[float], float] | None = None) -> EstimationPlan:
     """The EstimationPlan of one run of a monitor on `prompts`.
 
     `model` replaces the monitor's model settings (a candidate checkpoint, another deployed
     system prompt); `judge` is an already built judge for `mon.judge`, else it is parsed here. A
     monitor with method `is` and no proposals gets the shipped library's adversarial system
-    prompts for the categories of `prompts`, as a daemon run does. `mixture` (proposal specs and
-    their relative weights) replaces the monitor's proposals: an adaptive monitor's learnt mixture.
+    prompts for the categories of `prompts`, as a daemon run does. `mixture` (proposal specs, their
+    relative weights and the target's share) replaces the monitor's proposals and defensive share:
+    an adaptive monitor's learnt mixture.
     """
     specs = [p.spec for p in mon.proposals]
     weights = [p.weight for p in mon.proposals] or None
-    if mixture is not None:
-        specs, weights = list(mixture[0]), list(mixture[1])
-    elif mon.estimator.method == "is" and not specs:
-        specs, weights = default_proposals({p.category for p in prompts}), None
     est = mon.estimator
+    defensive = est.defensive
+    if mixture is not None:
+        specs, weights, defensive = list(mixture[0]), list(mixture[1]), float(mixture[2])
+    elif est.method == "is" and not specs:
+        specs, weights = default_proposals({p.category for p in prompts}), None
     window = headline_window(mon)
     return build_plan((model or mon.model).target(), judge if judge is not None else mon.judge, specs,
-                      method=est.method, weights=weights, defensive=est.defensive, samples=est.samples, seed=seed,
+                      method=est.method, weights=weights, defensive=defensive, samples=est.samples, seed=seed,
                       confidence=est.confidence,
                       volume=None if mon.volume is None else scale_volume(mon.volume.per_day, window), window=window,
                       rescore_samples=est.rescore_samples, rescore_tolerance=est.rescore_tolerance)

@@ -293,8 +293,8 @@ class Daemon:
             timings["prompts_s"] = time.time() - t
             learner = self._learner(mon)
             mixture = None if learner is None else learner.mixture(
-                adaptive_start_specs(mon, prompts), model_fingerprint=fingerprint, model_version=version,
-                run_id=run_id)
+                adaptive_start_specs(mon, prompts), defensive=mon.estimator.defensive, model_fingerprint=fingerprint,
+                model_version=version, run_id=run_id)
             plan = self._plan(mon, seed, prompts, mixture)
             attach_adapter_warnings(engine, plan)
             t = time.time()
@@ -449,7 +449,7 @@ class Daemon:
 
     def _plan(self, mon: MonitorConfig, seed: int, prompts, mixture=None):
         return plan_for_monitor(mon, seed, prompts, judge=self._judge(mon.judge),
-                                mixture=None if mixture is None else (mixture.specs, mixture.weights))
+                                mixture=None if mixture is None else (mixture.specs, mixture.weights, mixture.defensive))
 
     def _learner(self, mon: MonitorConfig) -> AdaptiveLearner | None:
         """An adaptive monitor's learnt state, read afresh for every run (so a restart changes nothing)."""
@@ -465,7 +465,7 @@ class Daemon:
         plan = report.plan
         try:
             record = learner.update(engine, plan.target, plan.components, report.results, seed=seed,
-                                    time_budget_s=mon.adaptive.time_share * timings.get("estimate_s", 0.0),
+                                    defensive=mon.estimator.defensive, time_budget_s=mon.adaptive.time_share * timings.get("estimate_s", 0.0),
                                     judge=plan.judge, run_id=run_id, model_fingerprint=fingerprint,
                                     model_version=version)
         except Exception as exc:

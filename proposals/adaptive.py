@@ -25,7 +25,8 @@ After the run, `AdaptiveLearner.update` learns from the run's weighted samples:
    starting components carry very unequal weights, and an exact fit would copy the few heavy
    ones; once a tilt draws, the weights are even enough to use as they are.
 3. **Weights.** Every sample of the run is scored under the new adapter and the new tilt; the relative mixture
-   weights are tuned by coordinate descent over a grid on the fit half, minimising the estimated
+   weights and the target's own share (from the monitor's `defensive` share, its floor, up to
+   0.9: `TARGET_SHARES`) are tuned by coordinate descent over grids on the fit half, minimising the estimated
    variance of the estimate (the formulas of `tailmon.proposals.tuning`: any candidate mixture's
    variance is estimated from the run's samples by reweighting, since every sample has its
    log-prob under every component), for each candidate: the run's own components (new weights
@@ -38,7 +39,7 @@ After the run, `AdaptiveLearner.update` learns from the run's weighted samples:
    samples. Otherwise nothing changes (the candidate adapter and tilt are deleted).
 
 **State** lives in a folder per monitor: `state.json` (format tailmon-adaptive/1: generation, the
-current adapter's folder and tilt file, the weights by component, the checkpoints the adapter was
+current adapter's folder and tilt file, the weights by component, the target's share, the checkpoints the adapter was
 trained and the tilt fitted on, the history of updates and of checkpoint changes),
 `adapters/gen-NNNN/` (peft adapters with their `tailmon_lora.json` provenance) and
 `tilts/gen-NNNN.json` (tilt files, their provenance inside). It is written atomically after each update, so a restarted
@@ -99,6 +100,11 @@ HISTORY_KEPT = 100
 # back; an adapter or a tilt may (the new one is then not adopted, or the old one retires).
 BASE_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 ADAPTER_GRID = (0.0,) + BASE_GRID
+# Shares the target itself may take above the monitor's `defensive` share (its floor). On an event
+# no component finds, the proposals only dilute the target's own draws (variance near P/a0, 1/a0
+# times Monte Carlo's): raising a0 bounds the loss. Never 1: the proposals keep a tenth of the
+# draws, so later runs can still find hits, learn and lower it again.
+TARGET_SHARES = (0.25, 0.5, 0.75, 0.9)
 SWEEPS = 3
 
 _SPLIT, _FIT, _INIT = 21, 22, 23  # seed tags
@@ -151,6 +157,9 @@ class AdaptiveMixture:
 
     specs: list[str]
     weights: list[float]
+    """Relative weights of `specs` in what the target's share leaves."""
+    defensive: float
+    """The target's share: the monitor's `defensive` share, or the higher one learnt."""
     record: dict
     """generation, adapter (folder and sha256), tilt (file and sha256), weights by component, the
     checkpoint the adapter was trained on and whether it changed since: stored with the run
@@ -206,7 +215,7 @@ class AdaptiveLearner:
 
     def _load(self) -> dict:
         path = self.folder / STATE_FILE
-        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "tilt": None, "weights": {}, "model": None,
+        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "tilt": None, "weights": {}, "target_share": None, "model": None,
                  "tilt_model": None, "history": [], "checkpoint_changes": []}
         if not path.is_file():
             return fresh
@@ -258,10 +267,11 @@ class AdaptiveLearner:
 
     # -- before a run ---------------------------------------------------------------------------
 
-    def mixture(self, base_specs: Sequence[str], *, model_fingerprint: str | None = None,
+    def mixture(self, base_specs: Sequence[str], *, defensive: float = 0.1, model_fingerprint: str | None = None,
                 model_version: int | None = None, run_id: int | None = None) -> AdaptiveMixture:
-        """The next run's proposal specs and relative weights: the starting components with their
-        learnt weights (1 for one not seen yet) and the current adapter and tilt, if any."""
+        """The next run's proposal specs, relative weights and target share: the starting
+        components with their learnt weights (1 for one not seen yet), the current adapter and
+        tilt, if any, and the learnt target share, never below the monitor's `defensive`."""
         base = list(dict.fromkeys(base_specs))
         if not base and self.adapter_spec is None and self.tilt_spec is None:
             raise InputError("an adaptive monitor needs starting proposals until it has learnt an adapter or a tilt")
@@ -279,6 +289,7 @@ class AdaptiveLearner:
                              "from_version": trained_on.get("version"), "to": model_fingerprint,
                              "to_version": model_version, "generation": self.generation})
                 self._save()
+        share = max(float(defensive), float(self.state.get("target_share") or 0.0))
         record = {
             "generation": self.generation,
             "state_dir": str(self.folder),
@@ -287,30 +298,35 @@ class AdaptiveLearner:
             "tilt": self.tilt_path,
             "tilt_sha256": _sha256(Path(self.tilt_path)) if self.tilt_path else None,
             "weights": {self._key(s): w for s, w in zip(specs, weights)},
+            "target_share": share,
             "adapter_trained_on": trained_on,
             "tilt_fitted_on": self.state.get("tilt_model"),
             "checkpoint_changed": changed,
         }
-        return AdaptiveMixture(specs, weights, record)
+        return AdaptiveMixture(specs, weights, share, record)
 
     # -- after a run ----------------------------------------------------------------------------
 
     def update(self, engine, target: Variant, components: Sequence, results: Sequence, *, seed: int,
-               time_budget_s: float | None = None, judge: Judge | str | None = None, run_id: int | None = None,
-               model_fingerprint: str | None = None, model_version: int | None = None) -> dict:
+               defensive: float | None = None, time_budget_s: float | None = None, judge: Judge | str | None = None,
+               run_id: int | None = None, model_fingerprint: str | None = None,
+               model_version: int | None = None) -> dict:
         """Learn from one run's samples (see the module docstring); returns the update's record,
         which is also appended to the state's history.
 
         `components` are the run's mixture components (label, variant, share; component 0 the
         target), `results` its per-prompt results (prompt.text, token_ids, logq, shares,
-        component, scores): what the estimation pipeline returns. `judge` is the run's judge (its
-        words are the tilt's candidate tokens) or its spec.
+        component, scores): what the estimation pipeline returns. `defensive` is the monitor's
+        target share, the floor of the learnt one (None: the run's own target share). `judge` is
+        the run's judge (its words are the tilt's candidate tokens) or its spec.
         """
         t0 = time.monotonic()
         if isinstance(judge, str):
             judge = parse_judge(judge)
         labels = [c.label for c in components]
         a0 = float(components[0].share)
+        floor = a0 if defensive is None else min(float(defensive), a0)
+        shares = tuple(sorted({floor, a0, *(s for s in TARGET_SHARES if s > floor)}))
         keys = [self._key(lab) for lab in labels]
         record = {"run_id": run_id, "at": _now(), "generation_before": self.generation, "adopted": False}
         if any(r.logq is None for r in results) or len(labels) < 2:
@@ -364,11 +380,12 @@ class AdaptiveLearner:
             name = " and ".join(f"new {kind}" for kind, use in zip(LEARNT, swap) if use) or "weights only"
             slots = [(j, ADAPTER_GRID if j >= cols or keys[j] in LEARNT else BASE_GRID)
                      for j in start if j not in pinned]
-            candidates.append((name, start, slots))
+            candidates.append((name, start, a0, slots))
         # The fit half flatters the components fitted to it; the held-out half decides.
         fit_info = [h for h in fit if h.hits]
         if fit_info:
-            candidates = [(name, self._descend(fit_info, slots, start, a0), slots) for name, start, slots in candidates]
+            candidates = [(name, *self._descend(fit_info, slots, start, a0, shares), slots)
+                          for name, start, _, slots in candidates]
 
         # 3. adoption on the held-out half
         held_info = [h for h in held if h.hits]
@@ -376,19 +393,20 @@ class AdaptiveLearner:
         run_alphas = [float(c.share) for c in components[1:]]
         base_var, base_ess = _objective(held_info, [0] + run_cols, [a0] + run_alphas)
         scored = []
-        for name, cand, _ in candidates:
+        for name, cand, share, _ in candidates:
             on = {j: w for j, w in cand.items() if w > 0}
-            scored.append((*_objective(held_info, [0] + list(on), [a0] + _alphas(on, a0)), on, name))
+            scored.append((*_objective(held_info, [0] + list(on), [share] + _alphas(on, share)), on, share, name))
         # NaN (no held-out hits) sorts as it comes: the first candidate, never adopted below
-        new_var, new_ess, chosen, name = min(scored, key=lambda t: (math.inf if math.isnan(t[0]) else t[0]))
+        new_var, new_ess, chosen, share, name = min(scored, key=lambda t: (math.inf if math.isnan(t[0]) else t[0]))
         record["held_out"] = {"prompts_with_hits": len(held_info), "variance_before": _finite(base_var),
                               "variance_after": _finite(new_var), "ess_wh_per_sample_before": _finite(base_ess),
                               "ess_wh_per_sample_after": _finite(new_ess),
-                              "candidates": {n: _finite(v) for v, _, _, n in scored}}
+                              "candidates": {n: _finite(v) for v, _, _, _, n in scored}}
         column_names = {j: f"new {kind}" for kind, (j, _) in new.items()}
         record["candidate"] = name
         record["candidate_weights"] = {column_names[j] if j in column_names else keys[j]: w
                                       for j, w in chosen.items()}
+        record["target_share_before"], record["candidate_target_share"] = a0, share
         if not held_info:
             reason = "no harmful sample among the held-out samples: the update cannot be judged, not adopted"
         elif not new_var < base_var:
@@ -396,7 +414,7 @@ class AdaptiveLearner:
         else:
             record["adopted"] = True
             reason = f"adopted ({name}): lower variance estimated on the held-out samples"
-            self._adopt(chosen, keys, new, model_fingerprint, model_version)
+            self._adopt(chosen, share, keys, new, model_fingerprint, model_version)
         self._prune()  # also deletes the candidate adapter and tilt when they were not adopted
         record["seconds"] = round(time.monotonic() - t0, 3)
         return self._finish(record, reason)
@@ -508,30 +526,33 @@ class AdaptiveLearner:
         return path, {**info, "fitted": True, "file": str(path), "tokens": int(fitted.token_ids.size),
                       "top": [[t, b] for t, b in top]}
 
-    def _descend(self, halves, slots, start: dict, a0: float) -> dict:
-        """Coordinate descent over the weight grids from `start`, on the halves' estimated variance."""
-        best = dict(start)
-        best_var, _ = _objective(halves, [0] + [j for j, w in best.items() if w > 0], [a0] + _alphas(best, a0))
+    def _descend(self, halves, slots, start: dict, a0: float, shares: Sequence[float]) -> tuple[dict, float]:
+        """Coordinate descent over the weight grids from `start` and over the target's `shares`
+        from `a0`, on the halves' estimated variance: (weights, target share)."""
+
+        def variance(weights: dict, share: float) -> float:
+            on = {i: w for i, w in weights.items() if w > 0}
+            return _objective(halves, [0] + list(on), [share] + _alphas(on, share))[0]
+
+        best, best_a0 = dict(start), a0
+        best_var = variance(best, best_a0)
         for _ in range(SWEEPS):
             moved = False
-            for j, grid in slots:
+            for j, grid in [*slots, (None, shares)]:  # None: the target's share
                 for value in grid:
-                    if value == best[j]:
+                    trial, trial_a0 = (best, value) if j is None else ({**best, j: value}, best_a0)
+                    if value == (best_a0 if j is None else best[j]) or not any(w > 0 for w in trial.values()):
                         continue
-                    trial = {**best, j: value}
-                    if not any(w > 0 for w in trial.values()):
-                        continue
-                    on = {i: w for i, w in trial.items() if w > 0}
-                    var, _ = _objective(halves, [0] + list(on), [a0] + _alphas(on, a0))
+                    var = variance(trial, trial_a0)
                     if var < best_var:
-                        best, best_var, moved = trial, var, True
+                        best, best_a0, best_var, moved = trial, trial_a0, var, True
             if not moved:
                 break
-        return best
+        return best, best_a0
 
-    def _adopt(self, chosen: dict, keys: list[str], new: dict, fingerprint, version) -> None:
-        """Make the chosen candidate the state: its weights, and for the adapter and the tilt the
-        new one, the current one, or none (a learnt component at weight 0 retires)."""
+    def _adopt(self, chosen: dict, share: float, keys: list[str], new: dict, fingerprint, version) -> None:
+        """Make the chosen candidate the state: its weights, its target share, and for the adapter
+        and the tilt the new one, the current one, or none (a learnt component at weight 0 retires)."""
         new_at = {j: (kind, path) for kind, (j, path) in new.items()}
         weights, files = {}, {kind: None for kind in LEARNT}
         for j, w in chosen.items():
@@ -546,6 +567,7 @@ class AdaptiveLearner:
         # Starting components not in this run (other categories) keep what they had learnt.
         kept = {k: w for k, w in self.state["weights"].items() if k not in keys and k not in LEARNT}
         self.state["weights"] = {**kept, **weights}
+        self.state["target_share"] = float(share)
         checkpoint = {"fingerprint": fingerprint, "version": version}
         for kind, model_key in ((ADAPTER_KEY, "model"), (TILT_KEY, "tilt_model")):
             if files[kind] is None:

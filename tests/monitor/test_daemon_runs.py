@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import logging
 import shutil
 import time
@@ -140,7 +142,18 @@ def test_a_monitor_without_proposals_is_adaptive_and_starts_from_the_library(tmp
     assert labels == ["target"] + default_proposals({"x", "y"}) + ["temperature:1.5"]
     assert labels[1].startswith("system:")
     assert outcome.result.to_dict()["adaptive"]["generation"] == 0
-    assert (tmp_path / "state" / "adaptive" / "tiny" / "state.json").is_file()
+    state_file = tmp_path / "state" / "adaptive" / "tiny" / "state.json"
+    assert state_file.is_file()
+
+    # A learnt target share (as an update adopts one) is the next run's, never below the config's
+    # `defensive` (0.2 here). Catches: the daemon drawing at the configured share whatever was learnt.
+    for learnt, used in ((0.5, 0.5), (0.1, 0.2)):
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "target_share": learnt}))
+        [outcome] = new_daemon(write_config(tmp_path, model_copy, proposals=[])).run_once()
+        assert outcome.status == "succeeded", outcome.error
+        assert outcome.result.report.plan.components[0].share == used
+        assert outcome.result.to_dict()["adaptive"]["target_share"] == used
 
     fixed = tmp_path / "fixed"
     fixed.mkdir()
@@ -185,12 +198,14 @@ def test_an_adaptive_monitor_learns_across_restarts(tmp_path, model_copy):
         if used[2][key]:
             assert used[2][key].startswith(str(tmp_path / "learnt" / folder))
             assert used[2][f"{key}_sha256"] and key in used[2]["weights"]
-    # the shares the run drew with are the recorded weights, normalised in what the defensive share leaves
+    # the shares the run drew with are the recorded weights, normalised in what the target's
+    # recorded share (the defensive 0.2, or a higher one learnt) leaves
     weights = used[2]["weights"]
     total = sum(weights.values())
+    assert third["components"][0]["share"] == used[2]["target_share"] >= 0.2
     for c in third["components"][1:]:
         key = {"lora": "adapter", "tilt": "tilt"}.get(c["label"].split(":", 1)[0], c["label"])
-        assert c["share"] == pytest.approx(0.8 * weights[key] / total)
+        assert c["share"] == pytest.approx((1 - used[2]["target_share"]) * weights[key] / total)
     # `tailmon runs show` says it too
     from click.testing import CliRunner
 

@@ -28,6 +28,7 @@ PROMPT = "ab"
 JUDGE = "regex: is"
 TARGET = Variant("target", Decoding(temperature=0.5, max_new_tokens=2))
 START = ["temperature:1.5"]
+DEFENSIVE = 0.1
 SETTINGS = AdaptiveSettings(steps=20, lr=0.01, rank=4, alpha=8, batch_size=16)
 N = 200
 REPEATS, RUNS = 25, 3
@@ -35,9 +36,13 @@ REPEATS, RUNS = 25, 3
 
 @pytest.fixture(scope="module")
 def exact(tiny_engine, enumerate_all):
+    return exact_event(tiny_engine, enumerate_all, JUDGE)
+
+
+def exact_event(tiny_engine, enumerate_all, spec):
     """Every response the target can give (the untruncated support), its p and its score h."""
     seqs, _ = enumerate_all(tiny_engine, PROMPT, Variant("all", Decoding(max_new_tokens=2)))
-    judge = parse_judge(JUDGE)
+    judge = parse_judge(spec)
     h = judge.score([PROMPT] * len(seqs), [tiny_engine.decode(s) for s in seqs])
     p = np.exp(tiny_engine.score(PROMPT, TARGET, seqs))
     return seqs, p, h
@@ -55,16 +60,17 @@ def exact_sd(engine, plan, exact) -> float:
     return math.sqrt(var) / plan.n_samples
 
 
-def one_run(engine, learner, seed, judge, exact=None):
-    """A run as the daemon makes it: the mixture fixed from the state, estimate, then learn.
-    With `exact`, also the exact sd of the run's plan (computed before the update, which may
-    retire the run's tilt file)."""
-    mix = learner.mixture(START)
+def one_run(engine, learner, seed, judge, exact=None, start=START, n=N):
+    """A run as the daemon makes it: the mixture (and the target's share, never below the
+    monitor's DEFENSIVE) fixed from the state, estimate, then learn. With `exact`, also the exact
+    sd of the run's plan (computed before the update, which may retire the run's tilt file)."""
+    mix = learner.mixture(start, defensive=DEFENSIVE)
     plan = EstimationPlan(target=TARGET, judge=judge, proposals=[parse_proposal(s) for s in mix.specs],
-                          weights=mix.weights, defensive=0.1, n_samples=N, seed=seed)
+                          weights=mix.weights, defensive=mix.defensive, n_samples=n, seed=seed)
     report = run_estimation(engine, plan, [PromptItem(PROMPT)])
     sd = None if exact is None else exact_sd(engine, plan, exact)
-    record = learner.update(engine, TARGET, plan.components, report.results, seed=seed, judge=judge)
+    record = learner.update(engine, TARGET, plan.components, report.results, seed=seed, defensive=DEFENSIVE,
+                            judge=judge)
     return mix, plan, report.results[0].estimate, record, sd
 
 
@@ -132,7 +138,8 @@ def test_the_variance_falls_over_runs(sequences):
     repeat. With adapters only (before tilts were learnt) the run-3 variance ratio had median
     0.20 (0.04 .. 1.44), 20 of 25 repeats lower. With the learnt tilt (" is" is the event's
     decisive token, which a tilt raises without touching the rest of the reply): median 0.029
-    (0.020 .. 0.35), all 25 repeats lower and at generation >= 1. The assertions leave a margin
+    (0.020 .. 0.35), all 25 repeats lower and at generation >= 1; with the learnt target share
+    (never raised here: the start finds the hits) median 0.027 (0.017 .. 0.11), all 25 lower. The assertions leave a margin
     from these and from the adapter-only figures (median 0.20): the median below 0.1 and at least
     90% of the repeats lower at run 3.
     """
@@ -227,7 +234,7 @@ def test_tilts_are_learnt_adopted_on_a_lower_held_out_variance_and_recorded(sequ
     fitted = [r for r in records if r.get("tilt", {}).get("fitted")]
     assert fitted and all(r["tilt"]["temper"] in (0.5, 1.0) for r in fitted)
     with_tilt = [r for r in records if r["adopted"] and "new tilt" in r["candidate"]]
-    # measured with these seeds: 71 of 75 records fit a tilt, 41 of the 67 adopted updates take it
+    # measured with these seeds: 74 of 75 records fit a tilt, 40 of the 66 adopted updates take it
     assert len(with_tilt) >= 10
     for r in with_tilt:
         held = r["held_out"]
@@ -244,3 +251,53 @@ def test_tilts_are_learnt_adopted_on_a_lower_held_out_variance_and_recorded(sequ
                 assert mix["weights"][TILT_KEY] == rec["candidate_weights"]["new tilt"] > 0
     assert followed
     assert any(r.get("tilt", {}).get("fitted") and r["tilt"]["temper"] == 1.0 for r in records)
+
+
+# A starting component that misses the event: temperature 0.25 gives "!", "," "assistant" or
+# "cannot" (P = 0.111 under the target) probability 0.0118, so at the target's share 0.1 a hit
+# weighs about 1 / (0.1 + 0.9 x 0.106) = 5 and the first run's variance is 6.0x Monte Carlo's.
+MISS_JUDGE, MISS_START, MISS_N, MISS_REPEATS = "regex:!|,|assistant|cannot", ["temperature:0.25"], 400, 8
+
+
+def test_the_target_share_rises_where_the_start_misses_and_falls_once_learnt(make_tiny_engine, enumerate_all,
+                                                                             tiny_engine, tmp_path):
+    """On an event the starting component misses, the proposals only dilute the target's own
+    draws: the first update may raise the target's share (its grid from DEFENSIVE up to 0.9), the
+    next run draws with it, and once a learnt adapter or tilt finds the hits the share comes down.
+
+    Catches: the share not among the candidates (measured with TARGET_SHARES emptied: no record
+    raises it, and the second runs' exact variances reach 3.8x and 2.3x Monte Carlo's), a learnt
+    share not used by the next run's plan, and a ratchet (the floor left out of the grid: no share
+    ever comes back down).
+
+    Measured with these seeds: 7 of 8 first updates adopted, 6 of them with a share of 0.75 or
+    0.9; 6 of those came back to 0.1 by the fourth run. The assertions: at least a quarter of the
+    first updates raise the share, every run drawn at a raised share a0 has an exact variance
+    within the bound that share guarantees, (1/a0 - P) / (1 - P) times Monte Carlo's (w <= 1/a0),
+    and at least one share comes back down to DEFENSIVE. Every run's mixture, its share included,
+    is fixed before its draws, so each run is unbiased: the sum of the 32 z's (exact sd of each
+    run's own plan) is within 4 sd of 0, as in test_every_run_is_unbiased."""
+    seqs, p, h = exact = exact_event(tiny_engine, enumerate_all, MISS_JUDGE)
+    P = float(p @ h)
+    judge = parse_judge(MISS_JUDGE)
+    mc_var = P * (1 - P) / MISS_N
+    raised, lowered, z = 0, 0, []
+    for r in range(MISS_REPEATS):
+        engine = make_tiny_engine()
+        learner = AdaptiveLearner(tmp_path / f"miss-{r}", SETTINGS)
+        shares = []
+        for k in range(4):
+            mix, plan, est, record, sd = one_run(engine, learner, 1000 * r + k, judge, exact, MISS_START, MISS_N)
+            z.append((est.p_hat - P) / sd)
+            assert plan.components[0].share == mix.defensive == mix.record["target_share"] >= DEFENSIVE
+            if k == 0:
+                assert mix.defensive == DEFENSIVE and sd ** 2 / mc_var > 5  # the start misses
+                raised += record["adopted"] and record["candidate_target_share"] > DEFENSIVE
+            if mix.defensive > DEFENSIVE:
+                bound = (1 / mix.defensive - P) / (1 - P)
+                assert sd ** 2 / mc_var <= bound * (1 + 1e-9), (r, k, mix.defensive, sd ** 2 / mc_var)
+            shares.append(mix.defensive)
+        lowered += any(a > DEFENSIVE for a in shares) and shares[-1] == DEFENSIVE
+    assert raised >= MISS_REPEATS // 4, raised
+    assert lowered >= 1
+    assert abs(sum(z)) / math.sqrt(len(z)) < 4, z
