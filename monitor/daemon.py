@@ -449,7 +449,8 @@ class Daemon:
 
     def _plan(self, mon: MonitorConfig, seed: int, prompts, mixture=None):
         return plan_for_monitor(mon, seed, prompts, judge=self._judge(mon.judge),
-                                mixture=None if mixture is None else (mixture.specs, mixture.weights, mixture.defensive))
+                                mixture=None if mixture is None else
+                                (mixture.specs, mixture.weights, mixture.defensive))
 
     def _learner(self, mon: MonitorConfig) -> AdaptiveLearner | None:
         """An adaptive monitor's learnt state, read afresh for every run (so a restart changes nothing)."""
@@ -465,7 +466,8 @@ class Daemon:
         plan = report.plan
         try:
             record = learner.update(engine, plan.target, plan.components, report.results, seed=seed,
-                                    defensive=mon.estimator.defensive, time_budget_s=mon.adaptive.time_share * timings.get("estimate_s", 0.0),
+                                    defensive=mon.estimator.defensive,
+                                    time_budget_s=mon.adaptive.time_share * timings.get("estimate_s", 0.0),
                                     judge=plan.judge, run_id=run_id, model_fingerprint=fingerprint,
                                     model_version=version)
         except Exception as exc:

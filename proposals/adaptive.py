@@ -39,8 +39,8 @@ After the run, `AdaptiveLearner.update` learns from the run's weighted samples:
    samples. Otherwise nothing changes (the candidate adapter and tilt are deleted).
 
 **State** lives in a folder per monitor: `state.json` (format tailmon-adaptive/1: generation, the
-current adapter's folder and tilt file, the weights by component, the target's share, the checkpoints the adapter was
-trained and the tilt fitted on, the history of updates and of checkpoint changes),
+current adapter's folder and tilt file, the weights by component, the target's share, the
+checkpoints the adapter was trained and the tilt fitted on, the history of updates and of checkpoint changes),
 `adapters/gen-NNNN/` (peft adapters with their `tailmon_lora.json` provenance) and
 `tilts/gen-NNNN.json` (tilt files, their provenance inside). It is written atomically after each update, so a restarted
 daemon carries on where the last one stopped. A **checkpoint change** keeps the state: the
@@ -215,8 +215,8 @@ class AdaptiveLearner:
 
     def _load(self) -> dict:
         path = self.folder / STATE_FILE
-        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "tilt": None, "weights": {}, "target_share": None, "model": None,
-                 "tilt_model": None, "history": [], "checkpoint_changes": []}
+        fresh = {"format": STATE_FORMAT, "generation": 0, "adapter": None, "tilt": None, "weights": {},
+                 "target_share": None, "model": None, "tilt_model": None, "history": [], "checkpoint_changes": []}
         if not path.is_file():
             return fresh
         try:

@@ -139,9 +139,9 @@ def test_the_variance_falls_over_runs(sequences):
     0.20 (0.04 .. 1.44), 20 of 25 repeats lower. With the learnt tilt (" is" is the event's
     decisive token, which a tilt raises without touching the rest of the reply): median 0.029
     (0.020 .. 0.35), all 25 repeats lower and at generation >= 1; with the learnt target share
-    (never raised here: the start finds the hits) median 0.027 (0.017 .. 0.11), all 25 lower. The assertions leave a margin
-    from these and from the adapter-only figures (median 0.20): the median below 0.1 and at least
-    90% of the repeats lower at run 3.
+    (never raised here: the start finds the hits) median 0.027 (0.017 .. 0.11), all 25 lower. The
+    assertions leave a margin from these and from the adapter-only figures (median 0.20): the
+    median below 0.1 and at least 90% of the repeats lower at run 3.
     """
     _, seqs = sequences
     ratio = np.array([(runs[2][2] / runs[0][2]) ** 2 for runs in seqs])
