@@ -160,13 +160,16 @@ class _Steer(NamedTuple):
 class _Return(NamedTuple):
     """Where a row of a batched mixture returns to the target (`Variant.returns_after`): after
     its first `k` tokens it goes on under the continuation's rendered prompt, adapter (peft's
-    name; None when the batch sets one set of weights for every row), decoding and tilt."""
+    name; None when the batch sets one set of weights for every row), decoding and tilt.
+    `same_context`: the head renders the continuation's prompt under the continuation's weights
+    (it differs only in decoding or tilt), so its rows' KV cache is already the continuation's."""
 
     k: int
     prompt: list[int]
     adapter: str | None
     decoding: Decoding
     tilt: Tilt | None
+    same_context: bool = False
 
 
 class TransformersEngine(ChatEngine):
@@ -538,8 +541,10 @@ class TransformersEngine(ChatEngine):
         with weights as names:
             returns = [None if c is None else
                        _Return(v.returns_after, cont_prompts[conts.index(c)],
-                               None if names is None else names[len(variants) + conts.index(c)], c.decoding, c.tilt)
-                       for v, c in zip(variants, back)]
+                               None if names is None else names[len(variants) + conts.index(c)], c.decoding, c.tilt,
+                               same_context=(prompts[p] == cont_prompts[conts.index(c)] and v.adapter == c.adapter
+                                             and (v.adapter is None or v.adapter_scale == c.adapter_scale)))
+                       for p, (v, c) in enumerate(zip(variants, back))]
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
                 u = torch.zeros((len(chunk), width), dtype=torch.float64)
@@ -695,7 +700,7 @@ class TransformersEngine(ChatEngine):
         switches: dict[tuple, list[int]] = {}
         for i, r in enumerate(returns or []):
             if r is not None:
-                switches.setdefault((r.k, tuple(r.prompt), r.adapter), []).append(i)
+                switches.setdefault((r.k, tuple(r.prompt), r.adapter, r.same_context), []).append(i)
 
         def grouped():
             # Rows that process logits alike, processed together (the processing ignores the length).
@@ -721,7 +726,7 @@ class TransformersEngine(ChatEngine):
             if not alive.any() or t + 1 == steps:
                 break
             switched = False
-            for (k, _, _), rows in switches.items():
+            for (k, _, _, _), rows in switches.items():
                 if k != t + 1:
                     continue
                 # rows a stop token ended before K stay ended: nothing of theirs is computed again
@@ -729,12 +734,16 @@ class TransformersEngine(ChatEngine):
                 if not rows:
                     continue
                 r = returns[rows[0]]
-                if mask is None:  # rows of one prompt length so far: the switched rows need a mask
-                    width = cache.get_seq_length()
-                    mask = torch.ones((b, width), dtype=torch.long)
-                    start = torch.full((b,), width - t, dtype=torch.long)
-                mask = self._switch_to_target(cache, mask, rows, r, tokens[rows, : k - 1], prefills)
-                start[rows] = len(r.prompt)
+                # A head that differs from the target only in decoding or tilt computed the
+                # target's own KV rows: only the processing switches. Otherwise the rows' cache,
+                # mask and positions become the target's.
+                if not r.same_context:
+                    if mask is None:  # rows of one prompt length so far: the switched rows need a mask
+                        width = cache.get_seq_length()
+                        mask = torch.ones((b, width), dtype=torch.long)
+                        start = torch.full((b,), width - t, dtype=torch.long)
+                    mask = self._switch_to_target(cache, mask, rows, r, tokens[rows, : k - 1], prefills)
+                    start[rows] = len(r.prompt)
                 for i in rows:
                     decodings[i] = replace(r.decoding, max_new_tokens=decodings[i].max_new_tokens)
                     tilts[i] = r.tilt
