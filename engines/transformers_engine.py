@@ -786,8 +786,8 @@ class TransformersEngine(ChatEngine):
         n = len(rows)
         small = DynamicCache([(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
                               for k, v in prefills[key]])
-        if head.shape[1]:
-            _, small = self._forward(head, small, adapters=None if names is None else names * n)
+        if head.shape[1]:  # only the KV is wanted: the vocabulary projection of the last position alone
+            _, small = self._forward(head, small, last_only=True, adapters=None if names is None else names * n)
         need = small.get_seq_length()
         have = cache.get_seq_length()
         if need > have:  # the target's prompt is longer than the batch's widest: pad every row on the left
