@@ -157,6 +157,21 @@ class _Steer(NamedTuple):
     vector: torch.Tensor
 
 
+class _Return(NamedTuple):
+    """Where a row of a batched mixture returns to the target (`Variant.returns_after`): after
+    its first `k` tokens it goes on under the continuation's rendered prompt, adapter (peft's
+    name; None when the batch sets one set of weights for every row), decoding and tilt.
+    `same_context`: the head renders the continuation's prompt under the continuation's weights
+    (it differs only in decoding or tilt), so its rows' KV cache is already the continuation's."""
+
+    k: int
+    prompt: list[int]
+    adapter: str | None
+    decoding: Decoding
+    tilt: Tilt | None
+    same_context: bool = False
+
+
 class TransformersEngine(ChatEngine):
     name = "transformers"
     returns_to_target = True
@@ -169,6 +184,11 @@ class TransformersEngine(ChatEngine):
         self.batched_mixture = batched_mixture
         """`sample_mixture` decodes the components that can share a batch together (True) or
         calls `sample` once per component (False: the path before, kept for comparison)."""
+        self.batched_return = True
+        """With `batched_mixture`: a component that returns to the target decodes inside the
+        mixture's batch, its rows switching in place to the target after their first K tokens
+        (True), or is drawn by `sample` on its own (False: the path before, kept for comparison)."""
+        self._switchable: bool | None = None  # whether the model's KV cache can switch rows in place
         self.shared_scoring = shared_scoring
         """`score_many` shares one forward pass between the variants that differ only in decoding
         or tilt (True) or calls `score` once per variant (False: the path before, kept for
@@ -382,8 +402,11 @@ class TransformersEngine(ChatEngine):
         batch (`_joins_batch`) are decoded together, each with its own prompt (each distinct
         prompt and adapter prefilled once, then left-padded rows with an attention mask and their
         own positions), its own adapter (peft's per-row `adapter_names`) and its own decoding, so
-        that every step's fixed cost is paid once rather than once per component. The others
-        (steering, return to the target, a second scale of one adapter) go through `sample`.
+        that every step's fixed cost is paid once rather than once per component. A component
+        that returns to the target decodes its head in the batch too: after K tokens its rows
+        switch in place to the target (`_switch_to_target`: their KV rows recomputed from the
+        target's own rendered prompt and the K tokens, never from the head's cache). The others
+        (steering, a second scale of one adapter) go through `sample`.
 
         Each row draws with its component's uniforms (`_uniforms`), so that a component's tokens
         are those `sample` draws with the same seed, except where a uniform falls within the
@@ -421,17 +444,43 @@ class TransformersEngine(ChatEngine):
 
     def _joins_batch(self, variant: Variant, scales: dict[str, float]) -> bool:
         """Whether `variant`'s rows can share a mixed batch exactly. Not: steering (its hooks edit
-        every row of a pass), a return to the target (its continuation is a second decode), an
-        adapter that peft cannot mix per row (DoRA and other LoRA variants, modules_to_save), or
-        an adapter already in the batch at another scale (peft keeps one scale per adapter).
-        `scales`: adapter path -> the scale the batch uses, filled as variants join."""
-        if variant.steering is not None or variant.returns:
+        every row of a pass), an adapter that peft cannot mix per row (DoRA and other LoRA
+        variants, modules_to_save), or an adapter already in the batch at another scale (peft
+        keeps one scale per adapter). A component that returns to the target joins when its head
+        and its continuation both do and the model's KV cache can switch rows in place
+        (`_switchable_cache`). `scales`: adapter path -> the scale the batch uses, filled as
+        variants join."""
+        if variant.returns and variant.returns_after < variant.decoding.max_new_tokens:
+            if not (self.batched_return and self._switchable_cache()):
+                return False
+            trial = dict(scales)  # a variant that does not join leaves no scale behind
+            if self._joins_batch(variant.head, trial) and self._joins_batch(variant.continuation, trial):
+                scales.update(trial)
+                return True
+            return False
+        variant = variant.head  # K >= max_new_tokens: the head draws every token
+        if variant.steering is not None:
             return False
         if variant.adapter is None:
             return True
         if not self._mixable(self._adapter_name(variant.adapter)):
             return False
         return scales.setdefault(variant.adapter, variant.adapter_scale) == variant.adapter_scale
+
+    def _switchable_cache(self) -> bool:
+        """Whether the model's KV cache is transformers' DynamicCache of plain full-attention
+        layers (keys and values (b, heads, positions, dim) per layer), whose rows
+        `_switch_to_target` can rewrite in place; a sliding-window or other cache cannot, and a
+        returning component is then drawn on its own. Checked once, from the model's config."""
+        if self._switchable is None:
+            try:
+                from transformers.cache_utils import DynamicCache, DynamicLayer
+
+                layers = DynamicCache(config=self.model.config).layers
+                self._switchable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            except (ImportError, AttributeError, TypeError, ValueError, KeyError):
+                self._switchable = False
+        return self._switchable
 
     def _mixable(self, name: str) -> bool:
         """Whether peft runs adapter `name` on a subset of a batch's rows (`adapter_names`) as it
@@ -467,18 +516,35 @@ class TransformersEngine(ChatEngine):
         yield names
 
     def _sample_parts(self, prompt: str, parts: Sequence[tuple[Variant, torch.Tensor]], steer: _Steer | None = None):
-        """Draw the rows of `parts` ((variant drawing every token, its (n, steps) uniforms)), in
-        order, in batches of batch_size rows that may hold rows of several parts: token id lists,
-        per-token log-prob arrays, finished flags. `steer` applies to every row (one part only)."""
+        """Draw the rows of `parts` ((variant, its (n, steps) uniforms)), in order, in batches of
+        batch_size rows that may hold rows of several parts: token id lists, per-token log-prob
+        arrays, finished flags. A variant draws every token itself, or returns to the target after
+        K < max_new_tokens tokens (its rows switch in the batch, `_switch_to_target`; steer is
+        then None). `steer` applies to every row (one part only)."""
         variants = [v for v, _ in parts]
         prompts = [self.rendered(prompt, v) for v in variants]
+        back = [v.continuation if v.returns and v.returns_after < v.decoding.max_new_tokens else None
+                for v in variants]
+        conts = list(dict.fromkeys(c for c in back if c is not None))
+        if conts and steer is not None:
+            raise ValueError("a steered batch cannot return to the target")  # sample() never asks
+        cont_prompts = [self.rendered(prompt, c) for c in conts]
         rows = [(p, i) for p, (_, u) in enumerate(parts) for i in range(u.shape[0])]
         width = max(u.shape[1] for _, u in parts)
         token_ids: list[list[int]] = []
         token_lps: list[np.ndarray] = []
         finished: list[bool] = []
-        weights = self._variant_weights(variants[0]) if len(parts) == 1 else self._mixed_weights(variants)
+        # the continuations' weights are set up with the heads': their rows switch adapter mid-decode
+        weights = (self._variant_weights(variants[0]) if len(parts) == 1 and not conts
+                   else self._mixed_weights(variants + conts))
+        prefills: dict[tuple, list] = {}  # the continuations' prompt caches, shared by every batch
         with weights as names:
+            returns = [None if c is None else
+                       _Return(v.returns_after, cont_prompts[conts.index(c)],
+                               None if names is None else names[len(variants) + conts.index(c)], c.decoding, c.tilt,
+                               same_context=(prompts[p] == cont_prompts[conts.index(c)] and v.adapter == c.adapter
+                                             and (v.adapter is None or v.adapter_scale == c.adapter_scale)))
+                       for p, (v, c) in enumerate(zip(variants, back))]
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
                 u = torch.zeros((len(chunk), width), dtype=torch.float64)
@@ -486,7 +552,8 @@ class TransformersEngine(ChatEngine):
                     u[r, : parts[p][1].shape[1]] = parts[p][1][i]
                 toks, lps, done = self._sample_batch(
                     [prompts[p] for p, _ in chunk], None if names is None else [names[p] for p, _ in chunk],
-                    [variants[p].decoding for p, _ in chunk], u, steer, [variants[p].tilt for p, _ in chunk])
+                    [variants[p].decoding for p, _ in chunk], u, steer, [variants[p].tilt for p, _ in chunk],
+                    returns=[returns[p] for p, _ in chunk] if conts else None, prefills=prefills)
                 token_ids += toks
                 token_lps += lps
                 finished += done
@@ -553,9 +620,13 @@ class TransformersEngine(ChatEngine):
         return out.logits, (getattr(out, "past_key_values", None) if new_cache is None else new_cache)
 
     def _sample_batch(self, prompts: list[list[int]], adapters: list[str] | None, decodings: list[Decoding],
-                      u: torch.Tensor, steer: _Steer | None = None, tilts: list[Tilt | None] | None = None):
+                      u: torch.Tensor, steer: _Steer | None = None, tilts: list[Tilt | None] | None = None,
+                      returns: list[_Return | None] | None = None, prefills: dict | None = None):
         """Decode one batch: row i continues prompts[i] under adapter adapters[i] (None: the
-        weights already set) with decodings[i], drawing token t with u[i, t].
+        weights already set) with decodings[i], drawing token t with u[i, t]; a row with
+        returns[i] switches to the target after its first returns[i].k tokens (`_decode`).
+        `prefills`: the continuations' one-row prompt caches, (prompt, adapter) -> [(keys,
+        values) per layer], filled here from this batch's prefill when it holds one.
 
         Each distinct (prompt, adapter) is prefilled once and its KV cache copied to its rows. Rows
         of different prompt lengths are left-padded: the padding is masked out of every attention
@@ -580,6 +651,15 @@ class TransformersEngine(ChatEngine):
             logits, cache = self._forward(x, last_only=True, steer=steer, mask=mask, positions=prefill_positions,
                                           adapters=names)
         b = len(prompts)
+        if returns is not None:
+            # A continuation's prompt prefilled here (the target's rows beside the heads') is reused
+            # for the switch: its real positions, without the left padding.
+            for key in {(tuple(r.prompt), r.adapter) for r in returns if r is not None}:
+                if key in distinct and key not in prefills:
+                    g = distinct.index(key)
+                    prefills[key] = [(layer.keys[g:g + 1, :, width - len(key[0]):].clone(),
+                                      layer.values[g:g + 1, :, width - len(key[0]):].clone())
+                                     for layer in cache.layers]
         if len(distinct) == 1:
             # Every row continues the same prompt: prefill once and copy the cache.
             cache.batch_repeat_interleave(b)
@@ -592,27 +672,44 @@ class TransformersEngine(ChatEngine):
                 mask = mask[group]
                 positions = torch.tensor(lengths, dtype=torch.long)[group]
         return self._decode(logits, cache, decodings, u, steer, mask=mask, start=positions, adapters=adapters,
-                            tilts=tilts)
+                            tilts=tilts, returns=returns, prefills=prefills)
 
     def _decode(self, logits: torch.Tensor, cache, decodings: list[Decoding], u: torch.Tensor,
                 steer: _Steer | None = None, mask: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                adapters: list[str] | None = None, tilts: list[Tilt | None] | None = None):
+                adapters: list[str] | None = None, tilts: list[Tilt | None] | None = None,
+                returns: list[_Return | None] | None = None, prefills: dict | None = None):
         """Draw tokens from `logits` (b, V) on, row i with decodings[i] (and token tilt tilts[i])
         until a stop token or min(decodings[i].max_new_tokens, u.shape[1]) tokens, token t with
         uniform u[i, t]: (token id lists, per-token processed log-prob arrays (float64), finished
-        flags). `mask` / `start`: the left-padded rows' prompt mask and prompt lengths (`_sample_batch`)."""
+        flags). `mask` / `start`: the left-padded rows' prompt mask and prompt lengths (`_sample_batch`).
+
+        A row with returns[i] (K = returns[i].k) draws its first K tokens as above, then, still
+        open, switches to the target (`_switch_to_target`) before its K-th token is forwarded:
+        that pass computes the target's logits for token K, and the row draws tokens K.. with the
+        target's decoding and tilt and the same uniform columns as `sample` does."""
         b, steps = u.shape
         tokens = torch.full((b, steps), self._pad, dtype=torch.long)
         token_lps = torch.zeros((b, steps), dtype=torch.float64)
         alive = torch.ones(b, dtype=torch.bool)
         lengths = torch.zeros(b, dtype=torch.long)
         limit = torch.tensor([d.max_new_tokens for d in decodings])
-        # Rows that process logits alike, processed together (the processing ignores the length).
-        tilts = tilts or [None] * b
-        groups: dict[tuple, list[int]] = {}
-        for i, d in enumerate(decodings):
-            groups.setdefault((d.temperature, d.top_p, d.top_k, tilts[i]), []).append(i)
-        plan = [(decodings[rows[0]], self._tilt(tilts[rows[0]]), torch.tensor(rows)) for rows in groups.values()]
+        decodings = list(decodings)
+        tilts = list(tilts or [None] * b)
+        adapters = None if adapters is None else list(adapters)
+        # rows that switch after the same number of tokens to the same continuation switch together
+        switches: dict[tuple, list[int]] = {}
+        for i, r in enumerate(returns or []):
+            if r is not None:
+                switches.setdefault((r.k, tuple(r.prompt), r.adapter, r.same_context), []).append(i)
+
+        def grouped():
+            # Rows that process logits alike, processed together (the processing ignores the length).
+            groups: dict[tuple, list[int]] = {}
+            for i, d in enumerate(decodings):
+                groups.setdefault((d.temperature, d.top_p, d.top_k, tilts[i]), []).append(i)
+            return [(decodings[rows[0]], self._tilt(tilts[rows[0]]), torch.tensor(rows)) for rows in groups.values()]
+
+        plan = grouped()
         for t in range(steps):
             if len(plan) == 1:
                 logp = tilted_logprobs(processed_logprobs(logits, plan[0][0]), plan[0][1]).cpu()
@@ -628,6 +725,33 @@ class TransformersEngine(ChatEngine):
             alive &= ~torch.isin(nxt, self._stop_tensor) & (limit > t + 1)
             if not alive.any() or t + 1 == steps:
                 break
+            switched = False
+            for (k, _, _, _), rows in switches.items():
+                if k != t + 1:
+                    continue
+                # rows a stop token ended before K stay ended: nothing of theirs is computed again
+                rows = [i for i in rows if alive[i]]
+                if not rows:
+                    continue
+                r = returns[rows[0]]
+                # A head that differs from the target only in decoding or tilt computed the
+                # target's own KV rows: only the processing switches. Otherwise the rows' cache,
+                # mask and positions become the target's.
+                if not r.same_context:
+                    if mask is None:  # rows of one prompt length so far: the switched rows need a mask
+                        width = cache.get_seq_length()
+                        mask = torch.ones((b, width), dtype=torch.long)
+                        start = torch.full((b,), width - t, dtype=torch.long)
+                    mask = self._switch_to_target(cache, mask, rows, r, tokens[rows, : k - 1], prefills)
+                    start[rows] = len(r.prompt)
+                for i in rows:
+                    decodings[i] = replace(r.decoding, max_new_tokens=decodings[i].max_new_tokens)
+                    tilts[i] = r.tilt
+                    if adapters is not None:
+                        adapters[i] = r.adapter
+                switched = True
+            if switched:
+                plan = grouped()
             positions = None
             if mask is not None:
                 mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)
@@ -639,6 +763,50 @@ class TransformersEngine(ChatEngine):
         lps = [token_lps[i, : lengths[i]].numpy().copy() for i in range(b)]
         done = [bool(r and r[-1] in self._stops) for r in rows]
         return rows, lps, done
+
+    def _switch_to_target(self, cache, mask: torch.Tensor, rows: list[int], target: _Return,
+                          head: torch.Tensor, prefills: dict) -> torch.Tensor:
+        """Replace, in place, the KV rows `rows` of a batch's cache (DynamicCache, every row
+        `cache.get_seq_length()` positions, left-padded under `mask` (b, positions)) by the
+        target's: its rendered prompt, prefilled once under its weights (or taken from
+        `prefills`, which keeps it for the next batches), then the rows' first K - 1 tokens
+        `head` (len(rows), K - 1) in one pass, right-aligned in the cache with the positions
+        before them masked out. Nothing computed under the head's prompt, adapter or tilt stays
+        in those rows. Their K-th token is the caller's next forward, which so gives the
+        target's logits for token K, as `_continue_from_target` computes them for `sample`.
+        The cache is widened on the left (masked positions) when the target's prompt and K - 1
+        tokens do not fit. Returns the new mask."""
+        from transformers.cache_utils import DynamicCache
+
+        key = (tuple(target.prompt), target.adapter)
+        names = None if target.adapter is None else [target.adapter]
+        if key not in prefills:
+            _, one = self._forward(torch.tensor([target.prompt]), last_only=True, adapters=names)
+            prefills[key] = [(layer.keys, layer.values) for layer in one.layers]
+        n = len(rows)
+        small = DynamicCache([(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
+                              for k, v in prefills[key]])
+        if head.shape[1]:  # only the KV is wanted: the vocabulary projection of the last position alone
+            _, small = self._forward(head, small, last_only=True, adapters=None if names is None else names * n)
+        need = small.get_seq_length()
+        have = cache.get_seq_length()
+        if need > have:  # the target's prompt is longer than the batch's widest: pad every row on the left
+            for layer in cache.layers:
+                pad = layer.keys.new_zeros(layer.keys.shape[:2] + (need - have,) + layer.keys.shape[3:])
+                layer.keys = torch.cat([pad, layer.keys], dim=2)
+                layer.values = torch.cat([pad, layer.values], dim=2)
+            mask = torch.cat([torch.zeros((mask.shape[0], need - have), dtype=mask.dtype), mask], dim=1)
+            have = need
+        index = torch.tensor(rows, dtype=torch.long)
+        at = index.to(self.device)
+        for layer, new in zip(cache.layers, small.layers):
+            for old, fresh in ((layer.keys, new.keys), (layer.values, new.values)):
+                old[at, :, : have - need] = 0
+                old[at, :, have - need:] = fresh
+        mask = mask.clone()
+        mask[index] = 0
+        mask[index, have - need:] = 1
+        return mask
 
     def _prompt_then(self, prompt_ids: list[int], x: torch.Tensor, steer: _Steer | None = None):
         """Logits after the prompt, (1, V), and after each token of each row of `x` (b, width) that
