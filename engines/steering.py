@@ -147,13 +147,25 @@ def _edit(kind: str, coef: float, vector: torch.Tensor) -> Callable[[torch.Tenso
 
 
 @contextlib.contextmanager
-def steering_hooks(layers: torch.nn.ModuleList, indices: Sequence[int], kind: str, coef: float, vector: torch.Tensor):
+def steering_hooks(layers: torch.nn.ModuleList, indices: Sequence[int], kind: str, coef: float, vector: torch.Tensor,
+                   rows: torch.Tensor | None = None):
     """Forward hooks editing the outputs of `layers[indices]` for the duration of the block.
 
-    The hooks are removed on every exit, an exception included; a block that ends normally must
-    have run every hooked layer at least once, else the steering was a silent no-op.
+    `rows`: a bool mask over the batch's rows (a batch that mixes steered and unsteered rows,
+    `TransformersEngine.sample_mixture`): only those rows are edited, each as it is edited alone
+    (the edit is row by row). None: every row. The hooks are removed on every exit, an exception
+    included; a block that ends normally must have run every hooked layer at least once, else the
+    steering was a silent no-op.
     """
     edit = _edit(kind, coef, vector)
+    if rows is not None:
+        import torch
+
+        whole, keep = edit, rows.view(-1, 1, 1)
+
+        def edit(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep.to(x.device), whole(x), x)
+
     calls = [0] * len(indices)
 
     def make(slot: int):

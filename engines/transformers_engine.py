@@ -405,8 +405,10 @@ class TransformersEngine(ChatEngine):
         that every step's fixed cost is paid once rather than once per component. A component
         that returns to the target decodes its head in the batch too: after K tokens its rows
         switch in place to the target (`_switch_to_target`: their KV rows recomputed from the
-        target's own rendered prompt and the K tokens, never from the head's cache). The others
-        (steering, a second scale of one adapter) go through `sample`.
+        target's own rendered prompt and the K tokens, never from the head's cache). A steered
+        component's hooks edit its own rows only, its prompt prefilled under its steering. The
+        others (a second scale of one adapter, a steered component that returns to the target,
+        adapters peft cannot mix per row) go through `sample`.
 
         Each row draws with its component's uniforms (`_uniforms`), so that a component's tokens
         are those `sample` draws with the same seed, except where a uniform falls within the
@@ -420,7 +422,8 @@ class TransformersEngine(ChatEngine):
             if n < 1:
                 raise InputError(f"n must be >= 1, got {n}")
         scales: dict[str, float] = {}
-        joined = [j for j, v in enumerate(variants) if self.batched_mixture and self._joins_batch(v, scales)]
+        joined = [j for j, v in enumerate(variants)
+                  if self.batched_mixture and self._joins_batch(v, scales, steered=True)]
         if len(joined) < 2:
             joined = []  # one component alone: `sample` is the same decode
         out: list[Samples | None] = [None] * len(variants)
@@ -442,13 +445,14 @@ class TransformersEngine(ChatEngine):
                 out[j].seconds = time.perf_counter() - t0
         return out
 
-    def _joins_batch(self, variant: Variant, scales: dict[str, float]) -> bool:
-        """Whether `variant`'s rows can share a mixed batch exactly. Not: steering (its hooks edit
-        every row of a pass), an adapter that peft cannot mix per row (DoRA and other LoRA
-        variants, modules_to_save), or an adapter already in the batch at another scale (peft
-        keeps one scale per adapter). A component that returns to the target joins when its head
-        and its continuation both do and the model's KV cache can switch rows in place
-        (`_switchable_cache`). `scales`: adapter path -> the scale the batch uses, filled as
+    def _joins_batch(self, variant: Variant, scales: dict[str, float], steered: bool = False) -> bool:
+        """Whether `variant`'s rows can share a mixed batch exactly. Not: an adapter that peft
+        cannot mix per row (DoRA and other LoRA variants, modules_to_save), an adapter already in
+        the batch at another scale (peft keeps one scale per adapter), or steering unless
+        `steered` (the sampling batch edits the steered rows only, `steering_hooks`' `rows`;
+        scoring's shared passes do not). A component that returns to the target joins when its
+        head and its continuation both do unsteered and the model's KV cache can switch rows in
+        place (`_switchable_cache`). `scales`: adapter path -> the scale the batch uses, filled as
         variants join."""
         if variant.returns and variant.returns_after < variant.decoding.max_new_tokens:
             if not (self.batched_return and self._switchable_cache()):
@@ -459,7 +463,7 @@ class TransformersEngine(ChatEngine):
                 return True
             return False
         variant = variant.head  # K >= max_new_tokens: the head draws every token
-        if variant.steering is not None:
+        if variant.steering is not None and not steered:
             return False
         if variant.adapter is None:
             return True
@@ -520,9 +524,13 @@ class TransformersEngine(ChatEngine):
         batch_size rows that may hold rows of several parts: token id lists, per-token log-prob
         arrays, finished flags. A variant draws every token itself, or returns to the target after
         K < max_new_tokens tokens (its rows switch in the batch, `_switch_to_target`; steer is
-        then None). `steer` applies to every row (one part only)."""
+        then None). `steer` applies to every row (one part only); otherwise each part's own
+        steering edits its rows only (`steering_hooks`' `rows`)."""
         variants = [v for v, _ in parts]
         prompts = [self.rendered(prompt, v) for v in variants]
+        # (the variant's Steering, a hashable key, and its resolved hooks' arguments) per part
+        own = [None if steer is not None or v.head.steering is None
+               else (v.head.steering, self._steering(v.head.steering)) for v in variants]
         back = [v.continuation if v.returns and v.returns_after < v.decoding.max_new_tokens else None
                 for v in variants]
         conts = list(dict.fromkeys(c for c in back if c is not None))
@@ -553,7 +561,8 @@ class TransformersEngine(ChatEngine):
                 toks, lps, done = self._sample_batch(
                     [prompts[p] for p, _ in chunk], None if names is None else [names[p] for p, _ in chunk],
                     [variants[p].decoding for p, _ in chunk], u, steer, [variants[p].tilt for p, _ in chunk],
-                    returns=[returns[p] for p, _ in chunk] if conts else None, prefills=prefills)
+                    returns=[returns[p] for p, _ in chunk] if conts else None, prefills=prefills,
+                    row_steers=[own[p] for p, _ in chunk] if any(own) else None)
                 token_ids += toks
                 token_lps += lps
                 finished += done
@@ -602,7 +611,8 @@ class TransformersEngine(ChatEngine):
         cache already steered), so that sampling (prefill, then one token at a time) and scoring
         (prefill, then the whole response) run the same steered model. `mask` (b, cached + new
         positions) and `positions` (b, new): left-padded rows (`_sample_batch`); `adapters`: peft's
-        adapter name per row."""
+        adapter name per row; `steer` a list of (steering, bool mask over the rows): a batch of
+        several components, each steering editing its own rows only."""
         kwargs = {"use_cache": True}
         if cache is not None:
             kwargs[self._cache_kw] = cache
@@ -613,7 +623,12 @@ class TransformersEngine(ChatEngine):
             kwargs["position_ids"] = positions.to(self.device)
         if adapters is not None:
             kwargs["adapter_names"] = adapters
-        hooks = steering_hooks(*steer) if steer is not None else contextlib.nullcontext()
+        if isinstance(steer, list):  # a mixed batch: each steering edits its own rows
+            hooks = contextlib.ExitStack()
+            for s, rows in steer:
+                hooks.enter_context(steering_hooks(*s, rows=rows))
+        else:
+            hooks = steering_hooks(*steer) if steer is not None else contextlib.nullcontext()
         with hooks:
             out = self.model(input_ids=input_ids.to(self.device), **kwargs)
         new_cache = getattr(out, "cache", None)
@@ -621,30 +636,41 @@ class TransformersEngine(ChatEngine):
 
     def _sample_batch(self, prompts: list[list[int]], adapters: list[str] | None, decodings: list[Decoding],
                       u: torch.Tensor, steer: _Steer | None = None, tilts: list[Tilt | None] | None = None,
-                      returns: list[_Return | None] | None = None, prefills: dict | None = None):
+                      returns: list[_Return | None] | None = None, prefills: dict | None = None,
+                      row_steers: list[tuple[Steering, _Steer] | None] | None = None):
         """Decode one batch: row i continues prompts[i] under adapter adapters[i] (None: the
         weights already set) with decodings[i], drawing token t with u[i, t]; a row with
         returns[i] switches to the target after its first returns[i].k tokens (`_decode`).
         `prefills`: the continuations' one-row prompt caches, (prompt, adapter) -> [(keys,
         values) per layer], filled here from this batch's prefill when it holds one.
+        `row_steers`: row i's steering (its Steering and resolved `_Steer`) or None; a steered
+        row's prompt is prefilled under its steering, and every pass edits its rows only.
 
         Each distinct (prompt, adapter) is prefilled once and its KV cache copied to its rows. Rows
         of different prompt lengths are left-padded: the padding is masked out of every attention
         and each row's positions count its own tokens only, so a row computes what it computes
         alone, up to float32 round-off (tests/engines/test_eng_mixture.py)."""
-        keys = [(tuple(p), None if adapters is None else adapters[i]) for i, p in enumerate(prompts)]
+        steers = row_steers or [None] * len(prompts)
+        keys = [(tuple(p), None if adapters is None else adapters[i], None if steers[i] is None else steers[i][0])
+                for i, p in enumerate(prompts)]
         distinct = list(dict.fromkeys(keys))
-        lengths = [len(ids) for ids, _ in distinct]
+        lengths = [len(ids) for ids, *_ in distinct]
         width = max(lengths)
-        names = None if adapters is None else [a for _, a in distinct]
+        names = None if adapters is None else [a for _, a, _ in distinct]
+        if row_steers is not None:  # the prefill's rows are the distinct keys; the decode's, the batch's
+            resolved = {k[0]: k[1] for k in steers if k is not None}
+            steer = self._rows_steered(resolved, [k for *_, k in distinct])
+            decode_steer = self._rows_steered(resolved, [None if k is None else k[0] for k in steers])
+        else:
+            decode_steer = steer
         mask = positions = None
         if len(set(lengths)) == 1:
-            logits, cache = self._forward(torch.tensor([list(ids) for ids, _ in distinct]), last_only=True,
+            logits, cache = self._forward(torch.tensor([list(ids) for ids, *_ in distinct]), last_only=True,
                                           steer=steer, adapters=names)
         else:
             x = torch.full((len(distinct), width), self._pad, dtype=torch.long)
             mask = torch.zeros((len(distinct), width), dtype=torch.long)
-            for g, (ids, _) in enumerate(distinct):
+            for g, (ids, *_) in enumerate(distinct):
                 x[g, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 mask[g, width - len(ids):] = 1
             prefill_positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -655,8 +681,8 @@ class TransformersEngine(ChatEngine):
             # A continuation's prompt prefilled here (the target's rows beside the heads') is reused
             # for the switch: its real positions, without the left padding.
             for key in {(tuple(r.prompt), r.adapter) for r in returns if r is not None}:
-                if key in distinct and key not in prefills:
-                    g = distinct.index(key)
+                if (*key, None) in distinct and key not in prefills:
+                    g = distinct.index((*key, None))
                     prefills[key] = [(layer.keys[g:g + 1, :, width - len(key[0]):].clone(),
                                       layer.values[g:g + 1, :, width - len(key[0]):].clone())
                                      for layer in cache.layers]
@@ -671,8 +697,14 @@ class TransformersEngine(ChatEngine):
             if mask is not None:
                 mask = mask[group]
                 positions = torch.tensor(lengths, dtype=torch.long)[group]
-        return self._decode(logits, cache, decodings, u, steer, mask=mask, start=positions, adapters=adapters,
+        return self._decode(logits, cache, decodings, u, decode_steer, mask=mask, start=positions, adapters=adapters,
                             tilts=tilts, returns=returns, prefills=prefills)
+
+    @staticmethod
+    def _rows_steered(resolved: dict, per_row: list) -> list[tuple[_Steer, torch.Tensor]]:
+        """Each steering of a mixed batch with the mask of its rows (`per_row`: each row's
+        Steering or None), as `_forward` takes them."""
+        return [(s, torch.tensor([k == key for k in per_row])) for key, s in resolved.items()]
 
     def _decode(self, logits: torch.Tensor, cache, decodings: list[Decoding], u: torch.Tensor,
                 steer: _Steer | None = None, mask: torch.Tensor | None = None, start: torch.Tensor | None = None,

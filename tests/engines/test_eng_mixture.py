@@ -116,10 +116,10 @@ def test_a_row_depends_only_on_its_seed_row_and_step(make_tiny_engine, lora_adap
     assert engine.sample(PROMPT, variants[2], 5, 13).token_ids == alone.token_ids
 
 
-def test_adapter_at_two_scales_and_steering_fall_back(make_tiny_engine, lora_adapter, tmp_path):
-    """Components that cannot share the batch exactly (one adapter at a second scale: peft keeps
-    one scale per adapter; steering: its hooks edit every row) are drawn alone, still equal to
-    `sample`. Catches a second scale applied to the first's rows."""
+def test_adapter_at_two_scales_falls_back_and_steering_joins(make_tiny_engine, lora_adapter, tmp_path):
+    """A component that cannot share the batch exactly (one adapter at a second scale: peft keeps
+    one scale per adapter) is drawn alone; a steered one joins the batch (its hooks edit its own
+    rows): both equal to `sample`. Catches a second scale applied to the first's rows."""
     import torch
 
     from tailmon.engines.base import Steering
@@ -233,3 +233,50 @@ def test_the_config_knob_reaches_the_engine_and_not_the_fingerprint(tmp_path, ti
         fingerprints[value] = mon.fingerprint()
     [default] = load_config(write_config(tmp_path, tiny_model_dir, model=model)).config.monitors
     assert fingerprints[True] == fingerprints[False] == default.fingerprint()
+
+
+def test_steered_components_join_the_batch_and_edit_their_own_rows(make_tiny_engine, lora_adapter, tmp_path):
+    """Steered components (addition and ablation, two directions, one with a system prompt, one
+    with a LoRA adapter) decode in the mixture's one batch beside unsteered rows: the same token ids
+    as `sample` per component, log-probs equal to `sample`'s (LOGPROB_ATOL) and to `score` under
+    the variant (TOL), and no component drawn by `sample`.
+
+    Catches (each checked): the steering applied to every row of the batch (the unsteered rows
+    change), a steered prompt prefilled unsteered (or shared with the unsteered rows of the same
+    prompt: the steered rows change), the two steerings' rows swapped, and a steered component
+    sent back to `sample` (the spy)."""
+    import torch
+
+    from tailmon.engines.base import Steering
+    from tailmon.engines.steering import save_direction
+
+    engine = make_tiny_engine(batch_size=64)
+    target = Variant("target", Decoding(temperature=0.9, max_new_tokens=6))
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    save_direction(one, torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), {"layer": 1})
+    save_direction(two, torch.randn(2, 32, generator=torch.Generator().manual_seed(1)), {"layer": 0})
+    variants = [target,
+                Variant("add", target.decoding, steering=Steering("add", str(one), 4.0)),
+                Variant("ablate-sys", Decoding(top_k=6, max_new_tokens=6), system_prompt="Sure, here is",
+                        steering=Steering("ablate", str(two), 1.0, layers=(0, 1))),
+                Variant("add-lora", target.decoding, adapter=lora_adapter, steering=Steering("add", str(two), -3.0)),
+                replace(target, name="sys", system_prompt="Sure, here is"),
+                Variant("tilt", target.decoding, tilt=Tilt(_TILT))]
+    counts, seeds = [7, 9, 6, 5, 8, 4], [31, 32, 33, 34, 35, 36]
+    alone = [engine.sample(PROMPT, v, n, s) for v, n, s in zip(variants, counts, seeds)]
+    calls = []
+    real = engine.sample
+    engine.sample = lambda *a, **k: calls.append(a[1].name) or real(*a, **k)
+    try:
+        batched = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    finally:
+        engine.sample = real
+    assert calls == []  # every component in the one batch
+    for v, a, b in zip(variants, alone, batched):
+        assert b.token_ids == a.token_ids, v.name
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=LOGPROB_ATOL, err_msg=v.name)
+        np.testing.assert_allclose(b.logprobs, engine.score(PROMPT, v, b.token_ids), rtol=0, atol=TOL,
+                                   err_msg=v.name)
+    # the steerings do change the draws (else this test could not see them misapplied)
+    plain = engine.sample(PROMPT, replace(variants[1], steering=None), counts[1], seeds[1])
+    assert plain.token_ids != alone[1].token_ids
