@@ -1107,7 +1107,20 @@ SAMPLING_RETURN_PATHS = {"per-component": (False, True), "return apart": (True, 
                          "return batched": (True, True)}
 
 
-def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, log, rows: list[dict], save):
+def sampling_steer_configs(direction: str) -> dict[str, list[str]]:
+    """`--sampling-steer`: mixtures with steered components (a direction file `direction`), which
+    the batched decode used to leave to `sample` (its hooks edited every row). Their "per-component"
+    path is the path before for K = 2 (one component left in the batch decodes alone too)."""
+    return {"steer K=2": [f"steer:{direction}@4"],
+            "steer+system K=3": [f"steer:{direction}@4", f"system:{SYSTEM_B}"],
+            "two steers K=3": [f"steer:{direction}@4", f"ablate:{direction}@1"]}
+
+
+SAMPLING_STEER_PATHS = {"per-component": (False, True), "batched": (True, True)}
+
+
+def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, log, rows: list[dict], save,
+                        configs: dict = SAMPLING_RETURN_CONFIGS, path_flags: dict = SAMPLING_RETURN_PATHS):
     """Sampling alone, side by side, for mixtures with components that return to the target:
     plain generation (`engine.sample(target)`, n rows) against `engine.sample_mixture` of each
     configuration (the pipeline's counts and seeds) on the three SAMPLING_RETURN_PATHS. Per repeat
@@ -1120,7 +1133,7 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
     engine = loaded.engine
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     target = Variant("target", decoding)
-    paths = list(SAMPLING_RETURN_PATHS)
+    paths = list(path_flags)
 
     def timed(fn):
         w0, c0 = clock.now()
@@ -1133,7 +1146,7 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
             block = rep * len(prompts) + i
             order = paths[block % len(paths):] + paths[: block % len(paths)]
             cells = [("plain", None, None)]
-            cells += [(config, config, path) for config in SAMPLING_RETURN_CONFIGS for path in order]
+            cells += [(config, config, path) for config in configs for path in order]
             cells.append(("plain", None, None))
             reference: dict[str, list] = {}
             for cell, config, path in cells:
@@ -1143,13 +1156,13 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
                                                                   component_seed(args.seed, prompt, 0))])
                     counts = [args.n]
                 else:
-                    comps = plan_for(0, decoding, args.n, args.seed, SAMPLING_RETURN_CONFIGS[config]).components
+                    comps = plan_for(0, decoding, args.n, args.seed, configs[config]).components
                     counts_all = allocate(args.n, [c.share for c in comps])
                     drew = [j for j, c in enumerate(counts_all) if c > 0]
                     variants = [comps[j].variant for j in drew]
                     counts = [counts_all[j] for j in drew]
                     seeds = [component_seed(args.seed, prompt, j) for j in drew]
-                    engine.batched_mixture, engine.batched_return = SAMPLING_RETURN_PATHS[path]
+                    engine.batched_mixture, engine.batched_return = path_flags[path]
                     try:
                         wall, cpu, out = timed(lambda: engine.sample_mixture(prompt, variants, counts, seeds))
                     finally:
@@ -1190,9 +1203,9 @@ def summarise_sampling_return(rows: list[dict]) -> list[dict]:
     out = [{"cell": "plain", "path": None, "wall_s": round(plain_w, 2), "cpu_s": round(plain_c, 2), "ratio": 1.0,
             "ratio_cpu": 1.0, "ratio_min": None, "ratio_max": None, "vs_return_apart": None, "same_ids": None,
             "met": None}]
-    for config in SAMPLING_RETURN_CONFIGS:
+    for config in dict.fromkeys(r["config"] for r in rows if r["config"] is not None):
         apart = sum(r["wall"] for r in rows if r["config"] == config and r["path"] == "return apart")
-        for path in SAMPLING_RETURN_PATHS:
+        for path in dict.fromkeys(r["path"] for r in rows if r["config"] == config):
             rs = [r for r in rows if r["config"] == config and r["path"] == path]
             if not rs:
                 continue
@@ -1209,7 +1222,8 @@ def summarise_sampling_return(rows: list[dict]) -> list[dict]:
                         "ratio_min": round(min(per_block), 3), "ratio_max": round(max(per_block), 3),
                         "vs_return_apart": round(w / apart, 3) if apart else None,
                         "same_ids": None if None in same else f"{sum(same)}/{sum(sum(r['counts']) for r in rs)}",
-                        "met": bool(w / plain_w <= SAMPLING_GOAL + 1e-9) if path == "return batched" else None})
+                        "met": bool(w / plain_w <= SAMPLING_GOAL + 1e-9) if path in ("return batched", "batched")
+                        else None})
     return out
 
 
@@ -1219,14 +1233,18 @@ SAMPLING_RETURN_COLUMNS = ["cell", "path", "wall_s", "cpu_s", "ratio", "ratio_cp
 
 def sampling_return_main(args) -> int:
     """`--sampling-return`: sampling mixtures with returning components on the three paths against
-    plain generation, one process; writes results/engines_sampling_return.json."""
+    plain generation, one process; writes results/engines_sampling_return.json. `--sampling-steer`:
+    the same for mixtures with steered components (a random direction: throughput does not depend
+    on it) on two paths; writes results/engines_sampling_steer.json."""
     from common import one_torch_thread
 
     from tailmon.engines.transformers_engine import TransformersEngine
 
     if args.quick:
         args.prompts, args.n, args.max_new_tokens = 1, 16, 16
-    out = Path(args.out) if args.out else RESULTS / "engines_sampling_return.json"
+    steer = args.sampling_steer
+    name = "engines_sampling_steer" if steer else "engines_sampling_return"
+    out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     if args.replot:
         payload = json.loads(out.read_text(encoding="utf-8"))
         print(markdown_table(summarise_sampling_return(payload["results"]), SAMPLING_RETURN_COLUMNS))
@@ -1239,15 +1257,31 @@ def sampling_return_main(args) -> int:
                           for k, (a, b) in SAMPLING_RETURN_PATHS.items()},
                 "goal": SAMPLING_GOAL, "torch_threads": threads, "cuda": cuda(),
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
-    run = Run("engines_sampling_return", "transformers: sampling mixtures with components that return to the "
-              "target, per component, with the returning components apart, and all in one batched decode, against "
-              "plain generation, side by side", seed=args.seed, settings=settings)
+    title = ("transformers: sampling mixtures with steered components, per component and in one batched decode, "
+             "against plain generation, side by side" if steer else
+             "transformers: sampling mixtures with components that return to the target, per component, with the "
+             "returning components apart, and all in one batched decode, against plain generation, side by side")
+    run = Run(name, title, seed=args.seed, settings=settings)
     clock = Clock()
     device = "cuda" if cuda() else "cpu"
     w0, _ = clock.now()
     loaded = Loaded("transformers", TransformersEngine.load(None, device=device), info={"device": device})
     info = {"engine": "transformers", "device": device, "load_wall": round(clock.now()[0] - w0, 1)}
     info["warm_up"] = warm_up(loaded, prompts[0], clock)
+    configs, path_flags = SAMPLING_RETURN_CONFIGS, SAMPLING_RETURN_PATHS
+    if steer:
+        import torch
+
+        from tailmon.engines.steering import save_direction
+
+        config = loaded.engine.model.config
+        layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+        direction = Path(args.work) / "sampling-steer-direction.safetensors"
+        vectors = torch.randn(layers, hidden, generator=torch.Generator().manual_seed(args.seed)) / hidden ** 0.5
+        save_direction(direction, vectors, {"layer": layers // 2})
+        configs, path_flags = sampling_steer_configs(str(direction)), SAMPLING_STEER_PATHS
+        settings.update(configs=configs, paths={k: {"batched_mixture": a, "batched_return": b}
+                                                for k, (a, b) in path_flags.items()})
     try:
         info["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
@@ -1263,13 +1297,18 @@ def sampling_return_main(args) -> int:
              "apart path's; same_ids: responses identical token for token to the per-component path's (the same "
              "seeds; a uniform within float32 round-off of another batch shape of a token's interval edge may "
              "send one elsewhere). Goal (issue 19): sampling <= 1.05x plain.")
-    expected = args.sampling_repeats * len(prompts) * (2 + len(SAMPLING_RETURN_CONFIGS) * len(SAMPLING_RETURN_PATHS))
+    if steer:
+        notes = ("As --sampling-return, with the steered configurations on two paths: per-component "
+                 "(batched_mixture=False; for K=2 the path before, where the steered component left the target "
+                 "alone in the batch) and batched (the steered rows in the one decode, their hooks on their rows "
+                 "only). A random direction (throughput does not depend on it), added at coefficient 4 or ablated.")
+    expected = args.sampling_repeats * len(prompts) * (2 + len(configs) * len(path_flags))
 
     def save():
         run.write(summary=summarise_sampling_return(rows), results=rows, notes=notes, out=out, engine=info,
                   complete=len(rows) == expected)
 
-    run_sampling_return(loaded, args, prompts, clock, log, rows, save)
+    run_sampling_return(loaded, args, prompts, clock, log, rows, save, configs, path_flags)
     save()
     log(f"wrote {out}")
     print(markdown_table(summarise_sampling_return(rows), SAMPLING_RETURN_COLUMNS))
@@ -1438,8 +1477,11 @@ def main(argv=None):
                    help="only the sampling comparison of mixtures with components that return to the target "
                         "(transformers): per component, returning components apart, all in one batch; "
                         "--sampling-repeats passes; writes results/engines_sampling_return.json")
+    p.add_argument("--sampling-steer", action="store_true",
+                   help="the same comparison for mixtures with steered components (transformers): per component "
+                        "and in one batch; writes results/engines_sampling_steer.json")
     args = p.parse_args(argv)
-    if args.sampling_return:
+    if args.sampling_return or args.sampling_steer:
         return sampling_return_main(args)
     if args.overall:
         return overall_main(args)
