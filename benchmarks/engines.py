@@ -181,6 +181,13 @@ class Clock:
     def now(self) -> tuple[float, float]:
         return time.perf_counter(), self.cpu()
 
+    def timed(self, fn) -> tuple[float, float, object]:
+        """(wall seconds, CPU seconds, fn's result) of one call of fn."""
+        w0, c0 = self.now()
+        out = fn()
+        w1, c1 = self.now()
+        return w1 - w0, c1 - c0, out
+
 
 class Meter:
     """Timers around an engine's `sample` / `score` and a judge's `score` (instance attributes
@@ -523,12 +530,6 @@ def run_sampling(loaded: Loaded, args, prompts: list[str], clock: Clock, log, ro
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     target = Variant("target", decoding)
 
-    def timed(fn) -> tuple[float, float, list]:
-        w0, c0 = clock.now()
-        out = fn()
-        w1, c1 = clock.now()
-        return w1 - w0, c1 - c0, out
-
     for rep in range(args.sampling_repeats):
         for i, prompt in enumerate(prompts):
             cells = [("plain", None, None)]
@@ -539,14 +540,14 @@ def run_sampling(loaded: Loaded, args, prompts: list[str], clock: Clock, log, ro
             for cell, k, path in cells:
                 load_before = load_average()
                 if k is None:
-                    wall, cpu, out = timed(lambda: [engine.sample(prompt, target, args.n,
-                                                                  component_seed(args.seed, prompt, 0))])
+                    wall, cpu, out = clock.timed(lambda: [engine.sample(prompt, target, args.n,
+                                                                        component_seed(args.seed, prompt, 0))])
                     counts = [args.n]
                 else:
                     variants, counts, seeds = mixture_of(k, decoding, args.n, args.seed, prompt)
                     engine.batched_mixture = path == "batched"
                     try:
-                        wall, cpu, out = timed(lambda: engine.sample_mixture(prompt, variants, counts, seeds))
+                        wall, cpu, out = clock.timed(lambda: engine.sample_mixture(prompt, variants, counts, seeds))
                     finally:
                         engine.batched_mixture = True
                 row = {"engine": loaded.name, "group": "sampling", "cell": cell, "K": k, "path": path, "repeat": rep,
@@ -1135,12 +1136,6 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
     target = Variant("target", decoding)
     paths = list(path_flags)
 
-    def timed(fn):
-        w0, c0 = clock.now()
-        out = fn()
-        w1, c1 = clock.now()
-        return w1 - w0, c1 - c0, out
-
     for rep in range(args.sampling_repeats):
         for i, prompt in enumerate(prompts):
             block = rep * len(prompts) + i
@@ -1152,8 +1147,8 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
             for cell, config, path in cells:
                 load_before = load_average()
                 if config is None:
-                    wall, cpu, out = timed(lambda: [engine.sample(prompt, target, args.n,
-                                                                  component_seed(args.seed, prompt, 0))])
+                    wall, cpu, out = clock.timed(lambda: [engine.sample(prompt, target, args.n,
+                                                                        component_seed(args.seed, prompt, 0))])
                     counts = [args.n]
                 else:
                     comps = plan_for(0, decoding, args.n, args.seed, configs[config]).components
@@ -1164,7 +1159,7 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
                     seeds = [component_seed(args.seed, prompt, j) for j in drew]
                     engine.batched_mixture, engine.batched_return = path_flags[path]
                     try:
-                        wall, cpu, out = timed(lambda: engine.sample_mixture(prompt, variants, counts, seeds))
+                        wall, cpu, out = clock.timed(lambda: engine.sample_mixture(prompt, variants, counts, seeds))
                     finally:
                         engine.batched_mixture, engine.batched_return = True, True
                 ids = [t for s in out for t in s.token_ids]

@@ -83,3 +83,20 @@ def chi_square_pvalue(expected_p, counts):
         exp_cells, obs_cells = exp_cells[:-1], obs_cells[:-1]
     stat = float(np.sum((obs_cells - exp_cells) ** 2 / exp_cells))
     return float(stats.chi2.sf(stat, len(exp_cells) - 1)), len(exp_cells)
+
+
+def assert_draws_follow(engine, prompt, variant, samples, enumerate_all, atol):
+    """A component's draws against its exact enumerated distribution: every response inside the
+    support, sampled log-probs equal to the exact ones (`atol`), and the frequencies passing a
+    chi-square test (p > 1e-3 over at least 10 cells)."""
+    seqs, logp = enumerate_all(engine, prompt, variant)
+    assert abs(np.exp(logp).sum() - 1.0) < 1e-6
+    index = {tuple(s): i for i, s in enumerate(seqs)}
+    counts = np.zeros(len(seqs))
+    for ids in samples.token_ids:
+        counts[index[tuple(ids)]] += 1  # KeyError: a response outside the (truncated) support
+    np.testing.assert_allclose(samples.logprobs, logp[[index[tuple(s)] for s in samples.token_ids]],
+                               atol=atol, err_msg=variant.name)
+    pvalue, cells = chi_square_pvalue(np.exp(logp), counts)
+    assert cells >= 10, variant.name
+    assert pvalue > 1e-3, f"{variant.name}: chi-square p = {pvalue:.2g} over {cells} cells"
