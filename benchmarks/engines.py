@@ -56,6 +56,10 @@ the ladder's K = 1..4 mixtures of the same n through `engine.sample_mixture`, on
 interleaved in one process (`run_sampling`); the file's `sampling` table gives each time over
 plain's (goal <= 1.05 at any K, issue 19) and the batched path's over the per-component path's.
 
+**Sampling with steered components** (`--sampling-steer`, the same comparison on two paths,
+per component and batched, for mixtures with `steer:`/`ablate:` components over a random
+direction; writes `results/engines_sampling_steer.json`).
+
 **Sampling with components that return to the target** (`--sampling-return`, the transformers
 engine alone, writes `results/engines_sampling_return.json`; `run_sampling_return`): plain
 generation against `sample_mixture` of the SAMPLING_RETURN_CONFIGS (`return:4:system:A` alone,
