@@ -193,6 +193,14 @@ class Clock:
         return w1 - w0, c1 - c0, out
 
 
+def plain_draw(engine, prompt: str, target, args) -> list:
+    """The yardstick of the sampling comparisons: n rows of the target alone, with the seed the
+    pipeline gives the target's component (so a mixture's target rows are these rows)."""
+    from tailmon.estimation.pipeline import component_seed
+
+    return [engine.sample(prompt, target, args.n, component_seed(args.seed, prompt, 0))]
+
+
 class Meter:
     """Timers around an engine's `sample` / `score` and a judge's `score` (instance attributes
     shadowing the methods), accumulated per part until `reset`."""
@@ -528,7 +536,6 @@ def run_sampling(loaded: Loaded, args, prompts: list[str], clock: Clock, log, ro
     order alternating between repeats and prompts, so that drift falls on both alike), then plain again (the
     yardstick is the mean of the two)."""
     from tailmon.engines.base import Decoding, Variant
-    from tailmon.estimation.pipeline import component_seed
 
     engine = loaded.engine
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
@@ -544,8 +551,7 @@ def run_sampling(loaded: Loaded, args, prompts: list[str], clock: Clock, log, ro
             for cell, k, path in cells:
                 load_before = load_average()
                 if k is None:
-                    wall, cpu, out = clock.timed(lambda: [engine.sample(prompt, target, args.n,
-                                                                        component_seed(args.seed, prompt, 0))])
+                    wall, cpu, out = clock.timed(lambda: plain_draw(engine, prompt, target, args))
                     counts = [args.n]
                 else:
                     variants, counts, seeds = mixture_of(k, decoding, args.n, args.seed, prompt)
@@ -1151,8 +1157,7 @@ def run_sampling_return(loaded: Loaded, args, prompts: list[str], clock: Clock, 
             for cell, config, path in cells:
                 load_before = load_average()
                 if config is None:
-                    wall, cpu, out = clock.timed(lambda: [engine.sample(prompt, target, args.n,
-                                                                        component_seed(args.seed, prompt, 0))])
+                    wall, cpu, out = clock.timed(lambda: plain_draw(engine, prompt, target, args))
                     counts = [args.n]
                 else:
                     comps = plan_for(0, decoding, args.n, args.seed, configs[config]).components

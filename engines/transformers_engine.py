@@ -700,11 +700,11 @@ class TransformersEngine(ChatEngine):
         return self._decode(logits, cache, decodings, u, decode_steer, mask=mask, start=positions, adapters=adapters,
                             tilts=tilts, returns=returns, prefills=prefills)
 
-    @staticmethod
-    def _rows_steered(resolved: dict, per_row: list) -> list[tuple[_Steer, torch.Tensor]]:
+    def _rows_steered(self, resolved: dict, per_row: list) -> list[tuple[_Steer, torch.Tensor]]:
         """Each steering of a mixed batch with the mask of its rows (`per_row`: each row's
-        Steering or None), as `_forward` takes them."""
-        return [(s, torch.tensor([k == key for k in per_row])) for key, s in resolved.items()]
+        Steering or None), as `_forward` takes them; the mask on the model's device, made once
+        per batch rather than moved at every hooked layer of every step."""
+        return [(s, torch.tensor([k == key for k in per_row], device=self.device)) for key, s in resolved.items()]
 
     def _decode(self, logits: torch.Tensor, cache, decodings: list[Decoding], u: torch.Tensor,
                 steer: _Steer | None = None, mask: torch.Tensor | None = None, start: torch.Tensor | None = None,

@@ -267,7 +267,7 @@ class AdaptiveLearner:
 
     # -- before a run ---------------------------------------------------------------------------
 
-    def mixture(self, base_specs: Sequence[str], *, defensive: float = 0.1, model_fingerprint: str | None = None,
+    def mixture(self, base_specs: Sequence[str], *, defensive: float, model_fingerprint: str | None = None,
                 model_version: int | None = None, run_id: int | None = None) -> AdaptiveMixture:
         """The next run's proposal specs, relative weights and target share: the starting
         components with their learnt weights (1 for one not seen yet), the current adapter and

@@ -182,9 +182,9 @@ def test_the_state_survives_a_restart_and_a_checkpoint_change(make_tiny_engine, 
     for k in range(3):
         one_run(engine, learner, 31 + k, judge)  # seeds whose state ends with an adapter and a tilt
     assert learner.generation >= 1 and learner.adapter_path is not None and learner.tilt_path is not None
-    before = learner.mixture(START, model_fingerprint=None)
+    before = learner.mixture(START, defensive=DEFENSIVE, model_fingerprint=None)
     again = AdaptiveLearner(tmp_path, SETTINGS)
-    after = again.mixture(START)
+    after = again.mixture(START, defensive=DEFENSIVE)
     assert (after.specs, after.weights) == (before.specs, before.weights)
     assert after.record["adapter_sha256"] == before.record["adapter_sha256"] is not None
     assert [d.name for d in (tmp_path / "adapters").iterdir()] == [again.state["adapter"].split("/")[-1]]
@@ -198,9 +198,9 @@ def test_the_state_survives_a_restart_and_a_checkpoint_change(make_tiny_engine, 
 
     # The adapter was trained with no fingerprint given: record one, then change it.
     again.state["model"] = {"fingerprint": "A", "version": 1}
-    moved = again.mixture(START, model_fingerprint="B", model_version=2, run_id=9)
+    moved = again.mixture(START, defensive=DEFENSIVE, model_fingerprint="B", model_version=2, run_id=9)
     assert moved.record["checkpoint_changed"] and moved.specs == after.specs
-    again.mixture(START, model_fingerprint="B", model_version=2, run_id=10)
+    again.mixture(START, defensive=DEFENSIVE, model_fingerprint="B", model_version=2, run_id=10)
     changes = json.loads((tmp_path / STATE_FILE).read_text())["checkpoint_changes"]
     assert [(c["from"], c["to"], c["run_id"]) for c in changes] == [("A", "B", 9)]
 
@@ -219,7 +219,7 @@ def test_a_run_without_hits_changes_nothing(make_tiny_engine, tmp_path):
     assert learner.generation == 0 and learner.adapter_path is None
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
     assert AdaptiveLearner(tmp_path, SETTINGS).state["history"][-1]["reason"] == record["reason"]
-    assert ADAPTER_KEY not in learner.mixture(START).record["weights"]
+    assert ADAPTER_KEY not in learner.mixture(START, defensive=DEFENSIVE).record["weights"]
 
 
 def test_tilts_are_learnt_adopted_on_a_lower_held_out_variance_and_recorded(sequences):
