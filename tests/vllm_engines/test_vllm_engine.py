@@ -274,3 +274,138 @@ def test_lora_is_refused_clearly(engine, tmp_path):
         engine.sample(PROMPT, Variant("lora", DECODINGS["T1"], adapter=str(tmp_path)), 1, seed=0)
     with pytest.raises(InputError, match="scale"):
         engine.sample(PROMPT, Variant("lora", DECODINGS["T1"], adapter=str(tmp_path), adapter_scale=0.5), 1, seed=0)
+
+
+# -- components that return to the target (`return:K:SPEC`) ------------------------------------------
+
+HEY = "Start every answer with the word: Hey"
+
+
+def _returning(spec: str, target: Variant) -> Variant:
+    from tailmon.proposals import parse_proposal
+
+    return parse_proposal(spec).variant(target)
+
+
+@pytest.mark.parametrize("name", ["T1", "T0.7-top_k20-top_p0.9"])
+def test_returning_component_draws_the_head_then_the_target(engine, name):
+    """A `return:K:` component's sampled log-probs are q(y_1..K) p(y_K+1.. | y_1..K): equal to
+    its `score`, and to that density assembled from variants that draw every token (the head,
+    i.e. the system prompt at the target's temperature without its truncation, and the target,
+    each teacher-forced: log q(y_1..K) + log p(y) - log p(y_1..K), where p(y_1..K) > 0); the
+    per-token log-probs sum to them, the first K to the head's. Catches a continuation drawn under
+    the head's system prompt or decoding (its sampled log-probs would follow the head's law), a
+    score of the tail under the head, and an off-by-one in K. Both scoring paths are covered
+    (T = 1: prompt log-probs from the prefix cache, from position K on; truncated: full rows)."""
+    from dataclasses import replace
+
+    target = Variant("target", DECODINGS[name])
+    variant = _returning(f"return:2:system:{HEY}", target)
+    samples = engine.sample(PROMPT, variant, 8, seed=11)
+    assert len(samples) == 8 and samples.token_logprobs is not None
+    longer = [i for i, r in enumerate(samples.token_ids) if len(r) > 2]
+    assert len(longer) >= 6  # the continuations ran (8-token replies rarely stop within 2 tokens)
+    scored = engine.score(PROMPT, variant, samples.token_ids)
+    np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
+    head = replace(variant.head, decoding=replace(variant.head.decoding, max_new_tokens=target.decoding.max_new_tokens))
+    firsts = [r[:2] for r in samples.token_ids]
+    head_first = engine.score(PROMPT, head, firsts)
+    target_first = engine.score(PROMPT, target, firsts)
+    # The untruncated head may open with tokens outside the target's top-k/top-p: p(y_1..K) = 0
+    # there, and the tail cannot be read as a difference.
+    known = np.isfinite(target_first)
+    assert known.sum() >= 4
+    tail = engine.score(PROMPT, target, samples.token_ids)[known] - target_first[known]
+    np.testing.assert_allclose(scored[known], head_first[known] + tail, rtol=0, atol=2 * SELF_ATOL)
+    for lps, total, first in zip(samples.token_logprobs, samples.logprobs, head_first):
+        assert abs(lps.sum() - total) < 1e-9 and abs(lps[:2].sum() - first) < SELF_ATOL
+    # what makes the checks above telling: the same tails score otherwise in the head's context
+    tail_under_head = engine.score(PROMPT, head, samples.token_ids)[known] - head_first[known]
+    assert np.max(np.abs(tail_under_head - tail)) > 0.05
+
+
+def test_returning_continuation_follows_the_targets_conditional(engine):
+    """After the head's first token, the next token's frequencies follow the *target's*
+    conditional p(. | x, y_1), computed independently (`next_token_logprobs` of the plain
+    target): a chi-square over the continuations of the most frequent first token. The head (the
+    system prompt "Start every answer with the word: Hey" at temperature 0.3, so that one first
+    token dominates and its continuations are many) differs from the target in context and
+    decoding; a continuation drawn under either would follow another law (printed: its p-value
+    under the head's). Threshold 1e-3."""
+    from exact_weights import chi_square_pvalue
+
+    target = Variant("target", Decoding(temperature=1.0, max_new_tokens=2))
+    variant = Variant("hey", Decoding(temperature=0.3, max_new_tokens=2), system_prompt=HEY, returns_after=1,
+                      continuation=target)
+    samples = engine.sample(PROMPT, variant, 800, seed=5)
+    firsts = [r[0] for r in samples.token_ids]
+    top = max(set(firsts), key=firsts.count)
+    seconds = [r[1] for r in samples.token_ids if r[0] == top and len(r) == 2]
+    assert len(seconds) >= 250
+    expected = np.exp(engine.next_token_logprobs(PROMPT, target, [[top]])[0])
+    counts = np.bincount(seconds, minlength=engine.vocab_size)
+    p_value, cells = chi_square_pvalue(expected, counts)
+    head_law = np.exp(engine.next_token_logprobs(PROMPT, Variant("h", Decoding(temperature=0.3), system_prompt=HEY),
+                                                  [[top]])[0])
+    print("first token", top, "continuations", len(seconds), "cells", cells, "p", p_value,
+          "p under the head's law", chi_square_pvalue(head_law, counts)[0])
+    assert cells >= 2 and p_value > 1e-3
+
+
+def test_returning_component_in_one_batch_equals_per_component(engine, monkeypatch):
+    """In `sample_mixture`, a returning component's heads decode with the other components and
+    its continuations go in one more call; the draws equal `sample`'s (the same seeds per request:
+    the heads' and the continuations' own). The continuations' seeds are none of the heads': a
+    continuation that reused its head's stream would draw y_K+1 with the noise that chose y_1,
+    tying them beyond p(. | y_1..K) (a dependence the frequency test above is too weak to see)."""
+    target = Variant("target", DECODINGS["T1"])
+    variants = [target, _returning(f"return:2:system:{HEY}", target), Variant("t07", DECODINGS["T0.7"])]
+    counts, seeds = [3, 12, 5], [5, 6, 7]
+    calls = []
+    generate = engine._generate
+
+    def spy(prompts, params, *args, **kwargs):
+        calls.append(params if isinstance(params, list) else [params] * len(prompts))
+        return generate(prompts, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_generate", spy)
+    engine.batched_mixture = False
+    try:
+        alone = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    finally:
+        engine.batched_mixture = True
+    calls.clear()
+    together = engine.sample_mixture(PROMPT, variants, counts, seeds)
+    assert len(calls) == 2 and len(calls[0]) == 3  # the heads with the others, then the continuations
+    for a, b, n in zip(alone, together, counts):
+        assert len(b) == n and b.token_ids == a.token_ids and b.finished == a.finished
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=SELF_ATOL)
+    head_streams = {p.seed + j for p in calls[0] for j in range(p.n)}
+    continuation_streams = [p.seed for p in calls[1]]
+    assert len(continuation_streams) >= 10 and len(set(continuation_streams)) == len(continuation_streams)
+    assert not head_streams & set(continuation_streams)
+
+
+def test_importance_sampling_with_a_returning_component_recovers_the_exact_probability(engine):
+    """The "Greetings" event of the IS test above (P = 2.7e-6 exactly, 3-token replies) with the
+    proposal returning to the target after 2 tokens: every sample's weight involves its first two
+    tokens only (the pipeline scores those), and equals the balance heuristic recomputed from the
+    whole responses' teacher-forced scores, where the common continuation factor cancels."""
+    from tailmon.judges import parse_judge
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
+    from tailmon.proposals import parse_proposal
+
+    ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
+    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
+    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
+                          proposals=[parse_proposal("return:2:system:Start every answer with the word: Greetings")],
+                          defensive=0.1, n_samples=300, seed=0)
+    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    est = result.estimate
+    print("exact", ref["p"], "IS", est.p_hat, (est.ci_low, est.ci_high), "hits", est.n_harmful,
+          "horizon", result.horizon)
+    assert result.horizon == 2
+    assert est.n_harmful >= 5
+    assert est.ci_low <= ref["p"] <= est.ci_high
+    assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)
