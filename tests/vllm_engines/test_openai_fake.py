@@ -45,8 +45,9 @@ class Replica:
                     if body.get("top_k") == 1 and body["max_tokens"] == 1:  # the mode check
                         choices = [{"index": 0, "token_ids": [7], "logprobs": {"token_logprobs": [replica.check_logprob]}}]
                     else:
-                        choices = [{"index": i, "token_ids": SAMPLED, "logprobs": {"token_logprobs": [-0.5, -0.25, -0.125]}}
-                                   for i in range(body["n"])]
+                        m = body["max_tokens"]  # a reply stops at max_tokens, as vLLM's would
+                        choices = [{"index": i, "token_ids": SAMPLED[:m],
+                                    "logprobs": {"token_logprobs": [-0.5, -0.25, -0.125][:m]}} for i in range(body["n"])]
                     data = json.dumps({"choices": choices}).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
@@ -189,6 +190,35 @@ def test_every_sample_gets_its_own_vllm_seed(tiny_tokenizer, replicas):
         eng.sample("ab", VARIANT, 23, seed=seed)  # 5 requests: 5, 5, 5, 5, 3
         child_seeds += [r["seed"] + j for r in a.requests[before:] for j in range(r["n"])]
     assert len(child_seeds) == 46 and len(set(child_seeds)) == 46
+
+
+def test_a_returning_component_continues_from_the_targets_own_prompt(tiny_tokenizer, replicas):
+    """`return:2:SPEC` over HTTP: the head's request (its system prompt, cut at 2 tokens), then one
+    request per open response whose prompt is the *target's* rendered prompt plus the 2 token ids,
+    for the remaining tokens, under the target's decoding, on seeds that none of the head's
+    samples used; the sample joins both parts (ids, log-probs, per-token log-probs). Catches a
+    continuation under the head's prompt or decoding, a wrong count, and reused streams (the
+    real server's test checks the log-probs: tests/vllm_engines/test_openai_server.py)."""
+    from tailmon.proposals import parse_proposal
+
+    r = replicas()
+    eng = engine_for(tiny_tokenizer, [r.url])
+    eng.check_replicas()
+    target = Variant("target", Decoding(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=3))
+    variant = parse_proposal("return:2:system:Sure").variant(target)
+    before = len(r.requests)
+    samples = eng.sample("ab", variant, 4, seed=9)
+    head, *rest = r.requests[before:]
+    assert head["prompt"] == eng.prompt_ids("ab", "Sure") and head["max_tokens"] == 2 and head["n"] == 4
+    assert len(rest) == 4
+    for body in rest:
+        assert body["prompt"] == eng.prompt_ids("ab") + SAMPLED[:2] and body["max_tokens"] == 1 and body["n"] == 1
+        assert (body["temperature"], body["top_p"], body["top_k"]) == (0.7, 0.9, 5)
+    streams = [b["seed"] for b in rest]
+    assert len(set(streams)) == 4 and not {head["seed"] + j for j in range(4)} & set(streams)
+    assert samples.token_ids == [SAMPLED[:2] + SAMPLED[:1]] * 4 and samples.finished == [False] * 4
+    np.testing.assert_allclose(samples.logprobs, -1.25)
+    assert [list(t) for t in samples.token_logprobs] == [[-0.5, -0.25, -0.5]] * 4
 
 
 def test_the_loader_connects_by_settings_and_checks_every_replica(tiny_model_dir, replicas):

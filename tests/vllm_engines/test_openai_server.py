@@ -199,6 +199,45 @@ def test_importance_sampling_weights_through_the_fleet_equal_their_recomputation
     assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)
 
 
+def test_a_returning_component_over_http(engine):
+    """`return:2:SPEC` through the fleet at T = 1: the sampled log-probs equal `score`, and that
+    density assembled from plain variants (the head's system prompt, then the target's own
+    log-probs of the tokens after 2: log q(y_1..2) + log p(y) - log p(y_1..2)); the tails score
+    otherwise under the head's prompt, so a continuation drawn there would fail. Then an IS
+    estimate with the returning proposal: its weights (first 2 tokens only) equal their
+    recomputation from whole responses, where the continuation's factor cancels."""
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
+    from tailmon.judges import parse_judge
+    from tailmon.proposals import parse_proposal
+
+    hey = "Start every answer with the word: Hey"
+    target = Variant("target", Decoding(max_new_tokens=8))
+    variant = parse_proposal(f"return:2:system:{hey}").variant(target)
+    samples = engine.sample(PROMPT, variant, 12, seed=3)
+    longer = [i for i, r in enumerate(samples.token_ids) if len(r) > 2]
+    assert len(longer) >= 9
+    scored = engine.score(PROMPT, variant, samples.token_ids)
+    np.testing.assert_allclose(samples.logprobs, scored, rtol=0, atol=SELF_ATOL)
+    head = Variant("hey", target.decoding, system_prompt=hey)
+    firsts = [r[:2] for r in samples.token_ids]
+    head_first = engine.score(PROMPT, head, firsts)
+    tail = engine.score(PROMPT, target, samples.token_ids) - engine.score(PROMPT, target, firsts)
+    np.testing.assert_allclose(scored, head_first + tail, rtol=0, atol=2 * SELF_ATOL)
+    tail_under_head = engine.score(PROMPT, head, samples.token_ids) - head_first
+    assert np.max(np.abs(tail_under_head - tail)[longer]) > 0.05
+
+    ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
+    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
+    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
+                          proposals=[parse_proposal("return:2:system:Start every answer with the word: Greetings")],
+                          defensive=0.1, n_samples=200, seed=1)
+    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    assert result.horizon == 2 and result.estimate.n_harmful >= 3
+    assert result.estimate.ci_low <= ref["p"] <= result.estimate.ci_high
+    assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)
+
+
 def test_daemon_run_once_on_the_fleet(server, tmp_path):
     """A monitor with `engine: openai` (one replica down in its list) runs once and is stored."""
     from daemon_support import run_once_stored, write_config
