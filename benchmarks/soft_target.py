@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                             target_modules=modules)
     label = f"g{args.gamma:g}-s{args.steps}-lr{args.lr:g}" + (f"-{args.modules.replace(',', '+')}" if modules else "")
     folder = args.work / f"lora-{label}"
+    # created before the fit, so that its load average "before" is the machine's before the work
+    run = Run("soft_target", "soft_target: a LoRA fitted to q ~ p min(1, s/T)^gamma on every reference sample, "
+              "read on the held-out hits", seed=args.seed,
+              settings={"prompt": prompt, "max_new_tokens": width, "defensive": DEFENSIVE, "reference": args.reference,
+                        "gamma": args.gamma, "soft_threshold": SOFT_THRESHOLD, "lora": vars(settings) | {
+                            "target_modules": list(modules) if modules else None},
+                        "examples": len(examples), "weights_ess": float(g.sum() ** 2 / (g ** 2).sum())})
     start = time.perf_counter()
     trainer = _Trainer(engine, 1.0, settings, args.seed, resume_from=None)
     before, after = trainer.fit(examples, args.seed + 12345, True, "fit")
@@ -124,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             f"p10 log q/p, >={SOFT_THRESHOLD}"]
     print(markdown_table(results, cols, {c: ".2f" for c in cols[1:]}))
     print("q_g itself:", exact)
-    run = Run("soft_target", "soft_target: a LoRA fitted to q ~ p min(1, s/T)^gamma on every reference sample, "
-              "read on the held-out hits", seed=args.seed,
-              settings={"prompt": prompt, "max_new_tokens": width, "defensive": DEFENSIVE, "reference": args.reference,
-                        "gamma": args.gamma, "soft_threshold": SOFT_THRESHOLD, "lora": vars(settings) | {
-                            "target_modules": list(modules) if modules else None},
-                        "examples": len(examples), "weights_ess": float(g.sum() ** 2 / (g ** 2).sum())})
     notes = ("n_MC/n_IS of each design of the fitted adapter (target share 0.1) read on the reference's held-out "
              "hits (reference.mixture_reading), and log q/p over those hits; 'exact_soft' reads q_g itself.")
     out = args.out.with_name(f"soft_target_{label}.json") if args.out.name == "soft_target.json" else args.out
