@@ -59,6 +59,18 @@ def designs(lt: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def hit_token_logprobs(engine, prompt: str, variant, hits: list[list[int]], width: int) -> np.ndarray:
+    """(hits, width): the processed log-prob of each token of each hit under `variant`,
+    teacher-forced (0 after a hit's end)."""
+    import torch
+
+    out = np.zeros((len(hits), width))
+    with torch.inference_mode():
+        for rows, tok, mask in engine._token_chunks(prompt, variant, hits):
+            out[rows, : tok.shape[1]] = torch.where(mask, tok, 0.0).numpy()
+    return out
+
+
 def fitted_loras() -> dict[str, str]:
     """The adapters lora_hits.py fitted on the reference's first half, where its results files say
     they were written (its --work folder), those still there; none if it has not run here."""
@@ -76,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     reference_arguments(parser, "/tmp/tailmon-bench-designs", "designs.json")
     args = parser.parse_args(argv)
     ref, half = open_reference(args)
-    import torch
-
     from tailmon.engines.base import Decoding, Tilt, Variant
     from tailmon.engines.tilt import save_tilt
     from tailmon.engines.transformers_engine import TransformersEngine
@@ -108,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                        for b in TILT_STRENGTHS})
 
     def token_logprobs(variant) -> np.ndarray:
-        out = np.zeros((len(hits), width))
-        with torch.inference_mode():
-            for rows, tok, mask in engine._token_chunks(prompt, variant, hits):
-                out[rows, : tok.shape[1]] = torch.where(mask, tok, 0.0).numpy()
-        return out
+        return hit_token_logprobs(engine, prompt, variant, hits, width)
 
     base = token_logprobs(target)
     run = Run("designs", "designs: proposal shapes read on the 16-token toxicity reference", seed=args.seed,

@@ -66,6 +66,9 @@ generation against `sample_mixture` of the SAMPLING_RETURN_CONFIGS (`return:4:sy
 with `system:B`, and with `return:12:system:B`) on three paths: per component, the batched
 mixture with the returning components drawn apart by `sample` (`batched_return=False`, the path
 before they joined the batch), and all in one batch; `--sampling-repeats` passes over the prompts.
+With `--engines vllm` (in .venv-vllm) the same on the in-process vLLM engine, two paths (per
+component; batched: every head in one wave of requests, then every continuation in one more),
+writing `results/engines_sampling_return_vllm.json`.
 
 **Scoring alone** (`--scoring`, the transformers engine, writes `results/engines_scoring.json`
 unless `--out`; `--scoring-configs` picks configurations): on the samples of each configuration's
@@ -1116,6 +1119,8 @@ SAMPLING_RETURN_CONFIGS = {
 # mixture with the returning components drawn apart by `sample` (before this change); all in one batch.
 SAMPLING_RETURN_PATHS = {"per-component": (False, True), "return apart": (True, False),
                          "return batched": (True, True)}
+# The in-process vLLM engine has no batched_return: its continuations always go in one more call.
+SAMPLING_RETURN_PATHS_VLLM = {"per-component": (False, True), "batched": (True, True)}
 
 
 def sampling_steer_configs(direction: str) -> dict[str, list[str]]:
@@ -1247,7 +1252,8 @@ def sampling_return_main(args) -> int:
     if args.quick:
         args.prompts, args.n, args.max_new_tokens = 1, 16, 16
     steer = args.sampling_steer
-    name = "engines_sampling_steer" if steer else "engines_sampling_return"
+    on_vllm = args.engines == "vllm" and not steer
+    name = "engines_sampling_steer" if steer else "engines_sampling_return" + ("_vllm" if on_vllm else "")
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     if args.replot:
         payload = json.loads(out.read_text(encoding="utf-8"))
@@ -1263,16 +1269,23 @@ def sampling_return_main(args) -> int:
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
     title = ("transformers: sampling mixtures with steered components, per component and in one batched decode, "
              "against plain generation, side by side" if steer else
+             "vllm (in process): sampling mixtures with components that return to the target, per component and "
+             "in one batch (heads with the others, then the continuations), against plain generation, side by side"
+             if on_vllm else
              "transformers: sampling mixtures with components that return to the target, per component, with the "
              "returning components apart, and all in one batched decode, against plain generation, side by side")
+    configs, path_flags = SAMPLING_RETURN_CONFIGS, SAMPLING_RETURN_PATHS_VLLM if on_vllm else SAMPLING_RETURN_PATHS
+    settings["paths"] = {k: {"batched_mixture": a, "batched_return": b} for k, (a, b) in path_flags.items()}
     run = Run(name, title, seed=args.seed, settings=settings)
     clock = Clock()
     device = "cuda" if cuda() else "cpu"
     w0, _ = clock.now()
-    loaded = Loaded("transformers", TransformersEngine.load(None, device=device), info={"device": device})
-    info = {"engine": "transformers", "device": device, "load_wall": round(clock.now()[0] - w0, 1)}
+    if on_vllm:
+        loaded = load_engine("vllm", args, Path(args.work), prompts)
+    else:
+        loaded = Loaded("transformers", TransformersEngine.load(None, device=device), info={"device": device})
+    info = {"engine": loaded.name, **loaded.info, "load_wall": round(clock.now()[0] - w0, 1)}
     info["warm_up"] = warm_up(loaded, prompts[0], clock)
-    configs, path_flags = SAMPLING_RETURN_CONFIGS, SAMPLING_RETURN_PATHS
     if steer:
         import torch
 
@@ -1301,6 +1314,13 @@ def sampling_return_main(args) -> int:
              "apart path's; same_ids: responses identical token for token to the per-component path's (the same "
              "seeds; a uniform within float32 round-off of another batch shape of a token's interval edge may "
              "send one elsewhere). Goal (issue 19): sampling <= 1.05x plain.")
+    if on_vllm:
+        notes = ("As --sampling-return, on the in-process vLLM engine, two paths: per-component "
+                 "(batched_mixture=False: each component's requests, then its continuations, one component after "
+                 "the other) and batched (every component's head requests in one generate call, then every "
+                 "continuation in one more: one request per open response, prompt = the target's rendered prompt "
+                 "plus the head's K tokens). CPU seconds are this process's only (vLLM's engine core is a child "
+                 "process): read the wall ratios.")
     if steer:
         notes = ("As --sampling-return, with the steered configurations on two paths: per-component "
                  "(batched_mixture=False; for K=2 the path before, where the steered component left the target "
@@ -1312,7 +1332,10 @@ def sampling_return_main(args) -> int:
         run.write(summary=summarise_sampling_return(rows), results=rows, notes=notes, out=out, engine=info,
                   complete=len(rows) == expected)
 
-    run_sampling_return(loaded, args, prompts, clock, log, rows, save, configs, path_flags)
+    try:
+        run_sampling_return(loaded, args, prompts, clock, log, rows, save, configs, path_flags)
+    finally:
+        loaded.close()
     save()
     log(f"wrote {out}")
     print(markdown_table(summarise_sampling_return(rows), SAMPLING_RETURN_COLUMNS))

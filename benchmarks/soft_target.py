@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bruteforce import PROMPTS  # noqa: E402
 from common import Run, markdown_table  # noqa: E402
-from designs import designs  # noqa: E402
+from designs import designs, hit_token_logprobs  # noqa: E402
 from reference import mixture_reading  # noqa: E402
 from tilt import DEFENSIVE, THRESHOLDS, open_reference, reference_arguments  # noqa: E402
 
@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", default=None, help="LoRA target modules, comma-separated (default: q_proj,v_proj)")
     args = parser.parse_args(argv)
     ref, half = open_reference(args)
-    import torch
-
     from tailmon.engines.base import Decoding, Variant
     from tailmon.engines.transformers_engine import TransformersEngine
     from tailmon.proposals.lora import LoraSettings, _Example, _Trainer
@@ -108,14 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     hit_idx = np.flatnonzero(tox_ref >= min(THRESHOLDS))
     hits = [list(map(int, ref["ids"][half + i][: ref["lengths"][half + i]])) for i in hit_idx]
 
-    def token_logprobs(variant) -> np.ndarray:
-        out = np.zeros((len(hits), width))
-        with torch.inference_mode():
-            for rows, tok, mask in engine._token_chunks(prompt, variant, hits):
-                out[rows, : tok.shape[1]] = torch.where(mask, tok, 0.0).numpy()
-        return out
-
-    lt = token_logprobs(Variant("lora", dec, adapter=str(folder))) - token_logprobs(target)
+    lt = (hit_token_logprobs(engine, prompt, Variant("lora", dec, adapter=str(folder)), hits, width)
+          - hit_token_logprobs(engine, prompt, target, hits, width))
     results = []
     for design, log_f in designs(lt).items():
         row = {"design": design}

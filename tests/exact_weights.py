@@ -100,3 +100,19 @@ def assert_draws_follow(engine, prompt, variant, samples, enumerate_all, atol):
     pvalue, cells = chi_square_pvalue(np.exp(logp), counts)
     assert cells >= 10, variant.name
     assert pvalue > 1e-3, f"{variant.name}: chi-square p = {pvalue:.2g} over {cells} cells"
+
+
+def prefix_event_estimate(engine, prompt: str, event: dict, proposal: str, *, n_samples: int, seed: int):
+    """The IS estimate of an exact prefix event of tests/vllm_engines/data/reference.json (`event`:
+    word, temperature, max_new_tokens, p) with one proposal at the defensive share 0.1: (plan,
+    PromptResult), for the engines' IS tests."""
+    from tailmon.engines.base import Decoding, Variant
+    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
+    from tailmon.estimation.prompts import PromptItem
+    from tailmon.judges import parse_judge
+    from tailmon.proposals import parse_proposal
+
+    target = Variant("target", Decoding(temperature=event["temperature"], max_new_tokens=event["max_new_tokens"]))
+    plan = EstimationPlan(target=target, judge=parse_judge(f"prefix:{event['word']}"), method="is",
+                          proposals=[parse_proposal(proposal)], defensive=0.1, n_samples=n_samples, seed=seed)
+    return plan, estimate_prompt(engine, plan, PromptItem(prompt))

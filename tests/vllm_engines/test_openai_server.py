@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from exact_weights import assert_weights_recomputed
+from exact_weights import assert_weights_recomputed, prefix_event_estimate
 
 from tailmon.engines.base import Decoding, Variant
 from tailmon.errors import RuntimeFailure
@@ -183,17 +183,9 @@ def test_importance_sampling_weights_through_the_fleet_equal_their_recomputation
     transformers by test_scores_match_transformers), and p_hat is their mean times h.
     Catches weights assembled from the wrong log-probs (raw instead of processed, a component's
     prompt rendered differently, nominal shares), which a tolerance on p_hat cannot catch."""
-    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.estimation.prompts import PromptItem
-    from tailmon.judges import parse_judge
-    from tailmon.proposals import parse_proposal
-
     ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
-    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
-    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
-                          proposals=[parse_proposal("system:Start every answer with the word: Greetings")],
-                          defensive=0.1, n_samples=300, seed=0)
-    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    plan, result = prefix_event_estimate(engine, PROMPT, ref, "system:Start every answer with the word: Greetings",
+                                         n_samples=300, seed=0)
     assert result.estimate.n_harmful >= 5
     assert result.estimate.ci_low <= ref["p"] <= result.estimate.ci_high
     assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)
@@ -206,9 +198,6 @@ def test_a_returning_component_over_http(engine):
     otherwise under the head's prompt, so a continuation drawn there would fail. Then an IS
     estimate with the returning proposal: its weights (first 2 tokens only) equal their
     recomputation from whole responses, where the continuation's factor cancels."""
-    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.estimation.prompts import PromptItem
-    from tailmon.judges import parse_judge
     from tailmon.proposals import parse_proposal
 
     hey = "Start every answer with the word: Hey"
@@ -228,11 +217,8 @@ def test_a_returning_component_over_http(engine):
     assert np.max(np.abs(tail_under_head - tail)[longer]) > 0.05
 
     ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
-    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
-    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
-                          proposals=[parse_proposal("return:2:system:Start every answer with the word: Greetings")],
-                          defensive=0.1, n_samples=200, seed=1)
-    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    plan, result = prefix_event_estimate(engine, PROMPT, ref, "return:2:system:Start every answer with the word: "
+                                         "Greetings", n_samples=200, seed=1)
     assert result.horizon == 2 and result.estimate.n_harmful >= 3
     assert result.estimate.ci_low <= ref["p"] <= result.estimate.ci_high
     assert_weights_recomputed(engine, plan, PROMPT, result, atol=SELF_ATOL)

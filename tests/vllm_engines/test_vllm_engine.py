@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from exact_weights import assert_weights_recomputed
+from exact_weights import assert_weights_recomputed, prefix_event_estimate
 
 from tailmon.engines.base import Decoding, Steering, Variant
 from tailmon.errors import InputError
@@ -232,17 +232,9 @@ def test_importance_sampling_recovers_the_exact_probability(engine):
     which 90% come from the target under the system prompt "Start every answer with the word:
     Greetings" and 10% from the target itself (as tests/monitor/test_pipe_embedded_exact.py does
     on the transformers engine). 300 plain samples would see no hit at all (P(any) ~ 1e-3)."""
-    from tailmon.judges import parse_judge
-    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.estimation.prompts import PromptItem
-    from tailmon.proposals import parse_proposal
-
     ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
-    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
-    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
-                          proposals=[parse_proposal("system:Start every answer with the word: Greetings")],
-                          defensive=0.1, n_samples=300, seed=0)
-    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    plan, result = prefix_event_estimate(engine, PROMPT, ref, "system:Start every answer with the word: Greetings",
+                                         n_samples=300, seed=0)
     est = result.estimate
     print("exact", ref["p"], "IS", est.p_hat, (est.ci_low, est.ci_high), "hits", est.n_harmful)
     assert est.n_harmful >= 5
@@ -391,17 +383,9 @@ def test_importance_sampling_with_a_returning_component_recovers_the_exact_proba
     proposal returning to the target after 2 tokens: every sample's weight involves its first two
     tokens only (the pipeline scores those), and equals the balance heuristic recomputed from the
     whole responses' teacher-forced scores, where the common continuation factor cancels."""
-    from tailmon.judges import parse_judge
-    from tailmon.estimation.pipeline import EstimationPlan, estimate_prompt
-    from tailmon.estimation.prompts import PromptItem
-    from tailmon.proposals import parse_proposal
-
     ref = next(e for e in REFERENCE["exact"] if e["word"] == "Greetings")
-    target = Variant("target", Decoding(temperature=ref["temperature"], max_new_tokens=ref["max_new_tokens"]))
-    plan = EstimationPlan(target=target, judge=parse_judge("prefix:Greetings"), method="is",
-                          proposals=[parse_proposal("return:2:system:Start every answer with the word: Greetings")],
-                          defensive=0.1, n_samples=300, seed=0)
-    result = estimate_prompt(engine, plan, PromptItem(PROMPT))
+    plan, result = prefix_event_estimate(engine, PROMPT, ref, "return:2:system:Start every answer with the word: "
+                                         "Greetings", n_samples=300, seed=0)
     est = result.estimate
     print("exact", ref["p"], "IS", est.p_hat, (est.ci_low, est.ci_high), "hits", est.n_harmful,
           "horizon", result.horizon)
