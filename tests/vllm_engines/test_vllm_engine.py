@@ -345,11 +345,12 @@ def test_returning_continuation_follows_the_targets_conditional(engine):
 
 
 def test_returning_component_in_one_batch_equals_per_component(engine, monkeypatch):
-    """In `sample_mixture`, a returning component's heads decode with the other components and
-    its continuations go in one more call; the draws equal `sample`'s (the same seeds per request:
-    the heads' and the continuations' own). The continuations' seeds are none of the heads': a
-    continuation that reused its head's stream would draw y_K+1 with the noise that chose y_1,
-    tying them beyond p(. | y_1..K) (a dependence the frequency test above is too weak to see)."""
+    """In `sample_mixture`, a returning component's heads decode first (K tokens), then its
+    continuations decode beside the other components' rows in one more call; the draws equal
+    `sample`'s (the same seeds per request: the heads' and the continuations' own). The
+    continuations' seeds are none of the heads': a continuation that reused its head's stream
+    would draw y_K+1 with the noise that chose y_1, tying them beyond p(. | y_1..K) (a dependence
+    the frequency test above is too weak to see)."""
     target = Variant("target", DECODINGS["T1"])
     variants = [target, _returning(f"return:2:system:{HEY}", target), Variant("t07", DECODINGS["T0.7"])]
     counts, seeds = [3, 12, 5], [5, 6, 7]
@@ -368,12 +369,15 @@ def test_returning_component_in_one_batch_equals_per_component(engine, monkeypat
         engine.batched_mixture = True
     calls.clear()
     together = engine.sample_mixture(PROMPT, variants, counts, seeds)
-    assert len(calls) == 2 and len(calls[0]) == 3  # the heads with the others, then the continuations
+    # the heads alone (cut at 2 tokens), then the two other components with the continuations
+    assert len(calls) == 2 and [p.max_tokens for p in calls[0]] == [2]
+    maxes = [p.max_tokens for p in calls[1]]
+    assert maxes.count(8) == 2 and set(maxes) == {6, 8}
     for a, b, n in zip(alone, together, counts):
         assert len(b) == n and b.token_ids == a.token_ids and b.finished == a.finished
         np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=0, atol=SELF_ATOL)
     head_streams = {p.seed + j for p in calls[0] for j in range(p.n)}
-    continuation_streams = [p.seed for p in calls[1]]
+    continuation_streams = [p.seed for p in calls[1] if p.max_tokens == 6]
     assert len(continuation_streams) >= 10 and len(set(continuation_streams)) == len(continuation_streams)
     assert not head_streams & set(continuation_streams)
 
