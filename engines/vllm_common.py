@@ -100,8 +100,8 @@ class ReturnsByRequests:
 
     The engine implements `_score_from(prompt, variant, seqs, skip)` (the processed log-probs of
     each response's tokens from position `skip` on, under a variant that draws every token),
-    `_next_token_rows(prompt, variant, prefixes)` and `_continue(prompt, requests)`, which draws
-    the continuations (prompt ids, variant, max tokens, seed; one sample each) as `Samples`.
+    `_next_token_rows(prompt, variant, prefixes)` and `_continue(requests)`, which draws the
+    continuations (prompt ids, variant, max tokens, seed; one sample each) as `Samples`.
     """
 
     returns_to_target = True
