@@ -1263,14 +1263,13 @@ def sampling_return_main(args) -> int:
     prompts = json.loads(DATA.read_text(encoding="utf-8"))["evaluate"][: args.prompts]
     settings = {"prompts": prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "defensive": DEFENSIVE,
                 "repeats": args.sampling_repeats, "configs": SAMPLING_RETURN_CONFIGS,
-                "paths": {k: {"batched_mixture": a, "batched_return": b}
-                          for k, (a, b) in SAMPLING_RETURN_PATHS.items()},
                 "goal": SAMPLING_GOAL, "torch_threads": threads, "cuda": cuda(),
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")}}
     title = ("transformers: sampling mixtures with steered components, per component and in one batched decode, "
              "against plain generation, side by side" if steer else
              "vllm (in process): sampling mixtures with components that return to the target, per component and "
-             "in one batch (heads with the others, then the continuations), against plain generation, side by side"
+             "batched (the returning heads, then the others with the continuations), against plain generation, "
+             "side by side"
              if on_vllm else
              "transformers: sampling mixtures with components that return to the target, per component, with the "
              "returning components apart, and all in one batched decode, against plain generation, side by side")
@@ -1317,9 +1316,9 @@ def sampling_return_main(args) -> int:
     if on_vllm:
         notes = ("As --sampling-return, on the in-process vLLM engine, two paths: per-component "
                  "(batched_mixture=False: each component's requests, then its continuations, one component after "
-                 "the other) and batched (every component's head requests in one generate call, then every "
-                 "continuation in one more: one request per open response, prompt = the target's rendered prompt "
-                 "plus the head's K tokens). CPU seconds are this process's only (vLLM's engine core is a child "
+                 "the other) and batched (the returning components' heads in one generate call, then the other "
+                 "components' requests with every continuation in one more: one request per open response, "
+                 "prompt = the target's rendered prompt plus the head's K tokens). CPU seconds are this process's only (vLLM's engine core is a child "
                  "process): read the wall ratios.")
     if steer:
         notes = ("As --sampling-return, with the steered configurations on two paths: per-component "

@@ -73,7 +73,7 @@ from tailmon.engines.base import Samples, Variant
 from tailmon.engines.chat import ChatEngine, context_length
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
-from tailmon.engines.vllm_common import (ReturnsByRequests, generation_eos, vllm_request_seed,
+from tailmon.engines.vllm_common import (ReturnsByRequests, generation_eos, samples_from, vllm_request_seed,
                                          vllm_style_processed_logprobs)
 from tailmon import httpclient
 from tailmon.errors import InputError, RuntimeFailure
@@ -307,29 +307,28 @@ class OpenAIEngine(ReturnsByRequests, ChatEngine):
         return sorted(self._post("/v1/completions", body, max_bytes=cap)["choices"], key=lambda c: c["index"])
 
     def _read_choices(self, choices: list) -> Samples:
-        token_ids, logprobs, finished, per_token = [], [], [], []
+        rows = []
         for choice in choices:
             toks = [int(t) for t in choice["token_ids"]]
             lps = choice["logprobs"]["token_logprobs"]
             if len(lps) != len(toks) or any(v is None for v in lps):
                 raise RuntimeFailure(f"a vLLM server returned {len(lps)} log-probs for {len(toks)} tokens")
-            token_ids.append(toks)
-            logprobs.append(float(sum(lps)))
-            per_token.append(np.asarray(lps, dtype=np.float64))
-            finished.append(bool(toks and toks[-1] in self._stops))
-        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished,
-                       token_logprobs=per_token)
+            rows.append((toks, lps))
+        return samples_from(rows, self._stops)
 
     def _continue(self, requests: list[tuple[list[int], Variant, int, int]]) -> Samples:
         """One sample per request (prompt ids, variant, max tokens, seed), concurrently: the
-        continuations of `ReturnsByRequests`."""
-        def one(request):
-            ids, variant, steps, seed = request
-            served = self._served(variant)
-            self.check_replicas(served)
-            return self._complete(served, ids, variant.decoding, 1, seed, steps)
+        continuations of `ReturnsByRequests`. Each variant is resolved, and its replicas checked,
+        once before the requests go out."""
+        served = [self._served(variant) for _, variant, _, _ in requests]
+        for name in dict.fromkeys(served):
+            self.check_replicas(name)
 
-        return self._read_choices([c for choices in self._map(one, requests) for c in choices])
+        def one(job):
+            (ids, variant, steps, seed), name = job
+            return self._complete(name, ids, variant.decoding, 1, seed, steps)
+
+        return self._read_choices([c for choices in self._map(one, list(zip(requests, served))) for c in choices])
 
     def _refuse_full_rows(self, what: str, variant: Variant) -> None:
         if self.full_rows:

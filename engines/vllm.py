@@ -78,7 +78,8 @@ from tailmon.engines.base import Decoding, Samples, Variant
 from tailmon.engines.chat import ChatEngine
 from tailmon.engines.loading import EngineSettings
 from tailmon.engines.models import DEFAULT_MODEL, resolve
-from tailmon.engines.vllm_common import ReturnsByRequests, generation_eos, join_continuations, vllm_request_seed
+from tailmon.engines.vllm_common import (ReturnsByRequests, generation_eos, join_continuations, samples_from,
+                                         vllm_request_seed)
 from tailmon.errors import InputError, RuntimeFailure
 
 
@@ -343,31 +344,35 @@ class VllmEngine(ReturnsByRequests, ChatEngine):
         # The returning components' heads first (K tokens: a short decode), then every other
         # component's requests together with the heads' continuations, so that the continuations
         # decode beside the full-length rows rather than after them.
+        drawn: list = [None] * len(variants)
+
         def requests(which):
             return [(j, r) for j in which for r in self._sample_requests(prompt, variants[j].head, counts[j], seeds[j])]
 
+        def read(reqs, outs):  # each component's outputs, in its requests' order, as its Samples
+            per: dict[int, list] = {}
+            for (j, _), out in zip(reqs, outs):
+                per.setdefault(j, []).append(out)
+            for j, got in per.items():
+                drawn[j] = self._read_samples(got)
+
         returning = [j for j, v in enumerate(variants) if v.returns]
-        outs: list[list] = [[] for _ in variants]
         t0 = time.perf_counter()
         heads = requests(returning)
-        for (j, _), out in zip(heads, self._waves([r for _, r in heads])):
-            outs[j].append(out)
-        drawn = {j: self._read_samples(outs[j]) for j in returning}
+        read(heads, self._waves([r for _, r in heads]))
         cont, rows = self._continuation_requests(prompt, [(variants[j], drawn[j], seeds[j]) for j in returning])
-        others = requests([j for j in range(len(variants)) if j not in drawn])
-        got = self._waves([r for _, r in others] + self._continuation_params(cont))
-        for (j, _), out in zip(others, got):
-            outs[j].append(out)
+        rest = requests([j for j, v in enumerate(variants) if not v.returns])
+        got = self._waves([r for _, r in rest] + self._continuation_params(cont))
+        read(rest, got[:len(rest)])
         if cont:
-            join_continuations(rows, self._read_samples(got[len(others):]))
-        drawn = [drawn[j] if j in drawn else self._read_samples(outs[j]) for j in range(len(variants))]
+            join_continuations(rows, self._read_samples(got[len(rest):]))
         per_row = (time.perf_counter() - t0) / max(1, sum(counts))
         for samples, n in zip(drawn, counts):
             samples.seconds = per_row * n  # the batch's wall time split by rows, as `draw` reads it
         return drawn
 
     def _read_samples(self, outs: list) -> Samples:
-        token_ids, logprobs, finished, per_token = [], [], [], []
+        rows = []
         for out in outs:
             for completion in out.outputs:
                 toks = [int(t) for t in completion.token_ids]
@@ -381,12 +386,8 @@ class VllmEngine(ReturnsByRequests, ChatEngine):
                     if lp is None:
                         raise RuntimeFailure(f"vLLM returned no log-prob for sampled token {tok} at position {pos}")
                     values.append(lp)
-                token_ids.append(toks)
-                logprobs.append(float(sum(values)))
-                per_token.append(np.asarray(values, dtype=np.float64))
-                finished.append(bool(toks and toks[-1] in self._stops))
-        return Samples(token_ids=token_ids, logprobs=np.asarray(logprobs, dtype=np.float64), finished=finished,
-                       token_logprobs=per_token)
+                rows.append((toks, values))
+        return samples_from(rows, self._stops)
 
     def _need_full_rows(self):
         if self._max_logprobs != -1 and self._max_logprobs < self._vocab:

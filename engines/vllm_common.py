@@ -164,6 +164,15 @@ class ReturnsByRequests:
         return requests, rows
 
 
+def samples_from(rows: Sequence[tuple[list[int], Sequence[float]]], stops) -> Samples:
+    """`Samples` of responses given as (token ids, each token's processed log-prob); a response
+    is finished when it ends with one of `stops`."""
+    return Samples(token_ids=[toks for toks, _ in rows],
+                   logprobs=np.asarray([float(sum(lps)) for _, lps in rows], dtype=np.float64),
+                   finished=[bool(toks and toks[-1] in stops) for toks, _ in rows],
+                   token_logprobs=[np.asarray(lps, dtype=np.float64) for _, lps in rows])
+
+
 def join_continuations(rows: Sequence[tuple[Samples, int]], rest: Samples) -> None:
     """Append each continuation of `rest` to the response (samples, row) it continues, in place."""
     for (samples, i), toks, lps, done in zip(rows, rest.token_ids, rest.token_logprobs, rest.finished):
